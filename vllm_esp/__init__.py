@@ -1,0 +1,41 @@
+"""vllm-esp: preemptive MLFQ scheduling and elastic sequence parallelism
+for stock vLLM, as a plugin.
+
+vLLM calls :func:`register` in every process it starts (front end,
+EngineCore, workers) through the ``vllm.general_plugins`` entry point.
+It must stay cheap and idempotent: it only installs the CLI flags.
+Scheduler classes are named by qualname in the engine config, so
+EngineCore imports them itself.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+#: The vLLM release whose internals this plugin is written against
+#: (checked by tests/unit/test_vllm_signatures.py).
+VLLM_VERSION = "0.32.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group."""
+    global _registered
+    if _registered:
+        return
+    from vllm_esp.cli.flags import patch_engine_args
+
+    patch_engine_args()
+    _registered = True
+
+
+def scheduler_args(name: str = "mlfq", **settings):
+    """Engine kwargs selecting a vllm-esp scheduler; see
+    :func:`vllm_esp.schedulers.scheduler_args`."""
+    from vllm_esp.schedulers import scheduler_args as _scheduler_args
+
+    return _scheduler_args(name, **settings)
+
+
+__all__ = ["VLLM_VERSION", "register", "scheduler_args", "__version__"]

@@ -1,0 +1,1 @@
+"""Command-line surface: the ``--scheduler`` flag and the ``vllm-esp`` script."""

@@ -1,0 +1,101 @@
+"""``--scheduler`` and ``--mlfq-config`` on vLLM's own argument parser.
+
+vLLM calls the general plugins *before* it builds the engine flags
+(``AsyncEngineArgs.add_cli_args``), so ``register()`` can wrap
+``EngineArgs.add_cli_args`` and the flags appear in ``vllm serve``,
+``vllm bench`` and every other parser vLLM builds. Without the wrapper,
+argparse would read ``--scheduler`` as an ambiguous abbreviation of
+``--scheduler-cls`` / ``--scheduler-reserve-full-isl``.
+
+Values are validated while parsing (an invalid one is an argparse error
+before anything is spawned) and merged into the real ``EngineArgs`` fields
+(``scheduler_cls``, ``additional_config``) in ``from_cli_args``, after
+``--additional-config`` has been read, so the two compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vllm_esp.config import ESPConfigError, MLFQConfig
+from vllm_esp.schedulers import SCHEDULERS, scheduler_args
+
+_PATCHED = "_vllm_esp_patched"
+
+
+class _MLFQConfigAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            MLFQConfig.from_json(values)  # settings alone must be valid
+        except ESPConfigError as e:
+            parser.error(f"{option_string}: {e}")
+        setattr(namespace, self.dest, values)
+
+
+def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("vllm-esp", "Scheduling by the vllm-esp plugin.")
+    group.add_argument(
+        "--scheduler",
+        dest="esp_scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="Request scheduler: "
+        + "; ".join(f"'{s.name}': {s.description}" for s in SCHEDULERS.values())
+        + ". Default: vLLM's own.",
+    )
+    group.add_argument(
+        "--mlfq-config",
+        dest="esp_mlfq_config",
+        action=_MLFQConfigAction,
+        default=None,
+        help='MLFQ settings as JSON, e.g. \'{"num_levels": 6, "base_quantum_ms": 20}\' '
+        "(fields of vllm_esp.config.MLFQConfig).",
+    )
+    return parser
+
+
+def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
+    """Fold ``--scheduler``/``--mlfq-config`` into real EngineArgs fields."""
+    name = getattr(args, "esp_scheduler", None)
+    settings_json = getattr(args, "esp_mlfq_config", None)
+    if name is None and settings_json is None:
+        return engine_args
+    if name is None:
+        name = "mlfq"
+    # Only the settings given explicitly; the policy comes from the name.
+    settings = MLFQConfig.from_json(settings_json) and json.loads(settings_json) if settings_json else {}
+    settings.pop("policy", None)
+    extra = scheduler_args(name, additional_config=engine_args.additional_config, **settings)
+    if "scheduler_cls" in extra:
+        if engine_args.scheduler_cls not in (None, extra["scheduler_cls"]):
+            raise ESPConfigError(
+                f"--scheduler {name} conflicts with --scheduler-cls "
+                f"{engine_args.scheduler_cls}; give one of them"
+            )
+        engine_args.scheduler_cls = extra["scheduler_cls"]
+    if "additional_config" in extra:
+        engine_args.additional_config = extra["additional_config"]
+    return engine_args
+
+
+def patch_engine_args() -> None:
+    """Wrap ``EngineArgs.add_cli_args`` / ``from_cli_args`` once per process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, _PATCHED, False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser):
+        parser = orig_add(parser)
+        return add_esp_arguments(parser)
+
+    def from_cli_args(cls, args):
+        return apply_esp_arguments(orig_from(cls, args), args)
+
+    setattr(add_cli_args, _PATCHED, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)

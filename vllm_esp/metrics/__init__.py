@@ -1,0 +1,1 @@
+"""Prometheus export of the vllm-esp scheduler's queue state."""

@@ -1,0 +1,96 @@
+"""Front-end stat logger: vllm-esp queue state on vLLM's ``/metrics``.
+
+The scheduler lives in the EngineCore process; ``/metrics`` is served by
+the API server. vLLM already ships ``SchedulerStats`` from one to the
+other every step, so the scheduler adds its numbers to the one open
+``str -> int`` map of that message (``num_kv_fetch_reqs_by_stage``, under
+keys prefixed ``vllm_esp:``; vLLM's loggers read only their own stage
+names from it) and this logger, loaded through the
+``vllm.stat_logger_plugins`` entry point, turns them into series:
+
+    vllm_esp:mlfq_queue_length{level="k"}        gauge, requests per level
+    vllm_esp:mlfq_paused_requests                 gauge, residents paused
+    vllm_esp:mlfq_demotions_total                 counter
+    vllm_esp:mlfq_promotions_total                counter
+    vllm_esp:mlfq_rank_preemptions_total          counter (KV freed by rank)
+
+vLLM's own ``vllm:num_preemptions_total`` keeps counting every preemption.
+Engines that run another scheduler send no such keys and this logger
+registers nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+STATS_PREFIX = "vllm_esp:"
+_COUNTERS = ("demotions_total", "promotions_total", "rank_preemptions_total")
+
+
+class ESPPrometheusStatLogger(StatLoggerBase):
+    """Exports the ``vllm_esp:`` entries of ``SchedulerStats``."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+        self._gauges: dict[str, Any] = {}
+        self._counters: dict[str, Any] = {}
+        self._last_totals: dict[tuple[str, int], int] = {}
+        self._queue_gauge = None
+        self._model_name = getattr(getattr(vllm_config, "model_config", None), "served_model_name", None) or "model"
+        if isinstance(self._model_name, (list, tuple)):
+            self._model_name = self._model_name[0]
+
+    def _metrics(self):
+        import prometheus_client as prom
+
+        if self._queue_gauge is None:
+            labels = ["model_name", "engine"]
+            self._queue_gauge = _get_or_create(prom.Gauge, "vllm_esp:mlfq_queue_length",
+                                               "Requests per MLFQ level.", labels + ["level"])
+            self._gauges["paused_reqs"] = _get_or_create(prom.Gauge, "vllm_esp:mlfq_paused_requests",
+                                                         "Resident requests paused by rank this step.", labels)
+            for name in _COUNTERS:
+                self._counters[name] = _get_or_create(
+                    prom.Counter, f"vllm_esp:mlfq_{name.removesuffix('_total')}",
+                    f"MLFQ {name.removesuffix('_total').replace('_', ' ')}.", labels,
+                )
+        return self._queue_gauge
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        entries = {
+            k.removeprefix(STATS_PREFIX): v
+            for k, v in scheduler_stats.num_kv_fetch_reqs_by_stage.items()
+            if k.startswith(STATS_PREFIX)
+        }
+        if not entries:
+            return
+        queue_gauge = self._metrics()
+        labels = (self._model_name, str(engine_idx))
+        for key, value in entries.items():
+            if key.startswith("queue_level_"):
+                queue_gauge.labels(*labels, key.removeprefix("queue_level_")).set(value)
+            elif key in self._gauges:
+                self._gauges[key].labels(*labels).set(value)
+            elif key in self._counters:
+                last = self._last_totals.get((key, engine_idx), 0)
+                if value > last:
+                    self._counters[key].labels(*labels).inc(value - last)
+                self._last_totals[(key, engine_idx)] = value
+
+    def log_engine_initialized(self) -> None:
+        return None
+
+
+def _get_or_create(cls, name: str, doc: str, labels: list[str]):
+    """prometheus_client refuses duplicate names; reuse on re-creation
+    (several engines or a restarted engine in one process)."""
+    import prometheus_client as prom
+
+    existing = prom.REGISTRY._names_to_collectors.get(name) or prom.REGISTRY._names_to_collectors.get(name + "_total")
+    if existing is not None:
+        return existing
+    return cls(name, doc, labels)

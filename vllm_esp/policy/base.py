@@ -1,0 +1,103 @@
+"""The contract between a ranking policy and the schedulers that use it.
+
+A policy only *ranks* requests. It never touches vLLM objects, tensors or
+block tables: the vLLM scheduler wrapper (``vllm_esp.sched``), the unit
+tests and the simulator feed it plain numbers and read back an order. That
+is what lets one implementation serve all three.
+
+Life cycle of a request, as the policy sees it::
+
+    add_request(info) ──► on_scheduled(...)* ──► remove_request(id)
+                           ▲            │
+                           └─ end_step(now) (demotion / promotion)
+
+``iter_ranked()`` yields request ids best first; schedulers walk it only as
+far as they have batch slots, so it must be lazy and cheap to start.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy may know about a request when it arrives.
+
+    ``num_cached_tokens`` is the prefix-cache hit known at arrival (0 when
+    unknown); ``max_tokens`` is the output cap, which only the SRPT oracle
+    may read as the true output length (benchmarks set ``ignore_eos``).
+    """
+
+    request_id: str
+    arrival_time: float
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    max_tokens: int | None = None
+
+
+@dataclass
+class PolicyStats:
+    """Counters a policy exports (plain ints; the scheduler adds its own)."""
+
+    num_requests_per_level: list[int] = field(default_factory=list)
+    num_demotions: int = 0
+    num_promotions: int = 0
+
+
+class RankingPolicy(abc.ABC):
+    """Orders the unfinished requests of one scheduler, best first."""
+
+    #: Registry name, e.g. ``"mlfq"``.
+    name: str = ""
+
+    @abc.abstractmethod
+    def add_request(self, info: RequestInfo, now: float) -> None:
+        """Start tracking a request that just arrived."""
+
+    @abc.abstractmethod
+    def remove_request(self, request_id: str) -> None:
+        """Forget a finished or aborted request. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def on_scheduled(
+        self,
+        request_id: str,
+        num_new_tokens: int,
+        num_computed_tokens: int,
+        now: float,
+    ) -> None:
+        """Charge a request for ``num_new_tokens`` computed this step on top
+        of a context of ``num_computed_tokens`` tokens."""
+
+    def end_step(self, now: float) -> None:
+        """Called once per engine step after all ``on_scheduled`` calls.
+
+        Policies apply level changes here so that one step's order is
+        decided on one consistent snapshot."""
+
+    @abc.abstractmethod
+    def iter_ranked(self) -> Iterator[str]:
+        """Yield tracked request ids, highest priority first."""
+
+    @abc.abstractmethod
+    def __contains__(self, request_id: object) -> bool: ...
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def rank_key(self, request_id: str) -> tuple:
+        """A sort key consistent with ``iter_ranked`` (smaller = better)."""
+
+    def level_of(self, request_id: str) -> int:
+        """The queue level of a request (0 for single-queue policies)."""
+        return 0
+
+    def stats(self) -> PolicyStats:
+        return PolicyStats(num_requests_per_level=[len(self)])
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if internal bookkeeping is inconsistent."""
