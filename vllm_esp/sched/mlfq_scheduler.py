@@ -130,6 +130,7 @@ class MLFQScheduler(Scheduler):
     def _candidate(self, request: Request) -> Candidate:
         resident = request.status == RequestStatus.RUNNING
         num_computed = request.num_computed_tokens
+        num_admission = 0
         if resident:
             num_new = (
                 request.num_tokens_with_spec
@@ -140,6 +141,14 @@ class MLFQScheduler(Scheduler):
         else:
             num_new = request.num_tokens - num_computed
             num_held = 0
+            if self.scheduler_reserve_full_isl:
+                # vLLM admits a newcomer only if its whole sequence fits
+                # (plus the watermark); mirror that gate, else the plan
+                # would give a slot to a request vLLM then refuses.
+                num_admission = (
+                    self._num_blocks(min(request.num_tokens, self.max_model_len))
+                    + self.kv_cache_manager.watermark_blocks
+                )
         threshold = self.scheduler_config.long_prefill_token_threshold
         if 0 < threshold < num_new:
             num_new = threshold
@@ -153,6 +162,7 @@ class MLFQScheduler(Scheduler):
             num_blocks_for=lambda n: max(
                 self._num_blocks(num_computed + n + lookahead) - num_held, 0
             ),
+            num_admission_blocks=num_admission,
         )
 
     def _iter_candidates(self) -> Iterator[Candidate]:

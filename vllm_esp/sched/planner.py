@@ -44,6 +44,10 @@ class Candidate:
     num_new_tokens: int
     #: New blocks it needs to compute ``num_tokens`` tokens this step.
     num_blocks_for: Callable[[int], int]
+    #: Free blocks required to be *admitted* at all (vLLM checks that a
+    #: newcomer's whole sequence fits before allocating its first chunk);
+    #: 0 for residents.
+    num_admission_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,21 +94,22 @@ def plan_step(
                 continue
             num_tokens = token_budget
         need = cand.num_blocks_for(num_tokens)
+        required = max(need, cand.num_admission_blocks)
 
-        if need > num_free_blocks:
+        if required > num_free_blocks:
             # Reclaim from the lowest-ranked residents that are not running
             # this step, but only if that makes this request fit.
             reclaimable = 0
             victims: list[Candidate] = []
             i = victim_index
-            while num_free_blocks + reclaimable < need and i < len(residents_low_to_high):
+            while num_free_blocks + reclaimable < required and i < len(residents_low_to_high):
                 victim = residents_low_to_high[i]
                 i += 1
                 if victim.request_id in taken or victim.request_id == cand.request_id:
                     continue
                 victims.append(victim)
                 reclaimable += victim.num_held_blocks
-            if num_free_blocks + reclaimable < need:
+            if num_free_blocks + reclaimable < required:
                 if not cand.resident:
                     skip.append(cand.request_id)
                 # A resident that cannot grow is left out (paused); vLLM's
