@@ -76,9 +76,10 @@ class ESPPrometheusStatLogger(StatLoggerBase):
             elif key in self._gauges:
                 self._gauges[key].labels(*labels).set(value)
             elif key in self._counters:
+                child = self._counters[key].labels(*labels)  # exported from 0 on
                 last = self._last_totals.get((key, engine_idx), 0)
                 if value > last:
-                    self._counters[key].labels(*labels).inc(value - last)
+                    child.inc(value - last)
                 self._last_totals[(key, engine_idx)] = value
 
     def log_engine_initialized(self) -> None:
