@@ -24,7 +24,7 @@ from pathlib import Path
 #: Engine settings of the demo server: a batch-limited regime where the
 #: scheduling order matters on a 2-core machine.
 SERVER_FLAGS = [
-    "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+    "--max-model-len", "2048", "--enforce-eager",
     "--max-num-seqs", "8", "--max-num-batched-tokens", "1024",
     "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(512 << 20),
     "--seed", "0", "--disable-uvicorn-access-log",
