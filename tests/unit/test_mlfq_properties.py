@@ -68,7 +68,7 @@ def simulate(config_model_dir, calibration_file, workload, *, max_num_seqs,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=256,
         enable_prefix_caching=prefix_caching,
-        additional_config={"mlfq": {"base_quantum_ms": 4.0, "calibration_file": calibration_file,
+        additional_config={"mlfq": {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
                                     "starvation_threshold_s": starvation_s}},
         clock=clock,
     )

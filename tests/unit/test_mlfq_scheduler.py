@@ -24,7 +24,7 @@ class FakeClock:
 
 
 def make(config_model_dir, calibration_file, clock=None, mlfq=None, **kwargs):
-    settings = {"base_quantum_ms": 4.0, "calibration_file": calibration_file,
+    settings = {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
                 "starvation_threshold_s": 0.0}
     settings.update(mlfq or {})
     return create_scheduler(
