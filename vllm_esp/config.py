@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "mlfq"
+#: ``additional_config`` key of :class:`SwapConfig` (scheduler ``mlfq-swap``).
+SWAP_CONFIG_KEY = "swap"
 
 
 class ESPConfigError(ValueError):
@@ -35,8 +37,13 @@ class MLFQConfig:
     model (``vllm_esp/costmodel/model.py`` says why), so quanta are seconds.
     """
 
-    #: Number of priority levels K. Level 0 is the highest.
-    num_levels: int = 8
+    #: Number of priority levels K. Level 0 is the highest. The default of
+    #: 2 ("first quantum first, then FCFS") is what measured best on
+    #: ShareGPT, whose output lengths have an increasing hazard rate, so
+    #: deeper least-attained-service levels only add round-robin delay
+    #: (benchmarks/sim_jct.py, README "Results"); use 6-8 for heavy-tailed
+    #: workloads, as FastServe does.
+    num_levels: int = 2
     #: Quantum of level 0 in milliseconds; ``None`` = auto: the standalone
     #: time of ``auto_quantum_decode_steps`` decode steps at 512 tokens of
     #: context on this machine (from the cost model).
@@ -115,6 +122,103 @@ class MLFQConfig:
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> MLFQConfig:
         return cls.from_dict((additional_config or {}).get(ADDITIONAL_CONFIG_KEY))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    """Host-memory KV swap settings of the ``mlfq-swap`` scheduler
+    (``additional_config["swap"]``; see ``vllm_esp/kv/`` and the "Host KV
+    swap" section of CONTRIBUTING.md).
+
+    Read by both halves of the swap connector: the scheduler side (in
+    EngineCore) sizes its host-slot bookkeeping from it and the worker side
+    allocates the host tensors, so both derive the same slot count from the
+    same numbers.
+    """
+
+    #: Host pool size in GiB (pinned memory on CUDA, plain memory on CPU).
+    #: 4 GiB is vLLM's former ``swap_space`` default: enough for ~80k tokens
+    #: of an 8B GQA model, small next to a serving host's RAM.
+    host_pool_gib: float = 4.0
+    #: Exact pool size in KV blocks; overrides ``host_pool_gib`` when set.
+    #: ``0`` = no pool: every preemption falls back to recompute.
+    host_pool_blocks: int | None = None
+    #: Free device blocks kept in reserve: newcomers are admitted only if
+    #: this many stay free, and the lowest-ranked paused residents are
+    #: offloaded to host when fewer are free. ``None`` = ``max_num_seqs``
+    #: (FastServe's rule: one spare block per batch slot, so every running
+    #: request can cross a block boundary without a preemption).
+    free_block_reserve: int | None = None
+    #: Swapped requests brought back ahead of their turn (load in flight or
+    #: loaded and waiting), at most. Each one holds device blocks it does not
+    #: compute with yet, so keep it small; ``0`` disables prefetch.
+    prefetch_depth: int = 2
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ESPConfigError:
+            return ESPConfigError(
+                f"invalid swap setting {name}={getattr(self, name)!r}: {why}"
+            )
+
+        gib = self.host_pool_gib
+        if not (isinstance(gib, (int, float)) and not isinstance(gib, bool)
+                and math.isfinite(gib) and gib > 0):
+            raise bad("host_pool_gib", "must be a positive number of GiB")
+        if self.host_pool_blocks is not None and not (
+            _is_int(self.host_pool_blocks) and self.host_pool_blocks >= 0
+        ):
+            raise bad("host_pool_blocks", "must be an integer >= 0 or null (use host_pool_gib)")
+        if self.free_block_reserve is not None and not (
+            _is_int(self.free_block_reserve) and self.free_block_reserve >= 0
+        ):
+            raise bad("free_block_reserve", "must be an integer >= 0 or null (= max_num_seqs)")
+        if not (_is_int(self.prefetch_depth) and self.prefetch_depth >= 0):
+            raise bad("prefetch_depth", "must be an integer >= 0 (0 disables prefetch)")
+
+    def num_host_blocks(self, block_bytes: int) -> int:
+        """Host slots for KV blocks of ``block_bytes`` bytes (all layers)."""
+        if self.host_pool_blocks is not None:
+            return self.host_pool_blocks
+        if block_bytes <= 0:
+            raise ESPConfigError(f"KV block size must be positive, got {block_bytes} bytes")
+        return int(self.host_pool_gib * 2**30) // block_bytes
+
+    def resolved_reserve(self, max_num_seqs: int) -> int:
+        """``free_block_reserve`` with ``None`` resolved."""
+        return max_num_seqs if self.free_block_reserve is None else self.free_block_reserve
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SwapConfig:
+        """Build from a plain dict, rejecting unknown keys by name."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ESPConfigError(
+                f"unknown swap setting(s) {unknown}; valid settings: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> SwapConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ESPConfigError(f"swap settings are not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ESPConfigError("swap settings must be a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SwapConfig:
+        return cls.from_dict((additional_config or {}).get(SWAP_CONFIG_KEY))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,9 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_esp.config import ADDITIONAL_CONFIG_KEY, ESPConfigError, MLFQConfig
+from vllm_esp.config import (
+    ADDITIONAL_CONFIG_KEY,
+    SWAP_CONFIG_KEY,
+    ESPConfigError,
+    MLFQConfig,
+    SwapConfig,
+)
 
 MLFQ_SCHEDULER_CLS = "vllm_esp.sched.mlfq_scheduler.MLFQScheduler"
+#: The host-swap connector (``kv_transfer_config``) of ``mlfq-swap``.
+SWAP_CONNECTOR = "ESPSwapConnector"
+SWAP_CONNECTOR_MODULE = "vllm_esp.kv.swap_connector"
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,9 @@ class SchedulerSpec:
     scheduler_cls: str | None
     #: Ranking policy inside ``MLFQScheduler`` (None for stock).
     policy: str | None
+    #: Preempt by host-memory KV swap (the ``ESPSwapConnector``) instead of
+    #: recompute; takes :class:`~vllm_esp.config.SwapConfig` settings.
+    host_swap: bool = False
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
@@ -32,6 +44,9 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     for spec in (
         SchedulerSpec("fcfs", "vLLM's stock first-come-first-served scheduler", None, None),
         SchedulerSpec("mlfq", "skip-join multi-level feedback queue (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq"),
+        SchedulerSpec("mlfq-swap", "mlfq that preempts by swapping KV to host memory, with "
+                      "proactive offload and prefetch (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq",
+                      host_swap=True),
         SchedulerSpec("srpt", "shortest-remaining-time ORACLE (needs true output "
                       "lengths via max_tokens + ignore_eos; benchmarks only)", MLFQ_SCHEDULER_CLS, "srpt"),
     )
@@ -47,21 +62,44 @@ def get_scheduler_spec(name: str) -> SchedulerSpec:
         ) from None
 
 
+def swap_kv_transfer_config():
+    """vLLM's ``KVTransferConfig`` selecting the host-swap connector.
+
+    An object, not a dict: ``LLM(...)`` would convert a dict, but
+    ``EngineArgs(...)`` and the CLI path (``EngineArgs.from_cli_args``)
+    take the field as is.
+    """
+    from vllm.config.kv_transfer import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector=SWAP_CONNECTOR,
+        kv_connector_module_path=SWAP_CONNECTOR_MODULE,
+        # Both directions (save on preemption, load on resume); the
+        # connector overrides requires_kv_delivery, which kv_both implies.
+        kv_role="kv_both",
+    )
+
+
 def scheduler_args(
     name: str = "mlfq",
     additional_config: dict[str, Any] | None = None,
+    swap: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Engine keyword arguments that select scheduler ``name``.
 
     >>> from vllm import LLM
     >>> llm = LLM(model=path, **scheduler_args("mlfq", base_quantum_ms=20))
+    >>> llm = LLM(model=path, **scheduler_args("mlfq-swap", swap={"host_pool_gib": 8}))
 
-    ``settings`` are :class:`~vllm_esp.config.MLFQConfig` fields; they are
-    validated here, so a typo fails before the engine starts.
+    ``settings`` are :class:`~vllm_esp.config.MLFQConfig` fields and
+    ``swap`` holds :class:`~vllm_esp.config.SwapConfig` fields (``mlfq-swap``
+    only); both are validated here, so a typo fails before the engine starts.
     """
     spec = get_scheduler_spec(name)
     merged = dict(additional_config or {})
+    if swap is not None and not spec.host_swap:
+        raise ESPConfigError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap')")
     if spec.scheduler_cls is None:
         if settings:
             raise ESPConfigError(f"scheduler {name!r} takes no MLFQ settings, got {sorted(settings)}")
@@ -71,4 +109,11 @@ def scheduler_args(
     mlfq["policy"] = spec.policy
     MLFQConfig.from_dict(mlfq)  # validate now
     merged[ADDITIONAL_CONFIG_KEY] = mlfq
-    return {"scheduler_cls": spec.scheduler_cls, "additional_config": merged}
+    out: dict[str, Any] = {"scheduler_cls": spec.scheduler_cls, "additional_config": merged}
+    if spec.host_swap:
+        swap_settings = dict(merged.get(SWAP_CONFIG_KEY) or {})
+        swap_settings.update(swap or {})
+        SwapConfig.from_dict(swap_settings)  # validate now
+        merged[SWAP_CONFIG_KEY] = swap_settings
+        out["kv_transfer_config"] = swap_kv_transfer_config()
+    return out

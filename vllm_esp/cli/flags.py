@@ -1,4 +1,5 @@
-"""``--scheduler`` and ``--mlfq-config`` on vLLM's own argument parser.
+"""``--scheduler``, ``--mlfq-config`` and ``--swap-config`` on vLLM's own
+argument parser.
 
 vLLM calls the general plugins *before* it builds the engine flags
 (``AsyncEngineArgs.add_cli_args``), so ``register()`` can wrap
@@ -9,7 +10,9 @@ argparse would read ``--scheduler`` as an ambiguous abbreviation of
 
 Values are validated while parsing (an invalid one is an argparse error
 before anything is spawned) and merged into the real ``EngineArgs`` fields
-(``scheduler_cls``, ``additional_config``) in ``from_cli_args``, after
+(``scheduler_cls``, ``additional_config``, and for ``mlfq-swap``
+``kv_transfer_config`` as a ``KVTransferConfig`` object, the type that
+field has after vLLM's own parsing) in ``from_cli_args``, after
 ``--additional-config`` has been read, so the two compose.
 """
 
@@ -19,7 +22,7 @@ import argparse
 import json
 from typing import Any
 
-from vllm_esp.config import ESPConfigError, MLFQConfig
+from vllm_esp.config import ESPConfigError, MLFQConfig, SwapConfig
 from vllm_esp.schedulers import SCHEDULERS, scheduler_args
 
 _PATCHED = "_vllm_esp_patched"
@@ -29,6 +32,15 @@ class _MLFQConfigAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         try:
             MLFQConfig.from_json(values)  # settings alone must be valid
+        except ESPConfigError as e:
+            parser.error(f"{option_string}: {e}")
+        setattr(namespace, self.dest, values)
+
+
+class _SwapConfigAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            SwapConfig.from_json(values)
         except ESPConfigError as e:
             parser.error(f"{option_string}: {e}")
         setattr(namespace, self.dest, values)
@@ -53,6 +65,14 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help='MLFQ settings as JSON, e.g. \'{"num_levels": 6, "base_quantum_ms": 20}\' '
         "(fields of vllm_esp.config.MLFQConfig).",
     )
+    group.add_argument(
+        "--swap-config",
+        dest="esp_swap_config",
+        action=_SwapConfigAction,
+        default=None,
+        help='Host KV swap settings of --scheduler mlfq-swap as JSON, e.g. '
+        '\'{"host_pool_gib": 8, "prefetch_depth": 2}\' (fields of vllm_esp.config.SwapConfig).',
+    )
     return parser
 
 
@@ -60,14 +80,16 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
     """Fold ``--scheduler``/``--mlfq-config`` into real EngineArgs fields."""
     name = getattr(args, "esp_scheduler", None)
     settings_json = getattr(args, "esp_mlfq_config", None)
-    if name is None and settings_json is None:
+    swap_json = getattr(args, "esp_swap_config", None)
+    if name is None and settings_json is None and swap_json is None:
         return engine_args
     if name is None:
-        name = "mlfq"
+        name = "mlfq-swap" if swap_json is not None else "mlfq"
     # Only the settings given explicitly; the policy comes from the name.
     settings = MLFQConfig.from_json(settings_json) and json.loads(settings_json) if settings_json else {}
     settings.pop("policy", None)
-    extra = scheduler_args(name, additional_config=engine_args.additional_config, **settings)
+    swap = SwapConfig.from_json(swap_json) and json.loads(swap_json) if swap_json else None
+    extra = scheduler_args(name, additional_config=engine_args.additional_config, swap=swap, **settings)
     if "scheduler_cls" in extra:
         if engine_args.scheduler_cls not in (None, extra["scheduler_cls"]):
             raise ESPConfigError(
@@ -77,6 +99,15 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
         engine_args.scheduler_cls = extra["scheduler_cls"]
     if "additional_config" in extra:
         engine_args.additional_config = extra["additional_config"]
+    if "kv_transfer_config" in extra:
+        ours = extra["kv_transfer_config"]
+        given = engine_args.kv_transfer_config
+        if given is not None and given.kv_connector != ours.kv_connector:
+            raise ESPConfigError(
+                f"--scheduler {name} needs the {ours.kv_connector} KV connector; "
+                f"--kv-transfer-config selects {given.kv_connector}; give one of them"
+            )
+        engine_args.kv_transfer_config = ours
     return engine_args
 
 

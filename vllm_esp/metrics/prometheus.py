@@ -13,6 +13,29 @@ names from it) and this logger, loaded through the
     vllm_esp:mlfq_demotions_total                 counter
     vllm_esp:mlfq_promotions_total                counter
     vllm_esp:mlfq_rank_preemptions_total          counter (KV freed by rank)
+    vllm_esp:recomputed_tokens_total              counter, tokens computed again
+                                                  after their KV was lost
+
+and, with host KV swap (``mlfq-swap``, ``vllm_esp/kv/``):
+
+    vllm_esp:swap_{out,in}_blocks_total           counter, KV blocks moved
+    vllm_esp:swap_{out,in}_bytes_total            counter, bytes moved
+    vllm_esp:swap_{out,in}_requests_total         counter, requests moved
+    vllm_esp:swap_{out,in}_seconds_total          counter, worker copy time
+    vllm_esp:swap_recompute_fallbacks_total       counter, host pool full
+    vllm_esp:swap_proactive_offloads_total        counter, reserve refills
+    vllm_esp:swap_prefetches_total                counter, loads ahead of time
+    vllm_esp:swap_unprefetches_total              counter, prefetches given back
+    vllm_esp:swap_dropped_total                   counter, host copies unused
+    vllm_esp:swap_host_blocks_used                gauge, host pool slots in use
+    vllm_esp:swap_host_pool_blocks                gauge, host pool size
+    vllm_esp:swap_swapped_requests                gauge, requests with a copy
+
+Swap numbers take the same side channel rather than vLLM's KV-connector
+stats path: the scheduler already holds the cumulative counts (blocks,
+fallbacks, offloads are scheduler decisions; copy times arrive as worker
+metadata), the side channel carries totals (robust to a missed step), and
+it needs no second exporter or metric naming scheme.
 
 vLLM's own ``vllm:num_preemptions_total`` keeps counting every preemption.
 Engines that run another scheduler send no such keys and this logger
@@ -27,6 +50,26 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 STATS_PREFIX = "vllm_esp:"
 _COUNTERS = ("demotions_total", "promotions_total", "rank_preemptions_total")
+#: stats key -> (series name without "_total", help, scale to the unit).
+_PLAIN_COUNTERS: dict[str, tuple[str, str, float]] = {
+    "recomputed_tokens_total": ("recomputed_tokens", "Tokens computed again after their KV was freed.", 1.0),
+    **{
+        f"swap_{d}_{what}_total": (f"swap_{d}_{what}", f"KV {what} swapped {d} ({'device to host' if d == 'out' else 'host to device'}).", 1.0)
+        for d in ("out", "in") for what in ("blocks", "bytes", "requests")
+    },
+    "swap_out_time_us_total": ("swap_out_seconds", "Worker time copying KV to host.", 1e-6),
+    "swap_in_time_us_total": ("swap_in_seconds", "Worker time copying KV back to the device.", 1e-6),
+    "swap_recompute_fallbacks_total": ("swap_recompute_fallbacks", "Preemptions recomputed: host pool full.", 1.0),
+    "swap_proactive_offloads_total": ("swap_proactive_offloads", "Paused requests offloaded to keep free blocks.", 1.0),
+    "swap_prefetches_total": ("swap_prefetches", "Swapped requests loaded back ahead of their turn.", 1.0),
+    "swap_unprefetches_total": ("swap_unprefetches", "Prefetched requests whose device blocks were given back.", 1.0),
+    "swap_dropped_total": ("swap_dropped", "Host KV copies released unused.", 1.0),
+}
+_PLAIN_GAUGES: dict[str, tuple[str, str]] = {
+    "swap_host_blocks_used": ("swap_host_blocks_used", "Host KV pool blocks holding a copy."),
+    "swap_host_pool_blocks": ("swap_host_pool_blocks", "Host KV pool size in blocks."),
+    "swap_swapped_requests": ("swap_swapped_requests", "Requests with a host KV copy."),
+}
 
 
 class ESPPrometheusStatLogger(StatLoggerBase):
@@ -56,6 +99,10 @@ class ESPPrometheusStatLogger(StatLoggerBase):
                     prom.Counter, f"vllm_esp:mlfq_{name.removesuffix('_total')}",
                     f"MLFQ {name.removesuffix('_total').replace('_', ' ')}.", labels,
                 )
+            for key, (name, doc, _) in _PLAIN_COUNTERS.items():
+                self._counters[key] = _get_or_create(prom.Counter, f"vllm_esp:{name}", doc, labels)
+            for key, (name, doc) in _PLAIN_GAUGES.items():
+                self._gauges[key] = _get_or_create(prom.Gauge, f"vllm_esp:{name}", doc, labels)
         return self._queue_gauge
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
@@ -79,7 +126,8 @@ class ESPPrometheusStatLogger(StatLoggerBase):
                 child = self._counters[key].labels(*labels)  # exported from 0 on
                 last = self._last_totals.get((key, engine_idx), 0)
                 if value > last:
-                    child.inc(value - last)
+                    scale = _PLAIN_COUNTERS[key][2] if key in _PLAIN_COUNTERS else 1.0
+                    child.inc((value - last) * scale)
                 self._last_totals[(key, engine_idx)] = value
 
     def log_engine_initialized(self) -> None:

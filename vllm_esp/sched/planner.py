@@ -23,10 +23,31 @@ work::
 Residents that lose their slot keep their KV blocks ("pause"): resuming
 them costs nothing. Their blocks are reclaimed ("preempt", lowest rank
 first) only when a higher-ranked request needs the memory.
+
+With host KV swap (``mlfq-swap``) three more rules apply, all on the same
+plain numbers:
+
+* **reserve**: a newcomer is admitted only if ``num_reserve_blocks`` stay
+  free (residents may still grow into the reserve: that is what it is for);
+* **offload**: if fewer than ``num_reserve_blocks`` are free after the
+  plan, the lowest-ranked paused residents move to host ("offload", while
+  the host pool can take them) until the reserve is back - before a
+  running request runs out of memory and forces a preemption;
+* **prefetch**: in a step that neither preempts nor offloads (no
+  ping-pong), swapped requests among the next ``prefetch_window`` ranks
+  after the cut are loaded back ahead of their turn, best first, if their
+  KV fits above the reserve, at most ``num_prefetch`` of them::
+
+    ranked:  r0 r1 r2 | r3  r4  r5  r6 ...   ("|": slots or budget exhausted)
+             run      | next: r4 swapped -> PREFETCH (fits above the reserve)
+
+A swapped candidate is cheap to admit: it needs blocks for its whole
+sequence but computes only the tokens after the swapped ones (usually one).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -48,6 +69,12 @@ class Candidate:
     #: newcomer's whole sequence fits before allocating its first chunk);
     #: 0 for residents.
     num_admission_blocks: int = 0
+    #: > 0: a swapped request whose KV (this many blocks) can be loaded back
+    #: ahead of its turn (prefetch); 0 otherwise.
+    num_prefetch_blocks: int = 0
+    #: Host slots needed to offload this resident (0 if its host copy
+    #: exists already, e.g. a prefetched request).
+    num_offload_host_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,10 @@ class StepPlan:
     pause: tuple[str, ...]
     preempt: tuple[str, ...]
     skip: tuple[str, ...]
+    #: Paused residents moved to host to restore the free-block reserve.
+    offload: tuple[str, ...] = ()
+    #: Swapped requests loaded back ahead of their turn.
+    prefetch: tuple[str, ...] = ()
 
 
 def plan_step(
@@ -68,6 +99,10 @@ def plan_step(
     num_slots: int,
     token_budget: int,
     chunked_prefill: bool,
+    num_reserve_blocks: int = 0,
+    num_host_free_blocks: int = 0,
+    num_prefetch: int = 0,
+    prefetch_window: int = 0,
 ) -> StepPlan:
     """Walk ``ranked`` best first and fill the step.
 
@@ -75,15 +110,20 @@ def plan_step(
     first: the victims for reclaiming memory, which must rank below the
     request that needs the memory (guaranteed because a resident that the
     walk already reached is in ``run`` and is skipped as a victim).
+    The keyword arguments after ``chunked_prefill`` are the host-swap rules
+    of the module docstring; their defaults turn them off.
     """
     run: list[str] = []
     skip: list[str] = []
     preempt: list[str] = []
-    taken: set[str] = set()  # run or preempted
+    taken: set[str] = set()  # run, preempted or offloaded
     victim_index = 0
+    ranked = iter(ranked)
+    after_cut: list[Candidate] = []  # the first candidate the cut left out
 
     for cand in ranked:
         if num_slots <= 0 or token_budget <= 0:
+            after_cut.append(cand)
             break
         if cand.request_id in taken:  # preempted for a higher-ranked one
             continue
@@ -94,7 +134,9 @@ def plan_step(
                 continue
             num_tokens = token_budget
         need = cand.num_blocks_for(num_tokens)
-        required = max(need, cand.num_admission_blocks)
+        # Newcomers leave the reserve free; residents may grow into it.
+        reserve = 0 if cand.resident else num_reserve_blocks
+        required = max(need, cand.num_admission_blocks) + reserve
 
         if required > num_free_blocks:
             # Reclaim from the lowest-ranked residents that are not running
@@ -120,6 +162,7 @@ def plan_step(
                 preempt.append(victim.request_id)
                 taken.add(victim.request_id)
                 num_free_blocks += victim.num_held_blocks
+                num_host_free_blocks -= victim.num_offload_host_blocks
 
         num_free_blocks -= need
         num_slots -= 1
@@ -127,11 +170,37 @@ def plan_step(
         run.append(cand.request_id)
         taken.add(cand.request_id)
 
-    run_set = set(run)
-    preempt_set = set(preempt)
+    offload: list[str] = []
+    if 0 < num_reserve_blocks and num_free_blocks < num_reserve_blocks:
+        for victim in residents_low_to_high:  # lowest level, last in line first
+            if num_free_blocks >= num_reserve_blocks:
+                break
+            if victim.request_id in taken or victim.num_held_blocks <= 0:
+                continue
+            if victim.num_offload_host_blocks > num_host_free_blocks:
+                continue  # would recompute: not worth it for a reserve
+            offload.append(victim.request_id)
+            taken.add(victim.request_id)
+            num_free_blocks += victim.num_held_blocks
+            num_host_free_blocks -= victim.num_offload_host_blocks
+
+    prefetch: list[str] = []
+    if num_prefetch > 0 and not preempt and not offload:
+        skipped = set(skip)
+        for cand in itertools.islice(itertools.chain(after_cut, ranked), prefetch_window):
+            if len(prefetch) >= num_prefetch:
+                break
+            if cand.request_id in taken or cand.request_id in skipped or cand.num_prefetch_blocks <= 0:
+                continue
+            if num_free_blocks - cand.num_prefetch_blocks < num_reserve_blocks:
+                continue
+            prefetch.append(cand.request_id)
+            num_free_blocks -= cand.num_prefetch_blocks
+
     pause = tuple(
-        c.request_id
-        for c in reversed(residents_low_to_high)
-        if c.request_id not in run_set and c.request_id not in preempt_set
+        c.request_id for c in reversed(residents_low_to_high) if c.request_id not in taken
     )
-    return StepPlan(run=tuple(run), pause=pause, preempt=tuple(preempt), skip=tuple(skip))
+    return StepPlan(
+        run=tuple(run), pause=pause, preempt=tuple(preempt), skip=tuple(skip),
+        offload=tuple(offload), prefetch=tuple(prefetch),
+    )

@@ -1,0 +1,97 @@
+"""Fast checks of the benchmark helpers (no engine, no torch, no vLLM)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# benchmarks/ is a top-level package of the repository, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.common import (  # noqa: E402
+    finish_metadata,
+    git_revision,
+    machine_info,
+    percentile,
+    ratio,
+    run_metadata,
+    software_versions,
+    summarize,
+    write_json,
+)
+
+
+@pytest.mark.parametrize("q", [0, 1, 10, 25, 50, 73.5, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    data = np.random.default_rng(1).exponential(2.0, size=37).tolist()
+    assert percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
+
+
+def test_percentile_edge_cases() -> None:
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([3, 1, 2], 50) == 2.0  # order of the input is irrelevant
+    assert percentile([0.0, 10.0], 25) == 2.5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_keys_and_values() -> None:
+    s = summarize([1, 2, 3, 4], prefix="jct_", suffix="_s")
+    assert s["jct_count"] == 4
+    assert s["jct_mean_s"] == 2.5
+    assert s["jct_p50_s"] == 2.5
+    assert s["jct_max_s"] == 4.0
+    assert s["jct_p99_s"] == pytest.approx(float(np.percentile([1, 2, 3, 4], 99)))
+    empty = summarize([])
+    assert empty["count"] == 0 and empty["mean"] is None and empty["p99"] is None
+
+
+def test_ratio_refuses_missing_data() -> None:
+    assert ratio(1.0, 4.0) == 0.25
+    assert ratio(None, 4.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_metadata_fields() -> None:
+    meta = run_metadata(seed=7, argv=["x", "--quick"])
+    assert meta["seed"] == 7 and meta["argv"] == ["x", "--quick"]
+    assert meta["started_utc"].endswith("Z")
+    m = meta["machine"]
+    assert m["cpu_count"] >= 1 and m["cpu_model"]
+    assert m["memory_bytes"] is None or m["memory_bytes"] > 0
+    v = meta["versions"]
+    assert v["python"].count(".") == 2
+    # This repository is a git checkout: a 40-hex commit and a dirty flag.
+    g = meta["git"]
+    assert g["commit"] is None or len(g["commit"]) == 40
+    assert g["dirty"] in (True, False, None)
+    finish_metadata(meta)
+    assert "_t0" not in meta and meta["wall_time_s"] >= 0
+    assert meta["finished_utc"].endswith("Z")
+    assert "loadavg_end" in meta and "loadavg_start" in meta
+    json.dumps(meta)  # plain JSON types only
+
+
+def test_helpers_standalone() -> None:
+    assert machine_info()["cpu_count_usable"] >= 1
+    assert set(software_versions()) >= {"python", "torch", "vllm", "vllm_esp"}
+    g = git_revision(Path("/"))  # not a repository: no crash, no commit
+    assert g["commit"] is None
+
+
+def test_write_json_atomic_and_strict(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "r.json"
+    data = {"a": np.float64(1.5), "b": np.arange(3), "c": math.nan, "d": [math.inf], "p": Path("/x")}
+    write_json(out, data)
+    assert not (tmp_path / "sub" / "r.json.tmp").exists()
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [None], "p": "/x"}
