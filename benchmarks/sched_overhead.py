@@ -1,0 +1,319 @@
+"""Per-step CPU cost of the MLFQ scheduler versus vLLM's stock scheduler.
+
+    python -m benchmarks.sched_overhead [--quick] [--no-profile] --out FILE.json
+
+No engine and no model weights: both schedulers are the real classes with a
+real ``KVCacheManager``, built from a config-only model folder exactly as the
+unit tests do (``tests/sched_utils.py``); the model runner is replaced by
+fabricated outputs (one sampled token per request that finished its prompt).
+
+For each system size N (1,000 and 5,000 unfinished requests) and each
+scheduler, the same seeded request stream is fed in; whenever requests
+finish, new ones are added so N stays constant (a steady state, not a
+draining queue). After a warm-up, each step's ``schedule()`` and
+``update_from_output()`` are timed separately with ``perf_counter_ns``;
+adding requests and fabricating outputs are not timed, because the model
+runner and the front end pay for those, not the scheduler.
+
+``max_num_seqs`` is 256 and the KV cache is large enough for 256 requests of
+the longest length, so the binding limit is the number of sequences and
+thousands of requests wait: the regime where a ranked scheduler has the most
+bookkeeping to do. A cProfile pass of the MLFQ scheduler per size (skip with
+``--no-profile``) runs after the timed runs, so profiling never inflates the
+timings; its top functions are stored in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, finish_metadata, percentile, ratio, run_metadata, write_json
+
+# tests/ is not a package; its helpers build schedulers the way vLLM's own
+# tests do, and copying them here would let the two drift apart.
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import sched_utils  # noqa: E402
+
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+
+from vllm_esp.sched.mlfq_scheduler import MLFQScheduler  # noqa: E402
+from vllm_esp.schedulers import scheduler_args  # noqa: E402
+
+#: Engine-like settings shared by both schedulers.
+MAX_NUM_SEQS = 256
+MAX_NUM_BATCHED_TOKENS = 8192
+BLOCK_SIZE = 16
+MAX_MODEL_LEN = 4096
+#: Prompt and output lengths are log-uniform in these ranges (ShareGPT-like
+#: spread: many short, a long tail).
+PROMPT_RANGE = (16, 1024)
+OUTPUT_RANGE = (8, 512)
+#: Enough blocks for MAX_NUM_SEQS requests at the longest prompt + output,
+#: so memory is not the binding limit (+25% headroom).
+NUM_BLOCKS = int(MAX_NUM_SEQS * (PROMPT_RANGE[1] + OUTPUT_RANGE[1]) / BLOCK_SIZE * 1.25)
+
+
+@dataclass
+class RequestStream:
+    """Seeded, endless source of requests; identical for every scheduler."""
+
+    seed: int
+    vocab_size: int = 1000
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self.count = 0
+
+    def _log_uniform(self, lo: int, hi: int) -> int:
+        return int(round(float(np.exp(self.rng.uniform(np.log(lo), np.log(hi))))))
+
+    def next(self):
+        n_prompt = self._log_uniform(*PROMPT_RANGE)
+        n_out = self._log_uniform(*OUTPUT_RANGE)
+        # Random ids: no accidental prefix-cache hits between requests.
+        ids = self.rng.integers(1, self.vocab_size, size=n_prompt).tolist()
+        rid = f"r{self.count}"
+        self.count += 1
+        return sched_utils.make_request(
+            rid, n_prompt, n_out, block_size=BLOCK_SIZE, prompt_token_ids=ids
+        )
+
+
+def fake_output(scheduler: Scheduler, out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
+    """One sampled token per request whose prompt is complete after this step
+    (``is_prefill_chunk`` is set by ``schedule()``), like the model runner."""
+    req_ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in req_ids:
+        request = scheduler.requests.get(rid)
+        sampled.append([] if request is not None and request.is_prefill_chunk else [token])
+    return ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+        sampled_token_ids=sampled,
+    )
+
+
+def build(kind: str, model_dir: str):
+    """A fresh scheduler: ``stock`` (vLLM ``Scheduler``) or ``mlfq``."""
+    common = dict(
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_model_len=MAX_MODEL_LEN,
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+    )
+    if kind == "stock":
+        return sched_utils.create_scheduler(model_dir, scheduler_cls=Scheduler, **common)
+    if kind == "mlfq":
+        # The same additional_config the engine gets from scheduler_args().
+        extra = scheduler_args("mlfq")["additional_config"]
+        return sched_utils.create_scheduler(
+            model_dir, scheduler_cls=MLFQScheduler, additional_config=extra, **common
+        )
+    raise ValueError(kind)
+
+
+def run_one(
+    kind: str, model_dir: str, num_requests: int, warmup: int, steps: int, seed: int,
+    profiler: cProfile.Profile | None = None,
+) -> dict[str, Any]:
+    """Keep ``num_requests`` in the system; time ``steps`` steps after ``warmup``."""
+    scheduler = build(kind, model_dir)
+    stream = RequestStream(seed)
+    for _ in range(num_requests):
+        scheduler.add_request(stream.next())
+
+    sched_ns: list[int] = []
+    update_ns: list[int] = []
+    scheduled_per_step: list[int] = []
+    tokens_per_step: list[int] = []
+    # len(scheduler.running) after schedule(): for MLFQ this includes paused
+    # residents (they keep KV and stay in `running`), which is what its
+    # per-step planning walks.
+    residents_per_step: list[int] = []
+    num_finished = 0
+    gc.collect()
+    for i in range(warmup + steps):
+        measure = i >= warmup
+        if measure and profiler is not None:
+            profiler.enable()
+        t0 = time.perf_counter_ns()
+        out = scheduler.schedule()
+        t1 = time.perf_counter_ns()
+        if measure and profiler is not None:
+            profiler.disable()
+        model_out = fake_output(scheduler, out)
+        if measure and profiler is not None:
+            profiler.enable()
+        t2 = time.perf_counter_ns()
+        engine_outputs = scheduler.update_from_output(out, model_out)
+        t3 = time.perf_counter_ns()
+        if measure and profiler is not None:
+            profiler.disable()
+        finished = sum(
+            1 for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None
+        )
+        num_finished += finished
+        # Refill so the system size stays at num_requests (not timed).
+        for _ in range(finished):
+            scheduler.add_request(stream.next())
+        if measure:
+            sched_ns.append(t1 - t0)
+            update_ns.append(t3 - t2)
+            scheduled_per_step.append(len(out.num_scheduled_tokens))
+            tokens_per_step.append(out.total_num_scheduled_tokens)
+            residents_per_step.append(len(scheduler.running))
+
+    total_ms = [(a + b) / 1e6 for a, b in zip(sched_ns, update_ns)]
+    result: dict[str, Any] = {
+        "scheduler": kind,
+        "num_requests_in_system": num_requests,
+        "steps_measured": steps,
+        "warmup_steps": warmup,
+        "mean_step_ms": statistics.fmean(total_ms),
+        "median_step_ms": statistics.median(total_ms),
+        "p99_step_ms": percentile(total_ms, 99),
+        "mean_schedule_ms": statistics.fmean(sched_ns) / 1e6,
+        "mean_update_ms": statistics.fmean(update_ns) / 1e6,
+        "mean_scheduled_reqs_per_step": statistics.fmean(scheduled_per_step),
+        "mean_scheduled_tokens_per_step": statistics.fmean(tokens_per_step),
+        "mean_resident_reqs": statistics.fmean(residents_per_step),
+        "num_finished_total": num_finished,
+        "num_running_end": len(scheduler.running),
+        "num_waiting_end": len(scheduler.waiting),
+        "free_blocks_end": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+    }
+    if isinstance(scheduler, MLFQScheduler):
+        stats = scheduler.rank_policy.stats()
+        result["mlfq"] = {
+            "rank_preemptions": scheduler.num_rank_preemptions,
+            "paused_request_steps": scheduler.num_paused_steps,
+            "requests_per_level_end": stats.num_requests_per_level,
+            "demotions": stats.num_demotions,
+            "promotions": stats.num_promotions,
+            "cost_model_source": scheduler.cost_model.source,
+        }
+    return result
+
+
+def profile_summary(profiler: cProfile.Profile, top: int = 25) -> dict[str, Any]:
+    """Top functions by cumulative and by own time, as text and as rows."""
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({
+            "function": f"{Path(filename).name}:{line}({func})",
+            "file": filename,
+            "ncalls": nc,
+            "tottime_s": tt,
+            "cumtime_s": ct,
+        })
+    by_cum = sorted(rows, key=lambda r: r["cumtime_s"], reverse=True)[:top]
+    by_tot = sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:top]
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(top)
+    return {"top_cumulative": by_cum, "top_own_time": by_tot, "text": buf.getvalue()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 300; 60 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 30; 10 with --quick)")
+    parser.add_argument(
+        "--no-profile", dest="profile", action="store_false",
+        help="skip the cProfile pass of MLFQ per size (on by default: the ratio alone does not say where time goes)",
+    )
+    args = parser.parse_args(argv)
+    steps = args.steps or (60 if args.quick else 300)
+    warmup = args.warmup if args.warmup is not None else (10 if args.quick else 30)
+
+    meta = run_metadata(seed=args.seed)
+    results: list[dict[str, Any]] = []
+    ratios: dict[str, dict[str, float | None]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = sched_utils.config_only_model(Path(tmp) / "model")
+        for n in args.sizes:
+            per_kind = {}
+            # Alternate the order per size so neither scheduler always runs
+            # first on a warmer (or cooler) machine.
+            kinds = ("stock", "mlfq") if n == args.sizes[0] else ("mlfq", "stock")
+            for kind in kinds:
+                r = run_one(kind, model_dir, n, warmup, steps, args.seed)
+                per_kind[kind] = r
+                results.append(r)
+                print(f"N={n:5d} {kind:5s}: mean {r['mean_step_ms']:.3f} ms/step "
+                      f"(schedule {r['mean_schedule_ms']:.3f} + update {r['mean_update_ms']:.3f}), "
+                      f"{r['mean_scheduled_reqs_per_step']:.0f} reqs/step", flush=True)
+            ratios[str(n)] = {
+                "mean_step_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_step_ms"], per_kind["stock"]["mean_step_ms"]),
+                "median_step_mlfq_over_stock": ratio(per_kind["mlfq"]["median_step_ms"], per_kind["stock"]["median_step_ms"]),
+                "schedule_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_schedule_ms"], per_kind["stock"]["mean_schedule_ms"]),
+                "update_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_update_ms"], per_kind["stock"]["mean_update_ms"]),
+            }
+            print(f"N={n:5d} ratio mlfq/stock (mean step): {ratios[str(n)]['mean_step_mlfq_over_stock']:.3f}", flush=True)
+
+        profiles: dict[str, Any] | None = None
+        if args.profile:
+            profiles = {}
+            for n in args.sizes:
+                profiler = cProfile.Profile()
+                run_one("mlfq", model_dir, n, warmup, min(steps, 100), args.seed, profiler)
+                profiles[str(n)] = profile_summary(profiler)
+                print(f"--- cProfile, MLFQ, N={n}, {min(steps, 100)} steps\n{profiles[str(n)]['text']}")
+
+    out = {
+        "benchmark": "sched_overhead",
+        "description": (
+            "mean wall time of Scheduler.schedule() + update_from_output() per step, "
+            "fabricated model outputs, constant number of unfinished requests"
+        ),
+        "settings": {
+            "max_num_seqs": MAX_NUM_SEQS,
+            "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+            "block_size": BLOCK_SIZE,
+            "num_kv_blocks": NUM_BLOCKS,
+            "max_model_len": MAX_MODEL_LEN,
+            "prompt_len_range_log_uniform": PROMPT_RANGE,
+            "output_len_range_log_uniform": OUTPUT_RANGE,
+            "enable_prefix_caching": True,
+            "enable_chunked_prefill": True,
+            "steps": steps,
+            "warmup_steps": warmup,
+            "sizes": args.sizes,
+            "quick": args.quick,
+        },
+        "target": "mean_step_mlfq_over_stock <= 1.2",
+        "results": results,
+        "ratios": ratios,
+        "profile_mlfq": profiles,
+        "metadata": finish_metadata(meta),
+    }
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
