@@ -284,12 +284,24 @@ class MLFQScheduler(Scheduler):
             yield self._candidate(request)
 
     def _plan(self) -> StepPlan:
-        residents = [r for r in self.running if r.request_id in self.rank_policy]
-        residents += [
-            r for r in self.kv_holding_waiting
-            if self._is_prefetched(r) and r.request_id in self.rank_policy
-        ]
-        residents.sort(key=lambda r: self.rank_policy.rank_key(r.request_id), reverse=True)
+        # Every running request is ranked (add_request ranks all of them);
+        # the per-step cost here is O(residents), so no filtering copy.
+        residents = self.running
+        if self.swap is not None:
+            residents = residents + [
+                r for r in self.kv_holding_waiting
+                if self._is_prefetched(r) and r.request_id in self.rank_policy
+            ]
+
+        def residents_low_to_high() -> list[Candidate]:
+            # Only built when memory must be reclaimed or the reserve
+            # restored: sorting every resident each step is what made the
+            # planner slow with thousands of requests in the system.
+            policy = self.rank_policy
+            ordered = sorted((r for r in residents if r.request_id in policy),
+                             key=lambda r: policy.rank_key(r.request_id), reverse=True)
+            return [self._candidate(r) for r in ordered]
+
         num_slots = min(self.max_num_running_reqs, self.max_num_active_reqs)
         # vLLM admits kv_holding_waiting first; our prefetches there only
         # run when planned, so only the others take a slot for sure.
@@ -311,7 +323,8 @@ class MLFQScheduler(Scheduler):
             )
         return plan_step(
             self._iter_candidates(),
-            [self._candidate(r) for r in residents],
+            residents_low_to_high,
+            resident_ids=[r.request_id for r in residents],
             num_free_blocks=num_free,
             num_slots=num_slots,
             token_budget=self.max_num_scheduled_tokens,
@@ -336,9 +349,8 @@ class MLFQScheduler(Scheduler):
             self._evict(self.requests[request_id], now)
             self.num_offloads += 1
 
-        run_ids = set(plan.run)
-        all_running = self.running
-        paused = [r for r in all_running if r.request_id not in run_ids]
+        requests = self.requests
+        paused = [requests[r] for r in plan.pause if requests[r].status == RequestStatus.RUNNING]
         self.num_paused_steps += len(paused)
         step_running = []
         step_waiting = FCFSRequestQueue()
@@ -353,7 +365,7 @@ class MLFQScheduler(Scheduler):
                 step_waiting.append(request)
         # Requests the policy does not rank (e.g. blocked on a KV load) keep
         # vLLM's own handling: they ride along behind the ranked ones.
-        riders = [r for r in self.waiting if r.request_id not in self.rank_policy]
+        riders = self._unranked_waiting()
         riders_holding = [r for r in self.kv_holding_waiting if not self._swap_managed(r)]
         prefetch = list(plan.prefetch)
         if riders or riders_holding:
@@ -415,6 +427,16 @@ class MLFQScheduler(Scheduler):
             self.rank_policy.on_scheduled(request_id, num_tokens, start, now)
         self.rank_policy.end_step(self._clock())
         return output
+
+    def _unranked_waiting(self) -> list[Request]:
+        """Waiting requests the policy does not rank (rare: e.g. a
+        streaming session's next chunk). O(1) when there are none: every
+        ranked request sits in exactly one of the three queues."""
+        num_queued = (len(self.running) + len(self.waiting) + len(self.kv_holding_waiting)
+                      + self.num_waiting_for_streaming_input)
+        if num_queued <= len(self.rank_policy):
+            return []
+        return [r for r in self.waiting if r.request_id not in self.rank_policy]
 
     # ----------------------------------------------------------------- stats
     def esp_stats(self) -> dict[str, int]:

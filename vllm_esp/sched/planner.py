@@ -48,7 +48,7 @@ sequence but computes only the tokens after the swapped ones (usually one).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -93,12 +93,13 @@ class StepPlan:
 
 def plan_step(
     ranked: Iterable[Candidate],
-    residents_low_to_high: list[Candidate],
+    residents_low_to_high: Sequence[Candidate] | Callable[[], Sequence[Candidate]],
     *,
     num_free_blocks: int,
     num_slots: int,
     token_budget: int,
     chunked_prefill: bool,
+    resident_ids: Iterable[str] | None = None,
     num_reserve_blocks: int = 0,
     num_host_free_blocks: int = 0,
     num_prefetch: int = 0,
@@ -109,17 +110,32 @@ def plan_step(
     ``residents_low_to_high`` lists every resident candidate, lowest rank
     first: the victims for reclaiming memory, which must rank below the
     request that needs the memory (guaranteed because a resident that the
-    walk already reached is in ``run`` and is skipped as a victim).
-    The keyword arguments after ``chunked_prefill`` are the host-swap rules
-    of the module docstring; their defaults turn them off.
+    walk already reached is taken: run, or left out when it cannot grow).
+    It may be a zero-argument callable: sorting the residents by rank is
+    the costliest part of a plan, and most steps never need it (no memory
+    to reclaim, no reserve to restore). ``resident_ids`` then names the
+    residents for ``StepPlan.pause`` without building the list.
+    The keyword arguments from ``num_reserve_blocks`` on are the host-swap
+    rules of the module docstring; their defaults turn them off.
     """
+    lazy = _LazyResidents(residents_low_to_high)
     run: list[str] = []
     skip: list[str] = []
     preempt: list[str] = []
-    taken: set[str] = set()  # run, preempted or offloaded
+    taken: set[str] = set()  # run, preempted, offloaded or left out
     victim_index = 0
+    # Upper bound on blocks the untaken residents hold; known once the
+    # resident list is built. Lets a request that cannot fit even after
+    # every eviction be skipped in O(1) instead of a scan of the victims.
+    reclaimable: int | None = None
     ranked = iter(ranked)
     after_cut: list[Candidate] = []  # the first candidate the cut left out
+
+    def take(cand: Candidate) -> None:
+        nonlocal reclaimable
+        taken.add(cand.request_id)
+        if reclaimable is not None and cand.resident:
+            reclaimable -= cand.num_held_blocks
 
     for cand in ranked:
         if num_slots <= 0 or token_budget <= 0:
@@ -139,28 +155,43 @@ def plan_step(
         required = max(need, cand.num_admission_blocks) + reserve
 
         if required > num_free_blocks:
+            if reclaimable is None:
+                reclaimable = sum(
+                    v.num_held_blocks for v in lazy.get() if v.request_id not in taken)
+            own = cand.num_held_blocks if cand.resident else 0
+            if num_free_blocks + reclaimable - own < required:
+                # Cannot fit even if every lower-ranked resident went.
+                if not cand.resident:
+                    skip.append(cand.request_id)
+                    if num_free_blocks + reclaimable < 1 + num_reserve_blocks:
+                        # No newcomer can fit any more: the rest of the step
+                        # is residents only, in rank order (all of them rank
+                        # below this point, the walked ones are taken).
+                        num_free_blocks = _fill_with_residents(
+                            lazy.get(), taken, run, num_slots, token_budget, num_free_blocks)
+                        break
+                else:
+                    # A resident that cannot grow is left out (paused);
+                    # vLLM's own pass would preempt it anyway.
+                    take(cand)
+                continue
             # Reclaim from the lowest-ranked residents that are not running
-            # this step, but only if that makes this request fit.
-            reclaimable = 0
+            # this step; the bound above guarantees it succeeds.
             victims: list[Candidate] = []
+            freed = 0
+            residents = lazy.get()
             i = victim_index
-            while num_free_blocks + reclaimable < required and i < len(residents_low_to_high):
-                victim = residents_low_to_high[i]
+            while num_free_blocks + freed < required and i < len(residents):
+                victim = residents[i]
                 i += 1
                 if victim.request_id in taken or victim.request_id == cand.request_id:
                     continue
                 victims.append(victim)
-                reclaimable += victim.num_held_blocks
-            if num_free_blocks + reclaimable < required:
-                if not cand.resident:
-                    skip.append(cand.request_id)
-                # A resident that cannot grow is left out (paused); vLLM's
-                # own pass would preempt it anyway.
-                continue
+                freed += victim.num_held_blocks
             victim_index = i
             for victim in victims:
                 preempt.append(victim.request_id)
-                taken.add(victim.request_id)
+                take(victim)
                 num_free_blocks += victim.num_held_blocks
                 num_host_free_blocks -= victim.num_offload_host_blocks
 
@@ -168,11 +199,11 @@ def plan_step(
         num_slots -= 1
         token_budget -= num_tokens
         run.append(cand.request_id)
-        taken.add(cand.request_id)
+        take(cand)
 
     offload: list[str] = []
     if 0 < num_reserve_blocks and num_free_blocks < num_reserve_blocks:
-        for victim in residents_low_to_high:  # lowest level, last in line first
+        for victim in lazy.get():  # lowest level, last in line first
             if num_free_blocks >= num_reserve_blocks:
                 break
             if victim.request_id in taken or victim.num_held_blocks <= 0:
@@ -197,10 +228,54 @@ def plan_step(
             prefetch.append(cand.request_id)
             num_free_blocks -= cand.num_prefetch_blocks
 
-    pause = tuple(
-        c.request_id for c in reversed(residents_low_to_high) if c.request_id not in taken
-    )
+    run_or_evicted = set(run).union(preempt, offload)
+    if resident_ids is None:
+        resident_ids = [c.request_id for c in reversed(lazy.get())]
+    pause = tuple(r for r in resident_ids if r not in run_or_evicted)
     return StepPlan(
         run=tuple(run), pause=pause, preempt=tuple(preempt), skip=tuple(skip),
         offload=tuple(offload), prefetch=tuple(prefetch),
     )
+
+
+class _LazyResidents:
+    """Builds the rank-sorted resident list on first use only."""
+
+    def __init__(self, source: Sequence[Candidate] | Callable[[], Sequence[Candidate]]) -> None:
+        self._source = source
+        self._value: Sequence[Candidate] | None = None if callable(source) else source
+
+    def get(self) -> Sequence[Candidate]:
+        if self._value is None:
+            assert callable(self._source)
+            self._value = self._source()
+        return self._value
+
+
+def _fill_with_residents(
+    residents_low_to_high: Sequence[Candidate],
+    taken: set[str],
+    run: list[str],
+    num_slots: int,
+    token_budget: int,
+    num_free_blocks: int,
+) -> int:
+    """Fill the remaining slots with untaken residents, best first, that
+    can grow within the free blocks (no eviction: they are the lowest).
+    Returns the free blocks left."""
+    for cand in reversed(residents_low_to_high):
+        if num_slots <= 0 or token_budget <= 0:
+            break
+        if cand.request_id in taken:
+            continue
+        num_tokens = min(cand.num_new_tokens, token_budget)
+        need = cand.num_blocks_for(num_tokens)
+        if need > num_free_blocks:
+            taken.add(cand.request_id)
+            continue
+        num_free_blocks -= need
+        num_slots -= 1
+        token_budget -= num_tokens
+        run.append(cand.request_id)
+        taken.add(cand.request_id)
+    return num_free_blocks
