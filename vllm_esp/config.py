@@ -28,14 +28,56 @@ SWAP_CONFIG_KEY = "swap"
 class ESPConfigError(ValueError):
     """An invalid vllm-esp setting. The message names the setting."""
 
+class _Settings:
+    """Dict/JSON loading shared by the frozen settings dataclasses: unknown
+    keys and malformed JSON are refused with the section's name."""
+
+    #: Human name of the section in error messages, e.g. "MLFQ".
+    _label: str = ""
+    #: Key of the section in ``VllmConfig.additional_config``.
+    _key: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None):
+        """Build from a plain dict, rejecting unknown keys by name."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ESPConfigError(
+                f"unknown {cls._label} setting(s) {unknown}; valid settings: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ESPConfigError(f"{cls._label} settings are not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ESPConfigError(f"{cls._label} settings must be a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None):
+        return cls.from_dict((additional_config or {}).get(cls._key))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 
 @dataclass(frozen=True)
-class MLFQConfig:
+class MLFQConfig(_Settings):
     """Skip-join MLFQ settings (see ``vllm_esp/policy/mlfq.py``).
 
     Service is charged in *standalone seconds* from the calibrated cost
     model (``vllm_esp/costmodel/model.py`` says why), so quanta are seconds.
     """
+
+    _label = 'MLFQ'
+    _key = ADDITIONAL_CONFIG_KEY
 
     #: Number of priority levels K. Level 0 is the highest. The default of
     #: 2 ("first quantum first, then FCFS") is what measured best on
@@ -97,42 +139,13 @@ class MLFQConfig:
         if not isinstance(self.num_reserved_blocks, int) or self.num_reserved_blocks < 0:
             raise bad("num_reserved_blocks", "must be an integer >= 0")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> MLFQConfig:
-        """Build from a plain dict, rejecting unknown keys by name."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ESPConfigError(
-                f"unknown MLFQ setting(s) {unknown}; valid settings: {sorted(known)}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> MLFQConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ESPConfigError(f"MLFQ settings are not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ESPConfigError("MLFQ settings must be a JSON object")
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> MLFQConfig:
-        return cls.from_dict((additional_config or {}).get(ADDITIONAL_CONFIG_KEY))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
-class SwapConfig:
+class SwapConfig(_Settings):
     """Host-memory KV swap settings of the ``mlfq-swap`` scheduler
     (``additional_config["swap"]``; see ``vllm_esp/kv/`` and the "Host KV
     swap" section of CONTRIBUTING.md).
@@ -142,6 +155,9 @@ class SwapConfig:
     allocates the host tensors, so both derive the same slot count from the
     same numbers.
     """
+
+    _label = 'swap'
+    _key = SWAP_CONFIG_KEY
 
     #: Host pool size in GiB (pinned memory on CUDA, plain memory on CPU).
     #: 4 GiB is vLLM's former ``swap_space`` default: enough for ~80k tokens
@@ -193,32 +209,3 @@ class SwapConfig:
     def resolved_reserve(self, max_num_seqs: int) -> int:
         """``free_block_reserve`` with ``None`` resolved."""
         return max_num_seqs if self.free_block_reserve is None else self.free_block_reserve
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SwapConfig:
-        """Build from a plain dict, rejecting unknown keys by name."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ESPConfigError(
-                f"unknown swap setting(s) {unknown}; valid settings: {sorted(known)}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> SwapConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ESPConfigError(f"swap settings are not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ESPConfigError("swap settings must be a JSON object")
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SwapConfig:
-        return cls.from_dict((additional_config or {}).get(SWAP_CONFIG_KEY))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -105,8 +105,7 @@ def test_presets_are_valid_for_vllm_cpu() -> None:
     # Our copy of the supported head sizes must match the installed vLLM's,
     # read from source so the test does not pay for importing vllm.
     spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin is None:
-        pytest.skip("vllm not installed")
+    assert spec is not None and spec.origin is not None, "vllm must be installed"
     src = Path(spec.origin).parent / "v1" / "attention" / "backends" / "cpu_attn.py"
     m = re.search(
         r"def get_supported_head_sizes\(cls\) -> list\[int\]:\s*return \[([\d,\s]+)\]", src.read_text()

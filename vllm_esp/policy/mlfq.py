@@ -19,8 +19,8 @@ Levels and quanta::
   started yet is never promoted before it has waited the full threshold.
 * **Order inside a level**: arrival time, oldest first (ties by arrival
   sequence). A running request is never overtaken by a newer arrival of the
-  same level, which keeps preemption churn low, and a promoted (old)
-  request goes to the front of level 0.
+  same level, which keeps preemption churn low. A promoted request joins
+  the tail of level 0 (keyed by its promotion time), which bounds its wait.
 
 Data structures are chosen for the per-step hot path: each level is a list
 kept sorted by ``(arrival_time, seq)``, so ``iter_ranked`` starts in O(1)
@@ -125,10 +125,14 @@ class MLFQPolicy(RankingPolicy):
         assert index < len(queue) and queue[index] == key, "MLFQ level out of sync"
         del queue[index]
 
-    def _move(self, request_id: str, state: _MLFQState, new_level: int) -> None:
+    def _move(self, request_id: str, state: _MLFQState, new_level: int,
+              new_time: float | None = None) -> None:
         self._remove_key(state.level, state.key)
         state.level = new_level
         state.attained_s = 0.0
+        if new_time is not None:
+            state.key = (new_time, self._seq, request_id)
+            self._seq += 1
         bisect.insort(self._levels[new_level], state.key)
 
     # ------------------------------------------------------------- service
@@ -170,7 +174,12 @@ class MLFQPolicy(RankingPolicy):
                 break
             state = self._states[request_id]
             if state.level != 0:
-                self._move(request_id, state, 0)
+                # Joins the *tail* of level 0 (keyed by the promotion time):
+                # requests promoted or arrived earlier go first, so a
+                # promoted request waits at most one level-0 quantum per
+                # request ahead of it, and re-promoted old requests cannot
+                # overtake it again (a real starvation bound).
+                self._move(request_id, state, 0, new_time=now)
                 self.num_promotions += 1
             # Restart its clock either way, so a starved level-0 request is
             # not rescanned every step (it already has the top priority).

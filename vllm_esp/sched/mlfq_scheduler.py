@@ -39,6 +39,7 @@ same logic over ``AsyncScheduler``) whenever async scheduling is on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -211,6 +212,19 @@ class MLFQScheduler(Scheduler):
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _num_exclusive_blocks(self, request: Request) -> int:
+        """Blocks that evicting ``request`` would actually free: with prefix
+        caching, a block shared with another request (ref_cnt > 1) stays
+        allocated. Only computed for eviction candidates (lazily)."""
+        blocks = self.kv_cache_manager.get_blocks(request.request_id).blocks
+        return sum(1 for b in blocks[0] if b.ref_cnt == 1) if blocks else 0
+
+    def _victim(self, request: Request) -> Candidate:
+        cand = self._candidate(request)
+        if request.status != RequestStatus.RUNNING or not self.cache_config.enable_prefix_caching:
+            return cand
+        return dataclasses.replace(cand, num_held_blocks=self._num_exclusive_blocks(request))
+
     def _candidate(self, request: Request) -> Candidate:
         prefetched = self._is_prefetched(request)
         resident = request.status == RequestStatus.RUNNING or prefetched
@@ -300,7 +314,7 @@ class MLFQScheduler(Scheduler):
             policy = self.rank_policy
             ordered = sorted((r for r in residents if r.request_id in policy),
                              key=lambda r: policy.rank_key(r.request_id), reverse=True)
-            return [self._candidate(r) for r in ordered]
+            return [self._victim(r) for r in ordered]
 
         num_slots = min(self.max_num_running_reqs, self.max_num_active_reqs)
         # vLLM admits kv_holding_waiting first; our prefetches there only
