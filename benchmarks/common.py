@@ -272,3 +272,14 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
+
+
+def resolve_model(model: str) -> str:
+    """A preset name (built on demand) or a model folder."""
+    from vllm_esp.models import PRESETS, build_model
+
+    if model in PRESETS:
+        return str(build_model(model))
+    if not Path(model).is_dir():
+        raise SystemExit(f"--model {model!r} is neither a preset ({sorted(PRESETS)}) nor a folder")
+    return model

@@ -52,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finish_metadata, percentile, ratio, run_metadata, summarize, write_json
+from benchmarks.common import (finish_metadata, percentile, ratio, resolve_model, run_metadata, summarize,
+                               write_json)
 
 # mlfq-swap: the same MLFQ, preempting by host KV swap instead of recompute
 # (vllm_esp/kv; scheduler_args sets up its KV connector).
@@ -132,17 +133,6 @@ class RequestRecord:
 
 
 # ------------------------------------------------------------------ model
-def resolve_model(model: str) -> str:
-    """A preset name (built on demand) or a model folder."""
-    from vllm_esp.models import PRESETS, build_model
-
-    if model in PRESETS:
-        return str(build_model(model))
-    if not Path(model).is_dir():
-        raise SystemExit(f"--model {model!r} is neither a preset ({sorted(PRESETS)}) nor a folder")
-    return model
-
-
 def kv_bytes_per_token(model_dir: str) -> int:
     """K and V bytes per token over all layers, from ``config.json``.
 

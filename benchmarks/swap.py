@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finish_metadata, ratio, run_metadata, write_json
+from benchmarks.common import finish_metadata, ratio, resolve_model, run_metadata, write_json
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
 BLOCK_SIZE = 32
@@ -58,16 +58,6 @@ HOST_POOL_BLOCKS = 512  # 16k tokens: a target of 4,096 tokens fits many times
 KV_CACHE_TOKENS = 16384
 #: Copy micro-benchmark rounds (milliseconds each; interleaved with the reference).
 MICRO_REPEATS = 15
-
-
-def resolve_model(model: str) -> str:
-    from vllm_esp.models import PRESETS, build_model
-
-    if model in PRESETS:
-        return str(build_model(model))
-    if not Path(model).is_dir():
-        raise SystemExit(f"--model {model!r} is neither a preset ({sorted(PRESETS)}) nor a folder")
-    return model
 
 
 def kv_bytes_per_token(model_dir: str) -> int:
