@@ -85,10 +85,12 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
         return engine_args
     if name is None:
         name = "mlfq-swap" if swap_json is not None else "mlfq"
-    # Only the settings given explicitly; the policy comes from the name.
-    settings = MLFQConfig.from_json(settings_json) and json.loads(settings_json) if settings_json else {}
+    # Only the settings given explicitly (the parse-time actions validated
+    # the JSON; scheduler_args validates the merged result); the policy
+    # comes from the scheduler name.
+    settings = json.loads(settings_json) if settings_json else {}
     settings.pop("policy", None)
-    swap = SwapConfig.from_json(swap_json) and json.loads(swap_json) if swap_json else None
+    swap = json.loads(swap_json) if swap_json else None
     extra = scheduler_args(name, additional_config=engine_args.additional_config, swap=swap, **settings)
     if "scheduler_cls" in extra:
         if engine_args.scheduler_cls not in (None, extra["scheduler_cls"]):
