@@ -19,6 +19,8 @@ from vllm_esp.config import (
 )
 
 MLFQ_SCHEDULER_CLS = "vllm_esp.sched.mlfq_scheduler.MLFQScheduler"
+ESP_SCHEDULER_CLS = "vllm_esp.engine.scheduler.ESPScheduler"
+ESP_EXECUTOR_CLS = "vllm_esp.engine.executor.ESPExecutor"
 #: The host-swap connector (``kv_transfer_config``) of ``mlfq-swap``.
 SWAP_CONNECTOR = "ESPSwapConnector"
 SWAP_CONNECTOR_MODULE = "vllm_esp.kv.swap_connector"
@@ -37,6 +39,9 @@ class SchedulerSpec:
     #: Preempt by host-memory KV swap (the ``ESPSwapConnector``) instead of
     #: recompute; takes :class:`~vllm_esp.config.SwapConfig` settings.
     host_swap: bool = False
+    #: Elastic sequence parallelism over N instances; takes
+    #: :class:`~vllm_esp.engine.config.ESPConfig` settings.
+    esp: bool = False
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
@@ -47,6 +52,9 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         SchedulerSpec("mlfq-swap", "mlfq that preempts by swapping KV to host memory, with "
                       "proactive offload and prefetch (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq",
                       host_swap=True),
+        SchedulerSpec("esp", "elastic sequence parallelism over --esp-instances model "
+                      "replicas (LoongServe), requests ordered by mlfq", ESP_SCHEDULER_CLS,
+                      "mlfq", esp=True),
         SchedulerSpec("srpt", "shortest-remaining-time ORACLE (needs true output "
                       "lengths via max_tokens + ignore_eos; benchmarks only)", MLFQ_SCHEDULER_CLS, "srpt"),
     )
@@ -84,6 +92,7 @@ def scheduler_args(
     name: str = "mlfq",
     additional_config: dict[str, Any] | None = None,
     swap: dict[str, Any] | None = None,
+    esp: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Engine keyword arguments that select scheduler ``name``.
@@ -94,12 +103,19 @@ def scheduler_args(
 
     ``settings`` are :class:`~vllm_esp.config.MLFQConfig` fields and
     ``swap`` holds :class:`~vllm_esp.config.SwapConfig` fields (``mlfq-swap``
-    only); both are validated here, so a typo fails before the engine starts.
+    only) and ``esp`` :class:`~vllm_esp.engine.config.ESPConfig` fields
+    (``esp`` only, e.g. ``{"num_instances": 2}``); all are validated here, so
+    a typo fails before the engine starts.
+
+    >>> llm = LLM(model=path, enforce_eager=True,
+    ...           **scheduler_args("esp", esp={"num_instances": 2}))
     """
     spec = get_scheduler_spec(name)
     merged = dict(additional_config or {})
     if swap is not None and not spec.host_swap:
         raise ESPConfigError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap')")
+    if esp is not None and not spec.esp:
+        raise ESPConfigError(f"scheduler {name!r} takes no ESP settings (use 'esp')")
     if spec.scheduler_cls is None:
         if settings:
             raise ESPConfigError(f"scheduler {name!r} takes no MLFQ settings, got {sorted(settings)}")
@@ -116,4 +132,18 @@ def scheduler_args(
         SwapConfig.from_dict(swap_settings)  # validate now
         merged[SWAP_CONFIG_KEY] = swap_settings
         out["kv_transfer_config"] = swap_kv_transfer_config()
+    if spec.esp:
+        from vllm_esp.engine.config import ESP_CONFIG_KEY, ESPConfig
+
+        esp_settings = dict(merged.get(ESP_CONFIG_KEY) or {})
+        esp_settings.update(esp or {})
+        esp_config = ESPConfig.from_dict(esp_settings)  # validate now
+        merged[ESP_CONFIG_KEY] = esp_config.to_dict()
+        if esp_config.num_instances == 1:
+            # One instance is the stock engine: same executor, plain MLFQ.
+            out["scheduler_cls"] = MLFQ_SCHEDULER_CLS
+        else:
+            out["distributed_executor_backend"] = ESP_EXECUTOR_CLS
+            # Instances also need enforce_eager=True (the ESP step is not a
+            # captured graph); the executor refuses to start without it.
     return out

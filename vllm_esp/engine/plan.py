@@ -1,0 +1,266 @@
+"""The per-step ESP plan (plain data, torch-free) and each instance's share of it.
+
+The engine has ONE global block space of ``N * blocks_per_instance`` blocks;
+global block ``g`` lives on instance ``g // blocks_per_instance`` at local
+block ``g % blocks_per_instance``. vLLM's own ``KVCacheManager`` hands out
+global ids, so a request's block table says, block by block, which instance
+stores which of its tokens::
+
+    blocks_per_instance = 4, block_size = 2
+    block table [5, 6, 1, 9]  ->  instance [1, 1, 0, 2]
+    positions    0 1 | 2 3 | 4 5 | 6 7
+    stored on    1 1 | 1 1 | 0 0 | 2 2      (KV spans instances 0, 1, 2)
+
+Per step the scheduler emits an :class:`ESPStepPlan`: for every scheduled
+request the new tokens, their block table and which instances *compute*
+them (token ``k`` of the step on ``compute[k % len(compute)]``: a token
+stripe, so the causal work is balanced). A token computed on one instance
+and stored on another is shipped there (scale-down during prefill: compute
+on many, keep KV on few). Attention then runs where the KV is: a query goes
+to every instance holding KV of its request, each returns a partial
+``(out, lse)`` over its local blocks, and the query's instance merges them.
+:func:`local_batch` turns the plan into exactly what one instance does, and
+two instances derive matching send/receive counts from the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BlockMove",
+    "ESPStepPlan",
+    "LocalBatch",
+    "PeerQueries",
+    "RequestStep",
+    "SamplingSpec",
+    "blocks_per_instance",
+    "instance_of",
+    "local_batch",
+    "local_block",
+]
+
+
+def blocks_per_instance(num_blocks: int, num_instances: int) -> int:
+    """Blocks each instance allocates so ``num_blocks`` global ids fit (ceil)."""
+    if num_instances < 1 or num_blocks < 0:
+        raise ValueError(f"bad geometry: {num_blocks} blocks on {num_instances} instances")
+    return -(-num_blocks // num_instances)
+
+
+def instance_of(block_id: int, num_local_blocks: int) -> int:
+    """Instance holding global block ``block_id``."""
+    return block_id // num_local_blocks
+
+
+def local_block(block_id: int, num_local_blocks: int) -> int:
+    """Index of global block ``block_id`` in its instance's pool."""
+    return block_id % num_local_blocks
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the sampling instance needs (greedy when ``temperature == 0``)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    #: Per-request seed; the generator is re-seeded with ``seed + step`` so
+    #: the draw does not depend on which instance samples.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestStep:
+    """One scheduled request in one step."""
+
+    req_id: str
+    #: Position of the first token computed this step.
+    start: int
+    #: Token ids at positions ``start .. start + len(token_ids) - 1``.
+    token_ids: tuple[int, ...]
+    #: Global block table covering at least ``[0, end)``.
+    block_ids: tuple[int, ...]
+    #: Instances computing this step's tokens, token ``k`` on
+    #: ``compute[k % len(compute)]``.
+    compute: tuple[int, ...]
+    #: Set iff the step's last token yields a sampled token.
+    sample: SamplingSpec | None = None
+    #: Output tokens so far (offsets the seeded generator).
+    num_output_tokens: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+    def compute_instance(self, k: int) -> int:
+        return self.compute[k % len(self.compute)]
+
+
+@dataclass(frozen=True)
+class BlockMove:
+    """Copy global block ``src`` into global block ``dst`` (all layers) before the step."""
+
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class ESPStepPlan:
+    """Everything the N instances do in one engine step."""
+
+    step: int
+    num_instances: int
+    blocks_per_instance: int
+    block_size: int
+    requests: tuple[RequestStep, ...]
+    #: Migrations carried out before the forward (consolidation).
+    moves: tuple[BlockMove, ...] = ()
+    #: Requests finished or aborted since the last step (sampler state drop).
+    finished_req_ids: tuple[str, ...] = ()
+
+    def storage_instance(self, req: RequestStep, position: int) -> int:
+        return instance_of(req.block_ids[position // self.block_size], self.blocks_per_instance)
+
+    def holders(self, req: RequestStep) -> tuple[int, ...]:
+        """Instances storing any KV of ``req`` in ``[0, end)``, ascending."""
+        num_blocks = -(-req.end // self.block_size)
+        return tuple(sorted({instance_of(b, self.blocks_per_instance)
+                             for b in req.block_ids[:num_blocks]}))
+
+    def instances_per_request(self) -> dict[str, int]:
+        """Size of each request's group this step (KV holders plus compute)."""
+        return {r.req_id: len(set(self.holders(r)) | set(r.compute)) for r in self.requests}
+
+
+@dataclass
+class PeerQueries:
+    """Queries one instance receives from a peer, grouped per request.
+
+    The rows arrive in the sender's row order, which is request-major, so
+    ``cu_seqlens`` splits them into requests with local KV on the receiver.
+    """
+
+    num_rows: int = 0
+    positions: list[int] = field(default_factory=list)
+    cu_seqlens: list[int] = field(default_factory=lambda: [0])
+    block_tables: list[list[int]] = field(default_factory=list)
+    kv_lens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LocalBatch:
+    """One instance's share of an :class:`ESPStepPlan` (all lists; torch-free)."""
+
+    instance: int
+    #: Rows computed here, request-major: token ids and positions.
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    #: Rows whose KV stays here, and their local slots.
+    store_rows: list[int] = field(default_factory=list)
+    store_slots: list[int] = field(default_factory=list)
+    #: peer -> rows shipped there (KV computed here, stored there).
+    ship_out: dict[int, list[int]] = field(default_factory=dict)
+    #: peer -> (local slots, positions) of KV computed there, stored here.
+    ship_in: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    #: Own rows attending to local KV, grouped per request.
+    own: PeerQueries = field(default_factory=PeerQueries)
+    own_rows: list[int] = field(default_factory=list)
+    #: peer -> own rows whose request has KV there (queries sent out).
+    query_out: dict[int, list[int]] = field(default_factory=dict)
+    #: peer -> queries received, to attend against local KV.
+    query_in: dict[int, PeerQueries] = field(default_factory=dict)
+    #: (req_id, row, spec, num_output_tokens) of the rows that sample here.
+    sample_rows: list[tuple[str, int, SamplingSpec, int]] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.input_ids)
+
+
+def _local_kv(plan: ESPStepPlan, req: RequestStep, instance: int) -> tuple[list[int], int]:
+    """Local block table and KV length of ``req`` on ``instance`` over ``[0, end)``."""
+    bs, nb = plan.block_size, plan.blocks_per_instance
+    num_blocks = -(-req.end // bs)
+    table: list[int] = []
+    kv_len = 0
+    for idx, block in enumerate(req.block_ids[:num_blocks]):
+        if instance_of(block, nb) != instance:
+            continue
+        table.append(local_block(block, nb))
+        # Only the request's last block can be partial, and it is the last
+        # local block when local: local tables keep the global order.
+        kv_len += min(bs, req.end - idx * bs)
+    return table, kv_len
+
+
+def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
+    """What ``instance`` computes, stores, ships and attends in this step.
+
+    Every instance runs this on the same plan, so the rows ``i`` ships or
+    sends to ``j`` are, in order, the rows ``j`` expects from ``i``.
+    """
+    if not 0 <= instance < plan.num_instances:
+        raise ValueError(f"instance {instance} outside 0..{plan.num_instances - 1}")
+    bs, nb = plan.block_size, plan.blocks_per_instance
+    out = LocalBatch(instance=instance)
+    for req in plan.requests:
+        if len(req.block_ids) * bs < req.end:
+            raise ValueError(f"request {req.req_id}: {len(req.block_ids)} blocks cannot hold "
+                             f"{req.end} tokens")
+        holders = plan.holders(req)
+        table_here, kv_len_here = ((_local_kv(plan, req, instance))
+                                   if instance in holders else ([], 0))
+        # Per computing instance: its rows of this request (in step order).
+        rows_of: dict[int, list[int]] = {}
+        for k, token in enumerate(req.token_ids):
+            pos = req.start + k
+            comp = req.compute_instance(k)
+            store = instance_of(req.block_ids[pos // bs], nb)
+            slot = local_block(req.block_ids[pos // bs], nb) * bs + pos % bs
+            if comp == instance:
+                row = len(out.input_ids)
+                out.input_ids.append(token)
+                out.positions.append(pos)
+                rows_of.setdefault(comp, []).append(row)
+                if store == instance:
+                    out.store_rows.append(row)
+                    out.store_slots.append(slot)
+                else:
+                    out.ship_out.setdefault(store, []).append(row)
+            else:
+                rows_of.setdefault(comp, []).append(-1)  # a peer's row
+                if store == instance:
+                    slots, positions = out.ship_in.setdefault(comp, ([], []))
+                    slots.append(slot)
+                    positions.append(pos)
+        for comp, rows in rows_of.items():
+            if comp == instance:
+                if instance in holders:
+                    out.own_rows.extend(rows)
+                    _append_group(out.own, [out.positions[r] for r in rows], table_here,
+                                  kv_len_here)
+                for peer in holders:
+                    if peer != instance:
+                        out.query_out.setdefault(peer, []).extend(rows)
+            elif instance in holders:
+                positions = [req.start + k for k in range(len(req.token_ids))
+                             if req.compute_instance(k) == comp]
+                _append_group(out.query_in.setdefault(comp, PeerQueries()), positions,
+                              table_here, kv_len_here)
+        if req.sample is not None:
+            last = len(req.token_ids) - 1
+            if req.compute_instance(last) == instance:
+                out.sample_rows.append((req.req_id, rows_of[instance][-1], req.sample,
+                                        req.num_output_tokens))
+    return out
+
+
+def _append_group(group: PeerQueries, positions: list[int], table: list[int],
+                  kv_len: int) -> None:
+    group.num_rows += len(positions)
+    group.positions.extend(positions)
+    group.cu_seqlens.append(group.num_rows)
+    group.block_tables.append(list(table))
+    group.kv_lens.append(kv_len)
