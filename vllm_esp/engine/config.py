@@ -16,6 +16,7 @@ from vllm_esp.config import ESPConfigError, _Settings
 
 ESP_CONFIG_KEY = "esp"
 BACKENDS = ("mp", "ray")
+PREFILL_STORAGE = ("fewest", "stripe")
 
 
 def _is_int(value: Any) -> bool:
@@ -46,7 +47,14 @@ class ESPConfig(_Settings):
     prefill_target_ms: float = 250.0
     #: Cap on a prefill chunk's DoP (None = num_instances).
     max_prefill_instances: int | None = None
-    #: An instance mastering more decodes than this sends new blocks elsewhere.
+    #: Where a prefill's KV is kept: ``"fewest"`` = the fewest instances that
+    #: hold the prompt (scale-down: KV computed elsewhere is shipped there
+    #: during the forward); ``"stripe"`` = blocks dealt round-robin over the
+    #: computing instances (no shipping, KV spread for the decode phase).
+    prefill_storage: str = "fewest"
+    #: An instance mastering more decodes than this sends new blocks elsewhere
+    #: (scale-up without moving KV); 0 = every new decode block goes to the
+    #: least loaded instance.
     decode_scale_up_batch: int = 64
     #: Blocks a decoding request may migrate per step to consolidate (0 = off).
     migrate_blocks_per_step: int = 4
@@ -75,8 +83,10 @@ class ESPConfig(_Settings):
         if self.max_prefill_instances is not None and not (
                 _is_int(self.max_prefill_instances) and self.max_prefill_instances >= 1):
             raise bad("max_prefill_instances", "must be an integer >= 1 or null")
-        if not (_is_int(self.decode_scale_up_batch) and self.decode_scale_up_batch >= 1):
-            raise bad("decode_scale_up_batch", "must be an integer >= 1")
+        if self.prefill_storage not in PREFILL_STORAGE:
+            raise bad("prefill_storage", f"choose from {list(PREFILL_STORAGE)}")
+        if not (_is_int(self.decode_scale_up_batch) and self.decode_scale_up_batch >= 0):
+            raise bad("decode_scale_up_batch", "must be an integer >= 0")
         if not (_is_int(self.migrate_blocks_per_step) and self.migrate_blocks_per_step >= 0):
             raise bad("migrate_blocks_per_step", "must be an integer >= 0 (0 disables)")
         if self.cpu_binds is not None:

@@ -85,7 +85,8 @@ class ESPScheduler(MLFQScheduler):
                    prefill_target_s=cfg.prefill_target_ms / 1000.0,
                    max_prefill_instances=cfg.max_prefill_instances,
                    decode_scale_up_batch=cfg.decode_scale_up_batch,
-                   migrate_blocks_per_step=cfg.migrate_blocks_per_step)
+                   migrate_blocks_per_step=cfg.migrate_blocks_per_step,
+                   prefill_storage=cfg.prefill_storage)
 
     # ------------------------------------------------------------------ views
     def _instance(self, block_id: int) -> int:
