@@ -1,5 +1,5 @@
-"""``--scheduler``, ``--mlfq-config`` and ``--swap-config`` on vLLM's own
-argument parser.
+"""``--scheduler``, ``--mlfq-config``, ``--swap-config``, ``--esp-instances``
+and ``--esp-config`` on vLLM's own argument parser.
 
 vLLM calls the general plugins *before* it builds the engine flags
 (``AsyncEngineArgs.add_cli_args``), so ``register()`` can wrap
@@ -35,6 +35,27 @@ class _MLFQConfigAction(argparse.Action):
         except ESPConfigError as e:
             parser.error(f"{option_string}: {e}")
         setattr(namespace, self.dest, values)
+
+
+class _ESPConfigAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from vllm_esp.engine.config import ESPConfig
+
+        try:
+            ESPConfig.from_json(values)
+        except ESPConfigError as e:
+            parser.error(f"{option_string}: {e}")
+        setattr(namespace, self.dest, values)
+
+
+def _instances(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be in [1, 256], got {value}")
+    return value
 
 
 class _SwapConfigAction(argparse.Action):
@@ -73,6 +94,22 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help='Host KV swap settings of --scheduler mlfq-swap as JSON, e.g. '
         '\'{"host_pool_gib": 8, "prefetch_depth": 2}\' (fields of vllm_esp.config.SwapConfig).',
     )
+    group.add_argument(
+        "--esp-instances",
+        dest="esp_instances",
+        type=_instances,
+        default=None,
+        help="--scheduler esp: number of instances (model replicas, each with its own KV "
+        "cache) behind this endpoint. 1 = the stock single-instance engine.",
+    )
+    group.add_argument(
+        "--esp-config",
+        dest="esp_esp_config",
+        action=_ESPConfigAction,
+        default=None,
+        help='ESP settings as JSON, e.g. \'{"backend": "ray", "prefill_target_ms": 200}\' '
+        "(fields of vllm_esp.engine.config.ESPConfig).",
+    )
     return parser
 
 
@@ -81,17 +118,31 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
     name = getattr(args, "esp_scheduler", None)
     settings_json = getattr(args, "esp_mlfq_config", None)
     swap_json = getattr(args, "esp_swap_config", None)
-    if name is None and settings_json is None and swap_json is None:
+    instances = getattr(args, "esp_instances", None)
+    esp_json = getattr(args, "esp_esp_config", None)
+    if name is None and settings_json is None and swap_json is None and instances is None \
+            and esp_json is None:
         return engine_args
     if name is None:
-        name = "mlfq-swap" if swap_json is not None else "mlfq"
+        if instances is not None or esp_json is not None:
+            name = "esp"
+        else:
+            name = "mlfq-swap" if swap_json is not None else "mlfq"
+    esp = None
+    if instances is not None or esp_json is not None:
+        if name != "esp":
+            raise ESPConfigError(f"--esp-instances/--esp-config need --scheduler esp, not {name}")
+        esp = json.loads(esp_json) if esp_json else {}
+        if instances is not None:
+            esp["num_instances"] = instances
     # Only the settings given explicitly (the parse-time actions validated
     # the JSON; scheduler_args validates the merged result); the policy
     # comes from the scheduler name.
     settings = json.loads(settings_json) if settings_json else {}
     settings.pop("policy", None)
     swap = json.loads(swap_json) if swap_json else None
-    extra = scheduler_args(name, additional_config=engine_args.additional_config, swap=swap, **settings)
+    extra = scheduler_args(name, additional_config=engine_args.additional_config, swap=swap,
+                           esp=esp, **settings)
     if "scheduler_cls" in extra:
         if engine_args.scheduler_cls not in (None, extra["scheduler_cls"]):
             raise ESPConfigError(
@@ -101,6 +152,14 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
         engine_args.scheduler_cls = extra["scheduler_cls"]
     if "additional_config" in extra:
         engine_args.additional_config = extra["additional_config"]
+    if "distributed_executor_backend" in extra:
+        given_backend = engine_args.distributed_executor_backend
+        if given_backend not in (None, extra["distributed_executor_backend"]):
+            raise ESPConfigError(
+                f"--scheduler esp with several instances runs its own executor; "
+                f"--distributed-executor-backend {given_backend} conflicts with it")
+        engine_args.distributed_executor_backend = extra["distributed_executor_backend"]
+        engine_args.enforce_eager = True  # the ESP step runs the model eagerly
     if "kv_transfer_config" in extra:
         ours = extra["kv_transfer_config"]
         given = engine_args.kv_transfer_config

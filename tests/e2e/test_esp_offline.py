@@ -1,0 +1,238 @@
+"""``--scheduler esp`` on the real engine: N = 2 instances (processes, gloo).
+
+Two engines: stock vLLM (one instance with a cache large enough for every
+prompt) and ESP with two instances whose caches are each too small for the
+long prompt. The ESP engine is forced through every elastic move at once:
+
+* prefill DoP 2 for every chunk (``prefill_target_ms`` tiny) with KV kept on
+  the fewest instances (``prefill_storage="fewest"``: scale-down by shipping
+  KV during the forward),
+* a scale-up at every decode block boundary (``decode_scale_up_batch=0``),
+* consolidation by migration (``migrate_blocks_per_step=2``),
+
+and must still produce stock vLLM's greedy tokens. EngineCore runs in this
+process so the tests can read the scheduler, its per-instance block pools
+and the executor's counters.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from engine_utils import ENGINE_KWARGS, random_prompts, test_model_path
+from test_swap_offline import engine_core_in_process
+
+import vllm_esp
+
+pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
+
+BLOCK_SIZE = 32
+#: K+V x 2 layers x 2 KV heads x head_dim 32 x fp32 (the ``small`` preset).
+KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 4
+#: Per-instance cache: 50 blocks (1,600 tokens), too small for LONG_PROMPT.
+INSTANCE_KV_TOKENS = 1600
+MAX_MODEL_LEN = 2048
+LONG_PROMPT_TOKENS = 1700
+MAX_TOKENS = 40
+
+PROMPTS = random_prompts(10, seed=5) + [
+    np.random.default_rng(7).integers(5, 2000, size=LONG_PROMPT_TOKENS).tolist()]
+LONG_INDEX = len(PROMPTS) - 1
+FORCED = {
+    "num_instances": 2,
+    "prefill_target_ms": 0.001,
+    "prefill_storage": "fewest",
+    "decode_scale_up_batch": 0,
+    "migrate_blocks_per_step": 2,
+}
+
+
+def _engine_kwargs(kv_tokens: int) -> dict:
+    kwargs = dict(ENGINE_KWARGS, max_model_len=MAX_MODEL_LEN)
+    return dict(kwargs, max_num_seqs=4, max_num_batched_tokens=512, block_size=BLOCK_SIZE,
+                kv_cache_memory_bytes=KV_BYTES_PER_TOKEN * kv_tokens)
+
+
+def _params():
+    from vllm import SamplingParams
+
+    return [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+            for _ in PROMPTS]
+
+
+class PlanRecorder:
+    """Wraps ``scheduler.schedule``: the instances holding each request's KV."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.inner = scheduler.schedule
+        #: prompt length -> instances that held KV of that request
+        self.holders: dict[int, set[int]] = {}
+        self.num_moves = 0
+        self.max_compute = 0
+        scheduler.schedule = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        plan = out.esp_plan
+        self.num_moves += len(plan.moves)
+        for req in plan.requests:
+            length = self.scheduler.requests[req.req_id].num_prompt_tokens
+            self.holders.setdefault(length, set()).update(plan.holders(req))
+            self.max_compute = max(self.max_compute, len(req.compute))
+        return out
+
+
+def free_blocks_report(scheduler) -> dict:
+    free = scheduler.free_queues.free_per_instance()
+    return {"free": free, "total": scheduler.blocks_per_instance,
+            "requests": len(scheduler.requests)}
+
+
+def run_stock() -> list[list[int]]:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=test_model_path(), **_engine_kwargs(4 * INSTANCE_KV_TOKENS))
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(),
+                            use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def run_esp() -> dict:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=test_model_path(), **_engine_kwargs(INSTANCE_KV_TOKENS),
+              **vllm_esp.scheduler_args("esp", esp=FORCED))
+    try:
+        core = llm.llm_engine.engine_core.engine_core
+        scheduler, executor = core.scheduler, core.model_executor
+        recorder = PlanRecorder(scheduler)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(),
+                            use_tqdm=False)
+        result = {
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "holders": {i: recorder.holders.get(len(p), set()) for i, p in enumerate(PROMPTS)},
+            "counters": dict(scheduler.esp_counters),
+            "moves": recorder.num_moves,
+            "max_compute": recorder.max_compute,
+            "instances": executor.esp_counters(),
+            "blocks_per_instance": scheduler.blocks_per_instance,
+            "after_run": free_blocks_report(scheduler),
+        }
+        result["refusal"] = refuse_oversized(llm)
+        result["aborts"] = abort_mid_flight(llm, scheduler)
+        return result
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def refuse_oversized(llm) -> dict:
+    """A prompt longer than the N caches hold is refused; the engine serves on."""
+    from vllm.inputs import TokensPrompt
+
+    too_long = [7] * (MAX_MODEL_LEN + 100)
+    error = None
+    try:
+        llm.generate([TokensPrompt(prompt_token_ids=too_long)], _params()[:1], use_tqdm=False)
+    except Exception as e:  # vLLM's own input validation (VLLMValidationError)
+        error = f"{type(e).__name__}: {e}"
+    after = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], _params()[:1],
+                         use_tqdm=False)
+    return {"error": error, "tokens_after": list(after[0].outputs[0].token_ids)}
+
+
+def abort_mid_flight(llm, scheduler) -> dict:
+    """Abort the long prompt mid-prefill (spanning both instances) and two
+    short ones mid-decode; every block must come back on every instance."""
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    params = _params()
+    for i in (LONG_INDEX, 0, 1, 2):
+        engine.add_request(f"abort-{i}", TokensPrompt(prompt_token_ids=PROMPTS[i]), params[i])
+    aborted: list[str] = []
+    for step in range(2000):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+        for rid, request in list(scheduler.requests.items()):
+            if rid in aborted or request.is_finished():
+                continue
+            spans = len({b // scheduler.blocks_per_instance
+                         for b in scheduler.kv_cache_manager.get_block_ids(rid)[0]}) > 1
+            prefill = request.num_computed_tokens < request.num_prompt_tokens
+            decoding = request.num_output_tokens >= 3
+            if (prefill and spans) or (decoding and len(aborted) < 3):
+                engine.abort_request([rid], internal=True)
+                aborted.append(rid)
+    else:
+        raise AssertionError("abort replay did not drain")
+    return {"num_aborted": len(aborted), "after": free_blocks_report(scheduler)}
+
+
+@pytest.fixture(scope="module")
+def esp_runs() -> dict:
+    stock = run_stock()
+    with engine_core_in_process():
+        esp = run_esp()
+    return {"stock": stock, "esp": esp}
+
+
+def _no_leak(report: dict) -> None:
+    # Instance 0 keeps vLLM's null block; everything else is free again.
+    assert report["requests"] == 0
+    assert report["free"] == [report["total"] - 1] + [report["total"]] * (len(report["free"]) - 1)
+
+
+def test_greedy_outputs_identical_to_stock(esp_runs):
+    assert esp_runs["esp"]["tokens"] == esp_runs["stock"]
+
+
+def test_outputs_not_degenerate(esp_runs):
+    assert len({tuple(t[:4]) for t in esp_runs["stock"]}) > 8
+
+
+def test_long_prompt_spans_instances(esp_runs):
+    esp = esp_runs["esp"]
+    # 1,700 tokens need 54 blocks; one instance has 50.
+    assert esp["blocks_per_instance"] * BLOCK_SIZE < LONG_PROMPT_TOKENS
+    assert esp["holders"][LONG_INDEX] == {0, 1}
+
+
+def test_every_elastic_move_happened(esp_runs):
+    esp = esp_runs["esp"]
+    counters = esp["counters"]
+    assert esp["max_compute"] == 2 and counters["prefill_multi"] > 0  # DoP 2
+    assert counters["scale_up"] > 0
+    assert counters["migrated_blocks"] > 0 and esp["moves"] == counters["migrated_blocks"]
+    for instance in esp["instances"]:  # both instances computed and exchanged
+        assert instance["tokens_computed"] > 0
+        assert instance["bytes_sent"] > 0 and instance["bytes_received"] > 0
+    assert sum(i["blocks_moved_in"] for i in esp["instances"]) == counters["migrated_blocks"]
+
+
+def test_no_block_leaked_after_run(esp_runs):
+    _no_leak(esp_runs["esp"]["after_run"])
+
+
+def test_oversized_prompt_refused_and_engine_serves_on(esp_runs):
+    refusal = esp_runs["esp"]["refusal"]
+    assert refusal["error"] is not None and "maximum context length" in refusal["error"]
+    assert refusal["tokens_after"] == esp_runs["stock"][0]
+
+
+def test_aborts_leak_no_block_on_any_instance(esp_runs):
+    aborts = esp_runs["esp"]["aborts"]
+    assert aborts["num_aborted"] >= 2
+    _no_leak(aborts["after"])
