@@ -26,6 +26,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
 from vllm_esp.engine.config import ESPConfig
+from vllm_esp.metrics.prometheus import STATS_PREFIX
 from vllm_esp.engine.free_queues import InstanceFreeQueues
 from vllm_esp.engine.plan import (
     BlockMove,
@@ -74,6 +75,9 @@ class ESPScheduler(MLFQScheduler):
         # Counters exported as metrics.
         self.esp_counters = {"scale_up": 0, "prefill_multi": 0, "migrated_blocks": 0,
                              "instances_sum": 0, "requests_sum": 0}
+        group = self.kv_cache_config.kv_cache_groups[0]
+        #: Bytes of one block over all layers of one instance (migration cost).
+        self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         logger.info("vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), "
                     "placement=%s", self.num_instances, self.blocks_per_instance,
                     self.block_size, self.esp_config.placement)
@@ -227,12 +231,17 @@ class ESPScheduler(MLFQScheduler):
 
     # ------------------------------------------------------------------ metrics
     def esp_stats(self) -> dict[str, int]:
+        """MLFQ stats plus the ESP series (see ``vllm_esp.metrics.prometheus``)."""
         stats = super().esp_stats()
-        free = self.free_queues.free_per_instance()
-        for inst, num_free in enumerate(free):
-            stats[f"instance_{inst}_free_blocks"] = num_free
-        for key, value in self.esp_counters.items():
-            stats[f"esp_{key}"] = value
+        for inst, num_free in enumerate(self.free_queues.free_per_instance()):
+            stats[f"{STATS_PREFIX}esp_instance_free_blocks_{inst}"] = num_free
+        c = self.esp_counters
+        stats[f"{STATS_PREFIX}esp_scale_ups_total"] = c["scale_up"]
+        stats[f"{STATS_PREFIX}esp_multi_instance_prefills_total"] = c["prefill_multi"]
+        stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] = c["migrated_blocks"]
+        stats[f"{STATS_PREFIX}esp_migrated_bytes_total"] = c["migrated_blocks"] * self.block_bytes
+        stats[f"{STATS_PREFIX}esp_request_instances_total"] = c["instances_sum"]
+        stats[f"{STATS_PREFIX}esp_request_steps_total"] = c["requests_sum"]
         return stats
 
 

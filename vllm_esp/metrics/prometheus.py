@@ -31,6 +31,16 @@ and, with host KV swap (``mlfq-swap``, ``vllm_esp/kv/``):
     vllm_esp:swap_host_pool_blocks                gauge, host pool size
     vllm_esp:swap_swapped_requests                gauge, requests with a copy
 
+and, with elastic sequence parallelism (``--scheduler esp``, ``vllm_esp/engine/``):
+
+    vllm_esp:esp_instance_free_blocks{instance="i"}  gauge, free KV blocks per instance
+    vllm_esp:esp_scale_ups_total                  counter, decode groups grown
+                                                  onto another instance (no KV moved)
+    vllm_esp:esp_multi_instance_prefills_total    counter, prefill chunks on > 1 instance
+    vllm_esp:esp_migrated_{blocks,bytes}_total    counter, KV moved to consolidate
+    vllm_esp:esp_request_{instances,steps}_total  counters; their rate ratio is the
+                                                  mean instances per request-step
+
 Swap numbers take the same side channel rather than vLLM's KV-connector
 stats path: the scheduler already holds the cumulative counts (blocks,
 fallbacks, offloads are scheduler decisions; copy times arrive as worker
@@ -49,6 +59,7 @@ from typing import Any
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 STATS_PREFIX = "vllm_esp:"
+_INSTANCE_FREE = "esp_instance_free_blocks_"
 _COUNTERS = ("demotions_total", "promotions_total", "rank_preemptions_total")
 #: stats key -> (series name without "_total", help, scale to the unit).
 _PLAIN_COUNTERS: dict[str, tuple[str, str, float]] = {
@@ -64,6 +75,15 @@ _PLAIN_COUNTERS: dict[str, tuple[str, str, float]] = {
     "swap_prefetches_total": ("swap_prefetches", "Swapped requests loaded back ahead of their turn.", 1.0),
     "swap_unprefetches_total": ("swap_unprefetches", "Prefetched requests whose device blocks were given back.", 1.0),
     "swap_dropped_total": ("swap_dropped", "Host KV copies released unused.", 1.0),
+    "esp_scale_ups_total": ("esp_scale_ups", "Decode groups grown onto another instance.", 1.0),
+    "esp_multi_instance_prefills_total": ("esp_multi_instance_prefills",
+                                          "Prefill chunks computed on several instances.", 1.0),
+    "esp_migrated_blocks_total": ("esp_migrated_blocks", "KV blocks migrated between instances.", 1.0),
+    "esp_migrated_bytes_total": ("esp_migrated_bytes", "KV bytes migrated between instances.", 1.0),
+    "esp_request_instances_total": ("esp_request_instances",
+                                    "Sum over steps and scheduled requests of the request's "
+                                    "instance count.", 1.0),
+    "esp_request_steps_total": ("esp_request_steps", "Scheduled request-steps under ESP.", 1.0),
 }
 _PLAIN_GAUGES: dict[str, tuple[str, str]] = {
     "swap_host_blocks_used": ("swap_host_blocks_used", "Host KV pool blocks holding a copy."),
@@ -103,6 +123,9 @@ class ESPPrometheusStatLogger(StatLoggerBase):
                 self._counters[key] = _get_or_create(prom.Counter, f"vllm_esp:{name}", doc, labels)
             for key, (name, doc) in _PLAIN_GAUGES.items():
                 self._gauges[key] = _get_or_create(prom.Gauge, f"vllm_esp:{name}", doc, labels)
+            self._instance_gauge = _get_or_create(
+                prom.Gauge, "vllm_esp:esp_instance_free_blocks", "Free KV blocks per ESP instance.",
+                labels + ["instance"])
         return self._queue_gauge
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
@@ -120,6 +143,8 @@ class ESPPrometheusStatLogger(StatLoggerBase):
         for key, value in entries.items():
             if key.startswith("queue_level_"):
                 queue_gauge.labels(*labels, key.removeprefix("queue_level_")).set(value)
+            elif key.startswith(_INSTANCE_FREE):
+                self._instance_gauge.labels(*labels, key.removeprefix(_INSTANCE_FREE)).set(value)
             elif key in self._gauges:
                 self._gauges[key].labels(*labels).set(value)
             elif key in self._counters:
