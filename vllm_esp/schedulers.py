@@ -112,8 +112,9 @@ def scheduler_args(
     """
     spec = get_scheduler_spec(name)
     merged = dict(additional_config or {})
-    if swap is not None and not spec.host_swap:
-        raise ESPConfigError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap')")
+    if swap is not None and not (spec.host_swap or spec.esp):
+        raise ESPConfigError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap' "
+                             "or 'esp')")
     if esp is not None and not spec.esp:
         raise ESPConfigError(f"scheduler {name!r} takes no ESP settings (use 'esp')")
     if spec.scheduler_cls is None:
@@ -126,7 +127,7 @@ def scheduler_args(
     MLFQConfig.from_dict(mlfq)  # validate now
     merged[ADDITIONAL_CONFIG_KEY] = mlfq
     out: dict[str, Any] = {"scheduler_cls": spec.scheduler_cls, "additional_config": merged}
-    if spec.host_swap:
+    if spec.host_swap or (spec.esp and swap is not None):
         swap_settings = dict(merged.get(SWAP_CONFIG_KEY) or {})
         swap_settings.update(swap or {})
         SwapConfig.from_dict(swap_settings)  # validate now

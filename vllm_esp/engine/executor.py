@@ -74,6 +74,9 @@ class ESPExecutor(Executor):
         config = copy.deepcopy(self.vllm_config)
         config.parallel_config.worker_cls = worker_qualname()
         config.parallel_config.distributed_executor_backend = "mp"
+        # Host swap (if on) is carried out by the ESP runner from the
+        # scheduler's metadata: instances build no connector of their own.
+        config.kv_transfer_config = None
         extra = dict(config.additional_config or {})
         extra["esp_instance"] = index  # for logs; the ESP group assigns the rank
         config.additional_config = extra
@@ -178,20 +181,30 @@ class ESPExecutor(Executor):
         if plan is None:
             raise RuntimeError("the ESP executor needs the ESP scheduler's plan "
                                "(use --scheduler esp / scheduler_args('esp'))")
-        if not plan.requests and not plan.moves:
+        swap = scheduler_output.kv_connector_metadata
+        has_copies = swap is not None and any(
+            getattr(swap, k, ()) for k in ("swap_out", "swap_in", "prefetch"))
+        if not plan.requests and not plan.moves and not has_copies:
             return EMPTY_MODEL_RUNNER_OUTPUT
         sampled: dict[str, int] = {}
-        for part in self._all("esp_execute", plan):
+        prefetched: set[str] = set()
+        for part, loaded in self._all("esp_execute", plan, swap if has_copies else None):
             overlap = sampled.keys() & part.keys()
             if overlap:
                 raise RuntimeError(f"requests sampled on two instances: {sorted(overlap)}")
             sampled.update(part)
+            prefetched |= loaded
         req_ids = list(scheduler_output.num_scheduled_tokens)
-        return ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=[[sampled[r]] if r in sampled else [] for r in req_ids],
         )
+        if prefetched:
+            from vllm.v1.outputs import KVConnectorOutput
+
+            output.kv_connector_output = KVConnectorOutput(finished_recving=prefetched)
+        return output
 
     def sample_tokens(self, grammar_output: Any, non_block: bool = False):
         raise RuntimeError("ESP samples inside execute_model")

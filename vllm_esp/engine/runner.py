@@ -42,15 +42,32 @@ class ESPStepRunner:
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_blocks_moved_in = 0
+        self.host_swap = None
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, plan: ESPStepPlan) -> dict[str, int]:
-        """Run this instance's share of ``plan``; returns ``{req_id: sampled token}``."""
+    def execute(self, plan: ESPStepPlan, swap: Any = None) -> tuple[dict[str, int], set[str]]:
+        """Run this instance's share of ``plan`` (and of the step's host-swap
+        metadata ``swap``, an ``ESPSwapMetadata``).
+
+        Returns ``{req_id: sampled token}`` and the ids of requests whose
+        prefetch (asynchronous load) completed.
+        """
         from vllm.forward_context import set_forward_context
 
+        prefetched: set[str] = set()
+        # Order matters: blocks swapped out may be reused this step (by a
+        # migration or a load), so they are read first.
+        if swap is not None and swap.swap_out:
+            self._host_swap(plan).swap_out(swap.swap_out)
         if plan.moves:
             self._apply_moves(plan)
+        if swap is not None and (swap.swap_in or swap.prefetch):
+            host = self._host_swap(plan)
+            host.swap_in(swap.swap_in)
+            prefetched = host.swap_in(swap.prefetch)
+        if not plan.requests:
+            return {}, prefetched
         batch = local_batch(plan, self.instance)
         ctx = ESPStepContext(batch, self.group, self.caches, self.device)
         # An instance with no rows still runs one padding row: its attention
@@ -72,7 +89,15 @@ class ESPStepRunner:
             for (req_id, _, spec, num_out), row_logits in zip(batch.sample_rows, logits,
                                                                strict=True):
                 sampled[req_id] = sample_one(row_logits, spec, num_out)
-        return sampled
+        return sampled, prefetched
+
+    def _host_swap(self, plan: ESPStepPlan):
+        if self.host_swap is None:
+            from vllm_esp.engine.host_swap import InstanceHostSwap
+
+            self.host_swap = InstanceHostSwap(self.caches.all(), self.group, self.instance,
+                                              plan.blocks_per_instance, plan.block_size)
+        return self.host_swap
 
     # ------------------------------------------------------------------ migration
     def _apply_moves(self, plan: ESPStepPlan) -> None:

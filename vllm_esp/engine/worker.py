@@ -7,8 +7,10 @@ the worker adds three RPCs the executor calls:
 
 * ``esp_init_group(instance, num_instances, host, port)``: join the ESP
   process group (gloo on CPU, NCCL on GPU) beside vLLM's own world of one;
-* ``esp_execute(plan)``: run this instance's share of an ESP step;
-* ``esp_counters()``: bytes exchanged, tokens computed, blocks migrated in.
+* ``esp_execute(plan, swap)``: run this instance's share of an ESP step
+  (and of the step's host-swap copies);
+* ``esp_counters()``: bytes exchanged, tokens computed, blocks migrated in,
+  blocks swapped out/in.
 """
 
 from __future__ import annotations
@@ -64,10 +66,10 @@ class ESPWorkerMixin:
         return ESPStepRunner(self.vllm_config, self.model_runner.get_model(), layers,
                              self._esp_group, self._esp_instance, device)
 
-    def esp_execute(self, plan: ESPStepPlan) -> dict[str, int]:
+    def esp_execute(self, plan: ESPStepPlan, swap: Any = None) -> tuple[dict[str, int], set[str]]:
         if self._esp_runner is None:
             self._esp_runner = self._esp_make_runner()
-        return self._esp_runner.execute(plan)
+        return self._esp_runner.execute(plan, swap)
 
     def esp_counters(self) -> dict[str, int]:
         runner, group = self._esp_runner, self._esp_group
@@ -76,6 +78,8 @@ class ESPWorkerMixin:
             "steps": runner.num_steps if runner else 0,
             "tokens_computed": runner.num_tokens_computed if runner else 0,
             "blocks_moved_in": runner.num_blocks_moved_in if runner else 0,
+            "host_blocks_out": runner.host_swap.num_blocks_out if runner and runner.host_swap else 0,
+            "host_blocks_in": runner.host_swap.num_blocks_in if runner and runner.host_swap else 0,
             "bytes_sent": group.num_bytes_sent if group else 0,
             "bytes_received": group.num_bytes_received if group else 0,
         }
