@@ -120,3 +120,78 @@ def test_entry_points_installed(group):
 
     ours = [e for e in entry_points(group=group) if e.value.startswith("vllm_esp")]
     assert ours, f"vllm-esp is not registered in {group}: reinstall the package"
+
+
+# ---------------------------------------------------------------- ESP (vllm_esp/engine)
+def test_esp_block_pool_and_free_queue_contract():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    # InstanceFreeQueues stands in for BlockPool.free_block_queue: these are
+    # the queue methods BlockPool calls, and the pool fields ESP reads.
+    for name in ("popleft", "popleft_n", "remove", "append", "append_n", "prepend_n",
+                 "get_all_free_blocks", "iter_blocks_after"):
+        assert hasattr(FreeKVCacheBlockQueue, name), name
+    assert params(FreeKVCacheBlockQueue.__init__) == ["self", "blocks"]
+    src = inspect.getsource(BlockPool)
+    for needle in ("self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)",
+                   "self.free_block_queue.popleft_n(num_blocks)",
+                   "return self.free_block_queue.num_free_blocks"):
+        assert needle in src, needle
+    assert params(BlockPool.get_new_blocks) == ["self", "num_blocks"]
+    assert params(BlockPool.free_blocks)[:2] == ["self", "ordered_blocks"]
+    # The ESP scheduler wraps allocate_slots and reads the per-request tables.
+    assert params(KVCacheManager.allocate_slots)[:3] == ["self", "request", "num_new_tokens"]
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    assert "self.req_to_blocks" in inspect.getsource(SingleTypeKVCacheManager.__init__)
+
+
+def test_esp_executor_contract():
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, KVConnectorOutput, ModelRunnerOutput
+
+    for name in ("_init_executor", "collective_rpc", "execute_model", "sample_tokens",
+                 "determine_available_memory", "get_kv_cache_specs", "initialize_from_config",
+                 "check_health", "shutdown", "take_draft_token_ids",
+                 "supports_async_scheduling"):
+        assert hasattr(Executor, name), name
+    assert params(MultiprocExecutor.collective_rpc)[:6] == [
+        "self", "method", "timeout", "args", "kwargs", "non_block"]
+    assert params(kv_cache_utils.get_kv_cache_config_from_groups) == [
+        "vllm_config", "kv_cache_groups", "available_memory"]
+    assert params(kv_cache_utils._pool_bytes_per_block) == ["vllm_config", "kv_cache_groups"]
+    fields = {f.name for f in dataclasses.fields(ModelRunnerOutput)}
+    assert {"req_ids", "req_id_to_index", "sampled_token_ids", "kv_connector_output"} <= fields
+    assert "finished_recving" in {f.name for f in dataclasses.fields(KVConnectorOutput)}
+    assert EMPTY_MODEL_RUNNER_OUTPUT.req_ids == []
+
+
+def test_esp_worker_and_attention_contract():
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.attention import attention as attn_mod
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.executor.ray_utils import RayWorkerWrapper
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    assert params(stateless_init_torch_distributed_process_group)[:5] == [
+        "host", "port", "rank", "world_size", "backend"]
+    assert {"attn_metadata", "vllm_config", "num_tokens", "slot_mapping"} <= set(
+        params(set_forward_context))
+    # The ESP step context arrives as attn_metadata (not a dict); an empty
+    # slot_mapping dict makes vLLM skip its own KV write.
+    src = inspect.getsource(attn_mod.get_attention_context)
+    assert "isinstance(attn_metadata_raw, dict)" in src
+    assert "slot_mapping.get(layer_name)" in src
+    assert params(CPUAttentionBackendImpl.forward)[:8] == [
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"]
+    assert CPUAttentionBackend.get_name() == "CPU_ATTN"
+    assert AttentionBackendEnum.CPU_ATTN and AttentionBackendEnum.FLASH_ATTN
+    assert params(register_backend)[:2] == ["backend", "class_path"]
+    assert hasattr(CPUWorker, "init_device") and hasattr(CPUWorker, "determine_available_memory")
+    assert hasattr(RayWorkerWrapper, "execute_method") and hasattr(RayWorkerWrapper, "init_worker")
