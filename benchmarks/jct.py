@@ -1,11 +1,20 @@
-"""Job completion time (JCT) of fcfs (stock vLLM), mlfq and the srpt oracle
-on a replayed ShareGPT trace with Poisson arrivals, on the real engine.
+"""Job completion time (JCT) of fcfs (stock vLLM), mlfq, mlfq-swap and the
+srpt oracle on a replayed ShareGPT trace with Poisson arrivals, on the real
+engine.
 
     python -m benchmarks.jct [--quick] --out FILE.json [--model PRESET_OR_PATH]
                              [--seed N] [--load 0.95] [--capacity RPS]
+                             [--num-requests N] [--capacity-requests N]
+                             [--scale 0.5] [--max-num-seqs N [N ...]]
+                             [--kv-cache-tokens N] [--policies P [P ...]]
 
 What it does, per engine setting (``max_num_seqs``; the full run sweeps
-8, 16 and 64, ``--quick`` runs 8 only; see ``DEFAULT_MAX_NUM_SEQS`` for why):
+8, 16 and 64, ``--quick`` runs 8 only; see ``DEFAULT_MAX_NUM_SEQS`` for why).
+The KV cache holds ``--kv-cache-tokens`` tokens: 3,072 with ``--quick``, a
+memory-limited regime where preemption really happens (MLFQ evicts paused
+residents, mlfq-swap moves them to host, fcfs preempts under memory
+pressure: see ``QUICK_KV_CACHE_TOKENS``), 8,192 in the full sweep, whose
+question is the batch size rather than memory:
 
 1. **Trace.** :func:`vllm_esp.data.trace.make_sharegpt_trace` builds a seeded
    trace: real ShareGPT prompts tokenized by the model's tokenizer (first
@@ -32,9 +41,14 @@ What it does, per engine setting (``max_num_seqs``; the full run sweeps
 Prefix caching is on, so the prefix cache is reset after warm-up and after
 the capacity run: every policy starts its replay with an empty cache.
 Output JSON: per policy and setting the JCT/TTFT statistics, throughput,
-vLLM's preemption count (``RequestOutput.metrics.num_preemptions``; needs
-``disable_log_stats=False``) and the MLFQ counters, ratios, the trace and
-engine settings, and run metadata; a PNG next to it plots the JCT CDFs.
+mean wall time per engine step, a ``preemption`` block (vLLM's per-request
+preemption count, ``RequestOutput.metrics.num_preemptions``, which counts
+every KV eviction: vLLM's own, MLFQ's rank evictions and proactive
+offloads; the MLFQ/swap counters: rank evictions, offloads, bytes and
+requests swapped each way, recompute fallbacks, recomputed tokens,
+prefetches, paused residents), also gathered in a top-level
+``preemption_summary``; ratios, the trace and engine settings, and run
+metadata; a PNG next to it plots the JCT CDFs.
 """
 
 from __future__ import annotations
@@ -70,6 +84,18 @@ POLICIES = ("fcfs", "mlfq", "mlfq-swap", "srpt")
 DEFAULT_MAX_NUM_SEQS = 8
 SWEEP_MAX_NUM_SEQS = (8, 16, 64)
 
+# KV budget of --quick. At 8,192 tokens (the former default) the quick
+# trace never preempted (0 evictions for every policy), so mlfq and
+# mlfq-swap differed only by overhead. At 3,072 tokens (96 blocks of 32;
+# the longest request, 2,048 tokens, still fits) 8 running requests of the
+# trace (~300 tokens each on average) nearly fill the cache, so MLFQ's
+# paused residents must be evicted (recomputed by mlfq, swapped by
+# mlfq-swap) and fcfs preempts now and then too. The simulator (real
+# schedulers, simulated time) counted ~130 evictions and ~13k recomputed
+# tokens for mlfq on this trace at 3,072, ~30 at 4,096 and none at 8,192.
+QUICK_KV_CACHE_TOKENS = 3072
+SWEEP_KV_CACHE_TOKENS = 8192
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -82,10 +108,9 @@ class EngineSettings:
     block_size: int = 32
     #: KV cache capacity in tokens; turned into ``kv_cache_memory_bytes``
     #: from the model's layer/head sizes (so the same number of tokens fits
-    #: whatever the preset). 8,192 makes the run memory-limited for the
-    #: preemptive policies (MLFQ keeps paused requests resident), which is
-    #: where swap vs recompute matters; FCFS's 8 running requests fit.
-    kv_cache_tokens: int = 8192
+    #: whatever the preset). ``main`` sets it per mode
+    #: (``QUICK_KV_CACHE_TOKENS`` / ``SWEEP_KV_CACHE_TOKENS``).
+    kv_cache_tokens: int = SWEEP_KV_CACHE_TOKENS
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     #: CUDA graphs / torch.compile off: start-up on 2 cores is already
@@ -407,6 +432,42 @@ def policy_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
+def preemption_summary(m: dict[str, Any], counters: dict[str, int], sched_stats: dict[str, Any]) -> dict[str, Any]:
+    """What preemption did under one policy: how often, and what it cost.
+
+    ``num_preemptions`` is vLLM's per-request count summed over requests:
+    every time a running or paused request lost its KV blocks (vLLM's own
+    memory preemption, an MLFQ rank eviction or a proactive offload; a
+    landed prefetch giving its blocks back is ``swap_unprefetches``). The
+    rest are the
+    vllm-esp counters over the replay (None where the policy has none:
+    fcfs has no MLFQ counters, mlfq no swap counters). MLFQ's *pauses*
+    (a request loses its slot but keeps its KV) are not preemptions of
+    KV; ``mean/max_paused_reqs`` show how many residents were paused.
+    """
+    def c(key: str) -> int | None:
+        return counters.get(f"vllm_esp:{key}")
+
+    return {
+        "num_preemptions": m.get("num_preemptions"),
+        "num_requests_preempted": m.get("num_requests_preempted"),
+        "rank_evictions": c("rank_preemptions_total"),
+        "proactive_offloads": c("swap_proactive_offloads_total"),
+        "swap_out_requests": c("swap_out_requests_total"),
+        "swap_out_bytes": c("swap_out_bytes_total"),
+        "swap_in_requests": c("swap_in_requests_total"),
+        "swap_in_bytes": c("swap_in_bytes_total"),
+        "swap_out_time_s": None if c("swap_out_time_us_total") is None else c("swap_out_time_us_total") / 1e6,
+        "swap_in_time_s": None if c("swap_in_time_us_total") is None else c("swap_in_time_us_total") / 1e6,
+        "swap_prefetches": c("swap_prefetches_total"),
+        "swap_unprefetches": c("swap_unprefetches_total"),
+        "swap_recompute_fallbacks": c("swap_recompute_fallbacks_total"),
+        "recomputed_tokens": c("recomputed_tokens_total"),
+        "mean_paused_reqs": sched_stats.get("mean_paused_reqs"),
+        "max_paused_reqs": sched_stats.get("max_paused_reqs"),
+    }
+
+
 def jct_by_length(recs: list[RequestRecord], num_bins: int = 4) -> list[dict[str, Any]]:
     """Mean JCT per output-length quartile: where a policy's gain comes from
     (short jobs) and what it costs (long jobs)."""
@@ -597,12 +658,21 @@ def run_setting(
         for key in ("swap_out_bytes_total", "swap_in_bytes_total", "swap_recompute_fallbacks_total",
                     "recomputed_tokens_total"):
             m[key.removesuffix("_total")] = counters.get(f"vllm_esp:{key}")
+        m["preemption"] = preemption_summary(m, counters, st)
+        # Step count vs step time: a policy can lose by scheduling worse
+        # (more steps) or by slower steps (overhead, or other work on the
+        # shared cores: see loadavg_1min_before_after).
+        m["mean_step_ms"] = 1e3 * run["wall_s"] / run["num_engine_steps_seen"] if run["num_engine_steps_seen"] else None
         m["run"] = run
         result["policies"][policy] = m
         jcts[policy] = [r.jct_s for r in recs if not math.isnan(r.finish_s)]
+        pre = m["preemption"]
         print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}: mean JCT {m['mean_jct_s']:.2f}s "
               f"p99 {m['p99_jct_s']:.2f}s mean TTFT {m['mean_ttft_s']:.2f}s "
-              f"{m['throughput_tok_s']:.0f} tok/s preemptions {m['num_preemptions']}", flush=True)
+              f"{m['throughput_tok_s']:.0f} tok/s {m['mean_step_ms']:.1f} ms/step "
+              f"preemptions {pre['num_preemptions']} (rank evictions {pre['rank_evictions']}, "
+              f"offloads {pre['proactive_offloads']}) swapped out {pre['swap_out_bytes']} B "
+              f"recomputed {pre['recomputed_tokens']} tokens", flush=True)
     if llm is not None:
         stop_engine(llm)
 
@@ -620,6 +690,8 @@ def run_setting(
         "mlfq_over_fcfs_throughput": r("mlfq", "fcfs", "throughput_tok_s"),
         "mlfq_swap_over_mlfq_mean_jct": r("mlfq-swap", "mlfq", "mean_jct_s"),
         "mlfq_swap_over_fcfs_mean_jct": r("mlfq-swap", "fcfs", "mean_jct_s"),
+        "mlfq_swap_over_fcfs_p99_jct": r("mlfq-swap", "fcfs", "p99_jct_s"),
+        "mlfq_swap_over_srpt_mean_jct": r("mlfq-swap", "srpt", "mean_jct_s"),
     }
     ra = result["ratios"]
     result["targets"] = {
@@ -649,8 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=None, help="ShareGPT length scale (default 0.5)")
     parser.add_argument("--max-num-seqs", type=int, nargs="+", default=None,
                         help="settings to run (default 8 quick, 8 16 64 full)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=EngineSettings.kv_cache_tokens,
-                        help="KV cache capacity in tokens (sets kv_cache_memory_bytes)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help=f"KV cache capacity in tokens (sets kv_cache_memory_bytes; default "
+                             f"{QUICK_KV_CACHE_TOKENS} quick, {SWEEP_KV_CACHE_TOKENS} full)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     args = parser.parse_args(argv)
 
@@ -662,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --kv-cache-tokens)", file=sys.stderr)
     model_dir = resolve_model(args.model)
     seqs = args.max_num_seqs or ([DEFAULT_MAX_NUM_SEQS] if args.quick else list(SWEEP_MAX_NUM_SEQS))
+    kv_cache_tokens = args.kv_cache_tokens or (QUICK_KV_CACHE_TOKENS if args.quick else SWEEP_KV_CACHE_TOKENS)
     trace_settings = TraceSettings(
         num_requests=args.num_requests or (250 if args.quick else 500),
         seed=args.seed,
@@ -675,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict[str, Any] = {}
     cdfs: dict[str, dict[str, list[float]]] = {}
     for n in seqs:
-        eng = replace(EngineSettings(), max_num_seqs=n, kv_cache_tokens=args.kv_cache_tokens)
+        eng = replace(EngineSettings(), max_num_seqs=n, kv_cache_tokens=kv_cache_tokens)
         res = run_setting(model_dir, eng, trace_settings, args.load, args.capacity, args.seed, policies,
                           capacity_requests=args.capacity_requests or (120 if args.quick else None))
         cdfs[f"max_num_seqs={n}, load {args.load:g}"] = res.pop("_jcts")
@@ -701,14 +775,19 @@ def main(argv: list[str] | None = None) -> int:
         "regime": {
             "rationale": (
                 "batch-limited: max_num_seqs small relative to the queue at high load; "
-                "see DEFAULT_MAX_NUM_SEQS in benchmarks/jct.py for the choice of 8 on CPU"
+                "see DEFAULT_MAX_NUM_SEQS in benchmarks/jct.py for the choice of 8 on CPU; "
+                "memory-limited with --quick (kv_cache_tokens 3072, QUICK_KV_CACHE_TOKENS): "
+                "preemptions happen, so mlfq (recompute) and mlfq-swap (host swap) differ"
             ),
             "load": args.load,
+            "kv_cache_tokens": kv_cache_tokens,
             "fcfs_mean_ttft_s": main_res["policies"].get("fcfs", {}).get("mean_ttft_s"),
             "fcfs_fraction_steps_with_waiting": main_res["policies"].get("fcfs", {}).get("fraction_steps_with_waiting"),
             "fcfs_mean_waiting_reqs": main_res["policies"].get("fcfs", {}).get("mean_waiting_reqs"),
         },
         "settings": settings,
+        # Per policy (main setting): how often KV was evicted and its cost.
+        "preemption_summary": {p: v["preemption"] for p, v in main_res["policies"].items()},
     }
     if len(settings) > 1:
         out["sweep_summary"] = [

@@ -166,11 +166,17 @@ class SwapConfig(_Settings):
     #: Exact pool size in KV blocks; overrides ``host_pool_gib`` when set.
     #: ``0`` = no pool: every preemption falls back to recompute.
     host_pool_blocks: int | None = None
-    #: Free device blocks kept in reserve: newcomers are admitted only if
-    #: this many stay free, and the lowest-ranked paused residents are
-    #: offloaded to host when fewer are free. ``None`` = ``max_num_seqs``
-    #: (FastServe's rule: one spare block per batch slot, so every running
-    #: request can cross a block boundary without a preemption).
+    #: Free device blocks the scheduler aims to keep: whenever fewer are
+    #: free after a step's plan, the lowest-ranked paused residents are
+    #: offloaded to host (while the host pool can take them) until this
+    #: many are free again. A target, never an admission gate: a newcomer
+    #: that fits in the free blocks is always admitted, even into the
+    #: reserve (refusing it stalled admissions while paused residents held
+    #: the memory: issue 3). Swapped requests are prefetched only above it.
+    #: ``None`` = ``max_num_seqs`` (FastServe's rule: one spare block per
+    #: batch slot, so every running request can cross a block boundary
+    #: without a preemption); ``0`` disables proactive offload (evictions
+    #: then happen only when a higher-ranked request needs the memory).
     free_block_reserve: int | None = None
     #: Swapped requests brought back ahead of their turn (load in flight or
     #: loaded and waiting), at most. Each one holds device blocks it does not

@@ -147,13 +147,36 @@ def plan(ranked, residents, **kwargs):
     return plan_step(ranked, residents, **args)
 
 
-def test_planner_reserve_binds_newcomers_not_residents():
-    grow = cand("r", resident=True, held=5, need=3)
-    new = cand("n", need=3)
-    p = plan([grow, new], [grow], num_free_blocks=4, num_reserve_blocks=2)
-    assert p.run == ("r",) and p.skip == ("n",)  # 4 - 3 = 1 < 2 left for a newcomer
-    p = plan([new], [], num_free_blocks=5, num_reserve_blocks=2)
-    assert p.run == ("n",)
+def test_planner_reserve_never_refuses_a_newcomer_that_fits():
+    # Issue 3: newcomers used to be refused unless the reserve stayed free,
+    # while paused residents sat on the memory: admissions stalled. Now a
+    # newcomer that fits is admitted and the reserve is restored by
+    # offloading the lowest-ranked paused resident instead.
+    r = cand("r", resident=True, held=5, need=1)
+    n = cand("n", need=3)
+    p = cand("p", resident=True, held=1, offload_host=1)  # below the cut: paused
+    got = plan([r, n, p], [p, r], num_slots=2, num_free_blocks=6, num_reserve_blocks=4,
+               num_host_free_blocks=10)
+    # 6 - 1 (r) - 3 (n) = 2 free < 4: p goes to host (the reserve is a
+    # target; it cannot be met in full here, and nothing waits for it).
+    assert got.run == ("r", "n") and got.skip == () and got.preempt == ()
+    assert got.offload == ("p",) and got.pause == ()
+    # Residents may still grow into the reserve, as before.
+    grow = cand("g", resident=True, held=5, need=3)
+    assert plan([grow], [grow], num_free_blocks=4, num_reserve_blocks=4).run == ("g",)
+
+
+def test_planner_reserve_never_empties_a_step():
+    # Free blocks below the reserve and nothing to reclaim: the old rule
+    # skipped the first newcomer and stopped looking, so the step ran
+    # empty with 5 free blocks and two 2-block requests waiting.
+    n1, n2 = cand("n1", need=2), cand("n2", need=2)
+    got = plan([n1, n2], [], num_free_blocks=5, num_reserve_blocks=8)
+    assert got.run == ("n1", "n2") and got.skip == ()
+    # A newcomer that does not fit is still skipped (no head-of-line block).
+    big = cand("big", need=4)
+    got = plan([n1, big, n2], [], num_free_blocks=5, num_reserve_blocks=8)
+    assert got.run == ("n1", "n2") and got.skip == ("big",)
 
 
 def test_planner_offloads_lowest_paused_residents_the_host_can_take():
@@ -240,11 +263,13 @@ def test_swap_in_leaves_shared_prefix_blocks_alone(config_model_dir, calibration
     twin_blocks = set(s.kv_cache_manager.get_block_ids("twin")[0])
     shared = twin_blocks & set(s.kv_cache_manager.get_block_ids("long")[0])
     assert len(shared) == 20
-    # A level-0 newcomer that needs 15 blocks + a reserve of 20 > 33 free
-    # preempts the lowest-ranked resident, long (whose 20 shared blocks
-    # stay allocated to twin).
-    s.swap_reserve_blocks = 20
-    s.add_request(make_request("short", 230, 2))
+    for _ in range(3):  # long spends its level-1 quantum: level 2
+        w.step(s)
+    # A level-1 newcomer that needs 38 blocks > 32 free preempts the
+    # lowest-ranked resident, long (whose 20 shared blocks stay allocated
+    # to twin, so evicting it frees 12).
+    s.add_request(make_request("big", 600, 2))
+    assert s.rank_policy.rank_key("big") < s.rank_policy.rank_key("long")
     out, _ = w.step(s)
     assert s.last_plan.preempt == ("long",)
     (out_copy,) = out.kv_connector_metadata.swap_out
@@ -329,6 +354,41 @@ def test_proactive_offload_keeps_the_reserve_and_never_prefetches_then(config_mo
     assert s.last_plan.prefetch == ()
     assert [c.request_id for c in offload_step.kv_connector_metadata.swap_out] == ["b"]
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() >= 6
+    assert s.esp_stats()["vllm_esp:swap_proactive_offloads_total"] == 1
+    drain(s, w)
+    assert s.num_recomputed_tokens == 0 and all_free(s)
+
+
+def test_reserve_is_restored_by_offload_not_by_refusing_or_evicting_runnable_requests(
+    config_model_dir, calibration_file,
+):
+    # 40 usable blocks, 2 slots, reserve 10. a (300 tokens, 19 blocks) and
+    # p (40 tokens, 3 blocks) have spent their level-0 quantum; n (200
+    # tokens, 13 blocks) arrives at level 0 with 18 blocks free:
+    #
+    #   ranked:  n (new, 13 blocks)  a (19, running)  | p (3, paused: no slot)
+    #   free 18 - 13 (n) - 1 (a's 20th block) = 4 < 10
+    #   -> n and a run; p, below the cut, goes to host: free 7
+    #
+    # The old rule (a newcomer must leave the reserve free) swapped out
+    # both p and the runnable a to make room for n + 10, and ran n alone.
+    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=2,
+             swap={"free_block_reserve": 10}, mlfq={"skip_join": False})
+    w = Worker()
+    s.add_request(make_request("a", 300, 200))
+    s.add_request(make_request("p", 40, 200))
+    for _ in range(5):
+        w.step(s)
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 18
+    s.add_request(make_request("n", 200, 5))
+    rank = s.rank_policy.rank_key
+    assert rank("n") < rank("a") < rank("p")
+    out, _ = w.step(s)
+    assert s.last_plan.run == ("n", "a") and s.last_plan.preempt == ()
+    assert s.last_plan.offload == ("p",)
+    assert out.num_scheduled_tokens == {"n": 200, "a": 1}
+    assert [c.request_id for c in out.kv_connector_metadata.swap_out] == ["p"]
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 7
     assert s.esp_stats()["vllm_esp:swap_proactive_offloads_total"] == 1
     drain(s, w)
     assert s.num_recomputed_tokens == 0 and all_free(s)

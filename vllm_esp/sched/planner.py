@@ -27,12 +27,18 @@ first) only when a higher-ranked request needs the memory.
 With host KV swap (``mlfq-swap``) three more rules apply, all on the same
 plain numbers:
 
-* **reserve**: a newcomer is admitted only if ``num_reserve_blocks`` stay
-  free (residents may still grow into the reserve: that is what it is for);
+* **reserve**: ``num_reserve_blocks`` is a target, never an admission
+  gate: a newcomer that fits in the free blocks is admitted even if it
+  eats into the reserve (refusing it while paused residents sit on the
+  memory starved admissions: issue 3, mean JCT 2x plain MLFQ);
 * **offload**: if fewer than ``num_reserve_blocks`` are free after the
   plan, the lowest-ranked paused residents move to host ("offload", while
   the host pool can take them) until the reserve is back - before a
-  running request runs out of memory and forces a preemption;
+  running request runs out of memory and forces a preemption. This, not
+  refusing newcomers, is how the reserve is kept::
+
+    free 10, reserve 8: newcomer n needs 6 -> RUN n (free 4 < 8)
+                        paused p (lowest rank, 5 blocks) -> OFFLOAD (free 9)
 * **prefetch**: in a step that neither preempts nor offloads (no
   ping-pong), swapped requests among the next ``prefetch_window`` ranks
   after the cut are loaded back ahead of their turn, best first, if their
@@ -150,9 +156,9 @@ def plan_step(
                 continue
             num_tokens = token_budget
         need = cand.num_blocks_for(num_tokens)
-        # Newcomers leave the reserve free; residents may grow into it.
-        reserve = 0 if cand.resident else num_reserve_blocks
-        required = max(need, cand.num_admission_blocks) + reserve
+        # No reserve here: a newcomer that fits is admitted, and the
+        # offload pass below restores the reserve from paused residents.
+        required = max(need, cand.num_admission_blocks)
 
         if required > num_free_blocks:
             if reclaimable is None:
@@ -163,7 +169,7 @@ def plan_step(
                 # Cannot fit even if every lower-ranked resident went.
                 if not cand.resident:
                     skip.append(cand.request_id)
-                    if num_free_blocks + reclaimable < 1 + num_reserve_blocks:
+                    if num_free_blocks + reclaimable < 1:
                         # No newcomer can fit any more: the rest of the step
                         # is residents only, in rank order (all of them rank
                         # below this point, the walked ones are taken).
