@@ -101,45 +101,56 @@ class ESPStepRunner:
 
     # ------------------------------------------------------------------ migration
     def _apply_moves(self, plan: ESPStepPlan) -> None:
-        """Copy migrated blocks (all layers and positions) before the forward."""
+        """Copy migrated blocks (all layers and positions) before the forward.
+
+        Every source is read before any destination is written: a block a
+        move frees may be the destination of a later move in the same step.
+        """
         nb, me = plan.blocks_per_instance, self.instance
         caches = self.caches.all()
+        local_src: list[int] = []
+        local_dst: list[int] = []
         out_ids: dict[int, list[int]] = {}
         in_ids: dict[int, list[int]] = {}
         for move in plan.moves:
             src, dst = instance_of(move.src, nb), instance_of(move.dst, nb)
             if src == me and dst == me:
-                ids = torch.tensor([local_block(move.src, nb)], device=self.device)
-                dst_ids = torch.tensor([local_block(move.dst, nb)], device=self.device)
-                for cache in caches:
-                    cache.write_blocks(dst_ids, cache.read_blocks(ids))
+                local_src.append(local_block(move.src, nb))
+                local_dst.append(local_block(move.dst, nb))
             elif src == me:
                 out_ids.setdefault(dst, []).append(local_block(move.src, nb))
             elif dst == me:
                 in_ids.setdefault(src, []).append(local_block(move.dst, nb))
-        if not (out_ids or in_ids):
-            return
-        if self.group is None:
-            raise RuntimeError("cross-instance migration needs the ESP group")
+
+        def index(ids: list[int]) -> torch.Tensor:
+            return torch.tensor(ids, dtype=torch.int64, device=self.device)
+
+        # 1. Read (copies) every source.
+        local_data = [c.read_blocks(index(local_src)) for c in caches] if local_src else []
         sends = []
         for peer, ids in sorted(out_ids.items()):
-            index = torch.tensor(ids, device=self.device)
-            blocks = [cache.read_blocks(index) for cache in caches]
+            blocks = [cache.read_blocks(index(ids)) for cache in caches]
             sends.append((peer, torch.stack([b.kv for b in blocks])))
             sends.append((peer, blocks[0].positions.contiguous()))
         recvs, targets = [], []
         for peer, ids in sorted(in_ids.items()):
-            template = caches[0].read_blocks(torch.tensor(ids[:1], device=self.device))
+            template = caches[0].read_blocks(index(ids[:1]))
             kv = torch.empty((len(caches), len(ids), *template.kv.shape[1:]),
                              dtype=template.kv.dtype, device=self.device)
             positions = torch.empty((len(ids), plan.block_size), dtype=torch.int64,
                                     device=self.device)
             recvs += [(peer, kv), (peer, positions)]
             targets.append((ids, kv, positions, template))
-        self.group.exchange(sends, recvs).wait()
+        if sends or recvs:
+            if self.group is None:
+                raise RuntimeError("cross-instance migration needs the ESP group")
+            self.group.exchange(sends, recvs).wait()
+        # 2. Write every destination.
+        for cache, data in zip(caches, local_data):
+            cache.write_blocks(index(local_dst), data)
+        self.num_blocks_moved_in += len(local_dst)
         for ids, kv, positions, template in targets:
-            index = torch.tensor(ids, device=self.device)
             for layer_idx, cache in enumerate(caches):
-                cache.write_blocks(index, template._replace(kv=kv[layer_idx],
-                                                            positions=positions))
+                cache.write_blocks(index(ids), template._replace(kv=kv[layer_idx],
+                                                                 positions=positions))
             self.num_blocks_moved_in += len(ids)

@@ -129,8 +129,8 @@ class ESPScheduler(MLFQScheduler):
     # ------------------------------------------------------------------ allocation
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any,
                         **kwargs: Any) -> Any:
-        placement = self.elastic.place(self._view(request, num_new_tokens),
-                                       self._current_loads())
+        view = self._view(request, num_new_tokens)
+        placement = self.elastic.place(view, self._current_loads())
         self.free_queues.placement = placement.storage
         try:
             blocks = self._orig_allocate(request, num_new_tokens, *args, **kwargs)
@@ -138,6 +138,11 @@ class ESPScheduler(MLFQScheduler):
             self.free_queues.placement = None
         if blocks is not None:
             self._step_placement[request.request_id] = placement
+            # A scale-up is a decode whose new block landed off its home.
+            table = self._manager.req_to_blocks.get(request.request_id)
+            if (placement.reason == "scale-up" and table and blocks.get_block_ids()[0]
+                    and self._instance(table[-1].block_id) != view.last_block_instance):
+                self.esp_counters["scale_up"] += 1
         return blocks
 
     # ------------------------------------------------------------------ step
@@ -208,8 +213,6 @@ class ESPScheduler(MLFQScheduler):
                     self.esp_counters["prefill_multi"] += 1
             else:  # decode (or no allocation this step): compute where the token is stored
                 compute = (self._instance(block_ids[start // self.block_size]),)
-            if placement is not None and placement.reason == "scale-up":
-                self.esp_counters["scale_up"] += 1
             sample = None
             if end >= request.num_tokens:
                 sample = _sampling_spec(request)
