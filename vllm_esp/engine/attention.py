@@ -21,11 +21,12 @@ from vllm_esp.engine.step import ESPStepContext
 
 def _esp_forward(impl: Any, stock_forward: Any, layer: torch.nn.Module, query: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 attn_metadata: Any, output: torch.Tensor, *args: Any, **kwargs: Any
-                 ) -> torch.Tensor:
+                 attn_metadata: Any, output: torch.Tensor, *args: Any,
+                 local_kernel: Any = None, **kwargs: Any) -> torch.Tensor:
     if isinstance(attn_metadata, ESPStepContext):
         n = attn_metadata.num_rows
-        out = attn_metadata.attend(layer, query, key, value, kv_cache, impl.scale)
+        out = attn_metadata.attend(layer, query, key, value, kv_cache, impl.scale,
+                                   local_kernel)
         output = output.view(query.shape[0], impl.num_heads, -1)
         output[:n] = out
         if query.shape[0] > n:
@@ -45,10 +46,20 @@ def _check_supported(impl: Any) -> None:
 
 
 def _cpu_classes() -> tuple[type, type]:
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadata,
+    )
 
     class ESPCPUAttentionImpl(CPUAttentionBackendImpl):
-        """``CPU_ATTN`` impl that runs ESP steps through the ESP step context."""
+        """``CPU_ATTN`` impl that runs ESP steps through the ESP step context.
+
+        Rows of requests whose KV and step are wholly local (most of them)
+        run vLLM's own CPU kernel; only requests spread over instances take
+        the partial-attention + LSE path.
+        """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -57,7 +68,34 @@ def _cpu_classes() -> tuple[type, type]:
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
                     *args, **kwargs):
             return _esp_forward(self, CPUAttentionBackendImpl.forward, layer, query, key,
-                                value, kv_cache, attn_metadata, output, *args, **kwargs)
+                                value, kv_cache, attn_metadata, output, *args,
+                                local_kernel=self._local_kernel, **kwargs)
+
+        def _local_kernel(self, ctx: ESPStepContext, layer: Any, q: torch.Tensor,
+                          kv_cache: torch.Tensor) -> torch.Tensor:
+            meta = ctx.fast_state
+            if meta is None:  # once per step: every layer has the same geometry
+                fast = ctx.fast
+                meta = CPUAttentionMetadata(
+                    num_actual_tokens=fast.num_rows,
+                    max_query_len=int((fast.cu_seqlens[1:] - fast.cu_seqlens[:-1]).max()),
+                    query_start_loc=fast.cu_seqlens,
+                    max_seq_len=int(fast.kv_lens.max()),
+                    seq_lens=fast.kv_lens,
+                    block_table=fast.block_tables,
+                    slot_mapping=torch.empty(0, dtype=torch.int64),
+                    scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                        num_reqs=fast.kv_lens.shape[0], num_heads=self.num_heads,
+                        num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                        seq_lens=fast.kv_lens, dtype=q.dtype,
+                        query_start_loc=fast.cu_seqlens, causal=True,
+                        sliding_window_size=-1, isa=layer.isa, enable_kv_split=False,
+                        dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype),
+                    causal=True)
+                ctx.fast_state = meta
+            out = torch.empty_like(q)
+            CPUAttentionBackendImpl.forward(self, layer, q, q, q, kv_cache, meta, out)
+            return out
 
     class ESPCPUAttentionBackend(CPUAttentionBackend):
         """``CPU_ATTN`` with :class:`ESPCPUAttentionImpl` (same name, cache and layout)."""

@@ -42,6 +42,8 @@ class ESPStepRunner:
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_blocks_moved_in = 0
+        #: Rows attended by the platform's own kernel (wholly local requests).
+        self.num_local_kernel_rows = 0
         self.host_swap = None
 
     # ------------------------------------------------------------------ step
@@ -82,6 +84,7 @@ class ESPStepRunner:
             hidden = hidden[0]
         self.num_steps += 1
         self.num_tokens_computed += batch.num_rows
+        self.num_local_kernel_rows += ctx.fast.num_rows
         sampled: dict[str, int] = {}
         if batch.sample_rows:
             rows = torch.tensor([r for _, r, _, _ in batch.sample_rows], device=self.device)

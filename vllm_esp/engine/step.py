@@ -19,6 +19,7 @@ local partial, i.e. ordinary attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,21 +100,68 @@ class ESPStepContext:
         self.ship_out = {j: _rows(r, device) for j, r in sorted(batch.ship_out.items())}
         self.ship_in = {j: (_rows(s, device), _rows(p, device))
                         for j, (s, p) in sorted(batch.ship_in.items())}
-        self.own_rows = _rows(batch.own_rows, device)
-        self.own = _Queries.build(batch.own, device)
+        self._split_own(batch)
         self.query_out = {j: _rows(r, device) for j, r in sorted(batch.query_out.items())}
         self.query_in = {j: _Queries.build(q, device) for j, q in sorted(batch.query_in.items())}
         self.num_layers_done = 0
 
+    def _split_own(self, batch: LocalBatch) -> None:
+        """Own requests whose KV is all here and whose step tokens are all
+        computed here, as the last tokens of the sequence, are plain local
+        attention: the platform's own kernel can take them (``fast``)."""
+        remote_rows = {r for rows in batch.query_out.values() for r in rows}
+        own, bounds = batch.own, batch.own.cu_seqlens
+        slow, fast = PeerQueries(), PeerQueries()
+        slow_rows: list[int] = []
+        fast_rows: list[int] = []
+        for i, kv_len in enumerate(own.kv_lens):
+            rows = batch.own_rows[bounds[i]:bounds[i + 1]]
+            positions = own.positions[bounds[i]:bounds[i + 1]]
+            is_fast = (not remote_rows.intersection(rows)
+                       and positions == list(range(kv_len - len(rows), kv_len)))
+            group, group_rows = (fast, fast_rows) if is_fast else (slow, slow_rows)
+            group_rows.extend(rows)
+            group.num_rows += len(rows)
+            group.positions.extend(positions)
+            group.cu_seqlens.append(group.num_rows)
+            group.block_tables.append(own.block_tables[i])
+            group.kv_lens.append(kv_len)
+        self._all_own = (batch.own_rows, own)
+        self.own_rows = _rows(slow_rows, self.device)
+        self.own = _Queries.build(slow, self.device)
+        self.fast_rows = _rows(fast_rows, self.device)
+        self.fast = _Queries.build(fast, self.device)
+        #: Per-step state of the platform kernel (built by the first layer).
+        self.fast_state: object | None = None
+
+    def without_fast_path(self) -> None:
+        """No platform kernel: every own row goes through the partial path."""
+        rows, own = self._all_own
+        self.own_rows = _rows(rows, self.device)
+        self.own = _Queries.build(own, self.device)
+        self.fast_rows = _rows([], self.device)
+        self.fast = _Queries.build(PeerQueries(), self.device)
+
     # ------------------------------------------------------------------ per layer
     def attend(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention output ``[rows, Hq, D]`` of this instance's rows for one layer."""
+               value: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+               local_kernel: Any = None) -> torch.Tensor:
+        """Attention output ``[rows, Hq, D]`` of this instance's rows for one layer.
+
+        ``local_kernel(ctx, layer, q_fast, kv_cache) -> out`` runs the fast
+        rows (plain local attention) with the platform's own kernel; None
+        sends them through the partial-attention path too.
+        """
         n = self.num_rows
         q, k, v = query[:n], key[:n], value[:n]
+        if local_kernel is None and self.fast.num_rows:
+            self.without_fast_path()
         cache = self.caches.get(layer, kv_cache)
         self._store_and_ship(cache, k, v)
         out = self._attention(cache, q, scale)
+        if self.fast.num_rows:
+            out[self.fast_rows] = local_kernel(self, layer, q[self.fast_rows].contiguous(),
+                                               kv_cache).to(out.dtype)
         self.num_layers_done += 1
         return out
 
@@ -137,7 +185,7 @@ class ESPStepContext:
         num_heads, head_size = q.shape[1], q.shape[2]
         own_out = own_lse = None
         if self.group is None or not (self.query_out or self.query_in):
-            return self._partial(cache, q, scale)[0].to(q.dtype)
+            return self._partial(cache, q, scale)[0].to(q.dtype)  # fast rows: 0, set later
         # Queries out to the peers holding KV of our requests; theirs in.
         q_recv = {j: q.new_empty((g.num_rows, num_heads, head_size))
                   for j, g in self.query_in.items()}

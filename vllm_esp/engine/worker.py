@@ -77,6 +77,7 @@ class ESPWorkerMixin:
             "instance": self._esp_instance,
             "steps": runner.num_steps if runner else 0,
             "tokens_computed": runner.num_tokens_computed if runner else 0,
+            "local_kernel_rows": runner.num_local_kernel_rows if runner else 0,
             "blocks_moved_in": runner.num_blocks_moved_in if runner else 0,
             "host_blocks_out": runner.host_swap.num_blocks_out if runner and runner.host_swap else 0,
             "host_blocks_in": runner.host_swap.num_blocks_in if runner and runner.host_swap else 0,
