@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,3 +49,35 @@ def cpu_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
     return env
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], timeout_s: float = 300) -> Iterator[str]:
+    """Start an OpenAI server (``cmd`` ends with its flags), wait for
+    ``/health``, yield its base URL, terminate it on exit."""
+    import requests
+
+    port = cmd[cmd.index("--port") + 1]
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError(f"server did not become healthy in {timeout_s:.0f} s")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

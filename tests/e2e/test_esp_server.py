@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from conftest import MAX_TOKENS, PROMPTS
-from engine_utils import cpu_env, free_port
+from engine_utils import free_port, running_server
 from test_server import complete, serve_cmd
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
@@ -27,32 +26,10 @@ FORCED = {"prefill_target_ms": 0.001, "decode_scale_up_batch": 0, "migrate_block
 
 @pytest.fixture(scope="module")
 def esp_server():
-    port = free_port()
-    cmd = serve_cmd(port, "--scheduler", "esp", "--esp-instances", "2",
+    cmd = serve_cmd(free_port(), "--scheduler", "esp", "--esp-instances", "2",
                     "--esp-config", json.dumps(FORCED))
-    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError("ESP server did not become healthy in 400 s")
+    with running_server(cmd, timeout_s=400) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_http_greedy_outputs_equal_stock(esp_server, offline_outputs):

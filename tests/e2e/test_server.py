@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import cpu_env, free_port, test_model_path
+from engine_utils import cpu_env, free_port, running_server, test_model_path
 
 pytestmark = pytest.mark.engine
 
@@ -33,30 +33,8 @@ def serve_cmd(port: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = subprocess.Popen(serve_cmd(port, "--scheduler", "mlfq"), env=cpu_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError("server did not become healthy in 300 s")
+    with running_server(serve_cmd(free_port(), "--scheduler", "mlfq")) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def complete(base: str, prompt: list[int], max_tokens: int) -> list[int]:

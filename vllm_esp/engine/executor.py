@@ -220,12 +220,20 @@ class ESPExecutor(Executor):
             inst.check_health()
 
     def shutdown(self) -> None:
-        for inst in getattr(self, "instances", []):
+        # In parallel: each instance waits a few seconds for its process, and
+        # EngineCore's own grace period is short.
+        from concurrent.futures import ThreadPoolExecutor
+
+        def stop(inst: Instance) -> None:
             try:
                 inst.shutdown()
             except Exception:  # keep shutting the others down
                 logger.exception("vllm-esp: shutting down instance %d failed", inst.index)
-        self.instances = []
+
+        instances, self.instances = list(getattr(self, "instances", [])), []
+        if instances:
+            with ThreadPoolExecutor(max_workers=len(instances)) as pool:
+                list(pool.map(stop, instances))
         pg = getattr(self, "_placement_group", None)
         if pg is not None:
             import ray
