@@ -174,6 +174,10 @@ def kv_bytes_per_token(model_dir: str) -> int:
 
 
 # ------------------------------------------------------------------ engine
+#: ``--swap-config``: SwapConfig settings for the mlfq-swap engine (None: defaults).
+SWAP_SETTINGS: dict[str, Any] | None = None
+
+
 def start_engine(model_dir: str, policy: str, eng: EngineSettings, seed: int):
     """A fresh ``LLM`` for ``policy`` with the shared engine settings."""
     from vllm import LLM
@@ -194,7 +198,8 @@ def start_engine(model_dir: str, policy: str, eng: EngineSettings, seed: int):
         seed=seed,
         # Per-request metrics (num_preemptions) exist only with stats on.
         disable_log_stats=False,
-        **scheduler_args(policy),
+        **scheduler_args(policy, **({"swap": SWAP_SETTINGS}
+                                    if policy == "mlfq-swap" and SWAP_SETTINGS else {})),
     )
 
 
@@ -725,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"KV cache capacity in tokens (sets kv_cache_memory_bytes; default "
                              f"{QUICK_KV_CACHE_TOKENS} quick, {SWEEP_KV_CACHE_TOKENS} full)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--swap-config", type=json.loads, default=None,
+                        help='SwapConfig settings of the mlfq-swap engine, e.g. \'{"free_block_reserve": 0}\'')
     args = parser.parse_args(argv)
 
     meta = run_metadata(seed=args.seed)
@@ -745,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         scale=args.scale if args.scale is not None else 0.5,
     )
     policies = tuple(p for p in POLICIES if p in args.policies)
+    global SWAP_SETTINGS
+    SWAP_SETTINGS = args.swap_config
 
     settings: dict[str, Any] = {}
     cdfs: dict[str, dict[str, list[float]]] = {}
@@ -772,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         "capacity": main_res["capacity"],
         "mlfq": mlfq_settings(model_dir, EngineSettings().max_model_len),
         # Does queueing happen? (scheduling can only matter if it does)
+        "swap_settings": SWAP_SETTINGS,
         "regime": {
             "rationale": (
                 "batch-limited: max_num_seqs small relative to the queue at high load; "
