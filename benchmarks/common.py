@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +284,35 @@ def resolve_model(model: str) -> str:
     if not Path(model).is_dir():
         raise SystemExit(f"--model {model!r} is neither a preset ({sorted(PRESETS)}) nor a folder")
     return model
+
+
+@dataclass
+class RequestRecord:
+    """Client-side timing of one replayed request (seconds from the replay start)."""
+
+    request_id: str
+    prompt_len: int
+    output_len: int
+    arrival_s: float
+    #: Trace stream the request came from (e.g. "sharegpt", "synthetic-esp-long").
+    source: str = ""
+    added_s: float = math.nan
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    num_output_tokens: int = 0
+    num_preemptions: int | None = None
+    num_cached_tokens: int | None = None
+    #: Why the engine refused the request at add_request (None: accepted).
+    refused: str | None = None
+
+    @property
+    def served(self) -> bool:
+        return not math.isnan(self.finish_s)
+
+    @property
+    def jct_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s

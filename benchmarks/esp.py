@@ -82,8 +82,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (finish_metadata, ratio, resolve_model, run_metadata, summarize,
-                               write_json)
+from benchmarks.common import (RequestRecord, finish_metadata, ratio, resolve_model, run_metadata,
+                               summarize, write_json)
 from benchmarks.jct import SchedulerStatsTap, _params, kv_bytes_per_token, stop_engine, warm_up
 
 SYSTEMS = ("stock", "esp")
@@ -140,35 +140,6 @@ class TraceSettings:
     long_range: tuple[float, float] = (1.05, 1.85)
     long_output_range: tuple[int, int] = (16, 64)
     long_question_len: int = 32
-
-
-@dataclass
-class Record:
-    """Client-side timing of one request (seconds from the replay start)."""
-
-    request_id: str
-    source: str
-    prompt_len: int
-    output_len: int
-    arrival_s: float
-    added_s: float = math.nan
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    num_output_tokens: int = 0
-    refused: str | None = None
-    num_cached_tokens: int | None = None
-
-    @property
-    def served(self) -> bool:
-        return not math.isnan(self.finish_s)
-
-    @property
-    def jct_s(self) -> float:
-        return self.finish_s - self.arrival_s
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.arrival_s
 
 
 # ------------------------------------------------------------------ trace
@@ -311,13 +282,14 @@ except ImportError:  # older vLLM: a ValueError
 
 
 def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: float
-           ) -> tuple[list[Record], dict[str, Any]]:
+           ) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay ``trace`` in real time (see the module docstring)."""
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    recs = {f"{tag}-{r.request_id}": Record(r.request_id, r.source, r.prompt_len, r.output_len,
-                                            float(r.arrival_s)) for r in trace}
+    recs = {f"{tag}-{r.request_id}": RequestRecord(
+        request_id=r.request_id, source=r.source, prompt_len=r.prompt_len,
+        output_len=r.output_len, arrival_s=float(r.arrival_s)) for r in trace}
     ids = list(recs)  # trace is sorted by arrival
     tap.reset()
     num_steps = num_done = nxt = 0
@@ -381,7 +353,7 @@ def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: floa
 
 
 # ----------------------------------------------------------------- metrics
-def _stats(recs: list[Record]) -> dict[str, Any]:
+def _stats(recs: list[RequestRecord]) -> dict[str, Any]:
     served = [r for r in recs if r.served]
     js = summarize([r.jct_s for r in served])
     ts = summarize([r.ttft_s for r in served if not math.isnan(r.first_token_s)])
@@ -397,7 +369,7 @@ def _stats(recs: list[Record]) -> dict[str, Any]:
     }
 
 
-def system_metrics(recs: list[Record]) -> dict[str, Any]:
+def system_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
     """The per-system numbers of the JSON."""
     served = [r for r in recs if r.served]
     out = _stats(recs)
@@ -429,7 +401,7 @@ def system_metrics(recs: list[Record]) -> dict[str, Any]:
     return out
 
 
-def common_subset(a: list[Record], b: list[Record]) -> tuple[list[Record], list[Record]]:
+def common_subset(a: list[RequestRecord], b: list[RequestRecord]) -> tuple[list[RequestRecord], list[RequestRecord]]:
     """The requests both systems served, in the same order."""
     bb = {r.request_id: r for r in b}
     both = [r.request_id for r in a if r.served and bb.get(r.request_id) and bb[r.request_id].served]
@@ -438,7 +410,7 @@ def common_subset(a: list[Record], b: list[Record]) -> tuple[list[Record], list[
 
 
 # ------------------------------------------------------------------- plots
-def plot(path: Path, recs: dict[str, list[Record]]) -> None:
+def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
     """JCT CDF per system (served requests) and served/refused bars."""
     import matplotlib
 
@@ -499,7 +471,7 @@ def plot(path: Path, recs: dict[str, list[Record]]) -> None:
 
 # -------------------------------------------------------------------- main
 def run_system(model_dir: str, system: str, eng: EngineSettings, trace: list, seed: int,
-               vocab_size: int, max_replay_s: float) -> tuple[dict[str, Any], list[Record]]:
+               vocab_size: int, max_replay_s: float) -> tuple[dict[str, Any], list[RequestRecord]]:
     """Start ``system``, warm it up, replay the trace, shut it down."""
     from vllm import LLM
 
@@ -613,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
           f"last arrival {trace_info['last_arrival_s']:.1f}s", flush=True)
 
     systems: dict[str, Any] = {}
-    recs: dict[str, list[Record]] = {}
+    recs: dict[str, list[RequestRecord]] = {}
     errors: dict[str, str] = {}
     for system in [s for s in SYSTEMS if s in args.systems]:
         print(f"[{system}] starting (max_model_len {eng.max_model_len(system)}"

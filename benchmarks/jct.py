@@ -60,14 +60,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (finish_metadata, percentile, ratio, resolve_model, run_metadata, summarize,
-                               write_json)
+from benchmarks.common import (RequestRecord, finish_metadata, percentile, ratio, resolve_model,
+                               run_metadata, summarize, write_json)
 
 # mlfq-swap: the same MLFQ, preempting by host KV swap instead of recompute
 # (vllm_esp/kv; scheduler_args sets up its KV connector).
@@ -131,30 +131,6 @@ class TraceSettings:
     max_output_len: int = 1024
     #: Multiplies ShareGPT's raw lengths; <1 shrinks them for a small machine.
     scale: float = 1.0
-
-
-@dataclass
-class RequestRecord:
-    """Client-side timing of one request (seconds from the replay start)."""
-
-    request_id: str
-    prompt_len: int
-    output_len: int
-    arrival_s: float
-    added_s: float = math.nan
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    num_output_tokens: int = 0
-    num_preemptions: int | None = None
-    num_cached_tokens: int | None = None
-
-    @property
-    def jct_s(self) -> float:
-        return self.finish_s - self.arrival_s
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.arrival_s
 
 
 # ------------------------------------------------------------------ model
