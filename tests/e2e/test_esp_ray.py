@@ -63,6 +63,7 @@ def ray_run(ray_cluster) -> dict:
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
                                 use_tqdm=False)
             counters = executor.esp_counters()
+            function_rpc = executor.collective_rpc(_instance_index_rpc(), kwargs={"offset": 10})
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
@@ -74,7 +75,7 @@ def ray_run(ray_cluster) -> dict:
         ray.shutdown()
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "kinds": kinds,
             "nodes": nodes, "cpus_in_use": cpus_in_use, "cpus_after": cpus_after,
-            "counters": counters}
+            "counters": counters, "function_rpc": function_rpc}
 
 
 def test_instances_are_ray_actors_in_the_placement_group(ray_run):
@@ -91,3 +92,17 @@ def test_ray_instances_serve_stock_greedy_tokens(ray_run, offline_outputs):
 
 def test_shutdown_gives_every_cpu_back(ray_run):
     assert ray_run["cpus_after"] == 2
+
+
+def test_function_rpcs_reach_every_instance(ray_run):
+    assert ray_run["function_rpc"] == [10, 11]
+
+
+def _instance_index_rpc():
+    """A function RPC, as ``LLM.collective_rpc`` sends. Built in a closure so
+    cloudpickle ships it by value (test modules are not importable in the
+    instances' processes)."""
+    def instance_index(worker, offset: int = 0) -> int:
+        return worker.esp_counters()["instance"] + offset
+
+    return instance_index

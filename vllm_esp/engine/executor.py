@@ -113,25 +113,14 @@ class ESPExecutor(Executor):
         for p in pending:
             p.result()
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        pending = [inst.call(method, *args) for inst in self.instances]
+    def _all(self, method: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        pending = [inst.call(method, *args, **kwargs) for inst in self.instances]
         return [p.result() for p in pending]
 
     # ------------------------------------------------------------------ vLLM API
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        if kwargs or not isinstance(method, str):
-            pending = []
-            for inst in self.instances:
-                if isinstance(inst, MPInstance):
-                    fut = inst.executor.collective_rpc(method, timeout=timeout, args=args,
-                                                       kwargs=kwargs, non_block=True)
-                    pending.append((lambda f=fut: f.result()[0]))
-                else:
-                    raise NotImplementedError("callable/kwargs RPCs are not supported on "
-                                              "Ray ESP instances")
-            results = [get() for get in pending]
-        else:
-            results = self._all(method, *args)
+        # ``timeout`` is not enforced: instance RPCs wait like execute_model.
+        results = self._all(method, *args, **(kwargs or {}))
         if non_block:
             future: Future = Future()
             future.set_result(results)

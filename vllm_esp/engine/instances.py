@@ -17,7 +17,7 @@ import os
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -37,11 +37,13 @@ class Instance(ABC):
     index: int
 
     @abstractmethod
-    def call(self, method: str, *args: Any) -> Pending:
-        """Run worker method ``method(*args)`` without waiting."""
+    def call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
+        """Run ``method(*args, **kwargs)`` on the worker without waiting:
+        a worker method's name, or a function taking the worker first (as
+        vLLM's ``collective_rpc``)."""
 
-    def call_sync(self, method: str, *args: Any) -> Any:
-        return self.call(method, *args).result()
+    def call_sync(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.call(method, *args, **kwargs).result()
 
     @abstractmethod
     def check_health(self) -> None: ...
@@ -101,8 +103,9 @@ class MPInstance(Instance):
         with _env(**bind):
             self.executor = MultiprocExecutor(vllm_config)
 
-    def call(self, method: str, *args: Any) -> Pending:
-        future = self.executor.collective_rpc(method, args=args, non_block=True)
+    def call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
+        future = self.executor.collective_rpc(method, args=args, kwargs=kwargs or None,
+                                              non_block=True)
         return Pending(lambda: future.result()[0])
 
     def check_health(self) -> None:
@@ -133,8 +136,12 @@ class RayInstance(Instance):
                       distributed_init_method=init_method, is_driver_worker=True)
         ray.get(self.actor.init_worker.remote([kwargs]))
 
-    def call(self, method: str, *args: Any) -> Pending:
-        ref = self.actor.execute_method.remote(method, *args)
+    def call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
+        if not isinstance(method, str):
+            import cloudpickle  # what vLLM's own Ray executor sends functions as
+
+            method = cloudpickle.dumps(method)
+        ref = self.actor.execute_method.remote(method, *args, **kwargs)
         return Pending(lambda: self._ray.get(ref))
 
     def node_ip(self) -> str:
