@@ -7,6 +7,7 @@ engine.
                              [--num-requests N] [--capacity-requests N]
                              [--scale 0.5] [--max-num-seqs N [N ...]]
                              [--kv-cache-tokens N] [--policies P [P ...]]
+                             [--repeats N] [--swap-config JSON]
 
 What it does, per engine setting (``max_num_seqs``; the full run sweeps
 8, 16 and 64, ``--quick`` runs 8 only; see ``DEFAULT_MAX_NUM_SEQS`` for why).
@@ -36,7 +37,11 @@ question is the batch size rather than memory:
    late; the lag is reported). JCT = finish - arrival and TTFT = first token
    - arrival, both on this process's ``perf_counter`` clock, with the
    *scheduled* arrival time (lateness of the client counts against the
-   policy, never for it).
+   policy, never for it). With ``--repeats N`` every policy replays the
+   trace N times, round robin over the policies: at 0.95 load one replay's
+   mean JCT can move by tens of percent with the machine's other work, so
+   the JSON pools the repeats and lists each one (``repeats``,
+   ``ratios_per_repeat``).
 
 Prefix caching is on, so the prefix cache is reset after warm-up and after
 the capacity run: every policy starts its replay with an empty cache.
@@ -370,6 +375,75 @@ def replay(
 
 
 # ----------------------------------------------------------------- metrics
+def _step_ms(run: dict[str, Any]) -> float | None:
+    n = run["num_engine_steps_seen"]
+    return 1e3 * run["wall_s"] / n if n else None
+
+
+#: Per-replay quantities: averaged over repeats (pooling them would divide
+#: every repeat's tokens by one replay's makespan).
+_PER_REPLAY_KEYS = ("makespan_s", "throughput_tok_s", "throughput_total_tok_s", "throughput_req_s")
+
+
+def pooled_metrics(recs_per_repeat: list[list[RequestRecord]]) -> dict[str, Any]:
+    """:func:`policy_metrics` over every repeat's requests (distributions
+    pooled, counts summed), per-replay rates averaged, and each repeat's
+    headline numbers under ``repeats``."""
+    per = [policy_metrics(recs) for recs in recs_per_repeat]
+    if len(per) == 1:
+        return per[0]
+    m = policy_metrics([r for recs in recs_per_repeat for r in recs])
+    for key in _PER_REPLAY_KEYS:
+        values = [x[key] for x in per if x[key] is not None]
+        m[key] = float(np.mean(values)) if values else None
+    m["num_repeats"] = len(per)
+    m["repeats"] = [
+        {k: x[k] for k in ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_ttft_s", "throughput_tok_s",
+                           "num_preemptions")}
+        for x in per
+    ]
+    return m
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``run`` block for several replays of one policy: totals summed,
+    per-step means weighted by steps, maxima maxed; each replay's step
+    count, wall time and machine load kept under ``replays``."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {
+        "num_engine_steps_seen": sum(r["num_engine_steps_seen"] for r in runs),
+        "wall_s": sum(r["wall_s"] for r in runs),
+        "prometheus_counter_deltas": {},
+        "replays": [
+            {"num_engine_steps_seen": r["num_engine_steps_seen"], "wall_s": r["wall_s"],
+             "mean_step_ms": _step_ms(r), "loadavg_1min_before_after": r.get("loadavg_1min_before_after")}
+            for r in runs
+        ],
+    }
+    for r in runs:
+        for k, v in r["prometheus_counter_deltas"].items():
+            out["prometheus_counter_deltas"][k] = out["prometheus_counter_deltas"].get(k, 0.0) + v
+    stats = [r["scheduler_stats"] for r in runs if r.get("scheduler_stats", {}).get("num_steps")]
+    if stats:
+        steps = [s["num_steps"] for s in stats]
+        merged: dict[str, Any] = {"num_steps": sum(steps)}
+        for key in ("mean_running_reqs", "mean_waiting_reqs", "fraction_steps_with_waiting", "mean_paused_reqs"):
+            pairs = [(s[key], n) for s, n in zip(stats, steps) if s.get(key) is not None]
+            if pairs:
+                merged[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+        for key in ("max_waiting_reqs", "max_paused_reqs"):
+            values = [s[key] for s in stats if s.get(key) is not None]
+            if values:
+                merged[key] = max(values)
+        deltas = [s["mlfq_counters_delta"] for s in stats if "mlfq_counters_delta" in s]
+        if deltas:
+            merged["mlfq_counters_delta"] = {k: sum(d.get(k, 0) for d in deltas) for k in deltas[0]}
+            merged["mlfq_queue_levels_end"] = stats[-1].get("mlfq_queue_levels_end")
+        out["scheduler_stats"] = merged
+    return out
+
+
 def policy_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
     """The per-policy numbers of the JSON (and a few diagnostics)."""
     done = [r for r in recs if not math.isnan(r.finish_s)]
@@ -544,9 +618,10 @@ def mlfq_settings(model_dir: str, max_model_len: int) -> dict[str, Any]:
 def run_setting(
     model_dir: str, eng: EngineSettings, trace_settings: TraceSettings, load: float,
     capacity_rps: float | None, seed: int, policies: tuple[str, ...],
-    capacity_requests: int | None = None,
+    capacity_requests: int | None = None, repeats: int = 1,
 ) -> dict[str, Any]:
-    """Capacity (unless given) + one replay per policy at one engine setting."""
+    """Capacity (unless given) + ``repeats`` replays per policy at one
+    engine setting (pooled: every repeat's requests count once each)."""
     from transformers import AutoTokenizer
 
     from vllm_esp.data.trace import make_sharegpt_trace
@@ -612,20 +687,37 @@ def run_setting(
     }
 
     jcts: dict[str, list[float]] = {}
+    recs_of: dict[str, list[list[RequestRecord]]] = {p: [] for p in policies}
+    runs_of: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    # Round robin over the policies, one fresh engine per replay: drift of
+    # the shared machine (other jobs, thermal) spreads over every policy
+    # instead of landing on whichever one ran last.
+    for rep in range(repeats):
+        for policy in policies:
+            if llm is None:
+                llm = fresh(policy)
+            t = time.perf_counter()
+            load_before = os.getloadavg()[0]
+            recs, run = replay(llm, trace, arrivals, tag=f"{policy}-r{rep}", tap=taps[policy])
+            timings[f"{policy}_replay" + (f"_r{rep}" if repeats > 1 else "")] = time.perf_counter() - t
+            # Other work on the shared cores slows whichever policy it overlaps:
+            # keep the machine load next to each policy's numbers.
+            run["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            stop_engine(llm)
+            llm = None
+            recs_of[policy].append(recs)
+            runs_of[policy].append(run)
+            m = policy_metrics(recs)
+            print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}"
+                  + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else "")
+                  + f": mean JCT {m['mean_jct_s']:.2f}s p99 {m['p99_jct_s']:.2f}s "
+                  f"mean TTFT {m['mean_ttft_s']:.2f}s {m['throughput_tok_s']:.0f} tok/s "
+                  f"{_step_ms(run):.1f} ms/step", flush=True)
+
     for policy in policies:
-        if llm is None:
-            llm = fresh(policy)
-        t = time.perf_counter()
-        load_before = os.getloadavg()[0]
-        recs, run = replay(llm, trace, arrivals, tag=policy, tap=taps[policy])
-        timings[f"{policy}_replay"] = time.perf_counter() - t
-        # Other work on the shared cores slows whichever policy it overlaps:
-        # keep the machine load next to each policy's numbers.
-        run["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        stop_engine(llm)
-        llm = None
-        m = policy_metrics(recs)
-        m["jct_by_output_len_quartile"] = jct_by_length(recs)
+        m = pooled_metrics(recs_of[policy])
+        run = merge_runs(runs_of[policy])
+        m["jct_by_output_len_quartile"] = jct_by_length([r for recs in recs_of[policy] for r in recs])
         st = run.get("scheduler_stats", {})
         # Queueing evidence (fcfs) and MLFQ activity, lifted from the tap.
         m["fraction_steps_with_waiting"] = st.get("fraction_steps_with_waiting")
@@ -640,20 +732,20 @@ def run_setting(
                     "recomputed_tokens_total"):
             m[key.removesuffix("_total")] = counters.get(f"vllm_esp:{key}")
         m["preemption"] = preemption_summary(m, counters, st)
-        # Step count vs step time: a policy can lose by scheduling worse
-        # (more steps) or by slower steps (overhead, or other work on the
-        # shared cores: see loadavg_1min_before_after).
-        m["mean_step_ms"] = 1e3 * run["wall_s"] / run["num_engine_steps_seen"] if run["num_engine_steps_seen"] else None
+        # Wall time per engine step, idle time between arrivals included:
+        # it moves with the step count as much as with the cost of a step.
+        m["mean_step_ms"] = _step_ms(run)
         m["run"] = run
         result["policies"][policy] = m
-        jcts[policy] = [r.jct_s for r in recs if not math.isnan(r.finish_s)]
+        jcts[policy] = [r.jct_s for recs in recs_of[policy] for r in recs if not math.isnan(r.finish_s)]
         pre = m["preemption"]
         print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}: mean JCT {m['mean_jct_s']:.2f}s "
               f"p99 {m['p99_jct_s']:.2f}s mean TTFT {m['mean_ttft_s']:.2f}s "
               f"{m['throughput_tok_s']:.0f} tok/s {m['mean_step_ms']:.1f} ms/step "
               f"preemptions {pre['num_preemptions']} (rank evictions {pre['rank_evictions']}, "
               f"offloads {pre['proactive_offloads']}) swapped out {pre['swap_out_bytes']} B "
-              f"recomputed {pre['recomputed_tokens']} tokens", flush=True)
+              f"recomputed {pre['recomputed_tokens']} tokens"
+              + (f" [{repeats} repeats pooled]" if repeats > 1 else ""), flush=True)
     if llm is not None:
         stop_engine(llm)
 
@@ -674,6 +766,20 @@ def run_setting(
         "mlfq_swap_over_fcfs_p99_jct": r("mlfq-swap", "fcfs", "p99_jct_s"),
         "mlfq_swap_over_srpt_mean_jct": r("mlfq-swap", "srpt", "mean_jct_s"),
     }
+    if repeats > 1:
+        # Paired by repeat index (replays of one round ran back to back):
+        # the spread says how far one run can be trusted.
+        def per_repeat(a: str, b: str) -> list[float | None] | None:
+            if a not in p or b not in p:
+                return None
+            return [ratio(x["mean_jct_s"], y["mean_jct_s"]) for x, y in zip(p[a]["repeats"], p[b]["repeats"])]
+
+        result["ratios_per_repeat"] = {
+            "mlfq_over_fcfs_mean_jct": per_repeat("mlfq", "fcfs"),
+            "mlfq_swap_over_mlfq_mean_jct": per_repeat("mlfq-swap", "mlfq"),
+            "mlfq_swap_over_fcfs_mean_jct": per_repeat("mlfq-swap", "fcfs"),
+            "srpt_over_fcfs_mean_jct": per_repeat("srpt", "fcfs"),
+        }
     ra = result["ratios"]
     result["targets"] = {
         "mlfq_mean_jct_le_0.5x_fcfs": None if ra["mlfq_over_fcfs_mean_jct"] is None else ra["mlfq_over_fcfs_mean_jct"] <= 0.5,
@@ -706,9 +812,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"KV cache capacity in tokens (sets kv_cache_memory_bytes; default "
                              f"{QUICK_KV_CACHE_TOKENS} quick, {SWEEP_KV_CACHE_TOKENS} full)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="replays per policy, round robin over the policies, fresh engine each; "
+                             "statistics pool the repeats, ratios_per_repeat pairs them")
     parser.add_argument("--swap-config", type=json.loads, default=None,
                         help='SwapConfig settings of the mlfq-swap engine, e.g. \'{"free_block_reserve": 0}\'')
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     meta = run_metadata(seed=args.seed)
     # vLLM-CPU's platform hook overwrites kv_cache_memory_bytes with this
@@ -736,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in seqs:
         eng = replace(EngineSettings(), max_num_seqs=n, kv_cache_tokens=kv_cache_tokens)
         res = run_setting(model_dir, eng, trace_settings, args.load, args.capacity, args.seed, policies,
-                          capacity_requests=args.capacity_requests or (120 if args.quick else None))
+                          capacity_requests=args.capacity_requests or (120 if args.quick else None),
+                          repeats=args.repeats)
         cdfs[f"max_num_seqs={n}, load {args.load:g}"] = res.pop("_jcts")
         settings[str(n)] = res
 
@@ -751,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         # The headline numbers (main setting) at the top level.
         "policies": main_res["policies"],
         "ratios": main_res["ratios"],
+        "ratios_per_repeat": main_res.get("ratios_per_repeat"),
+        "repeats": args.repeats,
         "targets": main_res["targets"],
         "trace": main_res["trace"],
         "engine": main_res["engine"],

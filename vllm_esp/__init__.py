@@ -3,7 +3,8 @@ for stock vLLM, as a plugin.
 
 vLLM calls :func:`register` in every process it starts (front end,
 EngineCore, workers) through the ``vllm.general_plugins`` entry point.
-It must stay cheap and idempotent: it only installs the CLI flags.
+It must stay cheap and idempotent: it installs the CLI flags and the
+runtime patches of ``vllm_esp.compat`` (see ``patches/README.md``).
 Scheduler classes are named by qualname in the engine config, so
 EngineCore imports them itself.
 """
@@ -25,8 +26,11 @@ def register() -> None:
     if _registered:
         return
     from vllm_esp.cli.flags import patch_engine_args
+    from vllm_esp.compat import cpu_cores
 
     patch_engine_args()
+    # Before EngineCore builds its executor (vLLM loads plugins first).
+    cpu_cores.install()
     _registered = True
 
 

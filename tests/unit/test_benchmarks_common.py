@@ -95,3 +95,52 @@ def test_write_json_atomic_and_strict(tmp_path: Path) -> None:
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [None], "p": "/x"}
+
+
+# ------------------------------------------------------ jct --repeats pooling
+def _records(jcts: list[float], makespan: float):
+    from benchmarks.common import RequestRecord
+
+    recs = []
+    for i, jct in enumerate(jcts):
+        arrival = makespan - jct - i * 1e-3
+        recs.append(RequestRecord(request_id=str(i), prompt_len=10, output_len=5, arrival_s=arrival,
+                                  added_s=arrival, first_token_s=arrival + 0.1, finish_s=arrival + jct,
+                                  num_output_tokens=5, num_preemptions=i % 2))
+    return recs
+
+
+def test_pooled_metrics_pool_distributions_and_average_rates() -> None:
+    from benchmarks.jct import pooled_metrics
+
+    a, b = _records([1.0, 3.0], 10.0), _records([2.0, 6.0], 20.0)
+    m = pooled_metrics([a, b])
+    assert m["num_repeats"] == 2 and m["num_requests"] == 4
+    assert m["mean_jct_s"] == pytest.approx(3.0)  # (1 + 3 + 2 + 6) / 4
+    assert [r["mean_jct_s"] for r in m["repeats"]] == pytest.approx([2.0, 4.0])
+    # Rates are per replay: averaged, not pooled over one makespan.
+    per = [pooled_metrics([x])["throughput_tok_s"] for x in (a, b)]
+    assert m["throughput_tok_s"] == pytest.approx(sum(per) / 2)
+    assert m["num_preemptions"] == 2
+    # One repeat: exactly policy_metrics, no repeat block.
+    assert "repeats" not in pooled_metrics([a])
+
+
+def test_merge_runs_sums_totals_and_weights_means() -> None:
+    from benchmarks.jct import merge_runs
+
+    def run(steps: int, wall: float, waiting: float, counter: int) -> dict:
+        return {"num_engine_steps_seen": steps, "wall_s": wall,
+                "prometheus_counter_deltas": {"vllm:num_preemptions": float(counter)},
+                "loadavg_1min_before_after": [1.0, 2.0],
+                "scheduler_stats": {"num_steps": steps, "mean_waiting_reqs": waiting, "max_waiting_reqs": counter,
+                                    "mlfq_counters_delta": {"vllm_esp:rank_preemptions_total": counter}}}
+
+    merged = merge_runs([run(100, 1.0, 2.0, 3), run(300, 2.0, 6.0, 5)])
+    assert merged["num_engine_steps_seen"] == 400 and merged["wall_s"] == pytest.approx(3.0)
+    assert merged["prometheus_counter_deltas"]["vllm:num_preemptions"] == 8.0
+    st = merged["scheduler_stats"]
+    assert st["mean_waiting_reqs"] == pytest.approx((2.0 * 100 + 6.0 * 300) / 400)
+    assert st["max_waiting_reqs"] == 5
+    assert st["mlfq_counters_delta"]["vllm_esp:rank_preemptions_total"] == 8
+    assert [r["mean_step_ms"] for r in merged["replays"]] == pytest.approx([10.0, 2000 / 300])

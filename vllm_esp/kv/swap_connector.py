@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -97,6 +97,12 @@ def kv_block_bytes(kv_cache_config: KVCacheConfig) -> int:
 
 class ESPSwapConnector(KVConnectorBase_V1):
     """Swap-to-host KV connector for the ``mlfq-swap`` scheduler."""
+
+    #: No thread of its own (copies run in the worker's main thread, CUDA
+    #: ones on a side stream): vLLM's CPU executor need not reserve a core
+    #: for it (``vllm_esp/compat/cpu_cores.py``; without this, 2-core
+    #: machines bind the worker's OpenMP team to the EngineCore's core).
+    requires_reserved_cpu: ClassVar[bool] = False
 
     def __init__(
         self,
