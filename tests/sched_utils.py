@@ -60,6 +60,7 @@ def create_scheduler(
     long_prefill_token_threshold: int = 0,
     async_scheduling: bool = False,
     additional_config: dict | None = None,
+    kv_transfer_config: Any = None,
     **kwargs: Any,
 ):
     from vllm_esp.sched.mlfq_scheduler import MLFQScheduler
@@ -88,6 +89,7 @@ def create_scheduler(
         model_config=model_config,
         cache_config=cache_config,
         additional_config=additional_config or {},
+        kv_transfer_config=kv_transfer_config,
     )
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
@@ -153,6 +155,44 @@ def fake_output(scheduler_output: SchedulerOutput, token: int = 7) -> ModelRunne
 
 
 _current_scheduler = None
+
+
+class SwapWorker:
+    """The worker half of host swap, fabricated: every step's outputs plus
+    the KV connector's report, with each prefetch landing ``delay`` steps
+    after it was issued (0: in the same step, as on CPU, where copies are
+    synchronous). Shared by the swap scheduler tests and the simulator."""
+
+    def __init__(self, delay: int = 0, swap_out_us: int = 3, swap_in_us: int = 2) -> None:
+        self.delay = delay
+        self.swap_out_us = swap_out_us
+        self.swap_in_us = swap_in_us
+        self.in_flight: list[tuple[int, str]] = []
+        self.step_index = 0
+
+    def output(self, scheduler_output: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
+        """The runner output for ``scheduler_output``, with landed prefetches."""
+        from vllm.v1.outputs import KVConnectorOutput
+
+        from vllm_esp.kv.swap_connector import ESPSwapWorkerMetadata
+
+        meta = scheduler_output.kv_connector_metadata
+        self.in_flight += [(self.step_index + self.delay, c.request_id) for c in meta.prefetch]
+        done = {r for due, r in self.in_flight if due <= self.step_index}
+        self.in_flight = [(due, r) for due, r in self.in_flight if r not in done]
+        self.step_index += 1
+        mro = fake_output(scheduler_output, token)
+        mro.kv_connector_output = KVConnectorOutput(
+            finished_recving=done or None,
+            kv_connector_worker_meta=ESPSwapWorkerMetadata(self.swap_out_us, self.swap_in_us))
+        return mro
+
+    def step(self, scheduler, token: int = 7):
+        """schedule -> fabricated output (+ connector report) -> update."""
+        global _current_scheduler
+        _current_scheduler = scheduler
+        out = scheduler.schedule()
+        return out, scheduler.update_from_output(out, self.output(out, token))
 
 
 def _lookup(scheduler_output, rid):

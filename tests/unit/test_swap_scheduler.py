@@ -25,7 +25,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 import sched_utils
 from vllm_esp.kv.host_pool import SwapState
-from vllm_esp.kv.swap_connector import ESPSwapConnector, ESPSwapWorkerMetadata
+from vllm_esp.kv.swap_connector import ESPSwapConnector
 from vllm_esp.sched.mlfq_scheduler import MLFQScheduler
 from vllm_esp.schedulers import swap_kv_transfer_config
 
@@ -68,26 +68,8 @@ def make(config_model_dir, calibration_file, *, num_blocks=41, max_num_seqs=4, s
     return s
 
 
-class Worker:
-    """Reports prefetches ``delay`` steps after they were issued."""
-
-    def __init__(self, delay: int = 0) -> None:
-        self.delay = delay
-        self.in_flight: list[tuple[int, str]] = []
-        self.step_index = 0
-
-    def step(self, s: MLFQScheduler, token: int = 7):
-        sched_utils._current_scheduler = s
-        out = s.schedule()
-        meta = out.kv_connector_metadata
-        self.in_flight += [(self.step_index + self.delay, c.request_id) for c in meta.prefetch]
-        done = {r for due, r in self.in_flight if due <= self.step_index}
-        self.in_flight = [(due, r) for due, r in self.in_flight if r not in done]
-        self.step_index += 1
-        mro = fake_output(out, token)
-        mro.kv_connector_output = KVConnectorOutput(
-            finished_recving=done or None, kv_connector_worker_meta=ESPSwapWorkerMetadata(3, 2))
-        return out, s.update_from_output(out, mro)
+#: Reports prefetches ``delay`` steps after they were issued.
+Worker = sched_utils.SwapWorker
 
 
 def held_blocks(s) -> set[int]:
