@@ -309,6 +309,21 @@ class RequestRecord:
     def served(self) -> bool:
         return not math.isnan(self.finish_s)
 
+    def see(self, output: Any, t: float) -> bool:
+        """Fold one step's ``RequestOutput`` (DELTA kind) seen at ``t`` into
+        the record; True when it finished the request."""
+        n_new = len(output.outputs[0].token_ids) if output.outputs else 0
+        if n_new and math.isnan(self.first_token_s):
+            self.first_token_s = t
+        self.num_output_tokens += n_new
+        if not output.finished:
+            return False
+        self.finish_s = t
+        self.num_cached_tokens = output.num_cached_tokens
+        if output.metrics is not None:
+            self.num_preemptions = int(getattr(output.metrics, "num_preemptions", 0))
+        return True
+
     @property
     def jct_s(self) -> float:
         return self.finish_s - self.arrival_s

@@ -325,15 +325,7 @@ def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: floa
         step_s.append((round(ts - t0, 4), round(time.perf_counter() - ts, 4)))
         for out in outputs:
             rec = recs.get(out.request_id)
-            if rec is None:
-                continue
-            n_new = len(out.outputs[0].token_ids) if out.outputs else 0
-            if n_new and math.isnan(rec.first_token_s):
-                rec.first_token_s = t
-            rec.num_output_tokens += n_new
-            if out.finished:
-                rec.finish_s = t
-                rec.num_cached_tokens = out.num_cached_tokens
+            if rec is not None and rec.see(out, t):
                 in_flight.discard(out.request_id)
                 num_done += 1
     if timed_out and in_flight:

@@ -346,17 +346,7 @@ def replay(
         t = time.perf_counter() - t0
         for out in outputs:
             rec = records.get(out.request_id)
-            if rec is None:
-                continue
-            n_new = len(out.outputs[0].token_ids) if out.outputs else 0
-            if n_new and math.isnan(rec.first_token_s):
-                rec.first_token_s = t
-            rec.num_output_tokens += n_new
-            if out.finished:
-                rec.finish_s = t
-                rec.num_cached_tokens = out.num_cached_tokens
-                if out.metrics is not None:
-                    rec.num_preemptions = int(getattr(out.metrics, "num_preemptions", 0))
+            if rec is not None and rec.see(out, t):
                 num_done += 1
     counters_after = _counter_snapshot()
     counters = {
@@ -707,10 +697,11 @@ def run_setting(
             llm = None
             recs_of[policy].append(recs)
             runs_of[policy].append(run)
+            if repeats == 1:
+                continue  # the summary below is this replay's line
             m = policy_metrics(recs)
-            print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}"
-                  + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else "")
-                  + f": mean JCT {m['mean_jct_s']:.2f}s p99 {m['p99_jct_s']:.2f}s "
+            print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s} (repeat {rep + 1}/{repeats})"
+                  f": mean JCT {m['mean_jct_s']:.2f}s p99 {m['p99_jct_s']:.2f}s "
                   f"mean TTFT {m['mean_ttft_s']:.2f}s {m['throughput_tok_s']:.0f} tok/s "
                   f"{_step_ms(run):.1f} ms/step", flush=True)
 

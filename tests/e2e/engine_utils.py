@@ -81,3 +81,14 @@ def running_server(cmd: list[str], timeout_s: float = 300) -> Iterator[str]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def instance_index_rpc():
+    """A function RPC, as ``LLM.collective_rpc`` sends: each ESP instance
+    answers its index plus ``offset``. Built in a closure so cloudpickle
+    ships it by value (this module is not importable in the instances'
+    processes)."""
+    def instance_index(worker, offset: int = 0) -> int:
+        return worker.esp_counters()["instance"] + offset
+
+    return instance_index

@@ -21,7 +21,7 @@ import gc
 
 import numpy as np
 import pytest
-from engine_utils import ENGINE_KWARGS, random_prompts, test_model_path
+from engine_utils import ENGINE_KWARGS, instance_index_rpc, random_prompts, test_model_path
 from test_swap_offline import engine_core_in_process
 
 import vllm_esp
@@ -125,7 +125,7 @@ def run_esp() -> dict:
             "moves": recorder.num_moves,
             "max_compute": recorder.max_compute,
             "instances": executor.esp_counters(),
-            "function_rpc": executor.collective_rpc(_instance_index_rpc(), kwargs={"offset": 10}),
+            "function_rpc": executor.collective_rpc(instance_index_rpc(), kwargs={"offset": 10}),
             "blocks_per_instance": scheduler.blocks_per_instance,
             "after_run": free_blocks_report(scheduler),
         }
@@ -243,13 +243,3 @@ def test_aborts_leak_no_block_on_any_instance(esp_runs):
 
 def test_function_rpcs_reach_every_instance(esp_runs):
     assert esp_runs["esp"]["function_rpc"] == [10, 11]
-
-
-def _instance_index_rpc():
-    """A function RPC, as ``LLM.collective_rpc`` sends. Built in a closure so
-    cloudpickle ships it by value (test modules are not importable in the
-    instances' processes)."""
-    def instance_index(worker, offset: int = 0) -> int:
-        return worker.esp_counters()["instance"] + offset
-
-    return instance_index

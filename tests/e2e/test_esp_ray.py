@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import ENGINE_KWARGS, free_port, test_model_path
+from engine_utils import ENGINE_KWARGS, free_port, instance_index_rpc, test_model_path
 from test_swap_offline import engine_core_in_process
 
 import vllm_esp
@@ -63,7 +63,7 @@ def ray_run(ray_cluster) -> dict:
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
                                 use_tqdm=False)
             counters = executor.esp_counters()
-            function_rpc = executor.collective_rpc(_instance_index_rpc(), kwargs={"offset": 10})
+            function_rpc = executor.collective_rpc(instance_index_rpc(), kwargs={"offset": 10})
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
@@ -96,13 +96,3 @@ def test_shutdown_gives_every_cpu_back(ray_run):
 
 def test_function_rpcs_reach_every_instance(ray_run):
     assert ray_run["function_rpc"] == [10, 11]
-
-
-def _instance_index_rpc():
-    """A function RPC, as ``LLM.collective_rpc`` sends. Built in a closure so
-    cloudpickle ships it by value (test modules are not importable in the
-    instances' processes)."""
-    def instance_index(worker, offset: int = 0) -> int:
-        return worker.esp_counters()["instance"] + offset
-
-    return instance_index

@@ -144,3 +144,22 @@ def test_merge_runs_sums_totals_and_weights_means() -> None:
     assert st["max_waiting_reqs"] == 5
     assert st["mlfq_counters_delta"]["vllm_esp:rank_preemptions_total"] == 8
     assert [r["mean_step_ms"] for r in merged["replays"]] == pytest.approx([10.0, 2000 / 300])
+
+
+def test_request_record_folds_delta_outputs() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.common import RequestRecord
+
+    rec = RequestRecord(request_id="a", prompt_len=3, output_len=3, arrival_s=0.0)
+
+    def out(n: int, finished: bool):
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * n)], finished=finished,
+                               num_cached_tokens=2, metrics=SimpleNamespace(num_preemptions=1))
+
+    assert not rec.see(out(0, False), 0.5)  # a prefill chunk: no token yet
+    assert math.isnan(rec.first_token_s)
+    assert not rec.see(out(1, False), 1.0)
+    assert rec.see(out(2, True), 2.0)
+    assert (rec.first_token_s, rec.finish_s, rec.num_output_tokens) == (1.0, 2.0, 3)
+    assert (rec.num_cached_tokens, rec.num_preemptions) == (2, 1)

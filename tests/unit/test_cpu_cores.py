@@ -10,6 +10,7 @@ applied, computes the same reservation.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -102,13 +103,16 @@ def test_unresolvable_connector_keeps_vllms_rule():
     assert not cpu_cores.connector_requires_reserved_cpu(_swap())
 
 
-@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch tool")
 def test_patch_file_applies_and_matches_the_runtime_form(omp_manager, tmp_path, monkeypatch):
     rel = ["vllm/utils/ompmultiprocessing.py", "vllm/distributed/kv_transfer/kv_connector/v1/base.py"]
     for r in rel:
         (tmp_path / r).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(VLLM_ROOT / r, tmp_path / r)
-    proc = subprocess.run(["patch", "-p1", "-d", str(tmp_path), "-i", str(PATCH)],
+    # git (which every checkout has) applies a unified diff outside a repository too.
+    # The ceiling keeps git from finding an enclosing repository (it would
+    # then apply relative to that repository's root).
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    proc = subprocess.run(["git", "apply", "-p1", str(PATCH)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"patch no longer applies to vLLM {vllm.__version__}:\n{proc.stdout}{proc.stderr}"
     # Load the patched module beside the real one (its imports are vLLM's).
