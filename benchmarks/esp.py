@@ -19,7 +19,7 @@ What it does:
    shared (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``,
    chunked prefill, prefix caching, ``enforce_eager``, seed). What else
    differs, by design of the feature: ESP's ranking is the ``esp``
-   scheduler's (MLFQ by default, see ``vllm_esp/engine/scheduler.py``;
+   scheduler's (MLFQ by default, see ``vllm_esp/integration/esp/scheduler.py``;
    ``--esp-ranking fcfs`` gives it stock's order, so that only elastic
    placement differs) while stock is FCFS; and on CPU each ESP instance
    is bound to its own core (``ESPConfig.cpu_binds``; default: the
@@ -82,9 +82,22 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (RequestRecord, finish_metadata, ratio, resolve_model, run_metadata,
-                               summarize, write_json)
-from benchmarks.jct import SchedulerStatsTap, _params, kv_bytes_per_token, stop_engine, warm_up
+from benchmarks.common import (
+    RequestRecord,
+    finish_metadata,
+    ratio,
+    resolve_model,
+    run_metadata,
+    summarize,
+    write_json,
+)
+from benchmarks.jct import (
+    SchedulerStatsTap,
+    _params,
+    kv_bytes_per_token,
+    stop_engine,
+    warm_up,
+)
 
 SYSTEMS = ("stock", "esp")
 LONG_SOURCE = "synthetic-esp-long"
@@ -145,7 +158,11 @@ class TraceSettings:
 # ------------------------------------------------------------------ trace
 def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list, dict[str, Any]]:
     """The merged, arrival-sorted trace and its description for the JSON."""
-    from vllm_esp.data.trace import LongContextProfile, make_sharegpt_trace, make_synthetic_long_trace
+    from vllm_esp.data.trace import (
+        LongContextProfile,
+        make_sharegpt_trace,
+        make_synthetic_long_trace,
+    )
 
     total = ts.num_sharegpt + ts.num_long
     share_long = ts.num_long / total
@@ -207,7 +224,7 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
 # ----------------------------------------------------------------- engine
 def engine_kwargs(model_dir: str, system: str, eng: EngineSettings, seed: int) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments of ``system``."""
-    from vllm_esp.schedulers import scheduler_args
+    from vllm_esp.integration.engine_args import scheduler_args
 
     if system == "esp":
         sched = scheduler_args("esp", esp={**eng.esp_config, "num_instances": eng.num_instances})

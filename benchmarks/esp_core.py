@@ -43,22 +43,26 @@ from typing import Any
 import torch
 
 from benchmarks.common import finish_metadata, run_metadata, write_json
-from vllm_esp.esp.attention import KVLayout, PagedKVCache
-from vllm_esp.esp.decode import DecodeExecutor
-from vllm_esp.esp.decode_plan import (
+from vllm_esp.core.esp.decode_plan import (
     DecodeStepPlan,
     assign_masters_fullest_first,
     plan_decode_step,
 )
-from vllm_esp.esp.directory import DistributedKVDirectory, ESPCapacityError, KVPoolConfig
-from vllm_esp.esp.group import InstanceCluster, InstanceGroup
-from vllm_esp.esp.plan import (
+from vllm_esp.core.esp.directory import (
+    DistributedKVDirectory,
+    ESPCapacityError,
+    KVPoolConfig,
+)
+from vllm_esp.core.esp.ring_plan import (
     RetentionPlan,
     RingPrefillPlan,
     StripeLayout,
     schedule_ring_prefill,
 )
-from vllm_esp.esp.ring_prefill import RingPrefillExecutor
+from vllm_esp.kernels.attention import KVLayout, PagedKVCache
+from vllm_esp.kernels.esp.decode import DecodeExecutor
+from vllm_esp.kernels.esp.group import InstanceCluster, InstanceGroup
+from vllm_esp.kernels.esp.ring_prefill import RingPrefillExecutor
 
 NUM_INSTANCES = 2
 NUM_HEADS = 8
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {"num_instances": NUM_INSTANCES, "num_layers": 1, "num_heads": NUM_HEADS,
               "num_kv_heads": NUM_KV_HEADS, "head_size": HEAD_SIZE, "dtype": str(DTYPE),
               "block_size": BLOCK_SIZE, "torch_threads_per_instance": 1, "backend": "gloo",
-              "attention_backend": "torch (vllm_esp.esp.attention, auto on CPU)",
+              "attention_backend": "torch (vllm_esp.kernels.attention, auto on CPU)",
               "reps": reps, "quick": args.quick,
               "bytes_counted": "payload handed to isend (K, V in fp32 plus the int64 position "
                                "of every token; fp32 (out, lse) partials and queries in decode), "

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the ESP attention kernels (vllm_esp.esp.attention).
+"""Micro-benchmark of the ESP attention kernels (vllm_esp.kernels.attention).
 
 Times, per shape, the partial-attention-with-LSE paths against dense SDPA:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_esp.esp.attention import (
+from vllm_esp.kernels.attention import (
     KVLayout,
     PagedKVCache,
     attention_with_lse,

@@ -71,8 +71,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (RequestRecord, finish_metadata, percentile, ratio, resolve_model,
-                               run_metadata, summarize, write_json)
+from benchmarks.common import (
+    RequestRecord,
+    finish_metadata,
+    percentile,
+    ratio,
+    resolve_model,
+    run_metadata,
+    summarize,
+    write_json,
+)
 
 # mlfq-swap: the same MLFQ, preempting by host KV swap instead of recompute
 # (vllm_esp/kv; scheduler_args sets up its KV connector).
@@ -163,7 +171,7 @@ def start_engine(model_dir: str, policy: str, eng: EngineSettings, seed: int):
     """A fresh ``LLM`` for ``policy`` with the shared engine settings."""
     from vllm import LLM
 
-    from vllm_esp.schedulers import scheduler_args
+    from vllm_esp.integration.engine_args import scheduler_args
 
     return LLM(
         model=model_dir,
@@ -586,9 +594,9 @@ def plot_cdfs(path: Path, per_setting: dict[str, dict[str, list[float]]]) -> Non
 def mlfq_settings(model_dir: str, max_model_len: int) -> dict[str, Any]:
     """The MLFQ defaults this run uses and the quanta they resolve to on this
     machine (from the calibration file the scheduler will load)."""
-    from vllm_esp.config import MLFQConfig
-    from vllm_esp.costmodel.model import StepCostModel, default_calibration_path
-    from vllm_esp.policy import make_policy
+    from vllm_esp.core.costmodel import StepCostModel, default_calibration_path
+    from vllm_esp.core.mlfq import make_policy
+    from vllm_esp.core.mlfq.config import MLFQConfig
 
     cfg = MLFQConfig()
     path = default_calibration_path(model_dir, "cpu")

@@ -4,7 +4,7 @@
 
 No engine and no model weights: both schedulers are the real classes with a
 real ``KVCacheManager``, built from a config-only model folder exactly as the
-unit tests do (``tests/sched_utils.py``); the model runner is replaced by
+unit tests do (``tests/sched_harness.py``); the model runner is replaced by
 fabricated outputs (one sampled token per request that finished its prompt).
 
 For each system size N (1,000 and 5,000 unfinished requests) and each
@@ -39,20 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.common import REPO_ROOT, finish_metadata, percentile, ratio, run_metadata, write_json
-
-# tests/ is not a package; its helpers build schedulers the way vLLM's own
-# tests do, and copying them here would let the two drift apart.
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-import sched_utils  # noqa: E402
-
-from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 
-from vllm_esp.sched.mlfq_scheduler import MLFQScheduler  # noqa: E402
-from vllm_esp.schedulers import scheduler_args  # noqa: E402
+from benchmarks.common import (
+    finish_metadata,
+    percentile,
+    ratio,
+    run_metadata,
+    write_json,
+)
+from vllm_esp.harness import scheduler as sched_harness
+from vllm_esp.integration.engine_args import scheduler_args
+from vllm_esp.integration.mlfq.scheduler import MLFQScheduler  # noqa: E402
 
 #: Engine-like settings shared by both schedulers.
 MAX_NUM_SEQS = 256
@@ -89,24 +87,9 @@ class RequestStream:
         ids = self.rng.integers(1, self.vocab_size, size=n_prompt).tolist()
         rid = f"r{self.count}"
         self.count += 1
-        return sched_utils.make_request(
+        return sched_harness.make_request(
             rid, n_prompt, n_out, block_size=BLOCK_SIZE, prompt_token_ids=ids
         )
-
-
-def fake_output(scheduler: Scheduler, out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
-    """One sampled token per request whose prompt is complete after this step
-    (``is_prefill_chunk`` is set by ``schedule()``), like the model runner."""
-    req_ids = list(out.num_scheduled_tokens)
-    sampled = []
-    for rid in req_ids:
-        request = scheduler.requests.get(rid)
-        sampled.append([] if request is not None and request.is_prefill_chunk else [token])
-    return ModelRunnerOutput(
-        req_ids=req_ids,
-        req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-        sampled_token_ids=sampled,
-    )
 
 
 def build(kind: str, model_dir: str):
@@ -121,11 +104,11 @@ def build(kind: str, model_dir: str):
         enable_chunked_prefill=True,
     )
     if kind == "stock":
-        return sched_utils.create_scheduler(model_dir, scheduler_cls=Scheduler, **common)
+        return sched_harness.create_scheduler(model_dir, scheduler_cls=Scheduler, **common)
     if kind == "mlfq":
         # The same additional_config the engine gets from scheduler_args().
         extra = scheduler_args("mlfq")["additional_config"]
-        return sched_utils.create_scheduler(
+        return sched_harness.create_scheduler(
             model_dir, scheduler_cls=MLFQScheduler, additional_config=extra, **common
         )
     raise ValueError(kind)
@@ -160,7 +143,7 @@ def run_one(
         t1 = time.perf_counter_ns()
         if measure and profiler is not None:
             profiler.disable()
-        model_out = fake_output(scheduler, out)
+        model_out = sched_harness.fake_output(scheduler, out)
         if measure and profiler is not None:
             profiler.enable()
         t2 = time.perf_counter_ns()
@@ -253,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     ratios: dict[str, dict[str, float | None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = sched_utils.config_only_model(Path(tmp) / "model")
+        model_dir = sched_harness.config_only_model(Path(tmp) / "model")
         for n in args.sizes:
             per_kind = {}
             # Alternate the order per size so neither scheduler always runs

@@ -17,8 +17,8 @@ with defaults measured on the default preset on this machine class
 real one (``--check FILE`` prints both). Results are labelled SIMULATED.
 
 ``mlfq-swap`` is the real ``MLFQScheduler`` with the real scheduler half of
-``ESPSwapConnector`` (vLLM builds it from ``kv_transfer_config``); the
-worker half is ``sched_utils.SwapWorker`` (prefetches land in the step that
+``HostSwapConnector`` (vLLM builds it from ``kv_transfer_config``); the
+worker half is ``sched_harness.SwapWorker`` (prefetches land in the step that
 issues them, as with CPU's synchronous copies), and every block copied
 costs ``--kv-bytes-per-token * block_size / --swap-gbs`` seconds (defaults:
 the default preset, 6 KiB per token, and the copy bandwidth
@@ -35,15 +35,17 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO_ROOT, finish_metadata, percentile, run_metadata, write_json
-
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-import sched_utils  # noqa: E402
+from benchmarks.common import (
+    finish_metadata,
+    percentile,
+    run_metadata,
+    write_json,
+)
+from vllm_esp.harness import scheduler as sched_harness
 
 #: (name, policy, MLFQ settings) swept by default.
 VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -67,9 +69,9 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
              swap_bytes_per_s: float = 22e9, prefix_caching: bool = False) -> dict[str, float]:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_esp.schedulers import swap_kv_transfer_config
+    from vllm_esp.integration.engine_args import swap_kv_transfer_config
 
-    model_dir = sched_utils.config_only_model(Path(tempfile.mkdtemp()))
+    model_dir = sched_harness.config_only_model(Path(tempfile.mkdtemp()))
     clock = [0.0]
     block_bytes = kv_bytes_per_token * block_size
     swap = policy == "mlfq-swap"
@@ -83,13 +85,12 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
         if swap:
             kwargs["kv_transfer_config"] = swap_kv_transfer_config()
             kwargs["additional_config"]["swap"] = {"host_pool_blocks": _HOST_POOL_BYTES // block_bytes}
-    worker = sched_utils.SwapWorker() if swap else None
+    worker = sched_harness.SwapWorker() if swap else None
     num_copied_blocks = 0
-    s = sched_utils.create_scheduler(
+    s = sched_harness.create_scheduler(
         model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048,
         num_blocks=kv_tokens // block_size, block_size=block_size,
         enable_prefix_caching=prefix_caching, **kwargs)
-    sched_utils._current_scheduler = s
     pending = list(trace)
     arrival: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -97,7 +98,7 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
     while pending or s.has_requests():
         while pending and pending[0].arrival_s <= clock[0]:
             r = pending.pop(0)
-            s.add_request(sched_utils.make_request(r.request_id, r.prompt_len, r.output_len,
+            s.add_request(sched_harness.make_request(r.request_id, r.prompt_len, r.output_len,
                                                    block_size=block_size))
             arrival[r.request_id] = r.arrival_s
         if not s.has_requests():
@@ -112,9 +113,9 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
             blocks = sum(len(c.device_blocks) for c in (*meta.swap_out, *meta.swap_in, *meta.prefetch))
             num_copied_blocks += blocks
             clock[0] += blocks * block_bytes / swap_bytes_per_s
-            runner_output = worker.output(out)
+            runner_output = worker.output(s, out)
         else:
-            runner_output = sched_utils.fake_output(out)
+            runner_output = sched_harness.fake_output(s, out)
         for eco in s.update_from_output(out, runner_output).values():
             for o in eco.outputs:
                 first.setdefault(o.request_id, clock[0])
@@ -156,9 +157,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from vllm_esp.costmodel.loader import device_kind
-    from vllm_esp.costmodel.model import default_calibration_path
+    from vllm_esp.core.costmodel import default_calibration_path
     from vllm_esp.data.trace import make_sharegpt_trace
+    from vllm_esp.integration.cost_model import device_kind
     from vllm_esp.models import build_model
 
     meta = run_metadata(seed=args.seed)

@@ -50,7 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finish_metadata, ratio, resolve_model, run_metadata, write_json
+from benchmarks.common import (
+    finish_metadata,
+    ratio,
+    resolve_model,
+    run_metadata,
+    write_json,
+)
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
 BLOCK_SIZE = 32
@@ -71,7 +77,7 @@ def kv_bytes_per_token(model_dir: str) -> int:
 def start_engine(model_dir: str, max_model_len: int, seed: int):
     from vllm import LLM
 
-    from vllm_esp.schedulers import scheduler_args
+    from vllm_esp.integration.engine_args import scheduler_args
 
     return LLM(
         model=model_dir,
@@ -116,7 +122,7 @@ class Driver:
         return time.perf_counter() - t
 
     def counters(self) -> dict[str, int]:
-        return {k.removeprefix("vllm_esp:"): v for k, v in self.scheduler.esp_stats().items()}
+        return {k.removeprefix("vllm_esp:"): v for k, v in self.scheduler.plugin_stats().items()}
 
     def drain(self) -> None:
         for _ in range(10000):
@@ -165,7 +171,7 @@ class Driver:
 
 
 def measure_length(llm: Any, driver: Driver, num_tokens: int, repeats: int, block_bytes: int) -> dict[str, Any]:
-    from vllm_esp.kv.swap_connector import measure_copy_bandwidth
+    from vllm_esp.integration.swap.connector import measure_copy_bandwidth
 
     swap = [driver.resume_once(num_tokens, swap=True) for _ in range(repeats)]
     recompute = [driver.resume_once(num_tokens, swap=False) for _ in range(repeats)]

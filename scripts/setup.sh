@@ -70,10 +70,10 @@ python -c "import transformers, vllm, vllm_esp; print('vllm', vllm.__version__, 
 # text) and, for the scheduler's skip-join, a calibration of its step cost.
 MODEL=$(python -m vllm_esp.models build --preset default | tail -n 1)
 echo "== default model: $MODEL"
-CALIB=$(python -c "from vllm_esp.costmodel.model import default_calibration_path as p; print(p('$MODEL', '$DEVICE'))")
+CALIB=$(python -c "from vllm_esp.core.costmodel import default_calibration_path as p; print(p('$MODEL', '$DEVICE'))")
 if [ ! -f "$CALIB" ]; then
   echo "== calibrating the cost model (one-off, ~1 min)"
-  python -m vllm_esp.costmodel.profile --model "$MODEL" --quick 2>&1 | grep -E "calibration written|Error" || true
+  python -m vllm_esp.calibrate --model "$MODEL" --quick 2>&1 | grep -E "calibration written|Error" || true
 fi
 
 if [ "$RUN_DEMO" = 1 ]; then

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 
 import pytest
-from engine_utils import ENGINE_KWARGS, random_prompts, test_model_path
 
 import vllm_esp
+from vllm_esp.harness.engine import ENGINE_KWARGS, random_prompts, small_model_path
 
 #: ~1,500 tokens of KV (K+V x 2 layers x 2 KV heads x head_dim 32 x fp32)
 #: for 24 requests of up to ~450 tokens, 4 at a time: memory preemption.
@@ -24,7 +24,7 @@ def run_offline(scheduler: str) -> dict:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=test_model_path(),
+        model=small_model_path(),
         max_num_seqs=MAX_NUM_SEQS,
         max_num_batched_tokens=512,
         kv_cache_memory_bytes=KV_BYTES,

@@ -21,10 +21,15 @@ import gc
 
 import numpy as np
 import pytest
-from engine_utils import ENGINE_KWARGS, instance_index_rpc, random_prompts, test_model_path
 from test_swap_offline import engine_core_in_process
 
 import vllm_esp
+from vllm_esp.harness.engine import (
+    ENGINE_KWARGS,
+    instance_index_rpc,
+    random_prompts,
+    small_model_path,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
@@ -95,7 +100,7 @@ def run_stock() -> list[list[int]]:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=test_model_path(), **_engine_kwargs(4 * INSTANCE_KV_TOKENS))
+    llm = LLM(model=small_model_path(), **_engine_kwargs(4 * INSTANCE_KV_TOKENS))
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(),
                             use_tqdm=False)
@@ -110,7 +115,7 @@ def run_esp() -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=test_model_path(), **_engine_kwargs(INSTANCE_KV_TOKENS),
+    llm = LLM(model=small_model_path(), **_engine_kwargs(INSTANCE_KV_TOKENS),
               **vllm_esp.scheduler_args("esp", esp=FORCED))
     try:
         core = llm.llm_engine.engine_core.engine_core

@@ -17,10 +17,15 @@ import time
 
 import pytest
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import ENGINE_KWARGS, free_port, instance_index_rpc, test_model_path
 from test_swap_offline import engine_core_in_process
 
 import vllm_esp
+from vllm_esp.harness.engine import (
+    ENGINE_KWARGS,
+    free_port,
+    instance_index_rpc,
+    small_model_path,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
@@ -47,7 +52,7 @@ def ray_run(ray_cluster) -> dict:
     from vllm.inputs import TokensPrompt
 
     with engine_core_in_process():
-        llm = LLM(model=test_model_path(), max_num_seqs=MAX_NUM_SEQS,
+        llm = LLM(model=small_model_path(), max_num_seqs=MAX_NUM_SEQS,
                   max_num_batched_tokens=512, kv_cache_memory_bytes=KV_BYTES,
                   block_size=BLOCK_SIZE, **ENGINE_KWARGS,
                   **vllm_esp.scheduler_args("esp", esp={

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import MAX_TOKENS, PROMPTS
-from engine_utils import free_port, running_server
 from test_server import complete, serve_cmd
+
+from vllm_esp.harness.engine import free_port, running_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 

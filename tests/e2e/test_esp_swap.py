@@ -15,7 +15,6 @@ import gc
 
 import pytest
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import ENGINE_KWARGS, test_model_path
 from test_swap_offline import (
     ResumeRecorder,
     abort_while_swapped,
@@ -24,6 +23,7 @@ from test_swap_offline import (
 )
 
 import vllm_esp
+from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
@@ -36,7 +36,7 @@ def esp_swap_run() -> dict:
     from vllm.inputs import TokensPrompt
 
     with engine_core_in_process():
-        llm = LLM(model=test_model_path(), max_num_seqs=MAX_NUM_SEQS,
+        llm = LLM(model=small_model_path(), max_num_seqs=MAX_NUM_SEQS,
                   max_num_batched_tokens=512, kv_cache_memory_bytes=KV_BYTES // 2,
                   block_size=BLOCK_SIZE, **ENGINE_KWARGS,
                   **vllm_esp.scheduler_args("esp", esp=ESP, swap={"host_pool_blocks": 512},
@@ -54,7 +54,7 @@ def esp_swap_run() -> dict:
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "preemptions": sum(o.metrics.num_preemptions for o in outs),
                 "stats": {k.removeprefix("vllm_esp:"): v
-                          for k, v in scheduler.esp_stats().items()},
+                          for k, v in scheduler.plugin_stats().items()},
                 "resumes": list(recorder.resumes),
                 "instances": executor.esp_counters(),
                 "leaks": leak_report(scheduler),

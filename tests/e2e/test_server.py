@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import cpu_env, free_port, running_server, test_model_path
+
+from vllm_esp.harness.engine import cpu_env, free_port, running_server, small_model_path
 
 pytestmark = pytest.mark.engine
 
 
 def serve_cmd(port: int, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "vllm_esp.cli", "serve", test_model_path(),
+        sys.executable, "-m", "vllm_esp.cli", "serve", small_model_path(),
         "--port", str(port), "--host", "127.0.0.1",
         "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
         "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(KV_BYTES),
@@ -39,7 +40,7 @@ def server():
 
 def complete(base: str, prompt: list[int], max_tokens: int) -> list[int]:
     r = requests.post(f"{base}/v1/completions", timeout=300, json={
-        "model": test_model_path(), "prompt": prompt, "max_tokens": max_tokens,
+        "model": small_model_path(), "prompt": prompt, "max_tokens": max_tokens,
         "temperature": 0.0, "ignore_eos": True, "return_token_ids": True,
     })
     r.raise_for_status()

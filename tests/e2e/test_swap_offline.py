@@ -21,9 +21,9 @@ import os
 
 import pytest
 from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from engine_utils import ENGINE_KWARGS, test_model_path
 
 import vllm_esp
+from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
 
 pytestmark = pytest.mark.engine
 
@@ -104,7 +104,7 @@ def attach_esp_logger(llm) -> None:
     offline ``LLM`` takes no plugin loggers, so add ours by hand."""
     from vllm.v1.metrics.loggers import PerEngineStatLoggerAdapter
 
-    from vllm_esp.metrics.prometheus import ESPPrometheusStatLogger
+    from vllm_esp.integration.metrics import ESPPrometheusStatLogger
 
     manager = llm.llm_engine.logger_manager
     manager.stat_loggers.append(PerEngineStatLoggerAdapter(
@@ -117,7 +117,7 @@ def run_swap(swap: dict, with_aborts: bool) -> dict:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=test_model_path(),
+        model=small_model_path(),
         max_num_seqs=MAX_NUM_SEQS,
         max_num_batched_tokens=512,
         kv_cache_memory_bytes=KV_BYTES,
@@ -138,7 +138,7 @@ def run_swap(swap: dict, with_aborts: bool) -> dict:
         result = {
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "preemptions": sum(o.metrics.num_preemptions for o in outs),
-            "stats": {k.removeprefix("vllm_esp:"): v for k, v in scheduler.esp_stats().items()},
+            "stats": {k.removeprefix("vllm_esp:"): v for k, v in scheduler.plugin_stats().items()},
             "exported": {k: v - exported_before.get(k, 0.0) for k, v in exported.items()},
             "resumes": list(recorder.resumes),
             "leaks": leak_report(scheduler),

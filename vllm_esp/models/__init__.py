@@ -5,7 +5,12 @@ Build one with ``python -m vllm_esp.models build --preset default`` or
 """
 
 from vllm_esp.models.presets import PRESETS, ModelPreset, get_preset
-from vllm_esp.models.tiny import build_model, default_cache_root, default_model_path, model_path
+from vllm_esp.models.tiny import (
+    build_model,
+    default_cache_root,
+    default_model_path,
+    model_path,
+)
 
 __all__ = [
     "PRESETS",

@@ -58,7 +58,7 @@ def train_bpe(vocab_size: int, train_chars: int) -> Tokenizer:
 
     Determinism: the input is a fixed, ordered text stream and the BPE
     trainer breaks count ties by pair id, so repeated trainings give
-    identical merges; ``tests/unit/test_tiny_model.py`` checks this.
+    identical merges; ``tests/tools/test_tiny_model.py`` checks this.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError("vocab_size must cover the 256 byte tokens plus the special tokens")

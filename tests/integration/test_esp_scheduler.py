@@ -1,0 +1,424 @@
+"""``ESPScheduler`` on the real vLLM scheduler with fabricated runner outputs.
+
+The engine's block space is N instances' pools side by side; these tests
+check that the per-instance free queues never lose or double-count a block,
+that every ``SchedulerOutput`` carries an ``esp_plan`` consistent with
+vLLM's own view of the step, and that the elastic behaviours (a prompt
+larger than one instance, scale-down, stripe, scale-up, consolidation)
+show up in the block tables.
+
+Cost model (``calibration_file`` fixture): 1 ms + 0.01 ms per token; a
+``prefill_target_ms`` of 0.001 therefore forces the largest DoP and the
+default 250 ms keeps every prefill on one instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from vllm.v1.request import RequestStatus
+
+from vllm_esp.core.esp.step_plan import ESPStepPlan, instance_of, local_batch
+from vllm_esp.harness.scheduler import create_scheduler, fake_output, make_request
+from vllm_esp.integration.esp.scheduler import ESPScheduler
+from vllm_esp.integration.metrics import STATS_PREFIX
+
+BLOCK_SIZE = 16
+
+
+def make_esp(model_dir, calibration_file, *, num_blocks=40, esp=None, mlfq=None, **kwargs):
+    mlfq_settings = {"num_levels": 8, "base_quantum_ms": 4.0,
+                     "calibration_file": calibration_file, "starvation_threshold_s": 0.0}
+    mlfq_settings.update(mlfq or {})
+    esp_settings = {"num_instances": 2}
+    esp_settings.update(esp or {})
+    kwargs.setdefault("max_num_batched_tokens", 256)
+    s = create_scheduler(model_dir, scheduler_cls=ESPScheduler, num_blocks=num_blocks,
+                         block_size=BLOCK_SIZE,
+                         additional_config={"mlfq": mlfq_settings, "esp": esp_settings},
+                         **kwargs)
+    assert isinstance(s, ESPScheduler)
+    return s
+
+
+def instance_sizes(s) -> list[int]:
+    B = s.blocks_per_instance
+    return [max(0, min(B, s.num_blocks - i * B)) for i in range(s.num_instances)]
+
+
+def table(s, rid) -> list[int]:
+    (ids,) = s.kv_cache_manager.get_block_ids(rid)
+    return list(ids)
+
+
+def instances(s, rid) -> list[int]:
+    return [instance_of(b, s.blocks_per_instance) for b in table(s, rid)]
+
+
+def check_blocks(s) -> None:
+    """Per-instance conservation: free + held (+ the null block) == pool size."""
+    pool = s.kv_cache_manager.block_pool
+    B = s.blocks_per_instance
+    held: set[int] = set()
+    for rid, blocks in s._manager.req_to_blocks.items():
+        for b in blocks:
+            if not b.is_null:
+                assert b.ref_cnt > 0, (rid, b)
+                held.add(b.block_id)
+    for request in s.requests.values():
+        if request.status == RequestStatus.RUNNING:
+            assert set(table(s, request.request_id)) <= held
+    free = s.free_queues.free_per_instance()
+    for i, queue in enumerate(s.free_queues.queues):
+        ids = [b.block_id for b in queue.get_all_free_blocks()]
+        assert len(ids) == free[i]
+        assert all(instance_of(b, B) == i for b in ids), f"foreign block on instance {i}"
+        assert not set(ids) & held, "a held block is also free"
+        assert all(pool.blocks[b].ref_cnt == 0 for b in ids)
+    assert pool.null_block.block_id == 0
+    for i, size in enumerate(instance_sizes(s)):
+        on_i = sum(1 for b in held if instance_of(b, B) == i)
+        null = 1 if i == 0 else 0
+        assert free[i] + on_i + null == size, (i, free, on_i, size)
+    assert pool.get_num_free_blocks() == sum(free)
+    # Every block that is neither free nor the null block is held by a request.
+    for block in pool.blocks[1:]:
+        assert (block.ref_cnt > 0) == (block.block_id in held), block
+
+
+def check_plan(s, out) -> ESPStepPlan:
+    plan: ESPStepPlan = out.esp_plan
+    assert plan.num_instances == s.num_instances
+    assert plan.blocks_per_instance == s.blocks_per_instance
+    assert plan.block_size == BLOCK_SIZE
+    assert [r.req_id for r in plan.requests] == list(out.num_scheduled_tokens)
+    assert len({r.req_id for r in plan.requests}) == len(plan.requests)
+    for r in plan.requests:
+        request = s.requests[r.req_id]
+        assert len(r.token_ids) == out.num_scheduled_tokens[r.req_id]
+        assert r.end == request.num_computed_tokens
+        assert list(r.token_ids) == list(request.all_token_ids[r.start:r.end])
+        assert list(r.block_ids) == table(s, r.req_id)
+        assert len(r.block_ids) * BLOCK_SIZE >= r.end
+        assert r.compute and all(0 <= c < s.num_instances for c in r.compute)
+        assert len(set(r.compute)) == len(r.compute)
+        assert (r.sample is not None) == (r.end >= request.num_tokens)
+        if r.start >= request.num_prompt_tokens:
+            # Decode: computed where its token's KV is stored.
+            assert r.compute == (plan.storage_instance(r, r.start),)
+    assert set(plan.finished_req_ids) == set(out.finished_req_ids)
+    batches = [local_batch(plan, i) for i in range(plan.num_instances)]
+    assert sum(b.num_rows for b in batches) == out.total_num_scheduled_tokens
+    num_sampled = sum(len(b.sample_rows) for b in batches)
+    assert num_sampled == sum(1 for r in plan.requests if r.sample is not None)
+    # Migrations: destinations are in a scheduled request's table; a source
+    # left every table, unless a later move of the same step reuses it as its
+    # destination (freed, then handed out again). A block is never read after
+    # an earlier move of the step wrote it, so applying the moves in plan order
+    # equals applying them all at once (what the runner does).
+    in_tables = {b for r in plan.requests for b in r.block_ids}
+    all_tables = {b for blocks in s._manager.req_to_blocks.values() for b in
+                  (x.block_id for x in blocks)}
+    srcs = [m.src for m in plan.moves]
+    dsts = [m.dst for m in plan.moves]
+    assert len(set(srcs)) == len(srcs) and len(set(dsts)) == len(dsts)
+    for k, move in enumerate(plan.moves):
+        assert move.dst in in_tables
+        assert move.src not in all_tables or move.src in dsts[k + 1:]
+        assert move.src not in dsts[:k]
+        assert instance_of(move.src, s.blocks_per_instance) != instance_of(
+            move.dst, s.blocks_per_instance)
+    return plan
+
+
+def esp_step(s, token: int = 7):
+    """schedule -> checks -> fabricated output -> update_from_output."""
+    out = s.schedule()
+    plan = check_plan(s, out)
+    check_blocks(s)
+    engine_outputs = s.update_from_output(out, fake_output(s, out, token))
+    check_blocks(s)
+    return out, plan, engine_outputs
+
+
+def run(s, max_steps=2000):
+    plans = []
+    for _ in range(max_steps):
+        if not s.has_requests():
+            return plans
+        _, plan, _ = esp_step(s)
+        s.check_invariants()
+        plans.append(plan)
+    raise AssertionError("did not drain")
+
+
+def assert_all_free(s):
+    sizes = instance_sizes(s)
+    assert s.free_queues.free_per_instance() == [sizes[0] - 1] + sizes[1:]
+
+
+# ------------------------------------------------------------------ setup
+def test_free_queue_replaces_vllm_and_splits_the_pool(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file, num_blocks=41, esp={"num_instances": 3})
+    assert s.blocks_per_instance == 14
+    assert s.kv_cache_manager.block_pool.free_block_queue is s.free_queues
+    assert s.free_queues.free_per_instance() == [13, 14, 13]
+    check_blocks(s)
+    out, plan, _ = esp_step(s)
+    assert plan.requests == () and plan.step == 0 and out.esp_plan is plan
+    _, plan, _ = esp_step(s)
+    assert plan.step == 1
+
+
+# ------------------------------------------------------------------ prefill
+def test_long_prompt_spans_instances_when_one_cannot_hold_it(config_model_dir,
+                                                             calibration_file):
+    s = make_esp(config_model_dir, calibration_file, num_blocks=40)  # 20 + 20 blocks
+    s.add_request(make_request("long", 400, 3))  # 25 blocks, one instance holds 20
+    plans = []
+    while s.requests["long"].num_computed_tokens < 400:
+        _, plan, _ = esp_step(s)
+        plans.append(plan)
+    assert len(table(s, "long")) == 25
+    assert set(instances(s, "long")) == {0, 1}
+    # Fewest: the first instance is filled before the second one is used.
+    ins = instances(s, "long")
+    assert ins == sorted(ins, key=lambda i: ins.index(i))
+    assert max(ins.count(0), ins.count(1)) == 20
+    assert plans[-1].holders(plans[-1].requests[0]) == (0, 1)
+    run(s)
+    assert_all_free(s)
+
+
+def test_scale_down_computes_on_all_and_stores_on_one(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"prefill_target_ms": 0.001, "migrate_blocks_per_step": 0})
+    s.add_request(make_request("r", 200, 2))  # 13 blocks fit on one instance
+    _, plan, _ = esp_step(s)
+    (req,) = plan.requests
+    assert req.compute == (0, 1) and len(req.token_ids) == 200
+    assert len(set(instances(s, "r"))) == 1
+    home = instances(s, "r")[0]
+    other = 1 - home
+    batches = [local_batch(plan, i) for i in range(2)]
+    # Half the tokens are computed away from their storage and shipped home.
+    assert len(batches[other].ship_out[home]) == 100
+    assert batches[other].store_rows == []
+    assert s.esp_counters["prefill_multi"] == 1
+    run(s)
+    assert_all_free(s)
+
+
+def test_stripe_storage_deals_blocks_over_the_compute_instances(config_model_dir,
+                                                                calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
+                      "migrate_blocks_per_step": 0})
+    s.add_request(make_request("r", 200, 2))
+    _, plan, _ = esp_step(s)
+    assert plan.requests[0].compute == (0, 1)
+    assert instances(s, "r") == [0, 1] * 6 + [0]
+    run(s)
+    assert_all_free(s)
+
+
+def test_single_instance_prefill_with_the_default_target(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file)
+    s.add_request(make_request("r", 200, 2))
+    _, plan, _ = esp_step(s)
+    assert len(plan.requests[0].compute) == 1
+    assert set(instances(s, "r")) == set(plan.requests[0].compute)
+    assert s.esp_counters["prefill_multi"] == 0
+
+
+# ------------------------------------------------------------------ decode
+def test_decode_scale_up_zero_puts_new_blocks_on_another_instance(config_model_dir,
+                                                                  calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0})
+    s.add_request(make_request("r", 20, 61))  # KV of 20 + 60 tokens: 5 blocks
+    seen = []
+    while s.has_requests():
+        _, plan, _ = esp_step(s)
+        if "r" in s._manager.req_to_blocks:
+            seen = instances(s, "r")
+    assert len(seen) == 5
+    # Prefill on one instance, then every block boundary moves to the other.
+    assert seen[0] == seen[1]
+    assert all(a != b for a, b in zip(seen[1:], seen[2:])), seen
+    assert s.esp_counters["scale_up"] > 0
+    assert_all_free(s)
+
+
+def test_decode_stays_home_by_default(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file)
+    s.add_request(make_request("r", 20, 61))
+    seen = []
+    while s.has_requests():
+        esp_step(s)
+        if "r" in s._manager.req_to_blocks:
+            seen = instances(s, "r")
+    assert len(seen) == 5 and len(set(seen)) == 1
+    assert s.esp_counters["scale_up"] == 0
+
+
+def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
+                      "migrate_blocks_per_step": 4})
+    s.add_request(make_request("r", 200, 20))
+    _, plan, _ = esp_step(s)
+    assert plan.moves == ()  # no migration during prefill
+    assert instances(s, "r").count(0) == 7 and instances(s, "r").count(1) == 6
+    before = table(s, "r")
+    _, plan, _ = esp_step(s)  # first decode: 4 blocks move 1 -> 0
+    assert len(plan.moves) == 4
+    after = table(s, "r")
+    for move in plan.moves:
+        assert instance_of(move.src, s.blocks_per_instance) == 1
+        assert instance_of(move.dst, s.blocks_per_instance) == 0
+        idx = before.index(move.src)
+        assert after[idx] == move.dst  # vLLM's table points at the copy
+    assert [b for b in after if b not in {m.dst for m in plan.moves}] == [
+        b for b in before if b not in {m.src for m in plan.moves}]
+    assert instances(s, "r").count(0) == 11
+    _, plan, _ = esp_step(s)  # the last two (the last block is already on 0)
+    assert len(plan.moves) == 2
+    assert set(instances(s, "r")) == {0}
+    _, plan, _ = esp_step(s)
+    assert plan.moves == ()
+    assert s.esp_counters["migrated_blocks"] == 6
+    run(s)
+    assert_all_free(s)
+
+
+def test_consolidation_never_moves_a_shared_prefix_block(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file, num_blocks=60,
+                 enable_prefix_caching=True,
+                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
+                      "migrate_blocks_per_step": 4})
+    prompt = [1 + i % 900 for i in range(200)]
+    s.add_request(make_request("a", 200, 30, prompt_token_ids=prompt))
+    esp_step(s)
+    assert instances(s, "a") == [0, 1] * 6 + [0]
+    # b hits a's 12 full prompt blocks: every block of a on instance 1 is
+    # shared, so neither request may move one while both hold them.
+    s.add_request(make_request("b", 200, 45, prompt_token_ids=prompt))
+    while "a" in s._manager.req_to_blocks:
+        _, plan, _ = esp_step(s)
+        assert plan.moves == ()
+        if "a" in s._manager.req_to_blocks:
+            assert table(s, "a")[:12] == table(s, "b")[:12]
+    # Once a is gone, b owns them alone and consolidates onto instance 0.
+    moved = []
+    while s.has_requests():
+        _, plan, _ = esp_step(s)
+        moved += plan.moves
+        if "b" in s._manager.req_to_blocks:
+            ins = instances(s, "b")
+    assert len(moved) == 6 and set(ins) == {0}
+    assert all(instance_of(m.dst, s.blocks_per_instance) == 0 for m in moved)
+    check_blocks(s)
+
+
+# ------------------------------------------------------------------ random workloads
+@dataclass(frozen=True)
+class Arrival:
+    step: int
+    num_prompt_tokens: int
+    num_output_tokens: int
+    abort_after: int | None
+
+
+arrivals = st.lists(
+    st.builds(Arrival, step=st.integers(0, 30), num_prompt_tokens=st.integers(1, 500),
+              num_output_tokens=st.integers(1, 40),
+              abort_after=st.one_of(st.none(), st.integers(0, 40))),
+    min_size=1, max_size=12,
+)
+
+esp_settings = st.fixed_dictionaries({
+    "num_instances": st.integers(2, 3),
+    "prefill_target_ms": st.sampled_from([0.001, 3.0, 250.0]),
+    "prefill_storage": st.sampled_from(["fewest", "stripe"]),
+    "decode_scale_up_batch": st.sampled_from([0, 1, 64]),
+    "migrate_blocks_per_step": st.sampled_from([0, 1, 4]),
+})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=arrivals, esp=esp_settings, num_blocks=st.integers(45, 90),
+       max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+def test_random_workloads_conserve_blocks_per_instance(
+    config_model_dir, calibration_file, workload, esp, num_blocks, max_num_seqs,
+    prefix_caching,
+):
+    s = make_esp(config_model_dir, calibration_file, num_blocks=num_blocks, esp=esp,
+                 max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching)
+    pending = sorted(enumerate(workload), key=lambda x: x[1].step)
+    aborts: dict[int, list[str]] = {}
+    finished: dict[str, int] = {}
+    moved, multi = 0, False
+    for step_index in range(3000):
+        while pending and pending[0][1].step <= step_index:
+            i, a = pending.pop(0)
+            rid = f"r{i}"
+            s.add_request(make_request(rid, a.num_prompt_tokens, a.num_output_tokens))
+            if a.abort_after is not None:
+                aborts.setdefault(step_index + a.abort_after, []).append(rid)
+        for rid in aborts.pop(step_index, []):
+            for req in s.finish_requests(rid, RequestStatus.FINISHED_ABORTED):
+                finished[req.request_id] = finished.get(req.request_id, 0) + 1
+            check_blocks(s)
+        if not pending and not aborts and not s.has_requests():
+            break
+        _, plan, engine_outputs = esp_step(s)
+        moved += len(plan.moves)
+        spread = max((len(plan.holders(r)) for r in plan.requests), default=0)
+        multi = multi or spread > 1
+        s.check_invariants()
+        for eco in engine_outputs.values():
+            for o in eco.outputs:
+                if o.finish_reason is not None:
+                    finished[o.request_id] = finished.get(o.request_id, 0) + 1
+    else:
+        raise AssertionError("workload did not drain")
+    assert set(finished) == {f"r{i}" for i in range(len(workload))}
+    assert all(n == 1 for n in finished.values()), finished
+    assert not s._manager.req_to_blocks
+    assert_all_free(s)
+    assert s.esp_counters["migrated_blocks"] == moved
+    if esp["migrate_blocks_per_step"] == 0:
+        assert moved == 0
+    event(f"migrated: {moved > 0}")
+    event(f"KV on several instances: {multi}")
+    event(f"rank preemptions: {s.num_rank_preemptions > 0}")
+    event(f"scale-ups: {s.esp_counters['scale_up'] > 0}")
+
+
+@pytest.mark.parametrize("num_instances", [2, 4])
+def test_esp_stats_report_per_instance_free_blocks(config_model_dir, calibration_file,
+                                                   num_instances):
+    s = make_esp(config_model_dir, calibration_file, num_blocks=64,
+                 esp={"num_instances": num_instances})
+    s.add_request(make_request("r", 100, 3))
+    esp_step(s)
+    stats = s.plugin_stats()
+    free = s.free_queues.free_per_instance()
+    assert [stats[f"{STATS_PREFIX}esp_instance_free_blocks_{i}"]
+            for i in range(num_instances)] == free
+    assert sum(free) == 64 - 1 - 7
+    assert stats[f"{STATS_PREFIX}esp_request_steps_total"] == 1
+    assert stats[f"{STATS_PREFIX}esp_request_instances_total"] == 1
+    assert stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] == 0
+
+
+def test_scale_up_counter_counts_groups_grown(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0})
+    s.add_request(make_request("r", 20, 61))  # KV of 80 tokens: blocks 2, 3, 4 are new
+    run(s)
+    assert s.esp_counters["scale_up"] == 3

@@ -1,0 +1,223 @@
+"""MLFQScheduler on the real vLLM scheduler with fabricated runner outputs.
+
+Cost model (``calibration_file`` fixture): every chunk costs 1 ms + 0.01 ms
+per token; ``base_quantum_ms=4`` and ratio 2 give quanta 4, 8, 16, 32 ms.
+So a 10-token prompt (1.1 ms) joins level 0, 500 tokens (6 ms) level 1,
+2000 tokens (21 ms) level 3, and a decode step costs ~1 ms.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm.v1.request import RequestStatus
+
+from vllm_esp.harness.scheduler import create_scheduler, make_request, step
+from vllm_esp.integration.mlfq.scheduler import MLFQAsyncScheduler, MLFQScheduler
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(config_model_dir, calibration_file, clock=None, mlfq=None, **kwargs):
+    settings = {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
+                "starvation_threshold_s": 0.0}
+    settings.update(mlfq or {})
+    return create_scheduler(
+        config_model_dir,
+        additional_config={"mlfq": settings},
+        clock=clock or FakeClock(),
+        **kwargs,
+    )
+
+
+def run_until_done(scheduler, max_steps=10_000):
+    for _ in range(max_steps):
+        if not scheduler.has_requests():
+            return
+        step(scheduler)
+        scheduler.check_invariants()
+    raise AssertionError("scheduler did not drain")
+
+
+def test_skip_join_places_by_estimated_prefill(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file)
+    for rid, n in [("short", 10), ("mid", 500), ("long", 2000)]:
+        s.add_request(make_request(rid, n, 4))
+    policy = s.rank_policy
+    assert [policy.level_of(r) for r in ("short", "mid", "long")] == [0, 1, 3]
+    assert list(policy.iter_ranked()) == ["short", "mid", "long"]
+
+
+def test_skip_join_off_puts_everyone_on_top(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file, mlfq={"skip_join": False})
+    s.add_request(make_request("long", 2000, 4))
+    assert s.rank_policy.level_of("long") == 0
+
+
+def test_prefix_cache_hit_lowers_the_join_level(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file, enable_prefix_caching=True)
+    prompt = [1 + i % 900 for i in range(2000)]
+    s.add_request(make_request("first", 2000, 1, prompt_token_ids=prompt))
+    run_until_done(s)
+    # Same 2000-token prompt: all but the last block hit the prefix cache.
+    s.add_request(make_request("again", 2000, 1, prompt_token_ids=prompt))
+    s.add_request(make_request("fresh", 2000, 1))
+    assert s.rank_policy.level_of("again") == 0
+    assert s.rank_policy.level_of("fresh") == 3
+
+
+def test_demotion_when_quantum_is_spent(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file)
+    s.add_request(make_request("r", 10, 100))
+    levels = []
+    for _ in range(12):
+        step(s)
+        levels.append(s.rank_policy.level_of("r"))
+    # Level 0: prefill 1.1 ms + 3 decodes of ~1.01 ms reach 4 ms -> level 1
+    # after step 4; level 1 (8 ms) takes 8 more steps.
+    assert levels[:4] == [0, 0, 0, 1]
+    assert levels[4:11] == [1] * 7 and levels[11] == 2
+    assert s.rank_policy.stats().num_demotions == 2
+
+
+def test_promotion_after_starvation_but_not_for_newcomers(config_model_dir, calibration_file):
+    clock = FakeClock()
+    s = make(config_model_dir, calibration_file, clock=clock,
+             mlfq={"starvation_threshold_s": 5.0}, max_num_seqs=1)
+    s.add_request(make_request("long", 2000, 1000))  # level 3
+    step(s)
+    s.add_request(make_request("blocker", 10, 1000))  # level 0, takes the slot
+    clock.t += 1.0
+    step(s)
+    assert s.rank_policy.level_of("long") == 3
+    # A newcomer that has waited less than the threshold is not promoted.
+    s.add_request(make_request("newcomer", 2000, 4))
+    for _ in range(4):
+        clock.t += 1.0
+        out, _ = step(s)
+        assert "long" not in out.num_scheduled_tokens
+    assert s.rank_policy.level_of("newcomer") == 3
+    clock.t += 1.5  # "long" last ran 6.5 s ago, the newcomer waited 5.5 s...
+    step(s)
+    # ...both have now waited past the threshold: both promoted to level 0.
+    assert s.rank_policy.level_of("long") == 0
+    assert s.rank_policy.stats().num_promotions >= 1
+    out, _ = step(s)
+    # Promoted requests join the tail of level 0 in promotion order: the
+    # one promoted first ("long", idle longest) runs first.
+    assert "long" in out.num_scheduled_tokens
+
+
+def test_rank_preempts_at_max_num_seqs_and_keeps_kv(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file, max_num_seqs=2)
+    s.add_request(make_request("a", 2000, 1000))
+    s.add_request(make_request("b", 2000, 1000))
+    for _ in range(3):
+        step(s)
+    computed_b = s.requests["b"].num_computed_tokens
+    s.add_request(make_request("short", 10, 3))  # level 0, must run next step
+    out, _ = step(s)
+    assert "short" in out.num_scheduled_tokens
+    assert len(out.num_scheduled_tokens) == 2
+    paused = "b" if "b" not in out.num_scheduled_tokens else "a"
+    # The paused request keeps its KV: still RUNNING, no preemption, no
+    # recompute when it resumes.
+    req = s.requests[paused]
+    assert req.status == RequestStatus.RUNNING and req.num_preemptions == 0
+    assert s.last_plan.pause == (paused,)
+    run_until_done(s)
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
+    assert computed_b > 0
+
+
+def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, calibration_file):
+    # 40 blocks of 16 tokens; each long request holds 32 blocks after prefill.
+    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    s.add_request(make_request("long", 500, 50))  # 550 tokens fit 35 blocks
+    step(s)
+    assert s.requests["long"].num_computed_tokens == 500
+    s.add_request(make_request("short", 200, 2))  # level 0, needs 13 blocks
+    out, _ = step(s)
+    assert "short" in out.num_scheduled_tokens
+    long_req = s.requests["long"]
+    assert long_req.status == RequestStatus.PREEMPTED and long_req.num_preemptions == 1
+    assert s.num_rank_preemptions == 1
+    assert "long" in out.preempted_req_ids
+    run_until_done(s)
+
+
+def test_no_head_of_line_blocking_on_memory(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file, num_blocks=21, max_num_seqs=8)
+    s.add_request(make_request("huge", 1000, 2))   # needs 63 blocks: never fits
+    s.add_request(make_request("small1", 40, 2))
+    s.add_request(make_request("small2", 40, 2))
+    out, _ = step(s)
+    assert set(out.num_scheduled_tokens) == {"small1", "small2"}
+    assert "huge" in s.last_plan.skip
+
+
+def test_no_head_of_line_blocking_on_token_budget(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file, enable_chunked_prefill=False,
+             max_num_batched_tokens=512, max_model_len=512, mlfq={"skip_join": False})
+    s.add_request(make_request("r0", 100, 2))
+    s.add_request(make_request("big", 500, 2))
+    s.add_request(make_request("r2", 100, 2))
+    out, _ = step(s)
+    # r0 + big would exceed the 512-token budget: big is skipped, r2 runs.
+    assert set(out.num_scheduled_tokens) == {"r0", "r2"}
+
+
+@pytest.mark.parametrize("where", ["waiting", "running", "paused", "preempted", "finished"])
+def test_finish_and_abort_in_every_state(config_model_dir, calibration_file, where):
+    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=1)
+    total_free = s.kv_cache_manager.block_pool.get_num_free_blocks()
+    s.add_request(make_request("long", 500, 50))
+    step(s)
+    if where == "paused":
+        s.add_request(make_request("short", 10, 1000))
+        step(s)
+        assert s.last_plan.pause == ("long",)
+    elif where == "preempted":
+        s.add_request(make_request("short", 200, 1000))
+        step(s)
+        assert s.requests["long"].status == RequestStatus.PREEMPTED
+    elif where == "waiting":
+        s.add_request(make_request("short", 10, 1000))  # not scheduled yet
+    target = {"waiting": "short", "finished": "long"}.get(where, "long")
+    if where == "finished":
+        s.finish_requests("long", RequestStatus.FINISHED_STOPPED)
+    else:
+        s.finish_requests(target, RequestStatus.FINISHED_ABORTED)
+    assert target not in s.rank_policy
+    s.check_invariants()
+    s.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+    step(s)
+    assert not s.has_unfinished_requests()
+    assert len(s.rank_policy) == 0
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == total_free
+
+
+def test_async_variant_is_chosen_when_async_scheduling_is_on(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file)
+    assert type(s) is MLFQScheduler  # the CPU platform forces async off
+    cfg = s.vllm_config
+    cfg.scheduler_config.async_scheduling = True
+    instance = MLFQScheduler.__new__(MLFQScheduler, vllm_config=cfg)
+    assert type(instance) is MLFQAsyncScheduler
+    assert isinstance(instance, MLFQScheduler)
+
+
+def test_stats_export_levels_and_counters(config_model_dir, calibration_file):
+    s = make(config_model_dir, calibration_file)
+    s.add_request(make_request("a", 10, 2))
+    s.add_request(make_request("b", 2000, 2))
+    stats = s.make_stats()
+    extra = {k: v for k, v in stats.num_kv_fetch_reqs_by_stage.items() if k.startswith("vllm_esp:")}
+    assert extra["vllm_esp:queue_level_0"] == 1 and extra["vllm_esp:queue_level_3"] == 1
+    assert extra["vllm_esp:rank_preemptions_total"] == 0
+    assert stats.num_waiting_reqs == 2

@@ -1,1 +1,0 @@
-"""Command-line surface: the ``--scheduler`` flag and the ``vllm-esp`` script."""

@@ -1,0 +1,95 @@
+"""``ESPConfig``: settings of ``--scheduler esp`` (``additional_config["esp"]``).
+
+Validated in the front end (``--esp-config`` / ``--esp-instances`` fail at
+parse time) and again in EngineCore by the scheduler and the executor,
+which both read the same dict, so they agree on the instance count and
+geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_esp.core.settings import Settings, is_int, is_number
+
+ESP_CONFIG_KEY = "esp"
+BACKENDS = ("mp", "ray")
+PREFILL_STORAGE = ("fewest", "stripe")
+
+
+@dataclass(frozen=True)
+class ESPConfig(Settings):
+    """Elastic sequence parallelism across ``num_instances`` model replicas."""
+
+    label = "ESP"
+    key = ESP_CONFIG_KEY
+
+    #: Instances (full model replicas, each with its own KV cache). 1 = the
+    #: stock single-instance engine (no ESP executor at all).
+    num_instances: int = 1
+    #: How instances are started: ``"mp"`` (local processes, vLLM's
+    #: ``MultiprocExecutor`` per instance) or ``"ray"`` (Ray actors in one
+    #: placement group; multi-node).
+    backend: str = "mp"
+    #: Ray cluster address for ``backend="ray"`` (None: ``ray.init()``'s default,
+    #: i.e. ``RAY_ADDRESS`` or a new local cluster).
+    ray_address: str | None = None
+    #: Elastic placement policy (``vllm_esp.core.esp.placement.ELASTIC_POLICIES``).
+    placement: str = "threshold"
+    #: Prefill DoP: the fewest instances whose share of a chunk's estimated
+    #: time (cost model) is within this target.
+    prefill_target_ms: float = 250.0
+    #: Cap on a prefill chunk's DoP (None = num_instances).
+    max_prefill_instances: int | None = None
+    #: Where a prefill's KV is kept: ``"fewest"`` = the fewest instances that
+    #: hold the prompt (scale-down: KV computed elsewhere is shipped there
+    #: during the forward); ``"stripe"`` = blocks dealt round-robin over the
+    #: computing instances (no shipping, KV spread for the decode phase).
+    prefill_storage: str = "fewest"
+    #: An instance mastering more decodes than this sends new blocks elsewhere
+    #: (scale-up without moving KV); 0 = every new decode block goes to the
+    #: least loaded instance.
+    decode_scale_up_batch: int = 64
+    #: Blocks a decoding request may migrate per step to consolidate (0 = off).
+    migrate_blocks_per_step: int = 4
+    #: CPU only: core list per instance for OpenMP binding, e.g. ["0", "1"]
+    #: (None: split the allowed cores evenly).
+    cpu_binds: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from vllm_esp.core.esp.placement import ELASTIC_POLICIES
+
+        bad = self.invalid
+        if not (is_int(self.num_instances) and 1 <= self.num_instances <= 256):
+            raise bad("num_instances", "must be an integer in [1, 256]")
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"choose from {list(BACKENDS)}")
+        if self.ray_address is not None and not isinstance(self.ray_address, str):
+            raise bad("ray_address", "must be a string or null")
+        if self.placement not in ELASTIC_POLICIES:
+            raise bad("placement", f"choose from {sorted(ELASTIC_POLICIES)}")
+        if not (is_number(self.prefill_target_ms) and self.prefill_target_ms > 0):
+            raise bad("prefill_target_ms", "must be a positive number of milliseconds")
+        if self.max_prefill_instances is not None and not (
+                is_int(self.max_prefill_instances) and self.max_prefill_instances >= 1):
+            raise bad("max_prefill_instances", "must be an integer >= 1 or null")
+        if self.prefill_storage not in PREFILL_STORAGE:
+            raise bad("prefill_storage", f"choose from {list(PREFILL_STORAGE)}")
+        if not (is_int(self.decode_scale_up_batch) and self.decode_scale_up_batch >= 0):
+            raise bad("decode_scale_up_batch", "must be an integer >= 0")
+        if not (is_int(self.migrate_blocks_per_step) and self.migrate_blocks_per_step >= 0):
+            raise bad("migrate_blocks_per_step", "must be an integer >= 0 (0 disables)")
+        if self.cpu_binds is not None:
+            binds = self.cpu_binds
+            if not (isinstance(binds, (list, tuple)) and all(isinstance(b, str) for b in binds)):
+                raise bad("cpu_binds", "must be a list of core-list strings, e.g. [\"0\", \"1\"]")
+            if len(binds) != self.num_instances:
+                raise bad("cpu_binds", f"needs one entry per instance ({self.num_instances})")
+            object.__setattr__(self, "cpu_binds", tuple(binds))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["cpu_binds"] is not None:
+            data["cpu_binds"] = list(data["cpu_binds"])
+        return data

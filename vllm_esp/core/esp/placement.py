@@ -1,0 +1,224 @@
+"""Elastic placement policies (torch-free): on how many instances a request runs.
+
+The ranking policy (MLFQ, FCFS, ...) decides *which* requests run in a
+step; an :class:`ElasticPolicy` decides *where*: which instances compute a
+prefill chunk (its degree of parallelism, DoP), which instances store new
+KV blocks, and which blocks migrate to consolidate a request. The ESP
+scheduler calls it once per scheduled request and step; the simulator and
+the tests call the same code.
+
+:class:`ThresholdElasticPolicy` is the first policy (LoongServe's
+four-step scheduler with a fitted cost model can replace it behind the
+same interface):
+
+* **prefill DoP**: the fewest instances whose share of the chunk's
+  estimated time (cost model) is within ``prefill_target_s``, capped by
+  ``max_prefill_instances``; the instances with the most free blocks.
+* **scale-down**: the chunk's KV is *stored* on the fewest instances that
+  hold the whole prompt (most free first), while it is *computed* on the
+  DoP instances; tokens computed elsewhere are shipped to their storage
+  instance during the forward (LoongServe's proactive migration).
+* **decode / scale-up**: new blocks stay on the instance of the request's
+  last block, unless that instance is out of memory or masters more than
+  ``decode_scale_up_batch`` decodes: then the new block goes to the least
+  loaded other instance and the group grows without moving KV (0 forces a
+  scale-up at every block boundary; tests use it).
+* **consolidation**: a decoding request spread over several instances
+  moves up to ``migrate_blocks_per_step`` blocks per step onto its largest
+  shard's instance when that instance has room (fewer partial-attention
+  exchanges per token, and whole instances freed for long prefills).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "ELASTIC_POLICIES",
+    "StoragePlacement",
+    "ElasticPolicy",
+    "InstanceLoad",
+    "RequestPlacementView",
+    "StepPlacement",
+    "ThresholdElasticPolicy",
+]
+
+
+@dataclass(frozen=True)
+class StoragePlacement:
+    """Where the next new blocks of one request go.
+
+    ``instances`` are tried in order; ``stripe`` deals blocks round-robin over
+    them instead of filling the first. If they run out, the instance with
+    the most free blocks takes the rest (placement is a preference: an
+    allocation the scheduler admitted never fails).
+    """
+
+    instances: tuple[int, ...]
+    stripe: bool = False
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One instance as the policy sees it at the start of a step."""
+
+    instance: int
+    num_free_blocks: int
+    num_blocks: int
+    #: Decoding requests whose last block is here (it computes their token).
+    num_decodes: int = 0
+
+
+@dataclass(frozen=True)
+class RequestPlacementView:
+    """One scheduled request as the policy sees it."""
+
+    req_id: str
+    num_prompt_tokens: int
+    #: Tokens whose KV exists before this step.
+    num_computed_tokens: int
+    #: Tokens computed in this step.
+    num_new_tokens: int
+    #: Blocks held per instance before this step.
+    blocks_per_instance: tuple[int, ...]
+    #: Instance of the request's last block (None: holds no block yet).
+    last_block_instance: int | None
+    block_size: int
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class StepPlacement:
+    """A request's placement for one step."""
+
+    #: Instances computing the step's tokens (token ``k`` on ``compute[k % d]``).
+    compute: tuple[int, ...]
+    #: Where the step's new blocks go.
+    storage: StoragePlacement
+    #: Why (for metrics and logs): "prefill", "decode", "scale-up".
+    reason: str = "prefill"
+
+
+class ElasticPolicy(ABC):
+    """Interface of elastic placement policies; see the module docstring."""
+
+    name: str = ""
+
+    @abstractmethod
+    def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
+        """Compute and storage instances for ``request`` in this step."""
+
+    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
+                    ) -> tuple[int, int, int] | None:
+        """``(src, dst, num_blocks)`` to migrate for a decoding request, or None."""
+        return None
+
+
+class ThresholdElasticPolicy(ElasticPolicy):
+    """The first elastic policy: DoP by target time, scale-down, scale-up, consolidation."""
+
+    name = "threshold"
+
+    def __init__(self, num_instances: int, *, prefill_time: Callable[[int, int], float],
+                 prefill_target_s: float, max_prefill_instances: int | None = None,
+                 decode_scale_up_batch: int = 64, migrate_blocks_per_step: int = 0,
+                 prefill_storage: str = "fewest") -> None:
+        if num_instances < 1:
+            raise ValueError("num_instances must be >= 1")
+        self.num_instances = num_instances
+        self.prefill_time = prefill_time
+        self.prefill_target_s = prefill_target_s
+        self.max_prefill_instances = min(max_prefill_instances or num_instances, num_instances)
+        self.decode_scale_up_batch = decode_scale_up_batch
+        self.migrate_blocks_per_step = migrate_blocks_per_step
+        if prefill_storage not in ("fewest", "stripe"):
+            raise ValueError(f"unknown prefill_storage {prefill_storage!r}")
+        self.prefill_storage = prefill_storage
+
+    # ------------------------------------------------------------------ prefill
+    def prefill_dop(self, num_new_tokens: int, num_computed_tokens: int) -> int:
+        """Fewest instances that bring the chunk's time within the target."""
+        estimate = self.prefill_time(num_new_tokens, num_computed_tokens)
+        if self.prefill_target_s <= 0:
+            return self.max_prefill_instances
+        dop = max(1, math.ceil(estimate / self.prefill_target_s))
+        # No instance gets less than one token.
+        return max(1, min(dop, self.max_prefill_instances, num_new_tokens))
+
+    def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
+        by_free = sorted(loads, key=lambda l: (-l.num_free_blocks, l.instance))
+        if request.is_prefill:
+            dop = self.prefill_dop(request.num_new_tokens, request.num_computed_tokens)
+            compute = tuple(sorted(l.instance for l in by_free[:dop]))
+            if self.prefill_storage == "stripe":
+                return StepPlacement(compute, StoragePlacement(compute, stripe=True), "prefill")
+            return StepPlacement(compute, self._prefill_storage(request, by_free), "prefill")
+        return self._decode(request, loads, by_free)
+
+    def _prefill_storage(self, request: RequestPlacementView, by_free: list[InstanceLoad]
+                         ) -> StoragePlacement:
+        # Blocks still needed for the whole prompt plus the first output token.
+        bs = request.block_size
+        held = sum(request.blocks_per_instance)
+        needed = max(0, -(-(request.num_prompt_tokens + 1) // bs) - held)
+        chosen: list[int] = []
+        # Keep growing where the request already is (its last block first).
+        if request.last_block_instance is not None:
+            chosen.append(request.last_block_instance)
+        for load in by_free:
+            if sum(_free_of(by_free, i) for i in chosen) >= needed:
+                break
+            if load.instance not in chosen:
+                chosen.append(load.instance)
+        return StoragePlacement(tuple(chosen), stripe=False)
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, request: RequestPlacementView, loads: list[InstanceLoad],
+                by_free: list[InstanceLoad]) -> StepPlacement:
+        home = request.last_block_instance
+        if home is not None:
+            load = loads[home]
+            if load.num_free_blocks > 0 and load.num_decodes <= self.decode_scale_up_batch:
+                return StepPlacement((home,), StoragePlacement((home,)), "decode")
+        # Scale up: the least loaded other instance with memory takes the next
+        # block; the group grows and no KV moves.
+        candidates = ([l for l in loads if l.num_free_blocks > 0 and l.instance != home]
+                      or [l for l in loads if l.num_free_blocks > 0] or list(loads))
+        target = min(candidates, key=lambda l: (l.num_decodes, -l.num_free_blocks, l.instance))
+        reason = "scale-up" if home is not None and target.instance != home else "decode"
+        return StepPlacement((target.instance,), StoragePlacement((target.instance,)), reason)
+
+    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
+                    ) -> tuple[int, int, int] | None:
+        if self.migrate_blocks_per_step <= 0 or request.is_prefill:
+            return None
+        shards = [(n, i) for i, n in enumerate(request.blocks_per_instance) if n > 0]
+        if len(shards) < 2:
+            return None
+        _, dst = max(shards, key=lambda s: (s[0], -s[1]))
+        # Move the smallest shard first: it is the one that frees a peer.
+        _, src = min((s for s in shards if s[1] != dst), key=lambda s: (s[0], s[1]))
+        # Leave the destination one block for its own growth.
+        room = loads[dst].num_free_blocks - 1
+        count = min(self.migrate_blocks_per_step, request.blocks_per_instance[src], room)
+        if count <= 0:
+            return None
+        return src, dst, count
+
+
+def _free_of(by_free: list[InstanceLoad], instance: int) -> int:
+    for load in by_free:
+        if load.instance == instance:
+            return load.num_free_blocks
+    return 0
+
+
+ELASTIC_POLICIES: dict[str, type[ElasticPolicy]] = {
+    ThresholdElasticPolicy.name: ThresholdElasticPolicy,
+}

@@ -1,0 +1,78 @@
+"""``MLFQConfig``: settings of the MLFQ schedulers (``additional_config["mlfq"]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_esp.core.settings import Settings, is_int, is_number
+
+MLFQ_CONFIG_KEY = "mlfq"
+
+
+@dataclass(frozen=True)
+class MLFQConfig(Settings):
+    """Skip-join MLFQ settings (see ``vllm_esp/core/mlfq/skip_join.py``).
+
+    Service is charged in *standalone seconds* from the calibrated cost
+    model (``vllm_esp/core/costmodel.py`` says why), so quanta are seconds.
+    """
+
+    label = "MLFQ"
+    key = MLFQ_CONFIG_KEY
+
+    #: Number of priority levels K. Level 0 is the highest. The default of
+    #: 2 ("first quantum first, then FCFS") is what measured best on
+    #: ShareGPT, whose output lengths have an increasing hazard rate, so
+    #: deeper least-attained-service levels only add round-robin delay
+    #: (benchmarks/sim_jct.py, README "Results"); use 6-8 for heavy-tailed
+    #: workloads, as FastServe does.
+    num_levels: int = 2
+    #: Quantum of level 0 in milliseconds; ``None`` = auto: the standalone
+    #: time of ``auto_quantum_decode_steps`` decode steps at 512 tokens of
+    #: context on this machine (from the cost model).
+    base_quantum_ms: float | None = None
+    #: Level k's quantum is ``base * quantum_ratio ** k``.
+    quantum_ratio: float = 2.0
+    #: Used only when ``base_quantum_ms`` is None.
+    auto_quantum_decode_steps: int = 8
+    #: Join the highest level whose quantum covers the estimated prefill
+    #: time (FastServe's skip-join). False = every request joins level 0.
+    skip_join: bool = True
+    #: A request not served for this long (since its last step, or since
+    #: arrival if it never ran) is promoted to level 0. ``0`` disables.
+    starvation_threshold_s: float = 10.0
+    #: Path of a calibration file from ``python -m vllm_esp.calibrate``;
+    #: ``None`` = the default path for the model, else the analytic fallback.
+    calibration_file: str | None = None
+    #: Name of the ranking policy (``mlfq``; ``srpt`` and ``fcfs`` exist for
+    #: benchmarks and tests, see ``vllm_esp.core.mlfq.POLICIES``).
+    policy: str = "mlfq"
+    #: KV blocks kept free when planning admissions (absorbs lookahead
+    #: slots and rounding, so vLLM's own memory preemption stays rare).
+    num_reserved_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        # Local: the policy registry imports the policies, which import the
+        # cost model; settings stay importable on their own.
+        from vllm_esp.core.mlfq import POLICIES
+
+        bad = self.invalid
+        if not (is_int(self.num_levels) and 1 <= self.num_levels <= 64):
+            raise bad("num_levels", "must be an integer in [1, 64]")
+        if self.base_quantum_ms is not None and not (
+            is_number(self.base_quantum_ms) and self.base_quantum_ms > 0
+        ):
+            raise bad("base_quantum_ms", "must be a positive number of milliseconds or null (auto)")
+        if not (is_number(self.quantum_ratio) and self.quantum_ratio > 1.0):
+            raise bad("quantum_ratio", "must be a number > 1")
+        if not (is_int(self.auto_quantum_decode_steps) and self.auto_quantum_decode_steps >= 1):
+            raise bad("auto_quantum_decode_steps", "must be an integer >= 1")
+        if not isinstance(self.skip_join, bool):
+            raise bad("skip_join", "must be true or false")
+        if not (is_number(self.starvation_threshold_s) and self.starvation_threshold_s >= 0):
+            raise bad("starvation_threshold_s",
+                      "must be a number of seconds >= 0 (0 disables promotion)")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"unknown policy; choose from {sorted(POLICIES)}")
+        if not (is_int(self.num_reserved_blocks) and self.num_reserved_blocks >= 0):
+            raise bad("num_reserved_blocks", "must be an integer >= 0")

@@ -1,0 +1,228 @@
+"""Skip-join multi-level feedback queue (FastServe, NSDI '26), torch-free.
+
+Levels and quanta::
+
+    level:     0        1         2          ...   K-1
+    quantum:   Q        Q*r       Q*r^2      ...   (no demotion below K-1)
+
+* **Skip-join.** A new request joins the highest level whose quantum covers
+  its estimated prefill time (prefix-cache aware), so a long prompt does not
+  cascade through levels whose quantum is shorter than its first iteration.
+* **Demotion.** Service is charged per step in standalone seconds (see
+  ``vllm_esp/core/costmodel.py``). When a request's service in its level
+  reaches the level's quantum it moves one level down (at most one level
+  per step) and its counter restarts.
+* **Promotion.** A request not served for ``starvation_threshold_s`` moves
+  to level 0. The clock starts at *arrival*, not at 0: FastServe's artifact
+  initialises ``last_step_time = 0`` and so promotes every queued newcomer,
+  which silently turns skip-join off. Here a request that simply has not
+  started yet is never promoted before it has waited the full threshold.
+* **Order inside a level**: arrival time, oldest first (ties by arrival
+  sequence). A running request is never overtaken by a newer arrival of the
+  same level, which keeps preemption churn low. A promoted request joins
+  the tail of level 0 (keyed by its promotion time), which bounds its wait.
+
+Data structures are chosen for the per-step hot path: each level is a list
+kept sorted by ``(arrival_time, seq)``, so ``iter_ranked`` starts in O(1)
+and the scheduler stops after a batch's worth; the starvation check walks an
+insertion-ordered dict from its stale end only.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vllm_esp.core.costmodel import StepCostModel
+from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
+
+_SortKey = tuple[float, int, str]
+
+
+@dataclass
+class _MLFQState:
+    level: int
+    key: _SortKey
+    #: Standalone seconds of service attained in the current level.
+    attained_s: float = 0.0
+    #: True once the request has been charged at least once.
+    has_run: bool = False
+
+
+class MLFQPolicy(RankingPolicy):
+    """Skip-join MLFQ over standalone-time service."""
+
+    name = "mlfq"
+
+    def __init__(
+        self,
+        *,
+        num_levels: int,
+        base_quantum_s: float,
+        quantum_ratio: float,
+        cost_model: StepCostModel,
+        skip_join: bool = True,
+        starvation_threshold_s: float = 0.0,
+    ) -> None:
+        if num_levels < 1:
+            raise ValueError("num_levels must be >= 1")
+        if not base_quantum_s > 0:
+            raise ValueError("base_quantum_s must be > 0")
+        if not quantum_ratio > 1:
+            raise ValueError("quantum_ratio must be > 1")
+        self.num_levels = num_levels
+        self.quanta_s: tuple[float, ...] = tuple(
+            base_quantum_s * quantum_ratio**k for k in range(num_levels)
+        )
+        self.cost_model = cost_model
+        self.skip_join = skip_join
+        self.starvation_threshold_s = starvation_threshold_s
+
+        self._levels: list[list[_SortKey]] = [[] for _ in range(num_levels)]
+        self._states: dict[str, _MLFQState] = {}
+        # request id -> time its starvation clock started; oldest first.
+        self._idle_since: OrderedDict[str, float] = OrderedDict()
+        # Requests charged during the current step (demotion candidates).
+        self._charged: list[str] = []
+        self._seq = 0
+        self.num_demotions = 0
+        self.num_promotions = 0
+
+    # ------------------------------------------------------------ placement
+    def join_level(self, num_prompt_tokens: int, num_cached_tokens: int = 0) -> int:
+        """The skip-join level: highest level whose quantum covers the
+        estimated prefill time."""
+        if not self.skip_join:
+            return 0
+        t_prefill = self.cost_model.prefill_time(num_prompt_tokens, num_cached_tokens)
+        # quanta are increasing: first level whose quantum >= t_prefill
+        level = bisect.bisect_left(self.quanta_s, t_prefill)
+        return min(level, self.num_levels - 1)
+
+    def add_request(self, info: RequestInfo, now: float) -> None:
+        if info.request_id in self._states:
+            raise ValueError(f"request {info.request_id!r} is already tracked")
+        level = self.join_level(info.num_prompt_tokens, info.num_cached_tokens)
+        key = (info.arrival_time, self._seq, info.request_id)
+        self._seq += 1
+        self._states[info.request_id] = _MLFQState(level=level, key=key)
+        bisect.insort(self._levels[level], key)
+        # The starvation clock starts at arrival (never at 0).
+        self._idle_since[info.request_id] = min(info.arrival_time, now)
+
+    def remove_request(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        self._remove_key(state.level, state.key)
+        self._idle_since.pop(request_id, None)
+
+    def _remove_key(self, level: int, key: _SortKey) -> None:
+        queue = self._levels[level]
+        index = bisect.bisect_left(queue, key)
+        assert index < len(queue) and queue[index] == key, "MLFQ level out of sync"
+        del queue[index]
+
+    def _move(self, request_id: str, state: _MLFQState, new_level: int,
+              new_time: float | None = None) -> None:
+        self._remove_key(state.level, state.key)
+        state.level = new_level
+        state.attained_s = 0.0
+        if new_time is not None:
+            state.key = (new_time, self._seq, request_id)
+            self._seq += 1
+        bisect.insort(self._levels[new_level], state.key)
+
+    # ------------------------------------------------------------- service
+    def on_scheduled(
+        self,
+        request_id: str,
+        num_new_tokens: int,
+        num_computed_tokens: int,
+        now: float,
+    ) -> None:
+        state = self._states.get(request_id)
+        if state is None or num_new_tokens <= 0:
+            return
+        state.attained_s += self.cost_model.chunk_time(num_new_tokens, num_computed_tokens)
+        state.has_run = True
+        self._charged.append(request_id)
+        # Served now: restart its starvation clock (move to the fresh end).
+        self._idle_since[request_id] = now
+        self._idle_since.move_to_end(request_id)
+
+    def end_step(self, now: float) -> None:
+        # Demotion: at most one level per step, counter restarts.
+        for request_id in self._charged:
+            state = self._states.get(request_id)
+            if state is None or state.level == self.num_levels - 1:
+                continue
+            if state.attained_s >= self.quanta_s[state.level]:
+                self._move(request_id, state, state.level + 1)
+                self.num_demotions += 1
+        self._charged.clear()
+
+        if self.starvation_threshold_s <= 0:
+            return
+        # Promotion: walk from the stalest end until a fresh entry.
+        deadline = now - self.starvation_threshold_s
+        while self._idle_since:
+            request_id, since = next(iter(self._idle_since.items()))
+            if since > deadline:
+                break
+            state = self._states[request_id]
+            if state.level != 0:
+                # Joins the *tail* of level 0 (keyed by the promotion time):
+                # requests promoted or arrived earlier go first, so a
+                # promoted request waits at most one level-0 quantum per
+                # request ahead of it, and re-promoted old requests cannot
+                # overtake it again (a real starvation bound).
+                self._move(request_id, state, 0, new_time=now)
+                self.num_promotions += 1
+            # Restart its clock either way, so a starved level-0 request is
+            # not rescanned every step (it already has the top priority).
+            self._idle_since.move_to_end(request_id)
+            self._idle_since[request_id] = now
+
+    # ------------------------------------------------------------- ranking
+    def iter_ranked(self) -> Iterator[str]:
+        for queue in self._levels:
+            for key in queue:
+                yield key[2]
+
+    def rank_key(self, request_id: str) -> tuple:
+        state = self._states[request_id]
+        return (state.level, state.key)
+
+    def level_of(self, request_id: str) -> int:
+        return self._states[request_id].level
+
+    def attained_s(self, request_id: str) -> float:
+        return self._states[request_id].attained_s
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def stats(self) -> PolicyStats:
+        return PolicyStats(
+            num_requests_per_level=[len(q) for q in self._levels],
+            num_demotions=self.num_demotions,
+            num_promotions=self.num_promotions,
+        )
+
+    def check_invariants(self) -> None:
+        seen: set[str] = set()
+        for level, queue in enumerate(self._levels):
+            assert queue == sorted(queue), f"level {level} is not sorted"
+            for key in queue:
+                request_id = key[2]
+                assert request_id not in seen, f"{request_id} in two levels"
+                seen.add(request_id)
+                assert self._states[request_id].level == level
+        assert seen == set(self._states), "levels and states disagree"
+        assert set(self._idle_since) == set(self._states), "starvation clock out of sync"

@@ -1,0 +1,257 @@
+"""``ESPScheduler``: the MLFQ scheduler plus elastic placement over N instances.
+
+The ranking policy (MLFQ by default) still decides which requests run; this
+class decides where, and emits the step's :class:`~vllm_esp.core.esp.step_plan.ESPStepPlan`
+for the workers:
+
+1. ``__init__`` swaps the block pool's free queue for
+   :class:`~vllm_esp.integration.esp.free_queues.InstanceFreeQueues` (the engine's
+   block space is the N instances' pools side by side).
+2. vLLM's ``schedule()`` calls ``kv_cache_manager.allocate_slots`` for
+   every request it schedules; the wrapper asks the elastic policy for the
+   request's placement and sets it on the free queues for that call, so
+   new blocks come from the chosen instances.
+3. After ``schedule()``, consolidating migrations are planned (and applied
+   to vLLM's block tables), and the plan is attached to the
+   ``SchedulerOutput`` as ``esp_plan``; the ESP executor, in the same
+   process, hands it to the instances.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.request import Request
+
+from vllm_esp.core.esp.config import ESPConfig
+from vllm_esp.core.esp.placement import (
+    ELASTIC_POLICIES,
+    InstanceLoad,
+    RequestPlacementView,
+    StepPlacement,
+    ThresholdElasticPolicy,
+)
+from vllm_esp.core.esp.step_plan import (
+    BlockMove,
+    ESPStepPlan,
+    RequestStep,
+    SamplingSpec,
+    blocks_per_instance,
+    instance_of,
+)
+from vllm_esp.integration.esp.free_queues import InstanceFreeQueues
+from vllm_esp.integration.metrics import STATS_PREFIX
+from vllm_esp.integration.mlfq.scheduler import MLFQScheduler
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+class ESPScheduler(MLFQScheduler):
+    """MLFQ ordering + elastic placement; attaches ``esp_plan`` to each output."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.esp_config = ESPConfig.from_additional_config(self.vllm_config.additional_config)
+        self.num_instances = self.esp_config.num_instances
+        if len(self.kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError("ESP supports models with one KV cache group (full attention "
+                             f"only); this model has {len(self.kv_cache_config.kv_cache_groups)}")
+        self.num_blocks = self.kv_cache_config.num_blocks
+        self.blocks_per_instance = blocks_per_instance(self.num_blocks, self.num_instances)
+        pool = self.kv_cache_manager.block_pool
+        self.free_queues = InstanceFreeQueues(pool.blocks, self.num_instances,
+                                              self.blocks_per_instance,
+                                              exclude=[pool.null_block])
+        pool.free_block_queue = self.free_queues
+        self.elastic = self._make_policy()
+        self._manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        self._orig_allocate = self.kv_cache_manager.allocate_slots
+        self.kv_cache_manager.allocate_slots = self._allocate_slots  # type: ignore[method-assign]
+        self._step_placement: dict[str, StepPlacement] = {}
+        self._loads: list[InstanceLoad] = []
+        self.num_esp_steps = 0
+        # Counters exported as metrics.
+        self.esp_counters = {"scale_up": 0, "prefill_multi": 0, "migrated_blocks": 0,
+                             "instances_sum": 0, "requests_sum": 0}
+        group = self.kv_cache_config.kv_cache_groups[0]
+        #: Bytes of one block over all layers of one instance (migration cost).
+        self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        logger.info("vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), "
+                    "placement=%s", self.num_instances, self.blocks_per_instance,
+                    self.block_size, self.esp_config.placement)
+
+    def _make_policy(self) -> ThresholdElasticPolicy:
+        cfg = self.esp_config
+        cls = ELASTIC_POLICIES[cfg.placement]
+        return cls(self.num_instances, prefill_time=self.cost_model.chunk_time,
+                   prefill_target_s=cfg.prefill_target_ms / 1000.0,
+                   max_prefill_instances=cfg.max_prefill_instances,
+                   decode_scale_up_batch=cfg.decode_scale_up_batch,
+                   migrate_blocks_per_step=cfg.migrate_blocks_per_step,
+                   prefill_storage=cfg.prefill_storage)
+
+    # ------------------------------------------------------------------ views
+    def _instance(self, block_id: int) -> int:
+        return instance_of(block_id, self.blocks_per_instance)
+
+    def _view(self, request: Request, num_new_tokens: int) -> RequestPlacementView:
+        held = [0] * self.num_instances
+        last = None
+        for block in self._manager.req_to_blocks.get(request.request_id, ()):
+            if not block.is_null:
+                inst = self._instance(block.block_id)
+                held[inst] += 1
+                last = inst
+        return RequestPlacementView(
+            req_id=request.request_id, num_prompt_tokens=request.num_prompt_tokens,
+            num_computed_tokens=request.num_computed_tokens, num_new_tokens=num_new_tokens,
+            blocks_per_instance=tuple(held), last_block_instance=last,
+            block_size=self.block_size)
+
+    def _refresh_loads(self) -> None:
+        decodes = [0] * self.num_instances
+        for request in self.running:
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                blocks = self._manager.req_to_blocks.get(request.request_id)
+                if blocks:
+                    decodes[self._instance(blocks[-1].block_id)] += 1
+        free = self.free_queues.free_per_instance()
+        self._loads = [InstanceLoad(i, free[i], self.blocks_per_instance, decodes[i])
+                       for i in range(self.num_instances)]
+
+    def _current_loads(self) -> list[InstanceLoad]:
+        free = self.free_queues.free_per_instance()
+        return [InstanceLoad(l.instance, free[l.instance], l.num_blocks, l.num_decodes)
+                for l in self._loads]
+
+    # ------------------------------------------------------------------ allocation
+    def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any,
+                        **kwargs: Any) -> Any:
+        view = self._view(request, num_new_tokens)
+        placement = self.elastic.place(view, self._current_loads())
+        self.free_queues.placement = placement.storage
+        try:
+            blocks = self._orig_allocate(request, num_new_tokens, *args, **kwargs)
+        finally:
+            self.free_queues.placement = None
+        if blocks is not None:
+            self._step_placement[request.request_id] = placement
+            # A scale-up is a decode whose new block landed off its home.
+            table = self._manager.req_to_blocks.get(request.request_id)
+            if (placement.reason == "scale-up" and table and blocks.get_block_ids()[0]
+                    and self._instance(table[-1].block_id) != view.last_block_instance):
+                self.esp_counters["scale_up"] += 1
+        return blocks
+
+    # ------------------------------------------------------------------ step
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        self._step_placement.clear()
+        self._refresh_loads()
+        output = super().schedule(throttle_prefills)
+        moves = self._plan_migrations(output)
+        output.esp_plan = self._build_plan(output, moves)  # type: ignore[attr-defined]
+        return output
+
+    def _plan_migrations(self, output: SchedulerOutput) -> list[BlockMove]:
+        if self.elastic.migrate_blocks_per_step <= 0 or self.num_instances == 1:
+            return []
+        moves: list[BlockMove] = []
+        pool = self.kv_cache_manager.block_pool
+        for req_id, num_new in output.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            view = self._view(request, num_new)
+            if request.num_computed_tokens - num_new < request.num_prompt_tokens:
+                continue  # prefill: placement already chose where KV goes
+            decision = self.elastic.consolidate(view, self._current_loads())
+            if decision is None:
+                continue
+            src, dst, count = decision
+            table = self._manager.req_to_blocks[req_id]
+            # Never the last block (this step writes into it) nor a shared one.
+            candidates = [i for i, b in enumerate(table[:-1])
+                          if not b.is_null and b.ref_cnt == 1
+                          and self._instance(b.block_id) == src][:count]
+            if not candidates:
+                continue
+            self.free_queues.placement = self.elastic_storage(dst)
+            try:
+                fresh = pool.get_new_blocks(len(candidates))
+            finally:
+                self.free_queues.placement = None
+            if any(self._instance(b.block_id) != dst for b in fresh):
+                # The destination filled up meanwhile: undo, move nothing.
+                pool.free_blocks(fresh)
+                continue
+            old = []
+            for idx, new in zip(candidates, fresh, strict=True):
+                old.append(table[idx])
+                moves.append(BlockMove(table[idx].block_id, new.block_id))
+                table[idx] = new
+            pool.free_blocks(old)
+            self.esp_counters["migrated_blocks"] += len(old)
+        return moves
+
+    @staticmethod
+    def elastic_storage(instance: int):
+        from vllm_esp.core.esp.placement import StoragePlacement
+
+        return StoragePlacement((instance,))
+
+    def _build_plan(self, output: SchedulerOutput, moves: list[BlockMove]) -> ESPStepPlan:
+        steps: list[RequestStep] = []
+        for req_id, num_new in output.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            end = request.num_computed_tokens  # vLLM already advanced it
+            start = end - num_new
+            block_ids = tuple(b.block_id for b in self._manager.req_to_blocks[req_id])
+            placement = self._step_placement.get(req_id)
+            if start < request.num_prompt_tokens and placement is not None:
+                compute = placement.compute
+                if len(compute) > 1:
+                    self.esp_counters["prefill_multi"] += 1
+            else:  # decode (or no allocation this step): compute where the token is stored
+                compute = (self._instance(block_ids[start // self.block_size]),)
+            sample = None
+            if end >= request.num_tokens:
+                sample = _sampling_spec(request)
+            steps.append(RequestStep(
+                req_id=req_id, start=start,
+                token_ids=tuple(request.all_token_ids[start:end]),
+                block_ids=block_ids, compute=compute, sample=sample,
+                num_output_tokens=request.num_output_tokens))
+        plan = ESPStepPlan(step=self.num_esp_steps, num_instances=self.num_instances,
+                           blocks_per_instance=self.blocks_per_instance,
+                           block_size=self.block_size, requests=tuple(steps),
+                           moves=tuple(moves),
+                           finished_req_ids=tuple(sorted(output.finished_req_ids)))
+        self.num_esp_steps += 1
+        for size in plan.instances_per_request().values():
+            self.esp_counters["instances_sum"] += size
+            self.esp_counters["requests_sum"] += 1
+        return plan
+
+    # ------------------------------------------------------------------ metrics
+    def plugin_stats(self) -> dict[str, int]:
+        """MLFQ stats plus the ESP series (see ``vllm_esp.integration.metrics``)."""
+        stats = super().plugin_stats()
+        for inst, num_free in enumerate(self.free_queues.free_per_instance()):
+            stats[f"{STATS_PREFIX}esp_instance_free_blocks_{inst}"] = num_free
+        c = self.esp_counters
+        stats[f"{STATS_PREFIX}esp_scale_ups_total"] = c["scale_up"]
+        stats[f"{STATS_PREFIX}esp_multi_instance_prefills_total"] = c["prefill_multi"]
+        stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] = c["migrated_blocks"]
+        stats[f"{STATS_PREFIX}esp_migrated_bytes_total"] = c["migrated_blocks"] * self.block_bytes
+        stats[f"{STATS_PREFIX}esp_request_instances_total"] = c["instances_sum"]
+        stats[f"{STATS_PREFIX}esp_request_steps_total"] = c["requests_sum"]
+        return stats
+
+
+def _sampling_spec(request: Request) -> SamplingSpec:
+    params = request.sampling_params
+    if params is None:
+        return SamplingSpec()
+    return SamplingSpec(temperature=float(params.temperature), top_p=float(params.top_p),
+                        top_k=int(params.top_k or 0) if (params.top_k or 0) > 0 else 0,
+                        min_p=float(params.min_p), seed=params.seed)

@@ -1,1 +1,0 @@
-"""Prometheus export of the vllm-esp scheduler's queue state."""
