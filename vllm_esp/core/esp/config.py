@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_esp.core.esp.placement import ELASTIC_POLICIES
 from vllm_esp.core.settings import Settings, is_int, is_number
 
 ESP_CONFIG_KEY = "esp"
@@ -58,8 +59,6 @@ class ESPConfig(Settings):
     cpu_binds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        from vllm_esp.core.esp.placement import ELASTIC_POLICIES
-
         bad = self.invalid
         if not (is_int(self.num_instances) and 1 <= self.num_instances <= 256):
             raise bad("num_instances", "must be an integer in [1, 256]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_esp.core.mlfq import POLICIES
 from vllm_esp.core.settings import Settings, is_int, is_number
 
 MLFQ_CONFIG_KEY = "mlfq"
@@ -52,10 +53,6 @@ class MLFQConfig(Settings):
     num_reserved_blocks: int = 0
 
     def __post_init__(self) -> None:
-        # Local: the policy registry imports the policies, which import the
-        # cost model; settings stay importable on their own.
-        from vllm_esp.core.mlfq import POLICIES
-
         bad = self.invalid
         if not (is_int(self.num_levels) and 1 <= self.num_levels <= 64):
             raise bad("num_levels", "must be an integer in [1, 64]")
