@@ -255,9 +255,8 @@ class ESPStatsTap(SchedulerStatsTap):
     """``SchedulerStatsTap`` that also keeps the ESP scheduler's own entries
     (``vllm_esp:esp_*`` counters and per-instance free blocks: their
     deltas over the replay and the lowest free-block count per instance,
-    i.e. whether both instances' caches were used). Entries without the
-    ``vllm_esp:`` prefix (``esp_*``, ``instance_*``: earlier revisions of the
-    ESP scheduler) are accepted too."""
+    i.e. whether both instances' caches were used). Unprefixed ``esp_*`` and
+    ``instance_*`` entries are read as well."""
 
     def reset(self) -> None:
         super().reset()

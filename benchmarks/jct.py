@@ -83,10 +83,11 @@ from benchmarks.common import (
 )
 
 # mlfq-swap: the same MLFQ, preempting by host KV swap instead of recompute
-# (vllm_esp/kv; scheduler_args sets up its KV connector).
+# (vllm_esp/integration/swap/connector.py; scheduler_args sets up the KV
+# connector).
 POLICIES = ("fcfs", "mlfq", "mlfq-swap", "srpt")
 
-# FastServe's artifact (brief §4.1) runs bs 16, 2048 batched tokens and a
+# FastServe's artifact runs bs 16, 2048 batched tokens and a
 # 2048 context on a GPU, where adding a sequence to a decode batch is almost
 # free, so the batch cap (not compute) decides who runs. On this CPU (one
 # core runs the model) a step's time grows with the batch: in closed-loop
@@ -97,9 +98,9 @@ POLICIES = ("fcfs", "mlfq", "mlfq-swap", "srpt")
 DEFAULT_MAX_NUM_SEQS = 8
 SWEEP_MAX_NUM_SEQS = (8, 16, 64)
 
-# KV budget of --quick. At 8,192 tokens (the former default) the quick
-# trace never preempted (0 evictions for every policy), so mlfq and
-# mlfq-swap differed only by overhead. At 3,072 tokens (96 blocks of 32;
+# KV budget of --quick. At 8,192 tokens (the full sweep's budget) the quick
+# trace never preempts (0 evictions for every policy), so mlfq and
+# mlfq-swap differ only by overhead. At 3,072 tokens (96 blocks of 32;
 # the longest request, 2,048 tokens, still fits) 8 running requests of the
 # trace (~300 tokens each on average) nearly fill the cache, so MLFQ's
 # paused residents must be evicted (recomputed by mlfq, swapped by
@@ -222,7 +223,7 @@ class SchedulerStatsTap:
     ``LLMEngine.logger_manager.record``; wrapping that call (benchmark-side
     instrumentation only) gives the queue lengths per step and the
     ``vllm_esp:`` counters the MLFQ scheduler adds (demotions, promotions,
-    rank preemptions, paused residents; see ``vllm_esp/metrics``).
+    rank preemptions, paused residents; see ``vllm_esp/integration/metrics.py``).
     """
 
     def __init__(self, engine: Any) -> None:

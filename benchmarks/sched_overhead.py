@@ -4,7 +4,7 @@
 
 No engine and no model weights: both schedulers are the real classes with a
 real ``KVCacheManager``, built from a config-only model folder exactly as the
-unit tests do (``tests/sched_harness.py``); the model runner is replaced by
+scheduler tests do (``vllm_esp/harness/scheduler.py``); the model runner is replaced by
 fabricated outputs (one sampled token per request that finished its prompt).
 
 For each system size N (1,000 and 5,000 unfinished requests) and each

@@ -4,8 +4,9 @@
 
 Each policy is the real scheduler object (stock vLLM ``Scheduler`` for
 ``fcfs``; ``MLFQScheduler`` with the ``mlfq``/``srpt`` policies and any
-settings) driven by fabricated model-runner outputs, exactly as the unit
-tests drive it; only the clock is simulated. A step lasts
+settings) driven by fabricated model-runner outputs, exactly as the
+scheduler tests drive it (``vllm_esp/harness/scheduler.py``); only the
+clock is simulated. A step lasts
 
     t_step = t0 + t_decode * num_decode_reqs + t_prefill * num_prefill_tokens
              + bytes_copied / swap_bandwidth                    (mlfq-swap)
@@ -18,15 +19,15 @@ real one (``--check FILE`` prints both). Results are labelled SIMULATED.
 
 ``mlfq-swap`` is the real ``MLFQScheduler`` with the real scheduler half of
 ``HostSwapConnector`` (vLLM builds it from ``kv_transfer_config``); the
-worker half is ``sched_harness.SwapWorker`` (prefetches land in the step that
+worker half is ``vllm_esp.harness.scheduler.SwapWorker`` (prefetches land in the step that
 issues them, as with CPU's synchronous copies), and every block copied
 costs ``--kv-bytes-per-token * block_size / --swap-gbs`` seconds (defaults:
 the default preset, 6 KiB per token, and the copy bandwidth
 ``benchmarks.swap`` measured, 22 GB/s). Recompute needs no model of its
 own: the scheduler schedules the recomputed tokens as prefill.
 
-This is how the MLFQ defaults were chosen: it runs a settings sweep in
-seconds where the real benchmark needs minutes per policy.
+The MLFQ defaults come from its settings sweep, which takes seconds where
+the real benchmark needs minutes per policy.
 """
 
 from __future__ import annotations

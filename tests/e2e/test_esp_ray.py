@@ -16,16 +16,18 @@ import subprocess
 import time
 
 import pytest
-from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from test_swap_offline import engine_core_in_process
 
 import vllm_esp
-from vllm_esp.harness.engine import (
-    ENGINE_KWARGS,
-    free_port,
-    instance_index_rpc,
-    small_model_path,
+from vllm_esp.harness.engine import ENGINE_KWARGS, instance_index_rpc, small_model_path
+from vllm_esp.harness.offline import (
+    BLOCK_SIZE,
+    KV_BYTES,
+    MAX_NUM_SEQS,
+    MAX_TOKENS,
+    PROMPTS,
+    engine_core_in_process,
 )
+from vllm_esp.harness.serve import free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 

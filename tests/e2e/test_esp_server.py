@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import MAX_TOKENS, PROMPTS
-from test_server import complete, serve_cmd
 
-from vllm_esp.harness.engine import free_port, running_server
+from vllm_esp.harness.offline import MAX_TOKENS, PROMPTS
+from vllm_esp.harness.serve import complete, free_port, running_server, serve_cmd
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 import gc
 
 import pytest
-from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
-from test_swap_offline import (
+
+import vllm_esp
+from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
+from vllm_esp.harness.offline import (
+    BLOCK_SIZE,
+    KV_BYTES,
+    MAX_NUM_SEQS,
+    MAX_TOKENS,
+    PROMPTS,
     ResumeRecorder,
     abort_while_swapped,
     engine_core_in_process,
     leak_report,
 )
-
-import vllm_esp
-from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 

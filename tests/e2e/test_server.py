@@ -8,44 +8,22 @@ flags), with the same engine settings as the offline runs.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
 
-from vllm_esp.harness.engine import cpu_env, free_port, running_server, small_model_path
+from vllm_esp.harness.offline import MAX_TOKENS, PROMPTS
+from vllm_esp.harness.serve import complete, cpu_env, free_port, running_server, serve_cmd
 
 pytestmark = pytest.mark.engine
-
-
-def serve_cmd(port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "vllm_esp.cli", "serve", small_model_path(),
-        "--port", str(port), "--host", "127.0.0.1",
-        "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
-        "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(KV_BYTES),
-        "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(MAX_NUM_SEQS),
-        "--max-num-batched-tokens", "512", *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
 def server():
     with running_server(serve_cmd(free_port(), "--scheduler", "mlfq")) as base:
         yield base
-
-
-def complete(base: str, prompt: list[int], max_tokens: int) -> list[int]:
-    r = requests.post(f"{base}/v1/completions", timeout=300, json={
-        "model": small_model_path(), "prompt": prompt, "max_tokens": max_tokens,
-        "temperature": 0.0, "ignore_eos": True, "return_token_ids": True,
-    })
-    r.raise_for_status()
-    choice = r.json()["choices"][0]
-    return choice["token_ids"]
 
 
 def test_http_greedy_outputs_equal_stock_offline(server, offline_outputs):

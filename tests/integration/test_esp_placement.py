@@ -1,27 +1,24 @@
-"""Where ESP puts blocks and computation.
+"""Where ESP puts blocks: the per-instance free queues.
 
 * ``InstanceFreeQueues.take_counts`` (pure): stripe / fill / spill.
 * ``InstanceFreeQueues`` over real vLLM ``KVCacheBlock`` objects: the
   placement is honoured and the per-instance queues keep their counts
   through vLLM's queue API.
-* ``ThresholdElasticPolicy``: prefill DoP, scale-down storage, decode and
-  scale-up, consolidation.
+
+The placement policies themselves are tested without vLLM in
+``tests/core/test_esp_placement_policy.py``.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
-from vllm_esp.core.esp.placement import (
-    ELASTIC_POLICIES,
-    InstanceLoad,
-    RequestPlacementView,
-    StoragePlacement,
-    ThresholdElasticPolicy,
-)
+from vllm_esp.core.esp.placement import StoragePlacement
 from vllm_esp.core.esp.step_plan import instance_of
 from vllm_esp.integration.esp.free_queues import InstanceFreeQueues
 
@@ -89,7 +86,7 @@ def test_take_counts_properties(data, free, stripe, use_placement):
         placement = StoragePlacement(tuple(preferred), stripe=stripe)
     counts = take_counts(n, placement, free)
     assert all(c > 0 for _, c in counts)
-    assert all(a[0] != b[0] for a, b in zip(counts, counts[1:]))  # run-length encoded
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(counts))  # run-length encoded
     order = expand(counts)
     assert len(order) == n
     got = [order.count(i) for i in range(len(free))]
@@ -140,7 +137,7 @@ def free_ids(queues):
 
 
 def test_queues_split_blocks_by_instance_and_exclude_the_null_block():
-    blocks, q = make_queues()
+    _, q = make_queues()
     assert q.free_per_instance() == [B - 1, B, B]
     assert q.num_free_blocks == N * B - 1
     assert free_ids(q) == [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -232,181 +229,3 @@ def test_random_queue_ops_match_a_model(ops):
         assert {b.block_id for b in q.get_all_free_blocks()} == free
         assert q.free_per_instance() == [
             sum(1 for b in free if instance_of(b, B) == i) for i in range(N)]
-
-
-# ------------------------------------------------------------------ policy
-TARGET_S = 1 / 16
-
-def linear_time(per_token_s=1 / 1024):
-    calls = []
-
-    def prefill_time(num_new, num_computed):
-        calls.append((num_new, num_computed))
-        return per_token_s * num_new
-
-    prefill_time.calls = calls
-    return prefill_time
-
-
-def loads(*free, num_blocks=100, decodes=None):
-    decodes = decodes or [0] * len(free)
-    return [InstanceLoad(i, f, num_blocks, d) for i, (f, d) in enumerate(zip(free, decodes))]
-
-
-def view(prompt=100, computed=0, new=100, held=(0, 0, 0, 0), last=None, bs=16, rid="r"):
-    return RequestPlacementView(rid, prompt, computed, new, tuple(held), last, bs)
-
-
-def policy(num_instances=4, **kwargs):
-    kwargs.setdefault("prefill_time", linear_time())
-    kwargs.setdefault("prefill_target_s", TARGET_S)
-    return ThresholdElasticPolicy(num_instances, **kwargs)
-
-
-def test_registry_and_constructor_checks():
-    assert ELASTIC_POLICIES["threshold"] is ThresholdElasticPolicy
-    with pytest.raises(ValueError, match="num_instances"):
-        policy(0)
-    with pytest.raises(ValueError, match="prefill_storage 'x'"):
-        policy(prefill_storage="x")
-    assert policy(4, max_prefill_instances=9).max_prefill_instances == 4
-    assert policy(4, max_prefill_instances=None).max_prefill_instances == 4
-
-
-def test_prefill_dop_grows_with_estimated_time_and_is_capped():
-    fake = linear_time()  # 64 tokens = one target (binary-exact floats)
-    p = policy(4, prefill_time=fake)
-    assert [p.prefill_dop(t, 0) for t in (1, 63, 64, 65, 128, 129, 192, 193, 5000)] == [
-        1, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert fake.calls[-1] == (5000, 0)
-    p.prefill_dop(10, 77)
-    assert fake.calls[-1] == (10, 77)  # the context length reaches the cost model
-    capped = policy(4, max_prefill_instances=2)
-    assert capped.prefill_dop(5000, 0) == 2
-    # Never more instances than tokens, even when the estimate is huge.
-    slow = policy(4, prefill_time=lambda n, c: 10.0)
-    assert [slow.prefill_dop(t, 0) for t in (1, 2, 3, 9)] == [1, 2, 3, 4]
-    assert policy(1, prefill_time=lambda n, c: 10.0).prefill_dop(100, 0) == 1
-
-
-def test_prefill_compute_uses_the_most_free_instances():
-    p = policy(4)
-    placed = p.place(view(prompt=150, new=150), loads(5, 40, 30, 40))
-    assert placed.reason == "prefill"
-    assert placed.compute == (1, 2, 3)  # DoP 3: the three most free, ascending
-    one = p.place(view(prompt=50, new=50), loads(5, 40, 30, 40))
-    assert one.compute == (1,)
-
-
-def test_fewest_storage_holds_the_prompt_on_the_fewest_instances():
-    p = policy(4)
-    # 16-token blocks; 100 prompt tokens + 1 output token = 7 blocks.
-    placed = p.place(view(prompt=100, new=100), loads(5, 8, 3, 2))
-    assert placed.storage == StoragePlacement((1,), stripe=False)
-    # 20 blocks: the most free first until the prompt fits.
-    placed = p.place(view(prompt=319, new=300), loads(5, 8, 3, 9))
-    assert placed.storage.instances == (3, 1, 0)
-    assert not placed.storage.stripe
-    # A later chunk starts on the instance of the request's last block and
-    # counts the blocks it already holds (20 - 12 = 8 more).
-    placed = p.place(view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2),
-                     loads(5, 8, 3, 9))
-    assert placed.storage.instances == (2, 3)
-    # The last-block instance alone is enough: it is the only one.
-    placed = p.place(view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2),
-                     loads(5, 8, 30, 9))
-    assert placed.storage.instances == (2,)
-    # Storage is independent of compute: scale-down (compute on 3, store on 1).
-    placed = p.place(view(prompt=150, new=150), loads(40, 40, 40, 5))
-    assert placed.compute == (0, 1, 2) and placed.storage.instances == (0,)
-
-
-def test_stripe_storage_deals_blocks_over_the_compute_instances():
-    p = policy(4, prefill_storage="stripe")
-    placed = p.place(view(prompt=150, new=150), loads(5, 40, 30, 40))
-    assert placed.compute == (1, 2, 3)
-    assert placed.storage == StoragePlacement((1, 2, 3), stripe=True)
-
-
-def test_decode_stays_home_until_full_or_busy():
-    p = policy(3, decode_scale_up_batch=2)
-    dec = view(prompt=10, computed=40, new=1, held=(0, 3, 0), last=1)
-    home = p.place(dec, loads(10, 10, 10, decodes=[0, 2, 0]))
-    assert home.reason == "decode"
-    assert home.compute == (1,) and home.storage == StoragePlacement((1,))
-    # Home full: scale up to the least loaded other instance.
-    full = p.place(dec, loads(10, 0, 20, decodes=[0, 1, 3]))
-    assert full.reason == "scale-up"
-    assert full.compute == (0,) and full.storage.instances == (0,)
-    # Home masters more decodes than the threshold.
-    busy = p.place(dec, loads(10, 10, 20, decodes=[1, 3, 1]))
-    assert busy.reason == "scale-up" and busy.compute == (2,)  # tie on decodes: most free
-    # Other instances full too: stays home when home has room...
-    alone = p.place(dec, loads(0, 10, 0, decodes=[0, 5, 0]))
-    assert alone.compute == (1,) and alone.reason == "decode"
-    # ... and falls back to some instance when nobody has room.
-    nowhere = p.place(dec, loads(0, 0, 0))
-    assert len(nowhere.compute) == 1 and nowhere.storage.instances == nowhere.compute
-
-
-def test_decode_scale_up_batch_zero_always_scales_up():
-    p = policy(2, decode_scale_up_batch=0)
-    dec = view(prompt=10, computed=20, new=1, held=(2, 0), last=0)
-    placed = p.place(dec, loads(50, 50, decodes=[1, 0]))
-    assert placed.reason == "scale-up" and placed.storage.instances == (1,)
-
-
-def test_decode_without_blocks_goes_to_the_least_loaded():
-    p = policy(3)
-    placed = p.place(view(prompt=10, computed=10, new=1, held=(0, 0, 0), last=None),
-                     loads(5, 9, 9, decodes=[1, 2, 0]))
-    assert placed.reason == "decode" and placed.compute == (2,)
-
-
-def test_consolidate_moves_the_smallest_shard_to_the_largest():
-    p = policy(3, migrate_blocks_per_step=4)
-    dec = view(prompt=10, computed=200, new=1, held=(3, 8, 2), last=1)
-    assert p.consolidate(dec, loads(10, 10, 10)) == (2, 1, 2)
-    # Bounded by the per-step budget ...
-    big = view(prompt=10, computed=300, new=1, held=(9, 10, 0), last=1)
-    assert p.consolidate(big, loads(10, 50, 10)) == (0, 1, 4)
-    # ... and by the destination's room, keeping one block for growth.
-    assert p.consolidate(big, loads(10, 3, 10)) == (0, 1, 2)
-    assert p.consolidate(big, loads(10, 1, 10)) is None
-    assert p.consolidate(big, loads(10, 0, 10)) is None
-    # Ties: the lower instance is the destination.
-    tie = view(prompt=10, computed=100, new=1, held=(4, 4, 0), last=1)
-    assert p.consolidate(tie, loads(10, 10, 10)) == (1, 0, 4)
-
-
-def test_consolidate_declines_prefill_single_shard_and_disabled():
-    p = policy(3, migrate_blocks_per_step=4)
-    assert p.consolidate(view(prompt=300, computed=100, new=100, held=(3, 3, 0)),
-                         loads(10, 10, 10)) is None
-    assert p.consolidate(view(prompt=10, computed=100, new=1, held=(0, 7, 0), last=1),
-                         loads(10, 10, 10)) is None
-    off = policy(3, migrate_blocks_per_step=0)
-    assert off.consolidate(view(prompt=10, computed=100, new=1, held=(3, 8, 0), last=1),
-                           loads(10, 10, 10)) is None
-
-
-@settings(max_examples=200, deadline=None)
-@given(held=st.lists(st.integers(0, 20), min_size=2, max_size=4), data=st.data(),
-       budget=st.integers(1, 8))
-def test_consolidate_is_bounded(held, data, budget):
-    free = data.draw(st.lists(st.integers(0, 20), min_size=len(held), max_size=len(held)))
-    p = policy(len(held), migrate_blocks_per_step=budget)
-    decision = p.consolidate(view(prompt=1, computed=500, new=1, held=tuple(held), last=0),
-                             loads(*free))
-    if sum(1 for h in held if h) < 2:
-        assert decision is None
-        return
-    if decision is None:
-        dst = max(range(len(held)), key=lambda i: (held[i], -i))
-        assert free[dst] <= 1
-        return
-    src, dst, count = decision
-    assert src != dst and held[src] > 0
-    assert held[dst] == max(held) and held[src] <= min(h for i, h in enumerate(held)
-                                                      if h and i != dst)
-    assert 1 <= count <= min(budget, held[src], free[dst] - 1)

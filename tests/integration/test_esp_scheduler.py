@@ -3,9 +3,9 @@
 The engine's block space is N instances' pools side by side; these tests
 check that the per-instance free queues never lose or double-count a block,
 that every ``SchedulerOutput`` carries an ``esp_plan`` consistent with
-vLLM's own view of the step, and that the elastic behaviours (a prompt
-larger than one instance, scale-down, stripe, scale-up, consolidation)
-show up in the block tables.
+vLLM's own view of the step, that the elastic behaviours (a prompt larger
+than one instance, scale-down, stripe, scale-up, consolidation) show up in
+the block tables, and that any registered ``ElasticPolicy`` drives them.
 
 Cost model (``calibration_file`` fixture): 1 ms + 0.01 ms per token; a
 ``prefill_target_ms`` of 0.001 therefore forces the largest DoP and the
@@ -14,6 +14,7 @@ default 250 ms keeps every prefill on one instance.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -21,6 +22,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from vllm.v1.request import RequestStatus
 
+from vllm_esp.core.esp.config import ESPConfig
+from vllm_esp.core.esp.placement import (
+    ELASTIC_POLICIES,
+    Consolidation,
+    ElasticPolicy,
+    InstanceLoad,
+    PrefillTime,
+    RequestPlacementView,
+    StepPlacement,
+    StoragePlacement,
+)
 from vllm_esp.core.esp.step_plan import ESPStepPlan, instance_of, local_batch
 from vllm_esp.harness.scheduler import create_scheduler, fake_output, make_request
 from vllm_esp.integration.esp.scheduler import ESPScheduler
@@ -157,7 +169,7 @@ def run(s, max_steps=2000):
 
 def assert_all_free(s):
     sizes = instance_sizes(s)
-    assert s.free_queues.free_per_instance() == [sizes[0] - 1] + sizes[1:]
+    assert s.free_queues.free_per_instance() == [sizes[0] - 1, *sizes[1:]]
 
 
 # ------------------------------------------------------------------ setup
@@ -207,7 +219,7 @@ def test_scale_down_computes_on_all_and_stores_on_one(config_model_dir, calibrat
     # Half the tokens are computed away from their storage and shipped home.
     assert len(batches[other].ship_out[home]) == 100
     assert batches[other].store_rows == []
-    assert s.esp_counters["prefill_multi"] == 1
+    assert s.counters.num_multi_instance_prefills == 1
     run(s)
     assert_all_free(s)
 
@@ -231,7 +243,7 @@ def test_single_instance_prefill_with_the_default_target(config_model_dir, calib
     _, plan, _ = esp_step(s)
     assert len(plan.requests[0].compute) == 1
     assert set(instances(s, "r")) == set(plan.requests[0].compute)
-    assert s.esp_counters["prefill_multi"] == 0
+    assert s.counters.num_multi_instance_prefills == 0
 
 
 # ------------------------------------------------------------------ decode
@@ -242,14 +254,14 @@ def test_decode_scale_up_zero_puts_new_blocks_on_another_instance(config_model_d
     s.add_request(make_request("r", 20, 61))  # KV of 20 + 60 tokens: 5 blocks
     seen = []
     while s.has_requests():
-        _, plan, _ = esp_step(s)
+        esp_step(s)
         if "r" in s._manager.req_to_blocks:
             seen = instances(s, "r")
     assert len(seen) == 5
     # Prefill on one instance, then every block boundary moves to the other.
     assert seen[0] == seen[1]
-    assert all(a != b for a, b in zip(seen[1:], seen[2:])), seen
-    assert s.esp_counters["scale_up"] > 0
+    assert all(a != b for a, b in itertools.pairwise(seen[1:])), seen
+    assert s.counters.num_scale_ups > 0
     assert_all_free(s)
 
 
@@ -262,7 +274,7 @@ def test_decode_stays_home_by_default(config_model_dir, calibration_file):
         if "r" in s._manager.req_to_blocks:
             seen = instances(s, "r")
     assert len(seen) == 5 and len(set(seen)) == 1
-    assert s.esp_counters["scale_up"] == 0
+    assert s.counters.num_scale_ups == 0
 
 
 def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calibration_file):
@@ -290,7 +302,7 @@ def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calib
     assert set(instances(s, "r")) == {0}
     _, plan, _ = esp_step(s)
     assert plan.moves == ()
-    assert s.esp_counters["migrated_blocks"] == 6
+    assert s.counters.num_migrated_blocks == 6
     run(s)
     assert_all_free(s)
 
@@ -390,13 +402,13 @@ def test_random_workloads_conserve_blocks_per_instance(
     assert all(n == 1 for n in finished.values()), finished
     assert not s._manager.req_to_blocks
     assert_all_free(s)
-    assert s.esp_counters["migrated_blocks"] == moved
+    assert s.counters.num_migrated_blocks == moved
     if esp["migrate_blocks_per_step"] == 0:
         assert moved == 0
     event(f"migrated: {moved > 0}")
     event(f"KV on several instances: {multi}")
     event(f"rank preemptions: {s.num_rank_preemptions > 0}")
-    event(f"scale-ups: {s.esp_counters['scale_up'] > 0}")
+    event(f"scale-ups: {s.counters.num_scale_ups > 0}")
 
 
 @pytest.mark.parametrize("num_instances", [2, 4])
@@ -421,4 +433,78 @@ def test_scale_up_counter_counts_groups_grown(config_model_dir, calibration_file
                  esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0})
     s.add_request(make_request("r", 20, 61))  # KV of 80 tokens: blocks 2, 3, 4 are new
     run(s)
-    assert s.esp_counters["scale_up"] == 3
+    assert s.counters.num_scale_ups == 3
+
+
+def test_counters_reach_the_plugin_stats(config_model_dir, calibration_file):
+    s = make_esp(config_model_dir, calibration_file,
+                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe"})
+    s.add_request(make_request("r", 200, 20))
+    run(s)
+    c = s.counters
+    assert c.num_multi_instance_prefills == 1 and c.num_migrated_blocks == 6
+    stats = s.plugin_stats()
+    assert stats[f"{STATS_PREFIX}esp_multi_instance_prefills_total"] == 1
+    assert stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] == 6
+    assert stats[f"{STATS_PREFIX}esp_request_steps_total"] == c.num_request_steps == 20
+    assert stats[f"{STATS_PREFIX}esp_migrated_bytes_total"] == 6 * s.block_bytes > 0
+
+
+# ------------------------------------------------------------------ any elastic policy
+class StripeThenGather(ElasticPolicy):
+    """A toy policy the scheduler knows only by name: prefills compute on
+    every instance and stripe their KV; decodes run on ``home``; one block
+    per step migrates to ``home``."""
+
+    name = "stripe-then-gather"
+
+    def __init__(self, num_instances: int, home: int) -> None:
+        self.all = tuple(range(num_instances))
+        self.home = home
+        self.num_consolidate_calls = 0
+
+    @classmethod
+    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
+                      prefill_time: PrefillTime) -> StripeThenGather:
+        return cls(num_instances, home=num_instances - 1)
+
+    def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
+        if request.is_prefill:
+            return StepPlacement(self.all, StoragePlacement(self.all, stripe=True), "prefill")
+        return StepPlacement((self.home,), StoragePlacement((self.home,)), "decode")
+
+    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
+                    ) -> Consolidation | None:
+        self.num_consolidate_calls += 1
+        assert not request.is_prefill
+        for src, num_held in enumerate(request.blocks_per_instance):
+            # The last block never moves (the step writes into it).
+            num_movable = num_held - (src == request.last_block_instance)
+            if src != self.home and num_movable > 0:
+                return Consolidation(src, self.home, 1)
+        return None
+
+
+def test_a_registered_policy_drives_placement_and_migration(config_model_dir,
+                                                            calibration_file, monkeypatch):
+    monkeypatch.setitem(ELASTIC_POLICIES, StripeThenGather.name, StripeThenGather)
+    s = make_esp(config_model_dir, calibration_file, num_blocks=60,
+                 esp={"num_instances": 3, "placement": StripeThenGather.name})
+    assert type(s.elastic) is StripeThenGather and s.elastic.home == 2
+    s.add_request(make_request("r", 200, 20))  # 13 blocks
+    _, plan, _ = esp_step(s)
+    assert plan.requests[0].compute == (0, 1, 2) and plan.moves == ()
+    assert instances(s, "r") == [0, 1, 2] * 4 + [0]
+    moves = []
+    while s.requests["r"].num_output_tokens < 12:
+        _, plan, _ = esp_step(s)
+        assert len(plan.moves) <= 1
+        moves += plan.moves
+    # One block per decode step onto instance 2; the prompt's last block
+    # (on 0) follows once a decode block on 2 is the request's last.
+    assert set(instances(s, "r")) == {2}
+    assert len(moves) == 9 == s.counters.num_migrated_blocks
+    assert all(instance_of(m.dst, s.blocks_per_instance) == 2 for m in moves)
+    assert s.elastic.num_consolidate_calls >= 9
+    run(s)
+    assert_all_free(s)

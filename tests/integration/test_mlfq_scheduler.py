@@ -8,7 +8,12 @@ So a 10-token prompt (1.1 ms) joins level 0, 500 tokens (6 ms) level 1,
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import RequestStatus
 
 from vllm_esp.harness.scheduler import create_scheduler, make_request, step
@@ -131,7 +136,7 @@ def test_rank_preempts_at_max_num_seqs_and_keeps_kv(config_model_dir, calibratio
     assert req.status == RequestStatus.RUNNING and req.num_preemptions == 0
     assert s.last_plan.pause == (paused,)
     run_until_done(s)
-    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
+    assert_all_blocks_free(s)
     assert computed_b > 0
 
 
@@ -202,14 +207,127 @@ def test_finish_and_abort_in_every_state(config_model_dir, calibration_file, whe
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == total_free
 
 
+def make_async(config_model_dir, calibration_file, **kwargs):
+    """The scheduler EngineCore builds with async scheduling on: through
+    ``MLFQScheduler(vllm_config=...)``, whose ``__new__`` picks the async
+    variant. The CPU platform turns async scheduling off while the harness
+    builds the config (there is no device to overlap with), so it is turned
+    back on before construction, as on GPU."""
+
+    def build(**init_kwargs):
+        init_kwargs["vllm_config"].scheduler_config.async_scheduling = True
+        return MLFQScheduler(**init_kwargs)
+
+    return make(config_model_dir, calibration_file, scheduler_cls=build,
+                async_scheduling=True, **kwargs)
+
+
+class AsyncDriver:
+    """Steps an async scheduler as EngineCore's batch queue does: a batch is
+    scheduled before the previous one's output is applied (two in flight);
+    the oldest output is applied once two are in flight or nothing new was
+    scheduled. Which requests sample is fixed when a batch is scheduled (a
+    prefill chunk samples nothing): by the time its output is applied, the
+    next batch has already advanced them."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.in_flight: deque[tuple[SchedulerOutput, list[str]]] = deque()
+        self.first_scheduled: list[str] = []
+        self.finished: list[str] = []
+
+    def step(self) -> SchedulerOutput:
+        s = self.scheduler
+        out = s.schedule()
+        sampling = [r for r in out.num_scheduled_tokens if not s.requests[r].is_prefill_chunk]
+        self.first_scheduled += [r for r in out.num_scheduled_tokens
+                                 if r not in self.first_scheduled]
+        self.in_flight.append((out, sampling))
+        if len(self.in_flight) == 2 or not out.total_num_scheduled_tokens:
+            done, sampled = self.in_flight.popleft()
+            req_ids = list(done.num_scheduled_tokens)
+            engine_outputs = s.update_from_output(done, ModelRunnerOutput(
+                req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                sampled_token_ids=[[7] if r in sampled else [] for r in req_ids]))
+            self.finished += [o.request_id for outs in engine_outputs.values()
+                              for o in outs.outputs if o.finish_reason is not None]
+        s.check_invariants()
+        return out
+
+    def drain(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            busy = any(out.total_num_scheduled_tokens for out, _ in self.in_flight)
+            if not (self.scheduler.has_requests() or busy):
+                return
+            self.step()
+        raise AssertionError("async scheduler did not drain")
+
+
+def assert_all_blocks_free(s) -> None:
+    pool = s.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # minus the null block
+
+
 def test_async_variant_is_chosen_when_async_scheduling_is_on(config_model_dir, calibration_file):
-    s = make(config_model_dir, calibration_file)
-    assert type(s) is MLFQScheduler  # the CPU platform forces async off
-    cfg = s.vllm_config
-    cfg.scheduler_config.async_scheduling = True
-    instance = MLFQScheduler.__new__(MLFQScheduler, vllm_config=cfg)
-    assert type(instance) is MLFQAsyncScheduler
-    assert isinstance(instance, MLFQScheduler)
+    assert type(make(config_model_dir, calibration_file)) is MLFQScheduler
+    s = make_async(config_model_dir, calibration_file)
+    assert type(s) is MLFQAsyncScheduler
+    assert isinstance(s, AsyncScheduler) and isinstance(s, MLFQScheduler)
+
+
+def test_async_scheduling_runs_in_mlfq_order(config_model_dir, calibration_file):
+    s = make_async(config_model_dir, calibration_file, max_num_seqs=1)
+    # Arrival order is the reverse of MLFQ order (levels 3, 1, 0).
+    requests = [make_request("long", 2000, 4), make_request("mid", 500, 4),
+                make_request("short", 10, 4)]
+    for r in requests:
+        s.add_request(r)
+    driver = AsyncDriver(s)
+    driver.drain()
+    assert driver.first_scheduled == ["short", "mid", "long"]
+    assert driver.finished == ["short", "mid", "long"]
+    assert all(r.num_output_tokens == 4 and r.num_output_placeholders == 0 for r in requests)
+    assert len(s.rank_policy) == 0
+    assert_all_blocks_free(s)
+
+
+def test_async_rank_pause_keeps_kv(config_model_dir, calibration_file):
+    s = make_async(config_model_dir, calibration_file, max_num_seqs=2)
+    requests = [make_request("a", 2000, 30), make_request("b", 2000, 30)]
+    for r in requests:
+        s.add_request(r)
+    driver = AsyncDriver(s)
+    for _ in range(3):
+        driver.step()
+    short = make_request("short", 10, 3)  # level 0: runs in the next batch
+    s.add_request(short)
+    out = driver.step()
+    assert "short" in out.num_scheduled_tokens and len(out.num_scheduled_tokens) == 2
+    (paused,) = s.last_plan.pause
+    assert s.requests[paused].status == RequestStatus.RUNNING
+    driver.drain()
+    assert all(r.num_preemptions == 0 for r in requests)
+    assert all(r.num_output_tokens == r.max_tokens for r in [*requests, short])
+    assert s.num_recomputed_tokens == 0
+    assert_all_blocks_free(s)
+
+
+def test_async_rank_preemption_under_memory_pressure(config_model_dir, calibration_file):
+    # 40 blocks of 16 tokens: "long" holds 32 after its prefill, "short" needs 13.
+    s = make_async(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    long_req, short = make_request("long", 500, 50), make_request("short", 200, 2)
+    s.add_request(long_req)
+    driver = AsyncDriver(s)
+    for _ in range(3):  # prefill, then decodes with outputs in flight
+        driver.step()
+    s.add_request(short)
+    out = driver.step()
+    assert "short" in out.num_scheduled_tokens and "long" in out.preempted_req_ids
+    assert s.num_rank_preemptions == 1
+    driver.drain()
+    assert long_req.num_output_tokens == 50 and short.num_output_tokens == 2
+    assert long_req.num_output_placeholders == 0
+    assert_all_blocks_free(s)
 
 
 def test_stats_export_levels_and_counters(config_model_dir, calibration_file):

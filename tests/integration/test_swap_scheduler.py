@@ -119,9 +119,13 @@ def preempted_long(config_model_dir, calibration_file, **kwargs):
 
 # ------------------------------------------------------- planner, plain data
 def cand(rid, *, resident=False, held=0, tokens=1, need=1, prefetch=0, offload_host=0):
+    """A candidate that needs ``need`` new blocks to compute its ``tokens``
+    tokens: one token per block, ``need - tokens`` of them computed."""
     from vllm_esp.core.mlfq.admission import Candidate
 
-    return Candidate(rid, resident, held, tokens, lambda n, need=need: need,
+    assert need >= tokens
+    return Candidate(request_id=rid, resident=resident, num_new_tokens=tokens,
+                     num_computed_tokens=need - tokens, num_held_blocks=held, block_size=1,
                      num_prefetch_blocks=prefetch, num_offload_host_blocks=offload_host)
 
 

@@ -36,7 +36,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_build_layout(built: tuple[Path, Path]) -> None:
     path = built[0]
     assert path.name == "small"
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", BUILD_MANIFEST):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              BUILD_MANIFEST):
         assert (path / f).is_file(), f
     cfg = json.loads((path / "config.json").read_text())
     p = PRESETS["small"]
@@ -87,7 +88,8 @@ def test_transformers_loads_model_and_tokenizer(built: tuple[Path, Path]) -> Non
 
     model = LlamaForCausalLM.from_pretrained(path)
     model.eval()
-    prompts = ["Write a poem about the sea.", "How do I sort a list in Python?", "Explain TCP.", "Hi!"]
+    prompts = ["Write a poem about the sea.", "How do I sort a list in Python?", "Explain TCP.",
+               "Hi!"]
     outputs = []
     with torch.no_grad():
         for text in prompts:
@@ -95,7 +97,8 @@ def test_transformers_loads_model_and_tokenizer(built: tuple[Path, Path]) -> Non
             logits = model(inp).logits[0, -1]
             # Not flat: the top token clearly beats the median one.
             assert (logits.max() - logits.median()).item() > 3.0
-            gen = model.generate(inp, max_new_tokens=24, do_sample=False)[0, inp.shape[1] :].tolist()
+            gen = model.generate(inp, max_new_tokens=24, do_sample=False)
+            gen = gen[0, inp.shape[1] :].tolist()
             outputs.append(tuple(gen))
     assert len(set(outputs)) == len(prompts)  # no collapse across prompts
     assert all(len(set(o)) >= 4 for o in outputs)  # no single-token loop
@@ -114,7 +117,8 @@ def test_presets_are_valid_for_vllm_cpu() -> None:
     assert spec is not None and spec.origin is not None, "vllm must be installed"
     src = Path(spec.origin).parent / "v1" / "attention" / "backends" / "cpu_attn.py"
     m = re.search(
-        r"def get_supported_head_sizes\(cls\) -> list\[int\]:\s*return \[([\d,\s]+)\]", src.read_text()
+        r"def get_supported_head_sizes\(cls\) -> list\[int\]:\s*return \[([\d,\s]+)\]",
+        src.read_text(),
     )
     assert m is not None
     assert tuple(int(x) for x in m.group(1).split(",")) == CPU_ATTN_HEAD_SIZES
@@ -130,8 +134,11 @@ def test_preset_validation_and_digest() -> None:
         get_preset("huge")
     assert base.digest() == get_preset("small").digest()
     assert base.digest() != dataclasses.replace(base, seed=1).digest()
-    assert isinstance(base, ModelPreset)
+    assert get_preset("small") is PRESETS["small"]  # the registry's preset, not a copy
+    assert ModelPreset(**dataclasses.asdict(base)).digest() == base.digest()
+    assert base.head_dim == base.hidden_size // base.num_heads
     assert base.init_std == pytest.approx(base.hidden_size**-0.5)
+    assert dataclasses.replace(base, initializer_range=0.02).init_std == 0.02
     with pytest.raises(dataclasses.FrozenInstanceError):
         base.seed = 3  # type: ignore[misc]
 

@@ -31,7 +31,7 @@ class SchedulerChoice:
     #: Ranking policy inside ``MLFQScheduler`` (None for stock).
     policy: str | None
     #: Preempt by host-memory KV swap (the ``HostSwapConnector``) instead of
-    #: recompute; takes :class:`~vllm_esp.core.settings.SwapConfig` settings.
+    #: recompute; takes :class:`~vllm_esp.core.swap.config.SwapConfig` settings.
     host_swap: bool = False
     #: Elastic sequence parallelism over N instances; takes
     #: :class:`~vllm_esp.core.esp.config.ESPConfig` settings.

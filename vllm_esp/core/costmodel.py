@@ -158,7 +158,7 @@ def default_calibration_dir() -> Path:
 
 
 def default_calibration_path(model: str, device: str = "cpu") -> Path:
-    """Where ``profile`` writes, and the scheduler looks, for ``model``.
+    """Where ``python -m vllm_esp.calibrate`` writes, and the scheduler looks, for ``model``.
 
     Keyed by the model path (or name) and the device kind: a calibration
     from another machine kind would mislead skip-join more than the

@@ -67,8 +67,8 @@ def scheduler_args(
     >>> llm = LLM(model=path, **scheduler_args("mlfq", base_quantum_ms=20))
     >>> llm = LLM(model=path, **scheduler_args("mlfq-swap", swap={"host_pool_gib": 8}))
 
-    ``settings`` are :class:`~vllm_esp.core.settings.MLFQConfig` fields and
-    ``swap`` holds :class:`~vllm_esp.core.settings.SwapConfig` fields (``mlfq-swap``
+    ``settings`` are :class:`~vllm_esp.core.mlfq.config.MLFQConfig` fields and
+    ``swap`` holds :class:`~vllm_esp.core.swap.config.SwapConfig` fields (``mlfq-swap``
     only) and ``esp`` :class:`~vllm_esp.core.esp.config.ESPConfig` fields
     (``esp`` only, e.g. ``{"num_instances": 2}``); all are validated here, so
     a typo fails before the engine starts.
@@ -162,7 +162,7 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         action=_settings_action(MLFQConfig),
         default=None,
         help='MLFQ settings as JSON, e.g. \'{"num_levels": 6, "base_quantum_ms": 20}\' '
-        "(fields of vllm_esp.core.settings.MLFQConfig).",
+        "(fields of vllm_esp.core.mlfq.config.MLFQConfig).",
     )
     group.add_argument(
         "--swap-config",
@@ -170,7 +170,8 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         action=_settings_action(SwapConfig),
         default=None,
         help='Host KV swap settings of --scheduler mlfq-swap as JSON, e.g. '
-        '\'{"host_pool_gib": 8, "prefetch_depth": 2}\' (fields of vllm_esp.core.settings.SwapConfig).',
+        '\'{"host_pool_gib": 8, "prefetch_depth": 2}\' '
+        "(fields of vllm_esp.core.swap.config.SwapConfig).",
     )
     group.add_argument(
         "--esp-instances",
@@ -192,7 +193,8 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
-    """Fold ``--scheduler``/``--mlfq-config`` into real EngineArgs fields."""
+    """Fold the plugin's flags (``--scheduler``, ``--mlfq-config``,
+    ``--swap-config``, ``--esp-*``) into real EngineArgs fields."""
     name = getattr(args, "esp_scheduler", None)
     settings_json = getattr(args, "esp_mlfq_config", None)
     swap_json = getattr(args, "esp_swap_config", None)

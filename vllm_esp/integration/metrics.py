@@ -31,7 +31,7 @@ and, with host KV swap (``mlfq-swap``, ``vllm_esp/integration/swap/``):
     vllm_esp:swap_host_pool_blocks                gauge, host pool size
     vllm_esp:swap_swapped_requests                gauge, requests with a copy
 
-and, with elastic sequence parallelism (``--scheduler esp``, ``vllm_esp/engine/``):
+and, with elastic sequence parallelism (``--scheduler esp``, ``vllm_esp/integration/esp/``):
 
     vllm_esp:esp_instance_free_blocks{instance="i"}  gauge, free KV blocks per instance
     vllm_esp:esp_scale_ups_total                  counter, decode groups grown

@@ -1,5 +1,7 @@
 """Worker side of the host KV swap: coarse copies between the engine's
-paged KV cache and a host pool. The only torch code of ``vllm_esp/kv``.
+paged KV cache and a host pool. The only torch code of the host swap: the
+slot bookkeeping is ``vllm_esp/core/swap/book.py``, the vLLM connector
+``vllm_esp/integration/swap/connector.py``.
 
 Layout
 ------

@@ -17,9 +17,13 @@ partial. Elastic scale-up is just choosing a master the request is not yet
 registered on: ``plan_decode_step`` registers it and the new token lands
 there, so no KV moves.
 
-``DecodeStepPlan`` is the per-step plain-data plan the scheduler sends to
-every worker; ``build_decode_schedule`` is each worker's pure view of it
-(what to send to whom, in which order, and how to merge).
+``DecodeStepPlan`` is the per-step plain-data plan every instance receives;
+``build_decode_schedule`` is each instance's pure view of it (what to send
+to whom, in which order, and how to merge), executed by
+``vllm_esp/kernels/esp/decode.py``. Its users are the ESP plan and kernel
+tests and ``benchmarks/esp_core.py``; the engine's served path plans
+decodes with ``step_plan.py`` (each token computed where its request's last
+block is).
 """
 
 from __future__ import annotations

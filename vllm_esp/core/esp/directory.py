@@ -1,8 +1,12 @@
 """Distributed paged KV directory: which instance holds which blocks of which request.
 
-This is the global (scheduler-side) view of every instance's KV pool. It is
-torch-free plain Python so that the vLLM scheduler, the simulator and the
-tests run the same bookkeeping.
+A global view of every instance's KV pool, in torch-free plain Python. The
+library planners (``ring_plan.py``, ``decode_plan.py``, ``migration_plan.py``)
+plan against it; their users are the ESP kernel tests
+(``tests/kernels/test_esp_multiproc.py``), the plan tests under
+``tests/core/`` and ``benchmarks/esp_core.py``. The engine's ESP scheduler
+does not use it: it keeps placement in vLLM's own block tables over one
+global block space (``step_plan.py``).
 
 Model
 -----

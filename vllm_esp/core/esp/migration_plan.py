@@ -14,9 +14,12 @@ chunk may reuse blocks an earlier one freed; workers therefore execute the
 chunks of a ``MigrationPlan`` in order, reading a chunk's source slots before
 writing any later chunk's destination slots.
 
-``plan_consolidation`` is the scheduler's use of it: empty the least-used
-instance into the fullest ones that have room, so it can leave its decode
-groups and serve a prefill.
+``plan_consolidation`` applies it to emptying the least-used instance into
+the fullest ones that have room, so that instance can leave its decode
+groups and serve a prefill. ``vllm_esp/kernels/esp/migrate.py`` executes
+the plans (ESP plan and kernel tests); the engine's ESP scheduler moves
+whole blocks instead (``BlockMove`` in ``step_plan.py``, proposed by the
+elastic policy's ``consolidate``).
 """
 
 from __future__ import annotations

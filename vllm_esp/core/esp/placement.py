@@ -27,6 +27,10 @@ same interface):
   moves up to ``migrate_blocks_per_step`` blocks per step onto its largest
   shard's instance when that instance has room (fewer partial-attention
   exchanges per token, and whole instances freed for long prefills).
+
+The scheduler builds the policy named by ``ESPConfig.placement`` through
+:func:`make_elastic_policy` (each policy's :meth:`ElasticPolicy.from_settings`
+reads the settings it needs) and sees it only through the interface.
 """
 
 from __future__ import annotations
@@ -35,16 +39,27 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+if TYPE_CHECKING:  # config.py imports ELASTIC_POLICIES from here
+    from vllm_esp.core.esp.config import ESPConfig
 
 __all__ = [
     "ELASTIC_POLICIES",
-    "StoragePlacement",
+    "Consolidation",
     "ElasticPolicy",
     "InstanceLoad",
+    "PrefillTime",
     "RequestPlacementView",
     "StepPlacement",
+    "StoragePlacement",
     "ThresholdElasticPolicy",
+    "make_elastic_policy",
 ]
+
+#: Estimated standalone time (s) of ``num_new_tokens`` after
+#: ``num_computed_tokens`` cached ones (``StepCostModel.chunk_time``).
+PrefillTime = Callable[[int, int], float]
 
 
 @dataclass(frozen=True)
@@ -105,18 +120,42 @@ class StepPlacement:
     reason: str = "prefill"
 
 
+class Consolidation(NamedTuple):
+    """Blocks of one decoding request to migrate in this step."""
+
+    src: int
+    dst: int
+    num_blocks: int
+
+
 class ElasticPolicy(ABC):
     """Interface of elastic placement policies; see the module docstring."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
+                      prefill_time: PrefillTime) -> ElasticPolicy:
+        """Build the policy from the ESP settings; each policy reads the
+        settings it needs (the registry calls this, never ``__init__``)."""
 
     @abstractmethod
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
         """Compute and storage instances for ``request`` in this step."""
 
+    @property
+    def consolidates(self) -> bool:
+        """Whether :meth:`consolidate` may ever propose a migration.
+
+        False lets the scheduler skip the per-step walk over the decodes.
+        By default, a policy that overrides :meth:`consolidate` is asked.
+        """
+        return type(self).consolidate is not ElasticPolicy.consolidate
+
     def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> tuple[int, int, int] | None:
-        """``(src, dst, num_blocks)`` to migrate for a decoding request, or None."""
+                    ) -> Consolidation | None:
+        """Blocks to migrate for a decoding request in this step, or None."""
         return None
 
 
@@ -125,7 +164,7 @@ class ThresholdElasticPolicy(ElasticPolicy):
 
     name = "threshold"
 
-    def __init__(self, num_instances: int, *, prefill_time: Callable[[int, int], float],
+    def __init__(self, num_instances: int, *, prefill_time: PrefillTime,
                  prefill_target_s: float, max_prefill_instances: int | None = None,
                  decode_scale_up_batch: int = 64, migrate_blocks_per_step: int = 0,
                  prefill_storage: str = "fewest") -> None:
@@ -141,6 +180,20 @@ class ThresholdElasticPolicy(ElasticPolicy):
             raise ValueError(f"unknown prefill_storage {prefill_storage!r}")
         self.prefill_storage = prefill_storage
 
+    @classmethod
+    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
+                      prefill_time: PrefillTime) -> ThresholdElasticPolicy:
+        return cls(num_instances, prefill_time=prefill_time,
+                   prefill_target_s=settings.prefill_target_ms / 1000.0,
+                   max_prefill_instances=settings.max_prefill_instances,
+                   decode_scale_up_batch=settings.decode_scale_up_batch,
+                   migrate_blocks_per_step=settings.migrate_blocks_per_step,
+                   prefill_storage=settings.prefill_storage)
+
+    @property
+    def consolidates(self) -> bool:
+        return self.migrate_blocks_per_step > 0
+
     # ------------------------------------------------------------------ prefill
     def prefill_dop(self, num_new_tokens: int, num_computed_tokens: int) -> int:
         """Fewest instances that bring the chunk's time within the target."""
@@ -152,10 +205,10 @@ class ThresholdElasticPolicy(ElasticPolicy):
         return max(1, min(dop, self.max_prefill_instances, num_new_tokens))
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
-        by_free = sorted(loads, key=lambda l: (-l.num_free_blocks, l.instance))
+        by_free = sorted(loads, key=lambda load: (-load.num_free_blocks, load.instance))
         if request.is_prefill:
             dop = self.prefill_dop(request.num_new_tokens, request.num_computed_tokens)
-            compute = tuple(sorted(l.instance for l in by_free[:dop]))
+            compute = tuple(sorted(load.instance for load in by_free[:dop]))
             if self.prefill_storage == "stripe":
                 return StepPlacement(compute, StoragePlacement(compute, stripe=True), "prefill")
             return StepPlacement(compute, self._prefill_storage(request, by_free), "prefill")
@@ -188,14 +241,16 @@ class ThresholdElasticPolicy(ElasticPolicy):
                 return StepPlacement((home,), StoragePlacement((home,)), "decode")
         # Scale up: the least loaded other instance with memory takes the next
         # block; the group grows and no KV moves.
-        candidates = ([l for l in loads if l.num_free_blocks > 0 and l.instance != home]
-                      or [l for l in loads if l.num_free_blocks > 0] or list(loads))
-        target = min(candidates, key=lambda l: (l.num_decodes, -l.num_free_blocks, l.instance))
+        with_room = [load for load in loads if load.num_free_blocks > 0]
+        candidates = ([load for load in with_room if load.instance != home]
+                      or with_room or list(loads))
+        target = min(candidates,
+                     key=lambda load: (load.num_decodes, -load.num_free_blocks, load.instance))
         reason = "scale-up" if home is not None and target.instance != home else "decode"
         return StepPlacement((target.instance,), StoragePlacement((target.instance,)), reason)
 
     def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> tuple[int, int, int] | None:
+                    ) -> Consolidation | None:
         if self.migrate_blocks_per_step <= 0 or request.is_prefill:
             return None
         shards = [(n, i) for i, n in enumerate(request.blocks_per_instance) if n > 0]
@@ -209,7 +264,7 @@ class ThresholdElasticPolicy(ElasticPolicy):
         count = min(self.migrate_blocks_per_step, request.blocks_per_instance[src], room)
         if count <= 0:
             return None
-        return src, dst, count
+        return Consolidation(src, dst, count)
 
 
 def _free_of(by_free: list[InstanceLoad], instance: int) -> int:
@@ -222,3 +277,10 @@ def _free_of(by_free: list[InstanceLoad], instance: int) -> int:
 ELASTIC_POLICIES: dict[str, type[ElasticPolicy]] = {
     ThresholdElasticPolicy.name: ThresholdElasticPolicy,
 }
+
+
+def make_elastic_policy(settings: ESPConfig, *, num_instances: int,
+                        prefill_time: PrefillTime) -> ElasticPolicy:
+    """Build the policy named by ``settings.placement``."""
+    return ELASTIC_POLICIES[settings.placement].from_settings(
+        settings, num_instances=num_instances, prefill_time=prefill_time)

@@ -1,8 +1,12 @@
 """Prefill planning for elastic sequence parallelism: stripes, retention, ring schedule.
 
-Torch-free. The scheduler builds a ``RingPrefillPlan`` (which tokens each
-instance keeps, and in which blocks); every worker derives its own
-``RingRankSchedule`` (pure index arithmetic) from it and executes the ring.
+Torch-free. A caller builds a ``RingPrefillPlan`` (which tokens each
+instance keeps, and in which blocks) against a ``DistributedKVDirectory``;
+every instance derives its own ``RingRankSchedule`` (pure index arithmetic)
+from it and ``vllm_esp/kernels/esp/ring_prefill.py`` executes the ring.
+Its callers are the ESP plan and kernel tests and ``benchmarks/esp_core.py``;
+the engine's served path computes prefills with the queries-to-KV step of
+``step_plan.py`` instead.
 
 Striped layout
 --------------

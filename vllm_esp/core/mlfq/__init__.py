@@ -8,6 +8,9 @@ everywhere. To add one, subclass :class:`RankingPolicy` and add it to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
 from vllm_esp.core.mlfq.reference import FCFSPolicy, SRPTOraclePolicy
 from vllm_esp.core.mlfq.skip_join import MLFQPolicy
@@ -18,23 +21,13 @@ POLICIES: dict[str, type[RankingPolicy]] = {
     SRPTOraclePolicy.name: SRPTOraclePolicy,
 }
 
+if TYPE_CHECKING:  # config.py imports POLICIES from here
+    from vllm_esp.core.mlfq.config import MLFQConfig
 
-def make_policy(config: "MLFQConfig", cost_model: "StepCostModel") -> RankingPolicy:  # noqa: F821
-    """Build the policy named by ``config.policy``."""
-    if config.policy == MLFQPolicy.name:
-        if config.base_quantum_ms is not None:
-            base_quantum_s = config.base_quantum_ms / 1000.0
-        else:
-            base_quantum_s = config.auto_quantum_decode_steps * cost_model.decode_time(512)
-        return MLFQPolicy(
-            num_levels=config.num_levels,
-            base_quantum_s=base_quantum_s,
-            quantum_ratio=config.quantum_ratio,
-            cost_model=cost_model,
-            skip_join=config.skip_join,
-            starvation_threshold_s=config.starvation_threshold_s,
-        )
-    return POLICIES[config.policy](cost_model=cost_model)
+
+def make_policy(settings: MLFQConfig, cost_model: StepCostModel) -> RankingPolicy:
+    """Build the policy named by ``settings.policy``."""
+    return POLICIES[settings.policy].from_settings(settings, cost_model)
 
 
 __all__ = [

@@ -29,8 +29,8 @@ plain numbers:
 
 * **reserve**: ``num_reserve_blocks`` is a target, never an admission
   gate: a newcomer that fits in the free blocks is admitted even if it
-  eats into the reserve (refusing it while paused residents sit on the
-  memory starved admissions: issue 3, mean JCT 2x plain MLFQ);
+  eats into the reserve, because refusing it while paused residents sit on
+  the memory would stall admissions behind requests that are not running;
 * **offload**: if fewer than ``num_reserve_blocks`` are free after the
   plan, the lowest-ranked paused residents move to host ("offload", while
   the host pool can take them) until the reserve is back - before a
@@ -49,43 +49,33 @@ plain numbers:
 
 A swapped candidate is cheap to admit: it needs blocks for its whole
 sequence but computes only the tokens after the swapped ones (usually one).
+
+One plan is one ``_StepPlanner`` spending a ``StepBudget`` on ``Candidate``s
+(both in ``budget.py``), in named steps::
+
+    walk            ranked best first: try_add_one(cand) until the budget is full
+      reclaim       (inside try_add_one) preempt the lowest-ranked residents
+    restore_reserve offload the lowest-ranked paused residents
+    prefetch_next   load swapped requests after the cut
+    plan            the paused set and the AdmissionPlan
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
+from vllm_esp.core.mlfq.budget import Candidate, StepBudget
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One request as the planner sees it this step."""
-
-    request_id: str
-    #: Holds KV blocks now (a running or paused request).
-    resident: bool
-    #: Blocks it holds now; freed if it is preempted.
-    num_held_blocks: int
-    #: Tokens it would compute this step if nothing capped it.
-    num_new_tokens: int
-    #: New blocks it needs to compute ``num_tokens`` tokens this step.
-    num_blocks_for: Callable[[int], int]
-    #: Free blocks required to be *admitted* at all (vLLM checks that a
-    #: newcomer's whole sequence fits before allocating its first chunk);
-    #: 0 for residents.
-    num_admission_blocks: int = 0
-    #: > 0: a swapped request whose KV (this many blocks) can be loaded back
-    #: ahead of its turn (prefetch); 0 otherwise.
-    num_prefetch_blocks: int = 0
-    #: Host slots needed to offload this resident (0 if its host copy
-    #: exists already, e.g. a prefetched request).
-    num_offload_host_blocks: int = 0
+__all__ = ["AdmissionPlan", "Candidate", "StepBudget", "plan_admission"]
 
 
 @dataclass(frozen=True)
 class AdmissionPlan:
-    """What the next step runs. All tuples are in rank order."""
+    """What the next step runs. ``run``, ``pause``, ``skip`` and ``prefetch``
+    are in rank order; ``preempt`` and ``offload`` lowest rank first, the
+    order their victims are chosen in."""
 
     run: tuple[str, ...]
     pause: tuple[str, ...]
@@ -124,124 +114,15 @@ def plan_admission(
     The keyword arguments from ``num_reserve_blocks`` on are the host-swap
     rules of the module docstring; their defaults turn them off.
     """
-    lazy = _LazyResidents(residents_low_to_high)
-    run: list[str] = []
-    skip: list[str] = []
-    preempt: list[str] = []
-    taken: set[str] = set()  # run, preempted, offloaded or left out
-    victim_index = 0
-    # Upper bound on blocks the untaken residents hold; known once the
-    # resident list is built. Lets a request that cannot fit even after
-    # every eviction be skipped in O(1) instead of a scan of the victims.
-    reclaimable: int | None = None
+    budget = StepBudget(num_slots, token_budget, num_free_blocks, num_host_free_blocks)
+    planner = _StepPlanner(budget, _LazyResidents(residents_low_to_high), chunked_prefill)
     ranked = iter(ranked)
-    after_cut: list[Candidate] = []  # the first candidate the cut left out
-
-    def take(cand: Candidate) -> None:
-        nonlocal reclaimable
-        taken.add(cand.request_id)
-        if reclaimable is not None and cand.resident:
-            reclaimable -= cand.num_held_blocks
-
-    for cand in ranked:
-        if num_slots <= 0 or token_budget <= 0:
-            after_cut.append(cand)
-            break
-        if cand.request_id in taken:  # preempted for a higher-ranked one
-            continue
-        num_tokens = cand.num_new_tokens
-        if num_tokens > token_budget:
-            if not chunked_prefill:
-                skip.append(cand.request_id)  # would not fit the budget: no HoL
-                continue
-            num_tokens = token_budget
-        need = cand.num_blocks_for(num_tokens)
-        # No reserve here: a newcomer that fits is admitted, and the
-        # offload pass below restores the reserve from paused residents.
-        required = max(need, cand.num_admission_blocks)
-
-        if required > num_free_blocks:
-            if reclaimable is None:
-                reclaimable = sum(
-                    v.num_held_blocks for v in lazy.get() if v.request_id not in taken)
-            own = cand.num_held_blocks if cand.resident else 0
-            if num_free_blocks + reclaimable - own < required:
-                # Cannot fit even if every lower-ranked resident went.
-                if not cand.resident:
-                    skip.append(cand.request_id)
-                    if num_free_blocks + reclaimable < 1:
-                        # No newcomer can fit any more: the rest of the step
-                        # is residents only, in rank order (all of them rank
-                        # below this point, the walked ones are taken).
-                        num_free_blocks = _fill_with_residents(
-                            lazy.get(), taken, run, num_slots, token_budget, num_free_blocks)
-                        break
-                else:
-                    # A resident that cannot grow is left out (paused);
-                    # vLLM's own pass would preempt it anyway.
-                    take(cand)
-                continue
-            # Reclaim from the lowest-ranked residents that are not running
-            # this step; the bound above guarantees it succeeds.
-            victims: list[Candidate] = []
-            freed = 0
-            residents = lazy.get()
-            i = victim_index
-            while num_free_blocks + freed < required and i < len(residents):
-                victim = residents[i]
-                i += 1
-                if victim.request_id in taken or victim.request_id == cand.request_id:
-                    continue
-                victims.append(victim)
-                freed += victim.num_held_blocks
-            victim_index = i
-            for victim in victims:
-                preempt.append(victim.request_id)
-                take(victim)
-                num_free_blocks += victim.num_held_blocks
-                num_host_free_blocks -= victim.num_offload_host_blocks
-
-        num_free_blocks -= need
-        num_slots -= 1
-        token_budget -= num_tokens
-        run.append(cand.request_id)
-        take(cand)
-
-    offload: list[str] = []
-    if 0 < num_reserve_blocks and num_free_blocks < num_reserve_blocks:
-        for victim in lazy.get():  # lowest level, last in line first
-            if num_free_blocks >= num_reserve_blocks:
-                break
-            if victim.request_id in taken or victim.num_held_blocks <= 0:
-                continue
-            if victim.num_offload_host_blocks > num_host_free_blocks:
-                continue  # would recompute: not worth it for a reserve
-            offload.append(victim.request_id)
-            taken.add(victim.request_id)
-            num_free_blocks += victim.num_held_blocks
-            num_host_free_blocks -= victim.num_offload_host_blocks
-
-    prefetch: list[str] = []
-    if num_prefetch > 0 and not preempt and not offload:
-        skipped = set(skip)
-        for cand in itertools.islice(itertools.chain(after_cut, ranked), prefetch_window):
-            if len(prefetch) >= num_prefetch:
-                break
-            if cand.request_id in taken or cand.request_id in skipped or cand.num_prefetch_blocks <= 0:
-                continue
-            if num_free_blocks - cand.num_prefetch_blocks < num_reserve_blocks:
-                continue
-            prefetch.append(cand.request_id)
-            num_free_blocks -= cand.num_prefetch_blocks
-
-    run_or_evicted = set(run).union(preempt, offload)
-    if resident_ids is None:
-        resident_ids = [c.request_id for c in reversed(lazy.get())]
-    pause = tuple(r for r in resident_ids if r not in run_or_evicted)
-    return AdmissionPlan(
-        run=tuple(run), pause=pause, preempt=tuple(preempt), skip=tuple(skip),
-        offload=tuple(offload), prefetch=tuple(prefetch),
-    )
+    first_after_cut = planner.walk(ranked)
+    planner.restore_reserve(num_reserve_blocks)
+    after_cut = ranked if first_after_cut is None else itertools.chain((first_after_cut,), ranked)
+    planner.prefetch_next(after_cut, num_prefetch=num_prefetch, prefetch_window=prefetch_window,
+                          num_reserve_blocks=num_reserve_blocks)
+    return planner.plan(resident_ids)
 
 
 class _LazyResidents:
@@ -258,30 +139,174 @@ class _LazyResidents:
         return self._value
 
 
-def _fill_with_residents(
-    residents_low_to_high: Sequence[Candidate],
-    taken: set[str],
-    run: list[str],
-    num_slots: int,
-    token_budget: int,
-    num_free_blocks: int,
-) -> int:
-    """Fill the remaining slots with untaken residents, best first, that
-    can grow within the free blocks (no eviction: they are the lowest).
-    Returns the free blocks left."""
-    for cand in reversed(residents_low_to_high):
-        if num_slots <= 0 or token_budget <= 0:
-            break
-        if cand.request_id in taken:
-            continue
-        num_tokens = min(cand.num_new_tokens, token_budget)
-        need = cand.num_blocks_for(num_tokens)
-        if need > num_free_blocks:
-            taken.add(cand.request_id)
-            continue
-        num_free_blocks -= need
-        num_slots -= 1
-        token_budget -= num_tokens
-        run.append(cand.request_id)
-        taken.add(cand.request_id)
-    return num_free_blocks
+@dataclass(slots=True)
+class _StepPlanner:
+    """One ``plan_admission`` call: the budget and the decisions so far."""
+
+    budget: StepBudget
+    residents: _LazyResidents
+    chunked_prefill: bool
+    run: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    preempt: list[str] = field(default_factory=list)
+    offload: list[str] = field(default_factory=list)
+    prefetch: list[str] = field(default_factory=list)
+    #: Run, evicted or left out: decided for this step.
+    taken: set[str] = field(default_factory=set)
+    #: Next victim to look at in the resident list (lowest rank first).
+    _victim_index: int = 0
+    #: Upper bound on the blocks the untaken residents hold; known once the
+    #: resident list is built. Lets a request that cannot fit even after
+    #: every eviction be skipped in O(1) instead of a scan of the victims.
+    _reclaimable: int | None = None
+
+    # ------------------------------------------------------------------ walk
+    def walk(self, ranked: Iterator[Candidate]) -> Candidate | None:
+        """Admit ``ranked`` best first until the budget is full. Returns the
+        first candidate the cut left out (None if ``ranked`` ran out or no
+        newcomer can fit any more)."""
+        for cand in ranked:
+            if self.budget.is_full():
+                return cand
+            if cand.request_id in self.taken:  # preempted for a higher-ranked one
+                continue
+            if not self.try_add_one(cand):
+                # The rest of the step is residents only, in rank order (all
+                # of them rank below this point, the walked ones are taken).
+                self._fill_with_residents()
+                return None
+        return None
+
+    def try_add_one(self, cand: Candidate) -> bool:
+        """Run ``cand`` if it fits, reclaiming memory from lower-ranked
+        residents as needed; else skip it (waiting: no head-of-line
+        blocking) or leave it out (resident). False: no newcomer can fit
+        any more."""
+        budget = self.budget
+        if cand.num_new_tokens > budget.token_budget and not self.chunked_prefill:
+            self.skip.append(cand.request_id)  # would not fit the budget: no HoL
+            return True
+        num_tokens = budget.num_tokens_for(cand)
+        num_blocks = cand.num_blocks_for(num_tokens)
+        # No reserve here: a newcomer that fits is admitted, and
+        # restore_reserve offloads paused residents to get it back.
+        num_required = max(num_blocks, cand.num_admission_blocks)
+        if not budget.can_allocate(num_required) and not self._reclaim(cand, num_required):
+            return self._leave_out(cand)
+        budget.allocate(num_tokens, num_blocks)
+        self.run.append(cand.request_id)
+        self._take(cand)
+        return True
+
+    def _reclaim(self, cand: Candidate, num_required: int) -> bool:
+        """Preempt the lowest-ranked residents not taken yet until
+        ``num_required`` blocks are free. False (nothing preempted) if even
+        every one of them would not free enough."""
+        num_own = cand.num_held_blocks if cand.resident else 0
+        if self.budget.num_free_blocks + self._num_reclaimable() - num_own < num_required:
+            return False
+        residents = self.residents.get()
+        i = self._victim_index
+        while not self.budget.can_allocate(num_required) and i < len(residents):
+            victim = residents[i]
+            i += 1
+            if victim.request_id in self.taken or victim.request_id == cand.request_id:
+                continue
+            self._evict(victim, self.preempt)
+        self._victim_index = i
+        return True
+
+    def _leave_out(self, cand: Candidate) -> bool:
+        """``cand`` cannot fit even if every lower-ranked resident went.
+        False: nothing is free or reclaimable, so no newcomer can fit."""
+        if cand.resident:
+            # A resident that cannot grow is left out (paused); vLLM's own
+            # pass would preempt it anyway.
+            self._take(cand)
+            return True
+        self.skip.append(cand.request_id)
+        return self.budget.num_free_blocks + self._num_reclaimable() >= 1
+
+    def _fill_with_residents(self) -> None:
+        """Fill the remaining slots with untaken residents, best first, that
+        can grow within the free blocks (no eviction: they are the lowest)."""
+        budget = self.budget
+        for cand in reversed(self.residents.get()):
+            if budget.is_full():
+                break
+            if cand.request_id in self.taken:
+                continue
+            num_tokens = budget.num_tokens_for(cand)
+            num_blocks = cand.num_blocks_for(num_tokens)
+            self._take(cand)
+            if budget.can_allocate(num_blocks):
+                budget.allocate(num_tokens, num_blocks)
+                self.run.append(cand.request_id)
+
+    def _num_reclaimable(self) -> int:
+        if self._reclaimable is None:
+            self._reclaimable = sum(v.num_held_blocks for v in self.residents.get()
+                                    if v.request_id not in self.taken)
+        return self._reclaimable
+
+    def _take(self, cand: Candidate) -> None:
+        self.taken.add(cand.request_id)
+        if self._reclaimable is not None and cand.resident:
+            self._reclaimable -= cand.num_held_blocks
+
+    def _evict(self, victim: Candidate, into: list[str]) -> None:
+        into.append(victim.request_id)
+        self._take(victim)
+        self.budget.deallocate(victim)
+
+    # ------------------------------------------------------ host-swap passes
+    def restore_reserve(self, num_reserve_blocks: int) -> None:
+        """Offload the lowest-ranked paused residents the host can take
+        until ``num_reserve_blocks`` are free again."""
+        budget = self.budget
+        if num_reserve_blocks <= 0 or budget.num_free_blocks >= num_reserve_blocks:
+            return
+        for victim in self.residents.get():  # lowest rank first
+            if budget.num_free_blocks >= num_reserve_blocks:
+                break
+            if victim.request_id in self.taken or victim.num_held_blocks <= 0:
+                continue
+            if not budget.can_offload(victim):
+                continue  # would recompute: not worth it for a reserve
+            self._evict(victim, self.offload)
+
+    def prefetch_next(
+        self,
+        after_cut: Iterable[Candidate],
+        *,
+        num_prefetch: int,
+        prefetch_window: int,
+        num_reserve_blocks: int,
+    ) -> None:
+        """Load swapped requests among the first ``prefetch_window`` after
+        the cut, best first, that fit above the reserve; only in a step
+        that evicted nothing (what it evicted would come straight back)."""
+        if num_prefetch <= 0 or self.preempt or self.offload:
+            return
+        skipped = set(self.skip)
+        for cand in itertools.islice(after_cut, prefetch_window):
+            if len(self.prefetch) >= num_prefetch:
+                break
+            rid = cand.request_id
+            if rid in self.taken or rid in skipped or cand.num_prefetch_blocks <= 0:
+                continue
+            if self.budget.can_prefetch(cand, num_reserve_blocks):
+                self.prefetch.append(rid)
+                self.budget.prefetch(cand)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, resident_ids: Iterable[str] | None) -> AdmissionPlan:
+        """The plan; every resident neither run nor evicted is paused."""
+        run_or_evicted = set(self.run).union(self.preempt, self.offload)
+        if resident_ids is None:
+            resident_ids = [c.request_id for c in reversed(self.residents.get())]
+        pause = tuple(r for r in resident_ids if r not in run_or_evicted)
+        return AdmissionPlan(
+            run=tuple(self.run), pause=pause, preempt=tuple(self.preempt),
+            skip=tuple(self.skip), offload=tuple(self.offload), prefetch=tuple(self.prefetch),
+        )

@@ -1,7 +1,7 @@
 """The contract between a ranking policy and the schedulers that use it.
 
 A policy only *ranks* requests. It never touches vLLM objects, tensors or
-block tables: the vLLM scheduler wrapper (``vllm_esp.sched``), the unit
+block tables: the vLLM scheduler wrapper (``vllm_esp.integration.mlfq``), the unit
 tests and the simulator feed it plain numbers and read back an order. That
 is what lets one implementation serve all three.
 
@@ -20,6 +20,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_esp.core.costmodel import StepCostModel
+    from vllm_esp.core.mlfq.config import MLFQConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,12 @@ class RankingPolicy(abc.ABC):
 
     #: Registry name, e.g. ``"mlfq"``.
     name: str = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: MLFQConfig, cost_model: StepCostModel) -> RankingPolicy:
+        """Build the policy from the scheduler's settings; each policy reads
+        the settings it needs (the registry calls this, never ``__init__``)."""
 
     @abc.abstractmethod
     def add_request(self, info: RequestInfo, now: float) -> None:

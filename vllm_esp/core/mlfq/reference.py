@@ -12,9 +12,13 @@ import bisect
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.policy import RankingPolicy, RequestInfo
+
+if TYPE_CHECKING:
+    from vllm_esp.core.mlfq.config import MLFQConfig
 
 
 class FCFSPolicy(RankingPolicy):
@@ -22,7 +26,11 @@ class FCFSPolicy(RankingPolicy):
 
     name = "fcfs"
 
-    def __init__(self, **_: object) -> None:
+    @classmethod
+    def from_settings(cls, settings: MLFQConfig, cost_model: StepCostModel) -> FCFSPolicy:
+        return cls()
+
+    def __init__(self) -> None:
         self._queue: list[tuple[float, int, str]] = []
         self._keys: dict[str, tuple[float, int, str]] = {}
         self._seq = 0
@@ -71,7 +79,11 @@ class SRPTOraclePolicy(RankingPolicy):
 
     name = "srpt"
 
-    def __init__(self, *, cost_model: StepCostModel, **_: object) -> None:
+    @classmethod
+    def from_settings(cls, settings: MLFQConfig, cost_model: StepCostModel) -> SRPTOraclePolicy:
+        return cls(cost_model=cost_model)
+
+    def __init__(self, *, cost_model: StepCostModel) -> None:
         self.cost_model = cost_model
         self._states: dict[str, _SRPTState] = {}
         self._order: list[str] | None = None

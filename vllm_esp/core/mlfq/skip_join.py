@@ -34,9 +34,13 @@ import bisect
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
+
+if TYPE_CHECKING:
+    from vllm_esp.core.mlfq.config import MLFQConfig
 
 _SortKey = tuple[float, int, str]
 
@@ -55,6 +59,24 @@ class MLFQPolicy(RankingPolicy):
     """Skip-join MLFQ over standalone-time service."""
 
     name = "mlfq"
+
+    @classmethod
+    def from_settings(cls, settings: MLFQConfig, cost_model: StepCostModel) -> MLFQPolicy:
+        """Quanta from the settings; ``base_quantum_ms=None`` means the
+        standalone time of ``auto_quantum_decode_steps`` decode steps at 512
+        tokens of context on this machine (from the cost model)."""
+        if settings.base_quantum_ms is not None:
+            base_quantum_s = settings.base_quantum_ms / 1000.0
+        else:
+            base_quantum_s = settings.auto_quantum_decode_steps * cost_model.decode_time(512)
+        return cls(
+            num_levels=settings.num_levels,
+            base_quantum_s=base_quantum_s,
+            quantum_ratio=settings.quantum_ratio,
+            cost_model=cost_model,
+            skip_join=settings.skip_join,
+            starvation_threshold_s=settings.starvation_threshold_s,
+        )
 
     def __init__(
         self,

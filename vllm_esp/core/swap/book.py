@@ -48,16 +48,16 @@ __all__ = [
 
 def _runs(sorted_ids: Sequence[int]) -> Iterator[tuple[int, int]]:
     """``(start, length)`` of each run of consecutive ids."""
-    start = prev = None
-    for b in sorted_ids:
-        if prev is not None and b == prev + 1:
+    if not sorted_ids:
+        return
+    start = prev = sorted_ids[0]
+    for b in sorted_ids[1:]:
+        if b == prev + 1:
             prev = b
             continue
-        if start is not None:
-            yield start, prev - start + 1
-        start = prev = b
-    if start is not None:
         yield start, prev - start + 1
+        start = prev = b
+    yield start, prev - start + 1
 
 
 class HostBlockPool:

@@ -36,8 +36,9 @@ class SwapConfig(Settings):
     #: offloaded to host (while the host pool can take them) until this
     #: many are free again. A target, never an admission gate: a newcomer
     #: that fits in the free blocks is always admitted, even into the
-    #: reserve (refusing it stalled admissions while paused residents held
-    #: the memory: issue 3). Swapped requests are prefetched only above it.
+    #: reserve, because refusing it would stall admissions while MLFQ's
+    #: paused residents hold the memory. Swapped requests are prefetched
+    #: only above it.
     #: ``None`` = ``max_num_seqs`` (FastServe's rule: one spare block per
     #: batch slot, so every running request can cross a block boundary
     #: without a preemption); ``0`` disables proactive offload (evictions

@@ -75,7 +75,8 @@ class InstanceFreeQueues:
                     ) -> list[tuple[int, int]]:
         """``[(instance, count), ...]`` in block-table order for ``n`` blocks.
 
-        Torch- and vLLM-free so the policy tests and the simulator use it.
+        Plain numbers in and out (no vLLM blocks), so
+        ``tests/integration/test_esp_placement.py`` checks it on lists.
         """
         free = list(free)
         order: list[int] = []  # one instance per block, in table order

@@ -1,6 +1,7 @@
 """Host KV swap on ESP instances (``--scheduler esp`` with ``--swap-config``).
 
-The scheduler half is the ordinary swap connector (``vllm_esp/kv``): its
+The scheduler half is the ordinary swap connector
+(``vllm_esp/integration/swap/connector.py``): its
 book assigns host slots to global device blocks and emits
 ``HostSwapMetadata`` each step. The ESP executor forwards that metadata with
 the plan, and every instance applies it to the blocks it owns:

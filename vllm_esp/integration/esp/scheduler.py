@@ -1,8 +1,9 @@
 """``ESPScheduler``: the MLFQ scheduler plus elastic placement over N instances.
 
-The ranking policy (MLFQ by default) still decides which requests run; this
-class decides where, and emits the step's :class:`~vllm_esp.core.esp.step_plan.ESPStepPlan`
-for the workers:
+The ranking policy (MLFQ by default) still decides which requests run; an
+:class:`~vllm_esp.core.esp.placement.ElasticPolicy` (built by name from
+``ESPConfig.placement``) decides where, and this class emits the step's
+:class:`~vllm_esp.core.esp.step_plan.ESPStepPlan` for the workers:
 
 1. ``__init__`` swaps the block pool's free queue for
    :class:`~vllm_esp.integration.esp.free_queues.InstanceFreeQueues` (the engine's
@@ -19,6 +20,7 @@ for the workers:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
@@ -27,11 +29,13 @@ from vllm.v1.request import Request
 
 from vllm_esp.core.esp.config import ESPConfig
 from vllm_esp.core.esp.placement import (
-    ELASTIC_POLICIES,
+    Consolidation,
+    ElasticPolicy,
     InstanceLoad,
     RequestPlacementView,
     StepPlacement,
-    ThresholdElasticPolicy,
+    StoragePlacement,
+    make_elastic_policy,
 )
 from vllm_esp.core.esp.step_plan import (
     BlockMove,
@@ -48,8 +52,36 @@ from vllm_esp.integration.mlfq.scheduler import MLFQScheduler
 logger = init_logger(f"vllm.{__name__}")
 
 
+@dataclass
+class ESPCounters:
+    """Cumulative ESP counters, exported by :meth:`ESPScheduler.plugin_stats`."""
+
+    #: Decode blocks placed off the request's last-block instance (group grown).
+    num_scale_ups: int = 0
+    #: Prefill chunks computed on more than one instance.
+    num_multi_instance_prefills: int = 0
+    #: Blocks moved by consolidation.
+    num_migrated_blocks: int = 0
+    #: Sum over scheduled requests and steps of the instances holding their KV.
+    num_request_instances: int = 0
+    #: Scheduled requests summed over steps.
+    num_request_steps: int = 0
+
+
 class ESPScheduler(MLFQScheduler):
-    """MLFQ ordering + elastic placement; attaches ``esp_plan`` to each output."""
+    """MLFQ ordering + elastic placement; attaches ``esp_plan`` to each output.
+
+    vLLM internals it touches (all in the "vLLM touchpoints" section):
+
+    * ``kv_cache_manager.block_pool.free_block_queue``: replaced by
+      :class:`InstanceFreeQueues` (same methods, one queue per instance).
+    * ``kv_cache_manager.allocate_slots``: wrapped on the instance to set
+      the placement around each call.
+    * ``kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks``:
+      read for placement views and plans; migrations rewrite entries.
+    * ``block_pool.get_new_blocks`` / ``free_blocks``: migration destinations.
+    * ``kv_cache_config``: one KV cache group, ``num_blocks``, page size.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,21 +92,17 @@ class ESPScheduler(MLFQScheduler):
                              f"only); this model has {len(self.kv_cache_config.kv_cache_groups)}")
         self.num_blocks = self.kv_cache_config.num_blocks
         self.blocks_per_instance = blocks_per_instance(self.num_blocks, self.num_instances)
-        pool = self.kv_cache_manager.block_pool
-        self.free_queues = InstanceFreeQueues(pool.blocks, self.num_instances,
-                                              self.blocks_per_instance,
-                                              exclude=[pool.null_block])
-        pool.free_block_queue = self.free_queues
-        self.elastic = self._make_policy()
+        self.elastic: ElasticPolicy = make_elastic_policy(
+            self.esp_config, num_instances=self.num_instances,
+            prefill_time=self.cost_model.chunk_time)
+        # vLLM touchpoints (see the class docstring).
+        self.free_queues = self._install_free_queues()
         self._manager = self.kv_cache_manager.coordinator.single_type_managers[0]
-        self._orig_allocate = self.kv_cache_manager.allocate_slots
-        self.kv_cache_manager.allocate_slots = self._allocate_slots  # type: ignore[method-assign]
+        self._orig_allocate = self._wrap_allocate_slots()
         self._step_placement: dict[str, StepPlacement] = {}
         self._loads: list[InstanceLoad] = []
         self.num_esp_steps = 0
-        # Counters exported as metrics.
-        self.esp_counters = {"scale_up": 0, "prefill_multi": 0, "migrated_blocks": 0,
-                             "instances_sum": 0, "requests_sum": 0}
+        self.counters = ESPCounters()
         group = self.kv_cache_config.kv_cache_groups[0]
         #: Bytes of one block over all layers of one instance (migration cost).
         self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
@@ -82,15 +110,43 @@ class ESPScheduler(MLFQScheduler):
                     "placement=%s", self.num_instances, self.blocks_per_instance,
                     self.block_size, self.esp_config.placement)
 
-    def _make_policy(self) -> ThresholdElasticPolicy:
-        cfg = self.esp_config
-        cls = ELASTIC_POLICIES[cfg.placement]
-        return cls(self.num_instances, prefill_time=self.cost_model.chunk_time,
-                   prefill_target_s=cfg.prefill_target_ms / 1000.0,
-                   max_prefill_instances=cfg.max_prefill_instances,
-                   decode_scale_up_batch=cfg.decode_scale_up_batch,
-                   migrate_blocks_per_step=cfg.migrate_blocks_per_step,
-                   prefill_storage=cfg.prefill_storage)
+    # ------------------------------------------------------------------ vLLM touchpoints
+    def _install_free_queues(self) -> InstanceFreeQueues:
+        pool = self.kv_cache_manager.block_pool
+        queues = InstanceFreeQueues(pool.blocks, self.num_instances, self.blocks_per_instance,
+                                    exclude=[pool.null_block])
+        pool.free_block_queue = queues
+        return queues
+
+    def _wrap_allocate_slots(self) -> Any:
+        """Route vLLM's ``allocate_slots`` through :meth:`_allocate_slots`;
+        returns the original bound method."""
+        original = self.kv_cache_manager.allocate_slots
+        self.kv_cache_manager.allocate_slots = self._allocate_slots
+        return original
+
+    @property
+    def _req_to_blocks(self) -> Any:
+        """vLLM's block tables (a ``defaultdict(list)``: indexing adds an entry)."""
+        return self._manager.req_to_blocks
+
+    def _new_blocks_on(self, instance: int, num_blocks: int) -> list[Any] | None:
+        """``num_blocks`` fresh blocks, all on ``instance``, or None (none taken)."""
+        pool = self.kv_cache_manager.block_pool
+        self.free_queues.placement = StoragePlacement((instance,))
+        try:
+            fresh = pool.get_new_blocks(num_blocks)
+        finally:
+            self.free_queues.placement = None
+        if any(self._instance(b.block_id) != instance for b in fresh):
+            # The destination filled up meanwhile: give them back.
+            pool.free_blocks(fresh)
+            return None
+        return fresh
+
+    def _release_blocks(self, blocks: list[Any]) -> None:
+        """Give blocks a migration replaced back to their instances' queues."""
+        self.kv_cache_manager.block_pool.free_blocks(blocks)
 
     # ------------------------------------------------------------------ views
     def _instance(self, block_id: int) -> int:
@@ -99,7 +155,7 @@ class ESPScheduler(MLFQScheduler):
     def _view(self, request: Request, num_new_tokens: int) -> RequestPlacementView:
         held = [0] * self.num_instances
         last = None
-        for block in self._manager.req_to_blocks.get(request.request_id, ()):
+        for block in self._req_to_blocks.get(request.request_id, ()):
             if not block.is_null:
                 inst = self._instance(block.block_id)
                 held[inst] += 1
@@ -114,7 +170,7 @@ class ESPScheduler(MLFQScheduler):
         decodes = [0] * self.num_instances
         for request in self.running:
             if request.num_computed_tokens >= request.num_prompt_tokens:
-                blocks = self._manager.req_to_blocks.get(request.request_id)
+                blocks = self._req_to_blocks.get(request.request_id)
                 if blocks:
                     decodes[self._instance(blocks[-1].block_id)] += 1
         free = self.free_queues.free_per_instance()
@@ -123,8 +179,9 @@ class ESPScheduler(MLFQScheduler):
 
     def _current_loads(self) -> list[InstanceLoad]:
         free = self.free_queues.free_per_instance()
-        return [InstanceLoad(l.instance, free[l.instance], l.num_blocks, l.num_decodes)
-                for l in self._loads]
+        return [InstanceLoad(load.instance, free[load.instance], load.num_blocks,
+                             load.num_decodes)
+                for load in self._loads]
 
     # ------------------------------------------------------------------ allocation
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any,
@@ -139,10 +196,10 @@ class ESPScheduler(MLFQScheduler):
         if blocks is not None:
             self._step_placement[request.request_id] = placement
             # A scale-up is a decode whose new block landed off its home.
-            table = self._manager.req_to_blocks.get(request.request_id)
+            table = self._req_to_blocks.get(request.request_id)
             if (placement.reason == "scale-up" and table and blocks.get_block_ids()[0]
                     and self._instance(table[-1].block_id) != view.last_block_instance):
-                self.esp_counters["scale_up"] += 1
+                self.counters.num_scale_ups += 1
         return blocks
 
     # ------------------------------------------------------------------ step
@@ -151,76 +208,56 @@ class ESPScheduler(MLFQScheduler):
         self._refresh_loads()
         output = super().schedule(throttle_prefills)
         moves = self._plan_migrations(output)
-        output.esp_plan = self._build_plan(output, moves)  # type: ignore[attr-defined]
+        output.esp_plan = self._build_plan(output, moves)
         return output
 
+    # ------------------------------------------------------------------ migration
     def _plan_migrations(self, output: SchedulerOutput) -> list[BlockMove]:
-        if self.elastic.migrate_blocks_per_step <= 0 or self.num_instances == 1:
+        """Consolidating moves of this step's decodes, applied to vLLM's tables."""
+        if not self.elastic.consolidates or self.num_instances == 1:
             return []
         moves: list[BlockMove] = []
-        pool = self.kv_cache_manager.block_pool
         for req_id, num_new in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
-            view = self._view(request, num_new)
             if request.num_computed_tokens - num_new < request.num_prompt_tokens:
                 continue  # prefill: placement already chose where KV goes
-            decision = self.elastic.consolidate(view, self._current_loads())
+            decision = self.elastic.consolidate(self._view(request, num_new),
+                                                self._current_loads())
             if decision is None:
                 continue
-            src, dst, count = decision
-            table = self._manager.req_to_blocks[req_id]
-            # Never the last block (this step writes into it) nor a shared one.
-            candidates = [i for i, b in enumerate(table[:-1])
-                          if not b.is_null and b.ref_cnt == 1
-                          and self._instance(b.block_id) == src][:count]
-            if not candidates:
+            table = self._req_to_blocks[req_id]
+            indices = self._movable_blocks(table, decision)
+            if not indices:
                 continue
-            self.free_queues.placement = self.elastic_storage(dst)
-            try:
-                fresh = pool.get_new_blocks(len(candidates))
-            finally:
-                self.free_queues.placement = None
-            if any(self._instance(b.block_id) != dst for b in fresh):
-                # The destination filled up meanwhile: undo, move nothing.
-                pool.free_blocks(fresh)
-                continue
-            old = []
-            for idx, new in zip(candidates, fresh, strict=True):
-                old.append(table[idx])
-                moves.append(BlockMove(table[idx].block_id, new.block_id))
-                table[idx] = new
-            pool.free_blocks(old)
-            self.esp_counters["migrated_blocks"] += len(old)
+            fresh = self._new_blocks_on(decision.dst, len(indices))
+            if fresh is not None:
+                moves += self._apply_moves(table, indices, fresh)
         return moves
 
-    @staticmethod
-    def elastic_storage(instance: int):
-        from vllm_esp.core.esp.placement import StoragePlacement
+    def _movable_blocks(self, table: list[Any], decision: Consolidation) -> list[int]:
+        """Table indices of up to ``num_blocks`` blocks on ``src`` that may move:
+        never the last block (this step writes into it) nor a shared one."""
+        return [i for i, b in enumerate(table[:-1])
+                if not b.is_null and b.ref_cnt == 1
+                and self._instance(b.block_id) == decision.src][:decision.num_blocks]
 
-        return StoragePlacement((instance,))
+    def _apply_moves(self, table: list[Any], indices: list[int], fresh: list[Any]
+                     ) -> list[BlockMove]:
+        """Point ``table[indices]`` at ``fresh`` and free the old blocks."""
+        moves: list[BlockMove] = []
+        old: list[Any] = []
+        for idx, new in zip(indices, fresh, strict=True):
+            old.append(table[idx])
+            moves.append(BlockMove(table[idx].block_id, new.block_id))
+            table[idx] = new
+        self._release_blocks(old)
+        self.counters.num_migrated_blocks += len(old)
+        return moves
 
+    # ------------------------------------------------------------------ plan
     def _build_plan(self, output: SchedulerOutput, moves: list[BlockMove]) -> ESPStepPlan:
-        steps: list[RequestStep] = []
-        for req_id, num_new in output.num_scheduled_tokens.items():
-            request = self.requests[req_id]
-            end = request.num_computed_tokens  # vLLM already advanced it
-            start = end - num_new
-            block_ids = tuple(b.block_id for b in self._manager.req_to_blocks[req_id])
-            placement = self._step_placement.get(req_id)
-            if start < request.num_prompt_tokens and placement is not None:
-                compute = placement.compute
-                if len(compute) > 1:
-                    self.esp_counters["prefill_multi"] += 1
-            else:  # decode (or no allocation this step): compute where the token is stored
-                compute = (self._instance(block_ids[start // self.block_size]),)
-            sample = None
-            if end >= request.num_tokens:
-                sample = _sampling_spec(request)
-            steps.append(RequestStep(
-                req_id=req_id, start=start,
-                token_ids=tuple(request.all_token_ids[start:end]),
-                block_ids=block_ids, compute=compute, sample=sample,
-                num_output_tokens=request.num_output_tokens))
+        steps = [self._request_step(req_id, num_new)
+                 for req_id, num_new in output.num_scheduled_tokens.items()]
         plan = ESPStepPlan(step=self.num_esp_steps, num_instances=self.num_instances,
                            blocks_per_instance=self.blocks_per_instance,
                            block_size=self.block_size, requests=tuple(steps),
@@ -228,9 +265,27 @@ class ESPScheduler(MLFQScheduler):
                            finished_req_ids=tuple(sorted(output.finished_req_ids)))
         self.num_esp_steps += 1
         for size in plan.instances_per_request().values():
-            self.esp_counters["instances_sum"] += size
-            self.esp_counters["requests_sum"] += 1
+            self.counters.num_request_instances += size
+            self.counters.num_request_steps += 1
         return plan
+
+    def _request_step(self, req_id: str, num_new: int) -> RequestStep:
+        request = self.requests[req_id]
+        end = request.num_computed_tokens  # vLLM already advanced it
+        start = end - num_new
+        block_ids = tuple(b.block_id for b in self._req_to_blocks[req_id])
+        placement = self._step_placement.get(req_id)
+        if start < request.num_prompt_tokens and placement is not None:
+            compute = placement.compute
+            if len(compute) > 1:
+                self.counters.num_multi_instance_prefills += 1
+        else:  # decode (or no allocation this step): compute where the token is stored
+            compute = (self._instance(block_ids[start // self.block_size]),)
+        sample = _sampling_spec(request) if end >= request.num_tokens else None
+        return RequestStep(req_id=req_id, start=start,
+                           token_ids=tuple(request.all_token_ids[start:end]),
+                           block_ids=block_ids, compute=compute, sample=sample,
+                           num_output_tokens=request.num_output_tokens)
 
     # ------------------------------------------------------------------ metrics
     def plugin_stats(self) -> dict[str, int]:
@@ -238,13 +293,13 @@ class ESPScheduler(MLFQScheduler):
         stats = super().plugin_stats()
         for inst, num_free in enumerate(self.free_queues.free_per_instance()):
             stats[f"{STATS_PREFIX}esp_instance_free_blocks_{inst}"] = num_free
-        c = self.esp_counters
-        stats[f"{STATS_PREFIX}esp_scale_ups_total"] = c["scale_up"]
-        stats[f"{STATS_PREFIX}esp_multi_instance_prefills_total"] = c["prefill_multi"]
-        stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] = c["migrated_blocks"]
-        stats[f"{STATS_PREFIX}esp_migrated_bytes_total"] = c["migrated_blocks"] * self.block_bytes
-        stats[f"{STATS_PREFIX}esp_request_instances_total"] = c["instances_sum"]
-        stats[f"{STATS_PREFIX}esp_request_steps_total"] = c["requests_sum"]
+        c = self.counters
+        stats[f"{STATS_PREFIX}esp_scale_ups_total"] = c.num_scale_ups
+        stats[f"{STATS_PREFIX}esp_multi_instance_prefills_total"] = c.num_multi_instance_prefills
+        stats[f"{STATS_PREFIX}esp_migrated_blocks_total"] = c.num_migrated_blocks
+        stats[f"{STATS_PREFIX}esp_migrated_bytes_total"] = c.num_migrated_blocks * self.block_bytes
+        stats[f"{STATS_PREFIX}esp_request_instances_total"] = c.num_request_instances
+        stats[f"{STATS_PREFIX}esp_request_steps_total"] = c.num_request_steps
         return stats
 
 

@@ -13,11 +13,11 @@ reservation does it no good and, on a small machine, harm: on 2 cores
 vLLM wants 2 reserved, cannot have them, gives up reserving altogether
 and binds the worker's OpenMP team to both cores, where the EngineCore's
 spinning reader and the front end preempt it. Every OpenMP region then
-waits for a descheduled team thread; on this project's 2-core CI machine
-that made ``mlfq-swap`` engine steps ~12% slower than ``mlfq`` steps and
-pushed a 0.95-load replay into overload (mean JCT 1.75x mlfq). With the
-reservation vLLM applies to a connector-less engine, ``mlfq-swap`` beats
-``mlfq`` (``benchmarks/results/jct_quick_cpu.json``).
+waits for a descheduled team thread: on this project's 2-core CI machine
+``mlfq-swap`` engine steps run ~12% slower than ``mlfq`` steps, enough to
+push a 0.95-load replay into overload (mean JCT 1.75x mlfq). With the
+reservation vLLM applies to a connector-less engine, the two are level on
+that trace (``benchmarks/results/jct_quick_cpu.json``).
 
 The change: a connector class may declare ``requires_reserved_cpu =
 False``; vLLM then reserves for it what it reserves without a connector.

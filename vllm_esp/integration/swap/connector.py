@@ -1,10 +1,11 @@
 """``HostSwapConnector``: preemption by host-memory KV swap, as an
 out-of-tree vLLM KV connector.
 
-Selected by ``--scheduler mlfq-swap`` (``vllm_esp.core.choices``), which sets
-``kv_transfer_config={"kv_connector": "HostSwapConnector",
-"kv_connector_module_path": "vllm_esp.integration.swap.connector", "kv_role":
-"kv_both"}``. vLLM builds one instance per process:
+Selected by ``--scheduler mlfq-swap`` (``vllm_esp.core.choices``):
+:func:`vllm_esp.integration.engine_args.swap_kv_transfer_config` sets
+``kv_transfer_config`` to ``kv_connector="HostSwapConnector"``,
+``kv_connector_module_path="vllm_esp.integration.swap.connector"``,
+``kv_role="kv_both"``. vLLM builds one instance per process:
 
 * **scheduler role** (EngineCore): owns the :class:`~vllm_esp.core.swap.book.SwapBook`.
   ``MLFQScheduler._preempt_request`` calls :meth:`on_preempt` before vLLM

@@ -1,7 +1,7 @@
 """Worker-side multi-master decode attention.
 
 Executes one instance's part of a ``DecodeStepPlan`` (protocol diagram in
-``decode_plan.py``). Per layer::
+``vllm_esp/core/esp/decode_plan.py``). Per layer::
 
     master:       store new k, v; post q -> participants
                   local partial over own shard   (overlaps the q transfer)

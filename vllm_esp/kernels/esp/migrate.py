@@ -1,6 +1,6 @@
 """Worker-side decode-phase KV migration.
 
-Executes a ``MigrationPlan`` (see ``migration_plan.py``): for each chunk the
+Executes a ``MigrationPlan`` (see ``vllm_esp/core/esp/migration_plan.py``): for each chunk the
 source gathers the chunk's slots from every layer into one buffer
 ``[num_layers, 2, n, Hkv, D]`` plus their positions and sends it in one
 message; the destination writes the tokens into its own slots, per layer,

@@ -1,7 +1,7 @@
 """Worker-side striped ring prefill with proactive scale-down.
 
-Executes one rank's share of a ``RingPrefillPlan`` (see ``plan.py`` for the
-stripe and ring arithmetic). Per layer and hop::
+Executes one rank's share of a ``RingPrefillPlan`` (see
+``vllm_esp/core/esp/ring_plan.py`` for the stripe and ring arithmetic). Per layer and hop::
 
     post isend(held block -> next rank), irecv(next block <- previous rank)
     copy the held block's retained rows into the local paged KV pool

@@ -1,0 +1,162 @@
+"""Step 1 of ``MLFQScheduler.schedule()``: the plan.
+
+``PlanningMixin`` describes vLLM's requests to the planner
+(``vllm_esp.core.mlfq.admission``) as plain-data ``Candidate``s, in the
+policy's rank order, together with this step's slots, free blocks and swap
+limits, and returns the planner's ``AdmissionPlan``::
+
+    policy.iter_ranked() ──> _candidate(request) ──┐
+                               (lazily, best first)  ├─> plan_admission ─> AdmissionPlan
+    running + prefetched ──> _victim(request) ─────┘
+                               (sorted only when memory must be reclaimed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_esp.core.mlfq.admission import AdmissionPlan, Candidate, plan_admission
+from vllm_esp.integration.mlfq.swap_support import HostSwapMixin
+
+_SCHEDULABLE = (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.RUNNING)
+
+
+class PlanningMixin(HostSwapMixin):
+    """The planner's inputs and the plan of one step: helpers only, no vLLM
+    method is overridden here."""
+
+    def _plan(self) -> AdmissionPlan:
+        # Every running request is ranked (add_request ranks all of them);
+        # the per-step cost here is O(residents), so no filtering copy.
+        residents = self.running
+        if self.swap is not None:
+            residents = residents + self._prefetched_residents()
+        limits = self._swap_limits()
+        return plan_admission(
+            self._iter_candidates(),
+            # Only built when memory must be reclaimed or the reserve
+            # restored: sorting every resident each step is what would make
+            # the planner slow with thousands of requests in the system.
+            lambda: self._victims_low_to_high(residents),
+            resident_ids=[r.request_id for r in residents],
+            num_free_blocks=self._num_free_blocks(),
+            num_slots=self._num_slots(),
+            token_budget=self.max_num_scheduled_tokens,
+            chunked_prefill=self.scheduler_config.enable_chunked_prefill,
+            num_reserve_blocks=limits.num_reserve_blocks,
+            num_host_free_blocks=limits.num_host_free_blocks,
+            num_prefetch=limits.num_prefetch,
+            prefetch_window=limits.prefetch_window,
+        )
+
+    def _num_slots(self) -> int:
+        num_slots = min(self.max_num_running_reqs, self.max_num_active_reqs)
+        # vLLM admits kv_holding_waiting first; our prefetches there only
+        # run when planned, so only the others take a slot for sure.
+        num_slots -= sum(1 for r in self.kv_holding_waiting if not self._swap_managed(r))
+        return num_slots - self.num_waiting_for_streaming_input
+
+    def _num_free_blocks(self) -> int:
+        return (self.kv_cache_manager.block_pool.get_num_free_blocks()
+                - self.mlfq_config.num_reserved_blocks)
+
+    def _iter_candidates(self) -> Iterator[Candidate]:
+        for request_id in self.rank_policy.iter_ranked():
+            request = self.requests.get(request_id)
+            if request is None or request.status not in _SCHEDULABLE:
+                continue
+            if request.num_stale_output_tokens and not request.drop_stale_output:
+                # vLLM skips it until its in-flight output is back (async
+                # scheduling). Test the condition itself, not membership of
+                # deferred_waiting: vLLM clears that only on admission, so a
+                # request skipped once would never be planned again.
+                continue
+            yield self._candidate(request)
+
+    def _victims_low_to_high(self, residents: list[Request]) -> list[Candidate]:
+        policy = self.rank_policy
+        ordered = sorted((r for r in residents if r.request_id in policy),
+                         key=lambda r: policy.rank_key(r.request_id), reverse=True)
+        return [self._victim(r) for r in ordered]
+
+    # ------------------------------------------------------------ candidates
+    def _candidate(self, request: Request) -> Candidate:
+        if request.status == RequestStatus.RUNNING:
+            return self._resident_candidate(request, prefetched=False)
+        if self._is_prefetched(request):
+            return self._resident_candidate(request, prefetched=True)
+        return self._waiting_candidate(request)
+
+    def _victim(self, request: Request) -> Candidate:
+        """``_candidate`` as an eviction victim: with prefix caching,
+        evicting it frees only its exclusive blocks (its growth is still
+        counted against all of its computed blocks)."""
+        cand = self._candidate(request)
+        if request.status != RequestStatus.RUNNING or not self.cache_config.enable_prefix_caching:
+            return cand
+        return dataclasses.replace(cand, num_held_blocks=self._num_exclusive_blocks(request))
+
+    def _resident_candidate(self, request: Request, *, prefetched: bool) -> Candidate:
+        """A running request, or a loaded prefetch (whose block table holds
+        its whole swapped sequence and whose host copy is kept)."""
+        num_computed = request.num_computed_tokens
+        num_new = request.num_tokens_with_spec + request.num_output_placeholders - num_computed
+        num_offload_host = 0
+        if prefetched:
+            num_allocated = len(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+        else:
+            num_allocated = self._num_blocks(num_computed)
+            num_offload_host = self._num_offload_host_blocks(request, num_allocated)
+        return Candidate(
+            request_id=request.request_id,
+            resident=True,
+            num_new_tokens=self._capped_new_tokens(num_new),
+            num_computed_tokens=num_computed,
+            num_allocated_blocks=num_allocated,
+            num_held_blocks=num_allocated,
+            block_size=self.block_size,
+            num_lookahead_tokens=self.num_lookahead_tokens,
+            num_offload_host_blocks=num_offload_host,
+        )
+
+    def _waiting_candidate(self, request: Request) -> Candidate:
+        """A waiting request: it holds no blocks. A swapped one needs blocks
+        for its whole sequence but computes only the tail (usually one
+        token). Conservative: a prefix-cache hit only lowers its need."""
+        num_computed, num_prefetch = self._swapped_resume(request)
+        num_admission = 0
+        if self.scheduler_reserve_full_isl:
+            # vLLM admits a newcomer only if its whole sequence fits (plus
+            # the watermark); mirror that gate, else the plan would give a
+            # slot to a request vLLM then refuses.
+            num_admission = (self._num_blocks(min(request.num_tokens, self.max_model_len))
+                             + self.kv_cache_manager.watermark_blocks)
+        return Candidate(
+            request_id=request.request_id,
+            resident=False,
+            num_new_tokens=self._capped_new_tokens(request.num_tokens - num_computed),
+            num_computed_tokens=num_computed,
+            block_size=self.block_size,
+            num_lookahead_tokens=self.num_lookahead_tokens,
+            num_admission_blocks=num_admission,
+            num_prefetch_blocks=num_prefetch,
+        )
+
+    def _capped_new_tokens(self, num_new_tokens: int) -> int:
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        if 0 < threshold < num_new_tokens:
+            num_new_tokens = threshold
+        return max(num_new_tokens, 0)
+
+    def _num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _num_exclusive_blocks(self, request: Request) -> int:
+        """Blocks that evicting ``request`` would actually free: with prefix
+        caching, a block shared with another request (ref_cnt > 1) stays
+        allocated. Only computed for eviction candidates (lazily)."""
+        blocks = self.kv_cache_manager.get_blocks(request.request_id).blocks
+        return sum(1 for b in blocks[0] if b.ref_cnt == 1) if blocks else 0
