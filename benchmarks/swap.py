@@ -92,7 +92,11 @@ def start_engine(model_dir: str, max_model_len: int, seed: int):
         seed=seed,
         **scheduler_args(
             "mlfq-swap",
-            swap={"host_pool_blocks": HOST_POOL_BLOCKS, "prefetch_depth": 0, "free_block_reserve": 0},
+            swap={
+                "host_pool_blocks": HOST_POOL_BLOCKS,
+                "prefetch_depth": 0,
+                "free_block_reserve": 0,
+            },
         ),
     )
 
@@ -113,8 +117,12 @@ class Driver:
 
         self.n += 1
         prompt = self.rng.integers(10, self.vocab_size - 1, size=num_tokens).tolist()
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-        return self.engine.add_request(f"bench-{self.n}", TokensPrompt(prompt_token_ids=prompt), params)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        )
+        return self.engine.add_request(
+            f"bench-{self.n}", TokensPrompt(prompt_token_ids=prompt), params
+        )
 
     def step(self) -> float:
         t = time.perf_counter()
@@ -151,8 +159,15 @@ class Driver:
         after = self.counters()
         self.engine.abort_request([target], internal=True)
         self.drain()
-        delta = {k: after[k] - before[k] for k in (
-            "recomputed_tokens_total", "swap_in_blocks_total", "swap_out_time_us_total", "swap_in_time_us_total")}
+        delta = {
+            k: after[k] - before[k]
+            for k in (
+                "recomputed_tokens_total",
+                "swap_in_blocks_total",
+                "swap_out_time_us_total",
+                "swap_in_time_us_total",
+            )
+        }
         if swap:
             assert delta["swap_in_blocks_total"] == -(-num_tokens // BLOCK_SIZE), delta
             assert delta["recomputed_tokens_total"] == 0, delta
@@ -170,7 +185,9 @@ class Driver:
         }
 
 
-def measure_length(llm: Any, driver: Driver, num_tokens: int, repeats: int, block_bytes: int) -> dict[str, Any]:
+def measure_length(
+    llm: Any, driver: Driver, num_tokens: int, repeats: int, block_bytes: int
+) -> dict[str, Any]:
     from vllm_esp.integration.swap.connector import measure_copy_bandwidth
 
     swap = [driver.resume_once(num_tokens, swap=True) for _ in range(repeats)]
@@ -198,15 +215,21 @@ def measure_length(llm: Any, driver: Driver, num_tokens: int, repeats: int, bloc
     if row["swap_out_s"] > 0:
         row["live_copy_bandwidth_out_gbs"] = num_blocks * block_bytes / row["swap_out_s"] / 1e9
     row["speedup_recompute_over_swap_in"] = ratio(row["recompute_s"], row["swap_in_s"])
-    row["bandwidth_fraction_of_reference"] = ratio(row["copy_bandwidth_gbs"], row["reference_bandwidth_gbs"])
+    row["bandwidth_fraction_of_reference"] = ratio(
+        row["copy_bandwidth_gbs"], row["reference_bandwidth_gbs"]
+    )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 repeats per length (default 7)")
-    parser.add_argument("--model", default="default", help="vllm_esp.models preset name or model folder")
+    parser.add_argument(
+        "--model", default="default", help="vllm_esp.models preset name or model folder"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -221,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     max_model_len = max(args.lengths) + 128
     if max(args.lengths) + 64 > KV_CACHE_TOKENS // 2:
-        raise SystemExit(f"lengths above {KV_CACHE_TOKENS // 2 - 64} do not fit the benchmark's KV cache")
+        raise SystemExit(
+            f"lengths above {KV_CACHE_TOKENS // 2 - 64} do not fit the benchmark's KV cache"
+        )
     t0 = time.perf_counter()
     llm = start_engine(model_dir, max_model_len, args.seed)
     engine_start_s = time.perf_counter() - t0
@@ -235,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.lengths:
             row = measure_length(llm, driver, n, repeats, swap.block_bytes)
             rows.append(row)
-            print(f"{n:5d} tokens: resume by swap-in {row['swap_in_s'] * 1e3:8.2f} ms "
-                  f"(copy {row['swap_in_copy_s'] * 1e3:6.2f} ms), by recompute {row['recompute_s'] * 1e3:8.2f} ms "
-                  f"-> {row['speedup_recompute_over_swap_in']:.1f}x; swap-out {row['swap_out_s'] * 1e3:6.2f} ms; "
-                  f"copy {row['copy_bandwidth_gbs']:.2f} GB/s vs plain {row['reference_bandwidth_gbs']:.2f} GB/s",
-                  flush=True)
+            print(
+                f"{n:5d} tokens: resume by swap-in {row['swap_in_s'] * 1e3:8.2f} ms "
+                f"(copy {row['swap_in_copy_s'] * 1e3:6.2f} ms), by recompute {row['recompute_s'] * 1e3:8.2f} ms "
+                f"-> {row['speedup_recompute_over_swap_in']:.1f}x; swap-out {row['swap_out_s'] * 1e3:6.2f} ms; "
+                f"copy {row['copy_bandwidth_gbs']:.2f} GB/s vs plain {row['reference_bandwidth_gbs']:.2f} GB/s",
+                flush=True,
+            )
         vllm_config = llm.llm_engine.vllm_config
         engine = {
             "scheduler": "mlfq-swap",
@@ -275,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["copy_bandwidth_gbs"] >= 0.8 * r["reference_bandwidth_gbs"] for r in rows
             ),
             "copy_bandwidth_ge_0.8_reference_by_tokens": {
-                str(r["tokens"]): r["copy_bandwidth_gbs"] >= 0.8 * r["reference_bandwidth_gbs"] for r in rows
+                str(r["tokens"]): r["copy_bandwidth_gbs"] >= 0.8 * r["reference_bandwidth_gbs"]
+                for r in rows
             },
         },
     }

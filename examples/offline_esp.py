@@ -21,11 +21,11 @@ def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else str(build_model("default"))
     llm = LLM(
         model=model,
-        max_model_len=3072,              # more than one instance's cache holds
+        max_model_len=3072,  # more than one instance's cache holds
         max_num_seqs=8,
         block_size=32,
-        enforce_eager=True,              # ESP instances run eagerly
-        gpu_memory_utilization=0.3,      # CPU: fraction of memory reserved
+        enforce_eager=True,  # ESP instances run eagerly
+        gpu_memory_utilization=0.3,  # CPU: fraction of memory reserved
         kv_cache_memory_bytes=12 << 20,  # per instance: 2,048 tokens of this model
         **vllm_esp.scheduler_args("esp", esp={"num_instances": 2}),
     )

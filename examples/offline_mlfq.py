@@ -22,7 +22,7 @@ def main() -> None:
         max_model_len=2048,
         max_num_seqs=8,
         enforce_eager=True,
-        gpu_memory_utilization=0.3,     # CPU: fraction of memory reserved
+        gpu_memory_utilization=0.3,  # CPU: fraction of memory reserved
         kv_cache_memory_bytes=256 << 20,
         # The whole switch: scheduler class + validated MLFQ settings.
         **vllm_esp.scheduler_args("mlfq", num_levels=8, quantum_ratio=2.0),

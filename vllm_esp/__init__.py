@@ -42,4 +42,4 @@ def scheduler_args(name: str = "mlfq", **settings):
     return _scheduler_args(name, **settings)
 
 
-__all__ = ["VLLM_VERSION", "register", "scheduler_args", "__version__"]
+__all__ = ["VLLM_VERSION", "__version__", "register", "scheduler_args"]

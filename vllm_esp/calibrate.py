@@ -70,8 +70,13 @@ def _timed_generate(llm, prompt_ids: list[int], max_tokens: int, repeats: int) -
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 
 
-def profile(model: str, out: Path | None, quick: bool, max_model_len: int,
-            kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES) -> StepCostModel:
+def profile(
+    model: str,
+    out: Path | None,
+    quick: bool,
+    max_model_len: int,
+    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
+) -> StepCostModel:
     import vllm
     from vllm import LLM
 
@@ -129,19 +134,27 @@ def profile(model: str, out: Path | None, quick: bool, max_model_len: int,
     )
     path = out or default_calibration_path(model, device)
     cost.save(path)
-    print(f"calibration written to {path}: alpha={cost.alpha_s:.3e}s beta={cost.beta_s:.3e}s/token "
-          f"gamma={cost.gamma_s:.3e}s/pair, relative fit error {mape:.1%}")
+    print(
+        f"calibration written to {path}: alpha={cost.alpha_s:.3e}s beta={cost.beta_s:.3e}s/token "
+        f"gamma={cost.gamma_s:.3e}s/pair, relative fit error {mape:.1%}"
+    )
     return cost
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_KV_CACHE_BYTES,
-                        help="KV cache of the profiling engine (default: 256 MiB)")
+    parser.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=DEFAULT_KV_CACHE_BYTES,
+        help="KV cache of the profiling engine (default: 256 MiB)",
+    )
     args = parser.parse_args()
     profile(args.model, args.out, args.quick, args.max_model_len, args.kv_cache_memory_bytes)
 

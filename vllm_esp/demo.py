@@ -24,18 +24,40 @@ from pathlib import Path
 #: Engine settings of the demo server: a batch-limited regime where the
 #: scheduling order matters on a 2-core machine.
 SERVER_FLAGS = [
-    "--max-model-len", "2048", "--enforce-eager",
-    "--max-num-seqs", "8", "--max-num-batched-tokens", "1024",
-    "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(512 << 20),
-    "--seed", "0", "--disable-uvicorn-access-log",
+    "--max-model-len",
+    "2048",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "8",
+    "--max-num-batched-tokens",
+    "1024",
+    "--gpu-memory-utilization",
+    "0.3",
+    "--kv-cache-memory-bytes",
+    str(512 << 20),
+    "--seed",
+    "0",
+    "--disable-uvicorn-access-log",
 ]
 
 
 def start_server(model: str, scheduler: str, port: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vllm_esp.cli", "serve", model, "--port", str(port),
-           "--host", "127.0.0.1", "--scheduler", scheduler, *SERVER_FLAGS]
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_esp.cli",
+        "serve",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--scheduler",
+        scheduler,
+        *SERVER_FLAGS,
+    ]
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
 def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: float = 600) -> None:
@@ -44,8 +66,9 @@ def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: f
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; log:\n"
-                               + log_path.read_text()[-4000:])
+            raise RuntimeError(
+                f"server exited with {proc.returncode}; log:\n" + log_path.read_text()[-4000:]
+            )
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
                 return
@@ -55,17 +78,28 @@ def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: f
     raise TimeoutError(f"server not healthy after {timeout_s} s (log: {log_path})")
 
 
-def stream_one(base: str, model: str, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, int]:
+def stream_one(
+    base: str, model: str, prompt_ids: list[int], max_tokens: int
+) -> tuple[float, float, int]:
     """Returns (ttft_s, jct_s, num_tokens) measured from the send time."""
     import requests
 
     start = time.perf_counter()
     ttft = None
     n = 0
-    with requests.post(f"{base}/v1/completions", stream=True, timeout=3600, json={
-        "model": model, "prompt": prompt_ids, "max_tokens": max_tokens,
-        "temperature": 0.0, "ignore_eos": True, "stream": True,
-    }) as r:
+    with requests.post(
+        f"{base}/v1/completions",
+        stream=True,
+        timeout=3600,
+        json={
+            "model": model,
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -106,12 +140,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the built default preset)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model folder (default: the built default preset)"
+    )
     parser.add_argument("--scheduler", default="mlfq")
     parser.add_argument("--num-requests", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=1.5,
-                        help="Poisson arrival rate (requests/s); ~1.3/s saturates 2 cores")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1.5,
+        help="Poisson arrival rate (requests/s); ~1.3/s saturates 2 cores",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
@@ -124,8 +166,15 @@ def main() -> None:
 
     model = args.model or str(build_model("default"))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    trace = make_sharegpt_trace(tokenizer, args.num_requests, args.rate, args.seed,
-                                max_prompt_len=1024, max_output_len=256, max_model_len=2048)
+    trace = make_sharegpt_trace(
+        tokenizer,
+        args.num_requests,
+        args.rate,
+        args.seed,
+        max_prompt_len=1024,
+        max_output_len=256,
+        max_model_len=2048,
+    )
     base = f"http://127.0.0.1:{args.port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-esp-demo-{args.port}.log"
     print(f"starting `vllm-esp serve {model} --scheduler {args.scheduler}` (log: {log_path})")
@@ -148,12 +197,18 @@ def main() -> None:
     jcts = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
     print(f"\n== {args.scheduler}: {len(results)}/{len(trace)} requests finished in {wall:.1f} s")
-    print(f"JCT  mean {statistics.mean(jcts):.2f} s  p50 {percentile(jcts, 50):.2f} s  "
-          f"p99 {percentile(jcts, 99):.2f} s")
+    print(
+        f"JCT  mean {statistics.mean(jcts):.2f} s  p50 {percentile(jcts, 50):.2f} s  "
+        f"p99 {percentile(jcts, 99):.2f} s"
+    )
     print(f"TTFT mean {statistics.mean(ttfts):.2f} s  p99 {percentile(ttfts, 99):.2f} s")
     print(f"throughput {tokens / wall:.1f} output tokens/s")
-    wanted = ("vllm_esp:mlfq_demotions_total", "vllm_esp:mlfq_promotions_total",
-              "vllm_esp:mlfq_rank_preemptions_total", "vllm:num_preemptions_total")
+    wanted = (
+        "vllm_esp:mlfq_demotions_total",
+        "vllm_esp:mlfq_promotions_total",
+        "vllm_esp:mlfq_rank_preemptions_total",
+        "vllm:num_preemptions_total",
+    )
     for line in metrics.splitlines():
         if line.startswith(wanted):
             print("  " + line)

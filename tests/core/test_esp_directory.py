@@ -38,11 +38,15 @@ class DirectoryMachine(RuleBasedStateMachine):
         self.model: dict[str, dict[int, list[int]]] = {}
         self.next_req = 0
 
-    @initialize(num_instances=st.integers(1, 4), num_blocks=st.integers(0, 12),
-                block_size=st.sampled_from([1, 2, 3, 4]))
+    @initialize(
+        num_instances=st.integers(1, 4),
+        num_blocks=st.integers(0, 12),
+        block_size=st.sampled_from([1, 2, 3, 4]),
+    )
     def init(self, num_instances: int, num_blocks: int, block_size: int) -> None:
         self.directory = DistributedKVDirectory(
-            KVPoolConfig.uniform(num_instances, num_blocks, block_size))
+            KVPoolConfig.uniform(num_instances, num_blocks, block_size)
+        )
 
     def _expect_failure_unchanged(self, exc: type[Exception], fn, *args) -> None:
         before = self.directory.snapshot()
@@ -59,8 +63,9 @@ class DirectoryMachine(RuleBasedStateMachine):
             req_id = f"r{self.next_req}"
             self.next_req += 1
             length = data.draw(st.integers(1, 20))
-            cuts = sorted(data.draw(st.sets(st.integers(1, length - 1), max_size=4))
-                          if length > 1 else set())
+            cuts = sorted(
+                data.draw(st.sets(st.integers(1, length - 1), max_size=4)) if length > 1 else set()
+            )
             bounds = [0, *cuts, length]
             per: dict[int, list[tuple[int, int]]] = {}
             for b, e in itertools.pairwise(bounds):
@@ -78,8 +83,9 @@ class DirectoryMachine(RuleBasedStateMachine):
             return
         d.allocate_prefill(lens, placement)
         for req_id, per in placement.items():
-            self.model[req_id] = {i: [p for b, e in rs for p in range(b, e)]
-                                  for i, rs in per.items()}
+            self.model[req_id] = {
+                i: [p for b, e in rs for p in range(b, e)] for i, rs in per.items()
+            }
 
     @rule(data=st.data())
     @precondition(lambda self: bool(self.model))
@@ -108,8 +114,9 @@ class DirectoryMachine(RuleBasedStateMachine):
         self.model[req_id][inst] += list(range(total, total + n))
 
     @rule(data=st.data())
-    @precondition(lambda self: any(len(self.model[r]) and any(self.model[r].values())
-                                   for r in self.model))
+    @precondition(
+        lambda self: any(len(self.model[r]) and any(self.model[r].values()) for r in self.model)
+    )
     def migrate(self, data: st.DataObject) -> None:
         d = self.directory
         candidates = [(r, i) for r in sorted(self.model) for i, p in self.model[r].items() if p]
@@ -169,8 +176,12 @@ class DirectoryMachine(RuleBasedStateMachine):
 
 
 TestDirectoryMachine = DirectoryMachine.TestCase
-TestDirectoryMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
+TestDirectoryMachine.settings = settings(
+    max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # ----------------------------------------------------------------------------------------

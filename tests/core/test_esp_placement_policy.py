@@ -44,15 +44,22 @@ def linear_time(per_token_s: float = 1 / 1024) -> Any:
     return prefill_time
 
 
-def loads(*free: int, num_blocks: int = 100, decodes: list[int] | None = None
-          ) -> list[InstanceLoad]:
+def loads(
+    *free: int, num_blocks: int = 100, decodes: list[int] | None = None
+) -> list[InstanceLoad]:
     decodes = decodes or [0] * len(free)
     return [InstanceLoad(i, f, num_blocks, d) for i, (f, d) in enumerate(zip(free, decodes))]
 
 
-def view(prompt: int = 100, computed: int = 0, new: int = 100,
-         held: tuple[int, ...] = (0, 0, 0, 0), last: int | None = None, bs: int = 16,
-         rid: str = "r") -> RequestPlacementView:
+def view(
+    prompt: int = 100,
+    computed: int = 0,
+    new: int = 100,
+    held: tuple[int, ...] = (0, 0, 0, 0),
+    last: int | None = None,
+    bs: int = 16,
+    rid: str = "r",
+) -> RequestPlacementView:
     return RequestPlacementView(rid, prompt, computed, new, tuple(held), last, bs)
 
 
@@ -72,8 +79,9 @@ class PinnedPolicy(ElasticPolicy):
         self.instance = instance
 
     @classmethod
-    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
-                      prefill_time: PrefillTime) -> PinnedPolicy:
+    def from_settings(
+        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+    ) -> PinnedPolicy:
         return cls(min(settings.decode_scale_up_batch, num_instances - 1))
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
@@ -86,16 +94,18 @@ class GatherPolicy(PinnedPolicy):
 
     name = "gather"
 
-    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> Consolidation | None:
+    def consolidate(
+        self, request: RequestPlacementView, loads: list[InstanceLoad]
+    ) -> Consolidation | None:
         for src, num_held in enumerate(request.blocks_per_instance):
             if src != self.instance and num_held > 0:
                 return Consolidation(src, self.instance, 1)
         return None
 
 
-def drive(elastic: ElasticPolicy, request: RequestPlacementView, free: list[int]
-          ) -> tuple[StepPlacement, Consolidation | None]:
+def drive(
+    elastic: ElasticPolicy, request: RequestPlacementView, free: list[int]
+) -> tuple[StepPlacement, Consolidation | None]:
     """What the scheduler does with a policy, knowing only the interface."""
     current = loads(*free)
     placed = elastic.place(request, current)
@@ -104,17 +114,19 @@ def drive(elastic: ElasticPolicy, request: RequestPlacementView, free: list[int]
 
 
 def test_a_registered_policy_is_built_by_name_and_driven_through_the_interface(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with monkeypatch.context() as patch:
         patch.setitem(ELASTIC_POLICIES, PinnedPolicy.name, PinnedPolicy)
         patch.setitem(ELASTIC_POLICIES, GatherPolicy.name, GatherPolicy)
         # Registering the name is what makes it a valid setting.
-        pinned_settings = ESPConfig(num_instances=3, placement="pinned",
-                                    decode_scale_up_batch=1)
-        pinned = make_elastic_policy(pinned_settings, num_instances=3,
-                                     prefill_time=linear_time())
-        gather = make_elastic_policy(ESPConfig(num_instances=3, placement="gather"),
-                                     num_instances=3, prefill_time=linear_time())
+        pinned_settings = ESPConfig(num_instances=3, placement="pinned", decode_scale_up_batch=1)
+        pinned = make_elastic_policy(pinned_settings, num_instances=3, prefill_time=linear_time())
+        gather = make_elastic_policy(
+            ESPConfig(num_instances=3, placement="gather"),
+            num_instances=3,
+            prefill_time=linear_time(),
+        )
     assert type(pinned) is PinnedPolicy and pinned.instance == 1  # read from the settings
     assert type(gather) is GatherPolicy and gather.instance == 2  # capped by num_instances
     # Not overriding consolidate means never consolidating; overriding it means
@@ -133,8 +145,7 @@ def test_a_registered_policy_is_built_by_name_and_driven_through_the_interface(
 
 def test_an_elastic_policy_must_say_how_it_is_built() -> None:
     class NoFactory(ElasticPolicy):
-        def place(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                  ) -> StepPlacement:
+        def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
             raise AssertionError("unused")
 
     with pytest.raises(TypeError, match="from_settings"):
@@ -143,9 +154,14 @@ def test_an_elastic_policy_must_say_how_it_is_built() -> None:
 
 def test_threshold_from_settings_reads_its_settings() -> None:
     fake = linear_time()  # 64 tokens per 62.5 ms target
-    settings = ESPConfig(num_instances=4, prefill_target_ms=62.5, max_prefill_instances=3,
-                         decode_scale_up_batch=5, migrate_blocks_per_step=2,
-                         prefill_storage="stripe")
+    settings = ESPConfig(
+        num_instances=4,
+        prefill_target_ms=62.5,
+        max_prefill_instances=3,
+        decode_scale_up_batch=5,
+        migrate_blocks_per_step=2,
+        prefill_storage="stripe",
+    )
     p = make_elastic_policy(settings, num_instances=4, prefill_time=fake)
     assert isinstance(p, ThresholdElasticPolicy)
     assert (p.num_instances, p.prefill_target_s, p.max_prefill_instances) == (4, 0.0625, 3)
@@ -156,18 +172,21 @@ def test_threshold_from_settings_reads_its_settings() -> None:
     assert fake.calls == [(64, 0), (65, 0), (5000, 0)]
     placed = p.place(view(prompt=150, new=150), loads(5, 40, 30, 40))
     assert placed.storage == StoragePlacement((1, 2, 3), stripe=True)
-    assert p.consolidate(view(prompt=10, computed=300, new=1, held=(9, 10, 0, 0), last=1),
-                         loads(10, 50, 10, 10)) == (0, 1, 2)
+    assert p.consolidate(
+        view(prompt=10, computed=300, new=1, held=(9, 10, 0, 0), last=1), loads(10, 50, 10, 10)
+    ) == (0, 1, 2)
 
 
 def test_threshold_from_default_settings() -> None:
-    p = ThresholdElasticPolicy.from_settings(ESPConfig(num_instances=2), num_instances=2,
-                                             prefill_time=linear_time())
+    p = ThresholdElasticPolicy.from_settings(
+        ESPConfig(num_instances=2), num_instances=2, prefill_time=linear_time()
+    )
     assert (p.prefill_target_s, p.max_prefill_instances) == (0.25, 2)
     assert (p.decode_scale_up_batch, p.migrate_blocks_per_step) == (64, 4)
     assert p.prefill_storage == "fewest" and p.consolidates
-    off = ThresholdElasticPolicy.from_settings(ESPConfig(migrate_blocks_per_step=0),
-                                               num_instances=1, prefill_time=linear_time())
+    off = ThresholdElasticPolicy.from_settings(
+        ESPConfig(migrate_blocks_per_step=0), num_instances=1, prefill_time=linear_time()
+    )
     assert not off.consolidates
 
 
@@ -186,7 +205,16 @@ def test_prefill_dop_grows_with_estimated_time_and_is_capped():
     fake = linear_time()  # 64 tokens = one target (binary-exact floats)
     p = policy(4, prefill_time=fake)
     assert [p.prefill_dop(t, 0) for t in (1, 63, 64, 65, 128, 129, 192, 193, 5000)] == [
-        1, 1, 1, 2, 2, 3, 3, 4, 4]
+        1,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]
     assert fake.calls[-1] == (5000, 0)
     p.prefill_dop(10, 77)
     assert fake.calls[-1] == (10, 77)  # the context length reaches the cost model
@@ -218,12 +246,14 @@ def test_fewest_storage_holds_the_prompt_on_the_fewest_instances():
     assert not placed.storage.stripe
     # A later chunk starts on the instance of the request's last block and
     # counts the blocks it already holds (20 - 12 = 8 more).
-    placed = p.place(view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2),
-                     loads(5, 8, 3, 9))
+    placed = p.place(
+        view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2), loads(5, 8, 3, 9)
+    )
     assert placed.storage.instances == (2, 3)
     # The last-block instance alone is enough: it is the only one.
-    placed = p.place(view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2),
-                     loads(5, 8, 30, 9))
+    placed = p.place(
+        view(prompt=319, computed=192, new=127, held=(0, 0, 12, 0), last=2), loads(5, 8, 30, 9)
+    )
     assert placed.storage.instances == (2,)
     # Storage is independent of compute: scale-down (compute on 3, store on 1).
     placed = p.place(view(prompt=150, new=150), loads(40, 40, 40, 5))
@@ -267,8 +297,10 @@ def test_decode_scale_up_batch_zero_always_scales_up():
 
 def test_decode_without_blocks_goes_to_the_least_loaded():
     p = policy(3)
-    placed = p.place(view(prompt=10, computed=10, new=1, held=(0, 0, 0), last=None),
-                     loads(5, 9, 9, decodes=[1, 2, 0]))
+    placed = p.place(
+        view(prompt=10, computed=10, new=1, held=(0, 0, 0), last=None),
+        loads(5, 9, 9, decodes=[1, 2, 0]),
+    )
     assert placed.reason == "decode" and placed.compute == (2,)
 
 
@@ -290,23 +322,37 @@ def test_consolidate_moves_the_smallest_shard_to_the_largest():
 
 def test_consolidate_declines_prefill_single_shard_and_disabled():
     p = policy(3, migrate_blocks_per_step=4)
-    assert p.consolidate(view(prompt=300, computed=100, new=100, held=(3, 3, 0)),
-                         loads(10, 10, 10)) is None
-    assert p.consolidate(view(prompt=10, computed=100, new=1, held=(0, 7, 0), last=1),
-                         loads(10, 10, 10)) is None
+    assert (
+        p.consolidate(view(prompt=300, computed=100, new=100, held=(3, 3, 0)), loads(10, 10, 10))
+        is None
+    )
+    assert (
+        p.consolidate(
+            view(prompt=10, computed=100, new=1, held=(0, 7, 0), last=1), loads(10, 10, 10)
+        )
+        is None
+    )
     off = policy(3, migrate_blocks_per_step=0)
-    assert off.consolidate(view(prompt=10, computed=100, new=1, held=(3, 8, 0), last=1),
-                           loads(10, 10, 10)) is None
+    assert (
+        off.consolidate(
+            view(prompt=10, computed=100, new=1, held=(3, 8, 0), last=1), loads(10, 10, 10)
+        )
+        is None
+    )
 
 
 @settings(max_examples=200, deadline=None)
-@given(held=st.lists(st.integers(0, 20), min_size=2, max_size=4), data=st.data(),
-       budget=st.integers(1, 8))
+@given(
+    held=st.lists(st.integers(0, 20), min_size=2, max_size=4),
+    data=st.data(),
+    budget=st.integers(1, 8),
+)
 def test_consolidate_is_bounded(held, data, budget):
     free = data.draw(st.lists(st.integers(0, 20), min_size=len(held), max_size=len(held)))
     p = policy(len(held), migrate_blocks_per_step=budget)
-    decision = p.consolidate(view(prompt=1, computed=500, new=1, held=tuple(held), last=0),
-                             loads(*free))
+    decision = p.consolidate(
+        view(prompt=1, computed=500, new=1, held=tuple(held), last=0), loads(*free)
+    )
     if sum(1 for h in held if h) < 2:
         assert decision is None
         return
@@ -316,8 +362,9 @@ def test_consolidate_is_bounded(held, data, budget):
         return
     src, dst, count = decision
     assert src != dst and held[src] > 0
-    assert held[dst] == max(held) and held[src] <= min(h for i, h in enumerate(held)
-                                                      if h and i != dst)
+    assert held[dst] == max(held) and held[src] <= min(
+        h for i, h in enumerate(held) if h and i != dst
+    )
     assert 1 <= count <= min(budget, held[src], free[dst] - 1)
 
 
@@ -329,29 +376,35 @@ def test_prefill_compute_ties_go_to_the_lowest_instances() -> None:
 def test_fewest_storage_needs_no_new_instance_once_the_prompt_fits() -> None:
     # 7 blocks already held cover 100 prompt tokens + 1: only the last-block
     # instance is named, even when it is full (the pool spills if needed).
-    placed = policy(4).place(view(prompt=100, computed=96, new=4, held=(0, 7, 0, 0), last=1),
-                             loads(30, 0, 30, 30))
+    placed = policy(4).place(
+        view(prompt=100, computed=96, new=4, held=(0, 7, 0, 0), last=1), loads(30, 0, 30, 30)
+    )
     assert placed.storage == StoragePlacement((1,), stripe=False)
 
 
 def test_consolidation_names_its_fields() -> None:
     decision = policy(3, migrate_blocks_per_step=4).consolidate(
-        view(prompt=10, computed=200, new=1, held=(3, 8, 2), last=1), loads(10, 10, 10))
+        view(prompt=10, computed=200, new=1, held=(3, 8, 2), last=1), loads(10, 10, 10)
+    )
     assert decision is not None
     assert (decision.src, decision.dst, decision.num_blocks) == (2, 1, 2)
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), num_instances=st.integers(1, 4), storage=st.sampled_from(
-    ["fewest", "stripe"]), batch=st.integers(0, 3))
-def test_place_returns_a_valid_placement(data: st.DataObject, num_instances: int, storage: str,
-                                         batch: int) -> None:
-    free = data.draw(st.lists(st.integers(0, 20), min_size=num_instances,
-                              max_size=num_instances))
-    decodes = data.draw(st.lists(st.integers(0, 5), min_size=num_instances,
-                                 max_size=num_instances))
-    held = tuple(data.draw(st.lists(st.integers(0, 6), min_size=num_instances,
-                                    max_size=num_instances)))
+@given(
+    data=st.data(),
+    num_instances=st.integers(1, 4),
+    storage=st.sampled_from(["fewest", "stripe"]),
+    batch=st.integers(0, 3),
+)
+def test_place_returns_a_valid_placement(
+    data: st.DataObject, num_instances: int, storage: str, batch: int
+) -> None:
+    free = data.draw(st.lists(st.integers(0, 20), min_size=num_instances, max_size=num_instances))
+    decodes = data.draw(st.lists(st.integers(0, 5), min_size=num_instances, max_size=num_instances))
+    held = tuple(
+        data.draw(st.lists(st.integers(0, 6), min_size=num_instances, max_size=num_instances))
+    )
     last = data.draw(st.sampled_from([None] + [i for i, h in enumerate(held) if h]))
     prompt = data.draw(st.integers(1, 400))
     computed = data.draw(st.integers(0, prompt + 50))
@@ -367,7 +420,7 @@ def test_place_returns_a_valid_placement(data: st.DataObject, num_instances: int
         assert placed.compute == tuple(sorted(placed.compute))
         assert len(placed.compute) == p.prefill_dop(new, computed)
         by_free = sorted(instances, key=lambda i: (-free[i], i))
-        assert set(placed.compute) == set(by_free[:len(placed.compute)])
+        assert set(placed.compute) == set(by_free[: len(placed.compute)])
         if storage == "stripe":
             assert placed.storage == StoragePlacement(placed.compute, stripe=True)
         else:
@@ -378,7 +431,8 @@ def test_place_returns_a_valid_placement(data: st.DataObject, num_instances: int
             # Enough room, or every instance named; the last one was needed.
             assert sum(free[i] for i in chosen) >= needed or len(chosen) == num_instances
             assert sum(free[i] for i in chosen[:-1]) < needed or chosen == (
-                (last,) if last is not None else ())
+                (last,) if last is not None else ()
+            )
     else:
         assert len(placed.compute) == 1
         assert placed.storage == StoragePlacement(placed.compute)

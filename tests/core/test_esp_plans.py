@@ -36,8 +36,11 @@ from vllm_esp.core.esp.ring_plan import (
 def test_planning_modules_do_not_import_torch() -> None:
     # The scheduler and the simulator import these; torch must stay out.
     import subprocess
-    code = ("import sys, vllm_esp.core.esp.directory, vllm_esp.core.esp.ring_plan, vllm_esp.core.esp.decode_plan, "
-            "vllm_esp.core.esp.migration_plan; assert 'torch' not in sys.modules, 'torch imported'")
+
+    code = (
+        "import sys, vllm_esp.core.esp.directory, vllm_esp.core.esp.ring_plan, vllm_esp.core.esp.decode_plan, "
+        "vllm_esp.core.esp.migration_plan; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -90,20 +93,30 @@ def test_pack_fullest_first_properties(inputs) -> None:
     fits = sum(cdiv(n, block_size) for n in lens) <= sum(free.values())
     if not fits:
         with pytest.raises(ESPCapacityError, match="does not fit in group"):
-            pack_fullest_first(req_ids, lens, group, num_used_tokens=used,
-                               num_free_blocks=free, block_size=block_size)
+            pack_fullest_first(
+                req_ids,
+                lens,
+                group,
+                num_used_tokens=used,
+                num_free_blocks=free,
+                block_size=block_size,
+            )
         return
-    plan = pack_fullest_first(req_ids, lens, group, num_used_tokens=used,
-                              num_free_blocks=free, block_size=block_size)
+    plan = pack_fullest_first(
+        req_ids, lens, group, num_used_tokens=used, num_free_blocks=free, block_size=block_size
+    )
     # RetentionPlan.__post_init__ already proved each token is kept exactly once.
-    order = [r for r in sorted(range(len(group)), key=lambda r: (-used[group[r]], r))
-             if free[group[r]] > 0]
+    order = [
+        r
+        for r in sorted(range(len(group)), key=lambda r: (-used[group[r]], r))
+        if free[group[r]] > 0
+    ]
     left = [free[group[r]] - plan.num_required_blocks(r, block_size) for r in range(len(group))]
     assert all(x >= 0 for x in left)
     used_ranks = [r for r in order if any(plan.kept[r])]
     # Fullest first: the instances used form a prefix of the order (skipping
     # full ones), all but the last of them filled completely.
-    assert used_ranks == order[:len(used_ranks)]
+    assert used_ranks == order[: len(used_ranks)]
     assert all(left[r] == 0 for r in used_ranks[:-1])
     assert set(plan.retaining_group()) == {group[r] for r in used_ranks}
     # At most one contiguous range per (request, instance).
@@ -119,8 +132,9 @@ def test_retention_plan_rejects_overlap_and_gap() -> None:
         RetentionPlan((0, 0), ("a",), (4,), ((((0, 4),),), ((),)))
 
 
-def random_retention(rng: random.Random, group: tuple[int, ...], req_ids: list[str],
-                     lens: list[int]) -> RetentionPlan:
+def random_retention(
+    rng: random.Random, group: tuple[int, ...], req_ids: list[str], lens: list[int]
+) -> RetentionPlan:
     """Any valid plan: random cuts, random owners, random local order."""
     kept = [[[] for _ in req_ids] for _ in group]
     for j, n in enumerate(lens):
@@ -131,8 +145,12 @@ def random_retention(rng: random.Random, group: tuple[int, ...], req_ids: list[s
     for per_req in kept:
         for ranges in per_req:
             rng.shuffle(ranges)
-    return RetentionPlan(group, tuple(req_ids), tuple(lens),
-                         tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept))
+    return RetentionPlan(
+        group,
+        tuple(req_ids),
+        tuple(lens),
+        tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept),
+    )
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -143,8 +161,7 @@ def test_ring_schedule_copies_every_kept_token_once_into_its_directory_slot(seed
     lens = [rng.randint(1, 30) for _ in range(rng.randint(1, 3))]
     req_ids = [f"r{j}" for j in range(len(lens))]
     d = DistributedKVDirectory(KVPoolConfig.uniform(num_instances, 64, rng.randint(1, 5)))
-    retention = (random_retention(rng, group, req_ids, lens) if seed % 2
-                 else None)
+    retention = random_retention(rng, group, req_ids, lens) if seed % 2 else None
     plan = schedule_ring_prefill(d, req_ids, lens, group, retention)
     d.check_invariants()
     n = len(group)
@@ -153,13 +170,17 @@ def test_ring_schedule_copies_every_kept_token_once_into_its_directory_slot(seed
         sched = build_ring_schedule(plan, r)
         assert [h.origin_rank for h in sched.hops] == [(r - s) % n for s in range(n)]
         assert sched.send_to == group[(r + 1) % n] and sched.recv_from == group[(r - 1) % n]
-        assert list(sched.q_positions) == [p for j in range(len(lens))
-                                           for p in stripes.positions(r, j)]
+        assert list(sched.q_positions) == [
+            p for j in range(len(lens)) for p in stripes.positions(r, j)
+        ]
         copied: dict[int, tuple[str, int]] = {}
         for hop in sched.hops:
             # Block rows are request-major stripes of the origin rank.
-            row_to_token = [(req_ids[j], p) for j in range(len(lens))
-                            for p in stripes.positions(hop.origin_rank, j)]
+            row_to_token = [
+                (req_ids[j], p)
+                for j in range(len(lens))
+                for p in stripes.positions(hop.origin_rank, j)
+            ]
             for row, slot in zip(hop.keep_rows, hop.keep_slots):
                 assert slot not in copied
                 copied[slot] = row_to_token[row]
@@ -167,13 +188,15 @@ def test_ring_schedule_copies_every_kept_token_once_into_its_directory_slot(seed
         for req_id in req_ids:
             if inst in d.instances(req_id):
                 shard = d.shard(req_id, inst)
-                expected.update(zip(d.slots(req_id, inst),
-                                    ((req_id, p) for p in shard.positions())))
+                expected.update(
+                    zip(d.slots(req_id, inst), ((req_id, p) for p in shard.positions()))
+                )
         assert copied == expected
         for j, row in sched.last_token_rows:
             assert sched.q_positions[row] == lens[j] - 1
-    assert sorted(j for r in range(n) for j, _ in build_ring_schedule(plan, r).last_token_rows) \
-        == list(range(len(lens)))
+    assert sorted(
+        j for r in range(n) for j, _ in build_ring_schedule(plan, r).last_token_rows
+    ) == list(range(len(lens)))
 
 
 # ------------------------------------------------------------------------------ capacity
@@ -193,8 +216,11 @@ def test_request_larger_than_all_pools_raises_and_leaves_directory_unchanged() -
     d = DistributedKVDirectory(KVPoolConfig.uniform(3, 8, 4))
     d.allocate_prefill({"old": 10}, {"old": {2: [(0, 10)]}})
     before = d.snapshot()
-    with pytest.raises(ESPCapacityError, match=r"prefill of 87 tokens .* group \(0, 1, 2\): "
-                                               r"84 free token slots in total, at most 32"):
+    with pytest.raises(
+        ESPCapacityError,
+        match=r"prefill of 87 tokens .* group \(0, 1, 2\): "
+        r"84 free token slots in total, at most 32",
+    ):
         schedule_ring_prefill(d, ["huge"], [87], (0, 1, 2))
     assert d.snapshot() == before
     d.check_invariants()
@@ -210,8 +236,7 @@ def _prefilled(seed: int) -> tuple[DistributedKVDirectory, list[str]]:
     lens = [rng.randint(1, 25) for _ in range(rng.randint(1, 5))]
     req_ids = [f"r{j}" for j in range(len(lens))]
     group = tuple(rng.sample(range(num_instances), rng.randint(1, num_instances)))
-    schedule_ring_prefill(d, req_ids, lens, group,
-                          random_retention(rng, group, req_ids, lens))
+    schedule_ring_prefill(d, req_ids, lens, group, random_retention(rng, group, req_ids, lens))
     return d, req_ids
 
 
@@ -244,11 +269,15 @@ def test_decode_schedules_agree_between_masters_and_participants(seed: int) -> N
                 assert req.position == lengths[req.req_id]
                 assert req.master == i and s.local_kv_lens[a] == d.num_local_tokens(req.req_id, i)
                 assert d.slots(req.req_id, i)[-1] == req.new_slot
-                sources = sorted(replies[row][0] for row in
-                                 (slot_rows[a] for slot_rows in s.merge_rows) if row >= 0)
+                sources = sorted(
+                    replies[row][0]
+                    for row in (slot_rows[a] for slot_rows in s.merge_rows)
+                    if row >= 0
+                )
                 assert sources == sorted(req.participants)
-                assert all(replies[slot_rows[a]][1] == a
-                           for slot_rows in s.merge_rows if slot_rows[a] >= 0)
+                assert all(
+                    replies[slot_rows[a]][1] == a for slot_rows in s.merge_rows if slot_rows[a] >= 0
+                )
         # Every participant gets the query, even when it holds no token (lse = -inf there).
         for req in plan.requests:
             assert set(req.participants) | {req.master} == set(d.instances(req.req_id))
@@ -269,9 +298,10 @@ def test_decode_step_capacity_error_is_all_or_nothing() -> None:
 
 def test_assign_masters_fullest_first_contiguous_and_scale_up_hint() -> None:
     d = DistributedKVDirectory(KVPoolConfig.uniform(3, 4, 2))
-    d.allocate_prefill({f"r{j}": 2 for j in range(4)},
-                       {"r0": {1: [(0, 2)]}, "r1": {1: [(0, 2)]}, "r2": {1: [(0, 2)]},
-                        "r3": {0: [(0, 2)]}})
+    d.allocate_prefill(
+        {f"r{j}": 2 for j in range(4)},
+        {"r0": {1: [(0, 2)]}, "r1": {1: [(0, 2)]}, "r2": {1: [(0, 2)]}, "r3": {0: [(0, 2)]}},
+    )
     masters = assign_masters_fullest_first(d, [f"r{j}" for j in range(4)], (0, 1))
     # Instance 1 is fullest (6 tokens) but has one free block: it takes r0 only.
     assert masters == {"r0": 1, "r1": 0, "r2": 0, "r3": 0}
@@ -321,8 +351,7 @@ def test_migration_capacity_error_is_all_or_nothing() -> None:
 
 def test_consolidation_empties_least_used_instance() -> None:
     d = DistributedKVDirectory(KVPoolConfig.uniform(3, 6, 2))
-    d.allocate_prefill({"a": 9, "b": 4},
-                       {"a": {0: [(0, 6)], 1: [(6, 9)]}, "b": {2: [(0, 4)]}})
+    d.allocate_prefill({"a": 9, "b": 4}, {"a": {0: [(0, 6)], 1: [(6, 9)]}, "b": {2: [(0, 4)]}})
     result = plan_consolidation(d, (0, 1, 2), max_chunk_tokens=2)
     assert result is not None
     freed, plan = result

@@ -48,10 +48,17 @@ def test_instance_and_local_block_split_a_global_id():
 
 
 def _docstring_plan(compute=(0,), start=0, n=8, sample=None) -> ESPStepPlan:
-    req = RequestStep("r", start=start, token_ids=tuple(range(100, 100 + n)),
-                      block_ids=(5, 6, 1, 9), compute=compute, sample=sample)
-    return ESPStepPlan(step=0, num_instances=3, blocks_per_instance=4, block_size=2,
-                       requests=(req,))
+    req = RequestStep(
+        "r",
+        start=start,
+        token_ids=tuple(range(100, 100 + n)),
+        block_ids=(5, 6, 1, 9),
+        compute=compute,
+        sample=sample,
+    )
+    return ESPStepPlan(
+        step=0, num_instances=3, blocks_per_instance=4, block_size=2, requests=(req,)
+    )
 
 
 def test_holders_and_group_size_follow_the_block_table():
@@ -110,15 +117,21 @@ def test_docstring_example_token_stripe():
 
 def test_local_batch_rejects_a_short_block_table_and_a_bad_instance():
     req = RequestStep("short", start=3, token_ids=(1, 2, 3), block_ids=(0, 1), compute=(0,))
-    plan = ESPStepPlan(step=0, num_instances=2, blocks_per_instance=4, block_size=2,
-                       requests=(req,))
+    plan = ESPStepPlan(
+        step=0, num_instances=2, blocks_per_instance=4, block_size=2, requests=(req,)
+    )
     for instance in (0, 1):
-        with pytest.raises(ValueError, match="short.*2 blocks cannot hold 6 tokens"):
+        with pytest.raises(ValueError, match=r"short.*2 blocks cannot hold 6 tokens"):
             local_batch(plan, instance)
-    ok = ESPStepPlan(step=0, num_instances=2, blocks_per_instance=4, block_size=2,
-                     requests=(RequestStep("ok", 0, (1, 2, 3, 4), (0, 5), (0,)),))
+    ok = ESPStepPlan(
+        step=0,
+        num_instances=2,
+        blocks_per_instance=4,
+        block_size=2,
+        requests=(RequestStep("ok", 0, (1, 2, 3, 4), (0, 5), (0,)),),
+    )
     local_batch(ok, 1)  # exactly enough blocks is fine
-    with pytest.raises(ValueError, match="instance 2 outside 0..1"):
+    with pytest.raises(ValueError, match=r"instance 2 outside 0\.\.1"):
         local_batch(ok, 2)
     with pytest.raises(ValueError, match="outside"):
         local_batch(ok, -1)
@@ -147,22 +160,37 @@ def plans(draw):
     total = sum(s[2] for s in shapes)
     nb = max(1, -(-total // n)) + draw(st.integers(0, 3))
     ids = draw(st.permutations(range(n * nb)))
-    spec = st.one_of(st.none(), st.builds(SamplingSpec, temperature=st.floats(0, 2),
-                                          seed=st.one_of(st.none(), st.integers(0, 99))))
+    spec = st.one_of(
+        st.none(),
+        st.builds(
+            SamplingSpec, temperature=st.floats(0, 2), seed=st.one_of(st.none(), st.integers(0, 99))
+        ),
+    )
     requests, used = [], 0
     for r, (start, length, num_blocks) in enumerate(shapes):
         order = draw(st.permutations(range(n)))
         dop = draw(st.integers(1, n))
-        requests.append(RequestStep(
-            req_id=f"r{r}", start=start,
-            token_ids=tuple(draw(st.lists(st.integers(0, 999), min_size=length,
-                                          max_size=length))),
-            block_ids=tuple(ids[used:used + num_blocks]),
-            compute=tuple(order[:dop]), sample=draw(spec),
-            num_output_tokens=draw(st.integers(0, 5))))
+        requests.append(
+            RequestStep(
+                req_id=f"r{r}",
+                start=start,
+                token_ids=tuple(
+                    draw(st.lists(st.integers(0, 999), min_size=length, max_size=length))
+                ),
+                block_ids=tuple(ids[used : used + num_blocks]),
+                compute=tuple(order[:dop]),
+                sample=draw(spec),
+                num_output_tokens=draw(st.integers(0, 5)),
+            )
+        )
         used += num_blocks
-    return ESPStepPlan(step=draw(st.integers(0, 9)), num_instances=n, blocks_per_instance=nb,
-                       block_size=bs, requests=tuple(requests))
+    return ESPStepPlan(
+        step=draw(st.integers(0, 9)),
+        num_instances=n,
+        blocks_per_instance=nb,
+        block_size=bs,
+        requests=tuple(requests),
+    )
 
 
 def _request_rows(batch, plan):
@@ -245,8 +273,9 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
         num_blocks = -(-req.end // bs)
         computing = sorted({req.compute_instance(k) for k in range(len(req.token_ids))})
         for c in computing:
-            my_positions = [req.start + k for k in range(len(req.token_ids))
-                            if req.compute_instance(k) == c]
+            my_positions = [
+                req.start + k for k in range(len(req.token_ids)) if req.compute_instance(k) == c
+            ]
             kv_total = 0
             for h in holders:
                 if h == c:
@@ -259,8 +288,11 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
                     group_index[h][c] += 1
                 lo, hi = group.cu_seqlens[g], group.cu_seqlens[g + 1]
                 assert group.positions[lo:hi] == my_positions
-                local = [local_block(b, nb) for b in req.block_ids[:num_blocks]
-                         if instance_of(b, nb) == h]
+                local = [
+                    local_block(b, nb)
+                    for b in req.block_ids[:num_blocks]
+                    if instance_of(b, nb) == h
+                ]
                 assert group.block_tables[g] == local
                 assert 0 < group.kv_lens[g] <= len(local) * bs
                 kv_total += group.kv_lens[g]

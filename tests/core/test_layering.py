@@ -37,8 +37,13 @@ def core_pure() -> dict[str, Any]:
 
 
 def lint_imports(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(LINT_IMPORTS), "--no-logo", "--no-cache", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-logo", "--no-cache", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_import_contract_is_kept() -> None:
@@ -81,12 +86,21 @@ _IMPORT_WITH_BLOCKED = textwrap.dedent("""
 def test_core_imports_without_torch_vllm_triton_numpy() -> None:
     blocked = sorted(set(core_pure()["forbidden_modules"]) | MUST_BLOCK)
     modules = core_modules()
-    assert {"vllm_esp.core.costmodel", "vllm_esp.core.mlfq.skip_join",
-            "vllm_esp.core.swap.book", "vllm_esp.core.esp.step_plan"} <= set(modules)
+    assert {
+        "vllm_esp.core.costmodel",
+        "vllm_esp.core.mlfq.skip_join",
+        "vllm_esp.core.swap.book",
+        "vllm_esp.core.esp.step_plan",
+    } <= set(modules)
     # The control: a kernels module does need torch, so blocking is effective.
     payload = json.dumps([blocked, modules, "vllm_esp.kernels.swap_copy"])
-    result = subprocess.run([sys.executable, "-c", _IMPORT_WITH_BLOCKED, payload], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WITH_BLOCKED, payload],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -98,8 +112,15 @@ def test_a_core_module_importing_a_forbidden_one_breaks_the_contract(tmp_path: P
     config = {
         "root_packages": ["fakepkg"],
         "include_external_packages": True,
-        "contracts": [{"id": "core-pure", "name": "fake core is pure", "type": "forbidden",
-                       "source_modules": ["fakepkg.core"], "forbidden_modules": forbidden}],
+        "contracts": [
+            {
+                "id": "core-pure",
+                "name": "fake core is pure",
+                "type": "forbidden",
+                "source_modules": ["fakepkg.core"],
+                "forbidden_modules": forbidden,
+            }
+        ],
     }
     lines = ["[tool.importlinter]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in config.items() if k != "contracts"]
@@ -111,7 +132,8 @@ def test_a_core_module_importing_a_forbidden_one_breaks_the_contract(tmp_path: P
     (package / "core.py").write_text("import json\n")
     kept = lint_imports(tmp_path)
     assert kept.returncode == 0 and "fake core is pure KEPT" in kept.stdout, (
-        kept.stdout + kept.stderr)
+        kept.stdout + kept.stderr
+    )
 
     (package / "core.py").write_text(f"import {forbidden[0]}\n")
     broken = lint_imports(tmp_path)

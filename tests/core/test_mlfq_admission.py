@@ -22,16 +22,23 @@ BS = 4
 
 def waiting(rid: str, num_tokens: int, **kwargs: int) -> Candidate:
     """A newcomer: holds nothing, needs ceil(num_tokens / BS) blocks."""
-    return Candidate(request_id=rid, resident=False, num_new_tokens=num_tokens, block_size=BS,
-                     **kwargs)
+    return Candidate(
+        request_id=rid, resident=False, num_new_tokens=num_tokens, block_size=BS, **kwargs
+    )
 
 
 def running(rid: str, num_computed: int, num_new: int = 1, **kwargs: int) -> Candidate:
     """A resident holding the blocks of its ``num_computed`` tokens."""
     num_blocks = -(-num_computed // BS)
     fields = dict(num_allocated_blocks=num_blocks, num_held_blocks=num_blocks) | kwargs
-    return Candidate(request_id=rid, resident=True, num_new_tokens=num_new,
-                     num_computed_tokens=num_computed, block_size=BS, **fields)
+    return Candidate(
+        request_id=rid,
+        resident=True,
+        num_new_tokens=num_new,
+        num_computed_tokens=num_computed,
+        block_size=BS,
+        **fields,
+    )
 
 
 def plan(ranked: list[Candidate], **kwargs: object) -> AdmissionPlan:
@@ -48,8 +55,15 @@ def test_num_blocks_for_counts_blocks_past_the_allocated_ones():
     new = Candidate(request_id="n", resident=False, num_new_tokens=40, block_size=16)
     assert [new.num_blocks_for(n) for n in (0, 1, 16, 17, 40)] == [0, 1, 1, 2, 3]
     # Running at a block boundary: the next token needs a new block.
-    at_edge = Candidate(request_id="r", resident=True, num_new_tokens=1, num_computed_tokens=16,
-                        num_allocated_blocks=1, num_held_blocks=1, block_size=16)
+    at_edge = Candidate(
+        request_id="r",
+        resident=True,
+        num_new_tokens=1,
+        num_computed_tokens=16,
+        num_allocated_blocks=1,
+        num_held_blocks=1,
+        block_size=16,
+    )
     assert at_edge.num_blocks_for(1) == 1
     inside = dataclasses.replace(at_edge, num_computed_tokens=17, num_allocated_blocks=2)
     assert inside.num_blocks_for(1) == 0 and inside.num_blocks_for(16) == 1
@@ -176,8 +190,15 @@ def test_the_resident_list_is_built_only_when_memory_must_be_reclaimed():
         return [low, top]
 
     def lazy_plan(ranked: list[Candidate], num_free_blocks: int) -> AdmissionPlan:
-        return plan_admission(ranked, residents, num_free_blocks=num_free_blocks, num_slots=1,
-                              token_budget=100, chunked_prefill=True, resident_ids=["top", "low"])
+        return plan_admission(
+            ranked,
+            residents,
+            num_free_blocks=num_free_blocks,
+            num_slots=1,
+            token_budget=100,
+            chunked_prefill=True,
+            resident_ids=["top", "low"],
+        )
 
     got = lazy_plan([top, low, waiting("n", 4)], num_free_blocks=10)
     assert got.pause == ("low",) and calls == []
@@ -191,8 +212,13 @@ def test_offload_restores_the_reserve_from_the_lowest_paused_residents_the_host_
     upper = running("upper", 16, num_offload_host_blocks=4)  # 4 blocks
     mid = running("mid", 16, num_offload_host_blocks=4)
     low = running("low", 24, num_offload_host_blocks=50)  # more than the host has
-    got = plan([top, upper, mid, low], num_slots=1, num_free_blocks=2, num_reserve_blocks=5,
-               num_host_free_blocks=10)
+    got = plan(
+        [top, upper, mid, low],
+        num_slots=1,
+        num_free_blocks=2,
+        num_reserve_blocks=5,
+        num_host_free_blocks=10,
+    )
     # low does not fit the host; mid brings the free blocks to 6 >= 5: enough.
     assert got.run == ("top",) and got.offload == ("mid",)
     assert got.pause == ("upper", "low") and got.preempt == ()
@@ -203,17 +229,27 @@ def test_offload_restores_the_reserve_from_the_lowest_paused_residents_the_host_
 def test_the_reserve_never_refuses_a_newcomer_that_fits():
     newcomer = waiting("n", 24)  # 6 blocks
     paused = running("p", 20, num_offload_host_blocks=5)  # below the cut
-    got = plan([newcomer, paused], num_slots=1, num_free_blocks=10, num_reserve_blocks=8,
-               num_host_free_blocks=10)
+    got = plan(
+        [newcomer, paused],
+        num_slots=1,
+        num_free_blocks=10,
+        num_reserve_blocks=8,
+        num_host_free_blocks=10,
+    )
     assert got.run == ("n",) and got.offload == ("p",)  # 10 - 6 + 5 = 9 >= 8
 
 
 def test_prefetch_loads_the_next_swapped_requests_above_the_reserve():
     top = running("top", 5)
-    swapped = [waiting(f"s{i}", 1, num_computed_tokens=15, num_prefetch_blocks=4)
-               for i in range(3)]
-    got = plan([top, *swapped], num_slots=1, num_free_blocks=10, num_reserve_blocks=2,
-               num_prefetch=3, prefetch_window=3)
+    swapped = [waiting(f"s{i}", 1, num_computed_tokens=15, num_prefetch_blocks=4) for i in range(3)]
+    got = plan(
+        [top, *swapped],
+        num_slots=1,
+        num_free_blocks=10,
+        num_reserve_blocks=2,
+        num_prefetch=3,
+        prefetch_window=3,
+    )
     # 10 - 4 (s0) = 6 >= 2; 6 - 4 (s1) = 2 >= 2; s2 would leave 2 - 4 < 2.
     assert got.run == ("top",) and got.prefetch == ("s0", "s1")
     assert plan([top, *swapped], num_slots=1, num_prefetch=3, prefetch_window=1).prefetch == ("s0",)
@@ -225,17 +261,37 @@ def test_prefetch_never_in_a_step_that_preempts_or_offloads():
     swapped = waiting("s", 1, num_computed_tokens=15, num_prefetch_blocks=1)
     # Preempts: the newcomer needs low's blocks.
     newcomer, low = waiting("n", 8), running("low", 8)
-    got = plan([newcomer, swapped, low], num_slots=1, num_free_blocks=0, num_prefetch=2,
-               prefetch_window=4, num_host_free_blocks=10)
+    got = plan(
+        [newcomer, swapped, low],
+        num_slots=1,
+        num_free_blocks=0,
+        num_prefetch=2,
+        prefetch_window=4,
+        num_host_free_blocks=10,
+    )
     assert got.preempt == ("low",) and got.prefetch == ()
     # Offloads: the reserve is short.
     top, paused = running("top", 5), running("paused", 8, num_offload_host_blocks=2)
-    got = plan([top, swapped, paused], num_slots=1, num_free_blocks=1, num_reserve_blocks=2,
-               num_host_free_blocks=10, num_prefetch=2, prefetch_window=4)
+    got = plan(
+        [top, swapped, paused],
+        num_slots=1,
+        num_free_blocks=1,
+        num_reserve_blocks=2,
+        num_host_free_blocks=10,
+        num_prefetch=2,
+        prefetch_window=4,
+    )
     assert got.offload == ("paused",) and got.prefetch == ()
     # Neither: the swapped request right after the cut is prefetched.
-    got = plan([top, swapped, paused], num_slots=1, num_free_blocks=4, num_reserve_blocks=2,
-               num_host_free_blocks=10, num_prefetch=2, prefetch_window=4)
+    got = plan(
+        [top, swapped, paused],
+        num_slots=1,
+        num_free_blocks=4,
+        num_reserve_blocks=2,
+        num_host_free_blocks=10,
+        num_prefetch=2,
+        prefetch_window=4,
+    )
     assert got.prefetch == ("s",)
 
 
@@ -271,26 +327,43 @@ def steps(draw: st.DrawFn) -> tuple[list[Candidate], dict]:
         if draw(st.booleans()):
             num_computed = draw(st.integers(1, 64))
             num_allocated = -(-num_computed // block_size) + draw(st.integers(0, 2))
-            ranked.append(Candidate(
-                request_id=f"r{i}", resident=True,
-                # Without chunked prefill a resident is a decode.
-                num_new_tokens=draw(st.integers(1, 20)) if chunked else 1,
-                num_computed_tokens=num_computed, num_allocated_blocks=num_allocated,
-                num_held_blocks=draw(st.integers(0, num_allocated)),  # prefix sharing
-                block_size=block_size, num_lookahead_tokens=draw(st.integers(0, 2)),
-                num_offload_host_blocks=draw(st.integers(0, 20))))
+            ranked.append(
+                Candidate(
+                    request_id=f"r{i}",
+                    resident=True,
+                    # Without chunked prefill a resident is a decode.
+                    num_new_tokens=draw(st.integers(1, 20)) if chunked else 1,
+                    num_computed_tokens=num_computed,
+                    num_allocated_blocks=num_allocated,
+                    num_held_blocks=draw(st.integers(0, num_allocated)),  # prefix sharing
+                    block_size=block_size,
+                    num_lookahead_tokens=draw(st.integers(0, 2)),
+                    num_offload_host_blocks=draw(st.integers(0, 20)),
+                )
+            )
         else:
             num_swapped = draw(st.integers(0, 40))
-            ranked.append(Candidate(
-                request_id=f"w{i}", resident=False, num_new_tokens=draw(st.integers(1, 60)),
-                num_computed_tokens=num_swapped, block_size=block_size,
-                num_admission_blocks=draw(st.integers(0, 30)),
-                num_prefetch_blocks=-(-num_swapped // block_size)))
+            ranked.append(
+                Candidate(
+                    request_id=f"w{i}",
+                    resident=False,
+                    num_new_tokens=draw(st.integers(1, 60)),
+                    num_computed_tokens=num_swapped,
+                    block_size=block_size,
+                    num_admission_blocks=draw(st.integers(0, 30)),
+                    num_prefetch_blocks=-(-num_swapped // block_size),
+                )
+            )
     limits = dict(
-        num_free_blocks=draw(st.integers(0, 60)), num_slots=draw(st.integers(0, 6)),
-        token_budget=draw(st.integers(0, 120)), chunked_prefill=chunked,
-        num_reserve_blocks=draw(st.integers(0, 12)), num_host_free_blocks=draw(st.integers(0, 30)),
-        num_prefetch=draw(st.integers(0, 3)), prefetch_window=draw(st.integers(0, 6)))
+        num_free_blocks=draw(st.integers(0, 60)),
+        num_slots=draw(st.integers(0, 6)),
+        token_budget=draw(st.integers(0, 120)),
+        chunked_prefill=chunked,
+        num_reserve_blocks=draw(st.integers(0, 12)),
+        num_host_free_blocks=draw(st.integers(0, 30)),
+        num_prefetch=draw(st.integers(0, 3)),
+        prefetch_window=draw(st.integers(0, 6)),
+    )
     return ranked, limits
 
 
@@ -325,7 +398,8 @@ def test_block_accounting_never_goes_negative_and_decisions_are_disjoint(case):
     num_free -= sum(by_id[r].num_prefetch_blocks for r in got.prefetch)
     assert num_free >= 0 and tokens_left >= 0 and len(got.run) <= limits["num_slots"]
     num_host_left = limits["num_host_free_blocks"] - sum(
-        by_id[r].num_offload_host_blocks for r in got.preempt + got.offload)
+        by_id[r].num_offload_host_blocks for r in got.preempt + got.offload
+    )
     if got.offload:  # offload never overdraws the host (preemption may: recompute)
         assert num_host_left >= 0
     if got.prefetch:

@@ -31,24 +31,50 @@ UNIT = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=0.0, source="calibrated"
 QUANTA_MS = (4.0, 8.0, 16.0, 32.0)
 
 
-def mlfq(*, num_levels: int = 4, starvation_threshold_s: float = 0.0, skip_join: bool = True,
-         cost_model: StepCostModel = UNIT) -> MLFQPolicy:
-    return MLFQPolicy(num_levels=num_levels, base_quantum_s=4e-3, quantum_ratio=2.0,
-                      cost_model=cost_model, skip_join=skip_join,
-                      starvation_threshold_s=starvation_threshold_s)
+def mlfq(
+    *,
+    num_levels: int = 4,
+    starvation_threshold_s: float = 0.0,
+    skip_join: bool = True,
+    cost_model: StepCostModel = UNIT,
+) -> MLFQPolicy:
+    return MLFQPolicy(
+        num_levels=num_levels,
+        base_quantum_s=4e-3,
+        quantum_ratio=2.0,
+        cost_model=cost_model,
+        skip_join=skip_join,
+        starvation_threshold_s=starvation_threshold_s,
+    )
 
 
-def info(request_id: str, arrival_time: float, num_prompt_tokens: int = 10, *,
-         num_cached_tokens: int = 0, max_tokens: int | None = None) -> RequestInfo:
-    return RequestInfo(request_id=request_id, arrival_time=arrival_time,
-                       num_prompt_tokens=num_prompt_tokens, num_cached_tokens=num_cached_tokens,
-                       max_tokens=max_tokens)
+def info(
+    request_id: str,
+    arrival_time: float,
+    num_prompt_tokens: int = 10,
+    *,
+    num_cached_tokens: int = 0,
+    max_tokens: int | None = None,
+) -> RequestInfo:
+    return RequestInfo(
+        request_id=request_id,
+        arrival_time=arrival_time,
+        num_prompt_tokens=num_prompt_tokens,
+        num_cached_tokens=num_cached_tokens,
+        max_tokens=max_tokens,
+    )
 
 
-def add(policy: RankingPolicy, request_id: str, arrival_time: float, num_prompt_tokens: int = 10,
-        **kwargs: int | None) -> None:
-    policy.add_request(info(request_id, arrival_time, num_prompt_tokens, **kwargs),
-                       now=arrival_time)
+def add(
+    policy: RankingPolicy,
+    request_id: str,
+    arrival_time: float,
+    num_prompt_tokens: int = 10,
+    **kwargs: int | None,
+) -> None:
+    policy.add_request(
+        info(request_id, arrival_time, num_prompt_tokens, **kwargs), now=arrival_time
+    )
 
 
 def ranked(policy: RankingPolicy) -> list[str]:
@@ -56,14 +82,22 @@ def ranked(policy: RankingPolicy) -> list[str]:
 
 
 # ================================================================ MLFQ: joining
-@pytest.mark.parametrize(("num_prompt_tokens", "level"), [
-    (1, 0), (290, 0),      # 3.9 ms fits the 4 ms quantum
-    (310, 1), (690, 1),    # 4.1 .. 7.9 ms
-    (710, 2), (1490, 2),   # 8.1 .. 15.9 ms
-    (1510, 3), (100_000, 3),  # past the last quantum: the last level
-])
-def test_skip_join_level_is_the_first_quantum_covering_the_prefill(num_prompt_tokens: int,
-                                                                   level: int) -> None:
+@pytest.mark.parametrize(
+    ("num_prompt_tokens", "level"),
+    [
+        (1, 0),
+        (290, 0),  # 3.9 ms fits the 4 ms quantum
+        (310, 1),
+        (690, 1),  # 4.1 .. 7.9 ms
+        (710, 2),
+        (1490, 2),  # 8.1 .. 15.9 ms
+        (1510, 3),
+        (100_000, 3),  # past the last quantum: the last level
+    ],
+)
+def test_skip_join_level_is_the_first_quantum_covering_the_prefill(
+    num_prompt_tokens: int, level: int
+) -> None:
     policy = mlfq()
     assert policy.quanta_s == pytest.approx(tuple(q / 1e3 for q in QUANTA_MS))
     assert policy.join_level(num_prompt_tokens) == level
@@ -166,9 +200,9 @@ def test_service_restarts_the_starvation_clock() -> None:
 
 def test_promoted_request_joins_the_tail_of_level_zero() -> None:
     policy = mlfq(starvation_threshold_s=5.0)
-    add(policy, "old", 100.0, 10)      # level 0
+    add(policy, "old", 100.0, 10)  # level 0
     add(policy, "starved", 100.0, 2000)  # level 3, arrived with "old"
-    add(policy, "recent", 104.0, 10)   # level 0, arrived later
+    add(policy, "recent", 104.0, 10)  # level 0, arrived later
     assert ranked(policy) == ["old", "recent", "starved"]
     policy.end_step(105.0)  # "old" (level 0) and "starved" waited 5 s
     # Keyed by its promotion time, not its arrival: behind "recent".
@@ -197,14 +231,15 @@ def test_order_inside_a_level_is_arrival_then_insertion() -> None:
     add(policy, "long", 0.5, 2000)
     assert ranked(policy) == ["a", "b", "b2", "c", "long"]
     assert [policy.rank_key(r) for r in ranked(policy)] == sorted(
-        policy.rank_key(r) for r in ranked(policy))
+        policy.rank_key(r) for r in ranked(policy)
+    )
 
 
 def test_a_demoted_request_keeps_its_arrival_in_the_new_level() -> None:
     policy = mlfq()
-    add(policy, "older", 1.0, 500)   # level 1
-    add(policy, "newer", 3.0, 500)   # level 1
-    add(policy, "runner", 2.0, 10)   # level 0
+    add(policy, "older", 1.0, 500)  # level 1
+    add(policy, "newer", 3.0, 500)  # level 1
+    add(policy, "runner", 2.0, 10)  # level 0
     policy.on_scheduled("runner", 10, 0, now=4.0)
     policy.on_scheduled("runner", 300, 10, now=4.0)  # 1.1 + 4 ms: past 4 ms
     policy.end_step(4.0)
@@ -243,8 +278,15 @@ class MLFQLifeCycle(RuleBasedStateMachine):
     def add(self, num_prompt_tokens: int, cached: int) -> None:
         request_id = f"r{self.num_added}"
         self.num_added += 1
-        self.policy.add_request(info(request_id, self.now, num_prompt_tokens,
-                                     num_cached_tokens=min(cached, num_prompt_tokens)), self.now)
+        self.policy.add_request(
+            info(
+                request_id,
+                self.now,
+                num_prompt_tokens,
+                num_cached_tokens=min(cached, num_prompt_tokens),
+            ),
+            self.now,
+        )
 
     @precondition(lambda self: len(self.policy) > 0)
     @rule(data=st.data())
@@ -253,8 +295,7 @@ class MLFQLifeCycle(RuleBasedStateMachine):
         chosen = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=4))
         for request_id in chosen:
             num_new = data.draw(st.integers(1, 600))
-            self.policy.on_scheduled(request_id, num_new, data.draw(st.integers(0, 2000)),
-                                     self.now)
+            self.policy.on_scheduled(request_id, num_new, data.draw(st.integers(0, 2000)), self.now)
             self.charged.add(request_id)
 
     @rule(dt=st.floats(0.0, 0.1))
@@ -299,8 +340,12 @@ TestMLFQLifeCycle.settings = settings(max_examples=60, stateful_step_count=40, d
 # ==================================================================== FCFS
 def test_fcfs_ranks_by_arrival_and_ignores_service() -> None:
     policy = FCFSPolicy()
-    for request_id, arrival, prompt in [("c", 3.0, 10), ("a", 1.0, 5000), ("b", 2.0, 1),
-                                        ("b2", 2.0, 1)]:
+    for request_id, arrival, prompt in [
+        ("c", 3.0, 10),
+        ("a", 1.0, 5000),
+        ("b", 2.0, 1),
+        ("b2", 2.0, 1),
+    ]:
         add(policy, request_id, arrival, prompt)
     assert ranked(policy) == ["a", "b", "b2", "c"]
     policy.on_scheduled("a", 5000, 0, now=4.0)
@@ -330,7 +375,8 @@ def test_srpt_ranks_by_remaining_work() -> None:
     assert ranked(policy) == ["short", "long-prompt", "long-output"]
     assert policy.remaining_s("short") == pytest.approx(2e-3 + 9 * 1.01e-3)
     assert [policy.rank_key(r) for r in ranked(policy)] == sorted(
-        policy.rank_key(r) for r in ranked(policy))
+        policy.rank_key(r) for r in ranked(policy)
+    )
 
 
 def test_srpt_ties_go_by_arrival() -> None:
@@ -365,8 +411,13 @@ def test_srpt_updates_as_tokens_are_computed() -> None:
 
 # ============================================================== make_policy
 def test_make_policy_builds_mlfq_from_the_settings() -> None:
-    settings_ = MLFQConfig(num_levels=3, base_quantum_ms=4.0, quantum_ratio=3.0,
-                           skip_join=False, starvation_threshold_s=2.5)
+    settings_ = MLFQConfig(
+        num_levels=3,
+        base_quantum_ms=4.0,
+        quantum_ratio=3.0,
+        skip_join=False,
+        starvation_threshold_s=2.5,
+    )
     policy = make_policy(settings_, UNIT)
     assert isinstance(policy, MLFQPolicy)
     assert policy.quanta_s == pytest.approx((4e-3, 12e-3, 36e-3))
@@ -381,8 +432,9 @@ def test_make_policy_auto_quantum_from_the_cost_model() -> None:
     assert policy.quanta_s[0] == pytest.approx(8 * UNIT.decode_time(512)) == 8.08e-3
 
 
-@pytest.mark.parametrize(("name", "cls"), [("fcfs", FCFSPolicy), ("srpt", SRPTOraclePolicy),
-                                           ("mlfq", MLFQPolicy)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("fcfs", FCFSPolicy), ("srpt", SRPTOraclePolicy), ("mlfq", MLFQPolicy)]
+)
 def test_make_policy_builds_each_registered_policy(name: str, cls: type) -> None:
     assert POLICIES[name] is cls and cls.name == name
     policy = make_policy(MLFQConfig(policy=name), UNIT)

@@ -85,11 +85,13 @@ def test_pool_conserves_slots(ops):
 
 # --------------------------------------------------------------- the book
 def test_host_runs_merge_requests_into_contiguous_copies():
-    runs = host_runs([
-        BlockCopy("r2", (12, 2), (7, 8)),
-        BlockCopy("r1", (7, 3, 9), (4, 5, 6)),
-        BlockCopy("r3", (40,), (12,)),
-    ])
+    runs = host_runs(
+        [
+            BlockCopy("r2", (12, 2), (7, 8)),
+            BlockCopy("r1", (7, 3, 9), (4, 5, 6)),
+            BlockCopy("r3", (40,), (12,)),
+        ]
+    )
     assert [(r.host_start, r.device_blocks) for r in runs] == [(4, (7, 3, 9, 12, 2)), (12, (40,))]
     with pytest.raises(ValueError, match="used twice"):
         host_runs([BlockCopy("a", (1,), (3,)), BlockCopy("b", (2,), (3,))])
@@ -124,9 +126,11 @@ def test_host_runs_equal_the_pairwise_reference(data, num_copies, contiguous):
             if set(hosts) & {h for c in copies for h in c.host_blocks}:
                 continue
         else:
-            hosts = tuple(slots[used:used + n])
+            hosts = tuple(slots[used : used + n])
             used += n
-        copies.append(BlockCopy(f"r{i}", tuple(data.draw(st.integers(0, 99)) for _ in hosts), hosts))
+        copies.append(
+            BlockCopy(f"r{i}", tuple(data.draw(st.integers(0, 99)) for _ in hosts), hosts)
+        )
     assert [(r.host_start, r.device_blocks) for r in host_runs(copies)] == _slow_host_runs(copies)
 
 
@@ -137,11 +141,13 @@ def test_swap_out_then_sync_load_of_the_blocks_beyond_the_local_hit():
     assert step.swap_out == (BlockCopy("r", (10, 11, 12, 13), (0, 1, 2, 3)),)
     assert book.swapped_tokens("r") == 50
     # Resume: 32 tokens hit the prefix cache (blocks 20, 21 are shared).
-    copy = book.plan_load("r", [20, 21, 30, 31], num_local_tokens=32, num_load_tokens=18, asynchronous=False)
+    copy = book.plan_load(
+        "r", [20, 21, 30, 31], num_local_tokens=32, num_load_tokens=18, asynchronous=False
+    )
     assert copy == BlockCopy("r", (30, 31), (2, 3))
     assert "r" not in book
     assert book.num_pending_free_blocks == 4  # still read by this step's load...
-    assert book.pool.allocate(8) is None      # ...so not reusable yet
+    assert book.pool.allocate(8) is None  # ...so not reusable yet
     step = book.take_step()
     assert step.swap_in == (copy,)
     assert book.pool.num_free == 8
@@ -243,11 +249,15 @@ def test_scheduler_args_for_mlfq_swap_sets_up_the_connector():
     kwargs = vllm_esp.scheduler_args("mlfq-swap", swap={"host_pool_gib": 2}, num_levels=4)
     assert kwargs["scheduler_cls"] == MLFQ_SCHEDULER_CLS
     assert kwargs["additional_config"] == {
-        "mlfq": {"num_levels": 4, "policy": "mlfq"}, "swap": {"host_pool_gib": 2},
+        "mlfq": {"num_levels": 4, "policy": "mlfq"},
+        "swap": {"host_pool_gib": 2},
     }
     ktc = kwargs["kv_transfer_config"]
     assert (ktc.kv_connector, ktc.kv_connector_module_path, ktc.kv_role) == (
-        SWAP_CONNECTOR, SWAP_CONNECTOR_MODULE, "kv_both")
+        SWAP_CONNECTOR,
+        SWAP_CONNECTOR_MODULE,
+        "kv_both",
+    )
     with pytest.raises(SettingsError, match="prefetch_depth"):
         scheduler_args("mlfq-swap", swap={"prefetch_depth": -3})
     with pytest.raises(SettingsError, match="takes no swap settings"):
@@ -279,8 +289,12 @@ def test_connector_refuses_models_it_cannot_copy_faithfully(config_model_dir):
         model_config=ModelConfig(model=config_model_dir, dtype="float32", skip_tokenizer_init=True),
         kv_transfer_config=swap_kv_transfer_config(),
     )
-    spec = SlidingWindowSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=64)
-    config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)])
+    spec = SlidingWindowSpec(
+        block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=64
+    )
+    config = KVCacheConfig(
+        num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)]
+    )
     with pytest.raises(ValueError, match="one full-attention KV cache group"):
         HostSwapConnector(vllm_config, KVConnectorRole.SCHEDULER, config)
 
@@ -308,7 +322,9 @@ def _engine_args(parser, *argv):
 
 
 def test_cli_mlfq_swap_sets_scheduler_connector_and_settings(serve_parser):
-    ea = _engine_args(serve_parser, "--scheduler", "mlfq-swap", "--swap-config", '{"prefetch_depth": 1}')
+    ea = _engine_args(
+        serve_parser, "--scheduler", "mlfq-swap", "--swap-config", '{"prefetch_depth": 1}'
+    )
     assert ea.scheduler_cls == MLFQ_SCHEDULER_CLS
     assert ea.additional_config["swap"] == {"prefetch_depth": 1}
     assert ea.kv_transfer_config.kv_connector_module_path == SWAP_CONNECTOR_MODULE
@@ -321,13 +337,20 @@ def test_cli_mlfq_swap_sets_scheduler_connector_and_settings(serve_parser):
 
 def test_cli_swap_errors(serve_parser, capsys):
     with pytest.raises(SystemExit):
-        serve_parser.parse_args(["model_dir", "--scheduler", "mlfq-swap", "--swap-config", '{"host_pool_gib": -1}'])
+        serve_parser.parse_args(
+            ["model_dir", "--scheduler", "mlfq-swap", "--swap-config", '{"host_pool_gib": -1}']
+        )
     assert "host_pool_gib" in capsys.readouterr().err
     with pytest.raises(SettingsError, match="takes no swap settings"):
         _engine_args(serve_parser, "--scheduler", "mlfq", "--swap-config", "{}")
     with pytest.raises(SettingsError, match="needs the HostSwapConnector"):
-        _engine_args(serve_parser, "--scheduler", "mlfq-swap", "--kv-transfer-config",
-                     '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}')
+        _engine_args(
+            serve_parser,
+            "--scheduler",
+            "mlfq-swap",
+            "--kv-transfer-config",
+            '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}',
+        )
 
 
 # ----------------------------------------------------------------- metrics
@@ -349,12 +372,24 @@ def test_swap_counters_reach_prometheus_series():
         logger.record(stats, None)
 
     def value(name):
-        return prom.REGISTRY.get_sample_value(name, {"model_name": "swap-metrics-test", "engine": "0"})
+        return prom.REGISTRY.get_sample_value(
+            name, {"model_name": "swap-metrics-test", "engine": "0"}
+        )
 
-    record(swap_out_bytes_total=1000, swap_out_time_us_total=2_000_000, swap_recompute_fallbacks_total=1,
-           swap_host_blocks_used=5, recomputed_tokens_total=7)
-    record(swap_out_bytes_total=1500, swap_out_time_us_total=2_500_000, swap_recompute_fallbacks_total=1,
-           swap_host_blocks_used=2, recomputed_tokens_total=7)
+    record(
+        swap_out_bytes_total=1000,
+        swap_out_time_us_total=2_000_000,
+        swap_recompute_fallbacks_total=1,
+        swap_host_blocks_used=5,
+        recomputed_tokens_total=7,
+    )
+    record(
+        swap_out_bytes_total=1500,
+        swap_out_time_us_total=2_500_000,
+        swap_recompute_fallbacks_total=1,
+        swap_host_blocks_used=2,
+        recomputed_tokens_total=7,
+    )
     assert value("vllm_esp:swap_out_bytes_total") == 1500
     assert value("vllm_esp:swap_out_seconds_total") == pytest.approx(2.5)
     assert value("vllm_esp:swap_recompute_fallbacks_total") == 1

@@ -43,8 +43,10 @@ MAX_MODEL_LEN = 2048
 LONG_PROMPT_TOKENS = 1700
 MAX_TOKENS = 40
 
-PROMPTS = random_prompts(10, seed=5) + [
-    np.random.default_rng(7).integers(5, 2000, size=LONG_PROMPT_TOKENS).tolist()]
+PROMPTS = [
+    *random_prompts(10, seed=5),
+    np.random.default_rng(7).integers(5, 2000, size=LONG_PROMPT_TOKENS).tolist(),
+]
 LONG_INDEX = len(PROMPTS) - 1
 FORCED = {
     "num_instances": 2,
@@ -57,15 +59,21 @@ FORCED = {
 
 def _engine_kwargs(kv_tokens: int) -> dict:
     kwargs = dict(ENGINE_KWARGS, max_model_len=MAX_MODEL_LEN)
-    return dict(kwargs, max_num_seqs=4, max_num_batched_tokens=512, block_size=BLOCK_SIZE,
-                kv_cache_memory_bytes=KV_BYTES_PER_TOKEN * kv_tokens)
+    return dict(
+        kwargs,
+        max_num_seqs=4,
+        max_num_batched_tokens=512,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_bytes=KV_BYTES_PER_TOKEN * kv_tokens,
+    )
 
 
 def _params():
     from vllm import SamplingParams
 
-    return [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-            for _ in PROMPTS]
+    return [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True) for _ in PROMPTS
+    ]
 
 
 class PlanRecorder:
@@ -93,8 +101,11 @@ class PlanRecorder:
 
 def free_blocks_report(scheduler) -> dict:
     free = scheduler.free_queues.free_per_instance()
-    return {"free": free, "total": scheduler.blocks_per_instance,
-            "requests": len(scheduler.requests)}
+    return {
+        "free": free,
+        "total": scheduler.blocks_per_instance,
+        "requests": len(scheduler.requests),
+    }
 
 
 def run_stock() -> list[list[int]]:
@@ -103,8 +114,9 @@ def run_stock() -> list[list[int]]:
 
     llm = LLM(model=small_model_path(), **_engine_kwargs(4 * INSTANCE_KV_TOKENS))
     try:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(),
-                            use_tqdm=False)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(), use_tqdm=False
+        )
         return [list(o.outputs[0].token_ids) for o in outs]
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -116,14 +128,18 @@ def run_esp() -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=small_model_path(), **_engine_kwargs(INSTANCE_KV_TOKENS),
-              **vllm_esp.scheduler_args("esp", esp=FORCED))
+    llm = LLM(
+        model=small_model_path(),
+        **_engine_kwargs(INSTANCE_KV_TOKENS),
+        **vllm_esp.scheduler_args("esp", esp=FORCED),
+    )
     try:
         core = llm.llm_engine.engine_core.engine_core
         scheduler, executor = core.scheduler, core.model_executor
         recorder = PlanRecorder(scheduler)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(),
-                            use_tqdm=False)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], _params(), use_tqdm=False
+        )
         result = {
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "holders": {i: recorder.holders.get(len(p), set()) for i, p in enumerate(PROMPTS)},
@@ -157,16 +173,19 @@ def refuse_oversized(llm, scheduler) -> dict:
 
     def generate(prompt: list[int]) -> dict:
         try:
-            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], _params()[:1],
-                               use_tqdm=False)
+            out = llm.generate(
+                [TokensPrompt(prompt_token_ids=prompt)], _params()[:1], use_tqdm=False
+            )
         except Exception as e:  # vLLM's own input validation (VLLMValidationError)
             return {"error": f"{type(e).__name__}: {e}", "tokens": None}
         return {"error": None, "tokens": list(out[0].outputs[0].token_ids)}
 
-    return {"too_long": generate([7] * (MAX_MODEL_LEN + 1)),
-            "fits": generate([7] * (MAX_MODEL_LEN - MAX_TOKENS)),
-            "after": generate(PROMPTS[0]),
-            "blocks": free_blocks_report(scheduler)}
+    return {
+        "too_long": generate([7] * (MAX_MODEL_LEN + 1)),
+        "fits": generate([7] * (MAX_MODEL_LEN - MAX_TOKENS)),
+        "after": generate(PROMPTS[0]),
+        "blocks": free_blocks_report(scheduler),
+    }
 
 
 def abort_mid_flight(llm, scheduler) -> dict:
@@ -179,15 +198,22 @@ def abort_mid_flight(llm, scheduler) -> dict:
     for i in (LONG_INDEX, 0, 1, 2):
         engine.add_request(f"abort-{i}", TokensPrompt(prompt_token_ids=PROMPTS[i]), params[i])
     aborted: list[str] = []
-    for step in range(2000):
+    for _step in range(2000):
         if not engine.has_unfinished_requests():
             break
         engine.step()
         for rid, request in list(scheduler.requests.items()):
             if rid in aborted or request.is_finished():
                 continue
-            spans = len({b // scheduler.blocks_per_instance
-                         for b in scheduler.kv_cache_manager.get_block_ids(rid)[0]}) > 1
+            spans = (
+                len(
+                    {
+                        b // scheduler.blocks_per_instance
+                        for b in scheduler.kv_cache_manager.get_block_ids(rid)[0]
+                    }
+                )
+                > 1
+            )
             prefill = request.num_computed_tokens < request.num_prompt_tokens
             decoding = request.num_output_tokens >= 3
             if (prefill and spans) or (decoding and len(aborted) < 3):
@@ -247,8 +273,12 @@ def test_no_block_leaked_after_run(esp_runs):
 
 def is_length_refusal(error: str | None, num_prompt_tokens: int) -> bool:
     """vLLM's refusal of a prompt past max_model_len (which bounds it by the N caches)."""
-    return (error is not None and error.startswith("VLLMValidationError")
-            and str(MAX_MODEL_LEN) in error and str(num_prompt_tokens) in error)
+    return (
+        error is not None
+        and error.startswith("VLLMValidationError")
+        and str(MAX_MODEL_LEN) in error
+        and str(num_prompt_tokens) in error
+    )
 
 
 def test_oversized_prompt_refused_and_engine_serves_on(esp_runs):

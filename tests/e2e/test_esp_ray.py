@@ -38,9 +38,19 @@ def ray_cluster():
     if ray_cli is None:
         pytest.fail("the ray CLI is missing: scripts/setup.sh installs ray")
     port = free_port()
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -54,21 +64,34 @@ def ray_run(ray_cluster) -> dict:
     from vllm.inputs import TokensPrompt
 
     with engine_core_in_process():
-        llm = LLM(model=small_model_path(), max_num_seqs=MAX_NUM_SEQS,
-                  max_num_batched_tokens=512, kv_cache_memory_bytes=KV_BYTES,
-                  block_size=BLOCK_SIZE, **ENGINE_KWARGS,
-                  **vllm_esp.scheduler_args("esp", esp={
-                      "num_instances": 2, "backend": "ray", "ray_address": ray_cluster,
-                      "prefill_target_ms": 0.001}))
+        llm = LLM(
+            model=small_model_path(),
+            max_num_seqs=MAX_NUM_SEQS,
+            max_num_batched_tokens=512,
+            kv_cache_memory_bytes=KV_BYTES,
+            block_size=BLOCK_SIZE,
+            **ENGINE_KWARGS,
+            **vllm_esp.scheduler_args(
+                "esp",
+                esp={
+                    "num_instances": 2,
+                    "backend": "ray",
+                    "ray_address": ray_cluster,
+                    "prefill_target_ms": 0.001,
+                },
+            ),
+        )
         try:
             executor = llm.llm_engine.engine_core.engine_core.model_executor
             kinds = [type(i).__name__ for i in executor.instances]
             nodes = [i.node_ip() for i in executor.instances]
             cpus_in_use = 2 - ray.available_resources().get("CPU", 0)
-            params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
-                      for m in MAX_TOKENS]
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                                use_tqdm=False)
+            params = [
+                SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in MAX_TOKENS
+            ]
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False
+            )
             counters = executor.esp_counters()
             function_rpc = executor.collective_rpc(instance_index_rpc(), kwargs={"offset": 10})
         finally:
@@ -80,9 +103,15 @@ def ray_run(ray_cluster) -> dict:
             time.sleep(0.5)
         cpus_after = ray.available_resources().get("CPU", 0)
         ray.shutdown()
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "kinds": kinds,
-            "nodes": nodes, "cpus_in_use": cpus_in_use, "cpus_after": cpus_after,
-            "counters": counters, "function_rpc": function_rpc}
+    return {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "kinds": kinds,
+        "nodes": nodes,
+        "cpus_in_use": cpus_in_use,
+        "cpus_after": cpus_after,
+        "counters": counters,
+        "function_rpc": function_rpc,
+    }
 
 
 def test_instances_are_ray_actors_in_the_placement_group(ray_run):

@@ -26,8 +26,15 @@ FORCED = {"prefill_target_ms": 0.001, "decode_scale_up_batch": 0, "migrate_block
 
 @pytest.fixture(scope="module")
 def esp_server():
-    cmd = serve_cmd(free_port(), "--scheduler", "esp", "--esp-instances", "2",
-                    "--esp-config", json.dumps(FORCED))
+    cmd = serve_cmd(
+        free_port(),
+        "--scheduler",
+        "esp",
+        "--esp-instances",
+        "2",
+        "--esp-config",
+        json.dumps(FORCED),
+    )
     with running_server(cmd, timeout_s=400) as base:
         yield base
 
@@ -64,8 +71,11 @@ def test_metrics_export_esp_series(esp_server):
 
 
 def test_oversized_prompt_refused_server_serves_on(esp_server, offline_outputs):
-    r = requests.post(f"{esp_server}/v1/completions", timeout=60, json={
-        "model": serve_cmd(0)[4], "prompt": [7] * 1200, "max_tokens": 4})
+    r = requests.post(
+        f"{esp_server}/v1/completions",
+        timeout=60,
+        json={"model": serve_cmd(0)[4], "prompt": [7] * 1200, "max_tokens": 4},
+    )
     assert r.status_code == 400
     assert "maximum context length" in r.text
     assert complete(esp_server, PROMPTS[1], MAX_TOKENS[1]) == offline_outputs["fcfs"]["tokens"][1]

@@ -40,25 +40,32 @@ def esp_swap_run() -> dict:
     from vllm.inputs import TokensPrompt
 
     with engine_core_in_process():
-        llm = LLM(model=small_model_path(), max_num_seqs=MAX_NUM_SEQS,
-                  max_num_batched_tokens=512, kv_cache_memory_bytes=KV_BYTES // 2,
-                  block_size=BLOCK_SIZE, **ENGINE_KWARGS,
-                  **vllm_esp.scheduler_args("esp", esp=ESP, swap={"host_pool_blocks": 512},
-                                            num_levels=8))
+        llm = LLM(
+            model=small_model_path(),
+            max_num_seqs=MAX_NUM_SEQS,
+            max_num_batched_tokens=512,
+            kv_cache_memory_bytes=KV_BYTES // 2,
+            block_size=BLOCK_SIZE,
+            **ENGINE_KWARGS,
+            **vllm_esp.scheduler_args("esp", esp=ESP, swap={"host_pool_blocks": 512}, num_levels=8),
+        )
         try:
             core = llm.llm_engine.engine_core.engine_core
             scheduler, executor = core.scheduler, core.model_executor
             recorder = ResumeRecorder(scheduler)
-            params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
-                      for m in MAX_TOKENS]
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                                use_tqdm=False)
+            params = [
+                SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in MAX_TOKENS
+            ]
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False
+            )
             scheduler.check_invariants()
             result = {
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "preemptions": sum(o.metrics.num_preemptions for o in outs),
-                "stats": {k.removeprefix("vllm_esp:"): v
-                          for k, v in scheduler.plugin_stats().items()},
+                "stats": {
+                    k.removeprefix("vllm_esp:"): v for k, v in scheduler.plugin_stats().items()
+                },
                 "resumes": list(recorder.resumes),
                 "instances": executor.esp_counters(),
                 "leaks": leak_report(scheduler),

@@ -12,6 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
+
 @pytest.fixture(scope="module")
 def outputs(offline_outputs):
     return offline_outputs

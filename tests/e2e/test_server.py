@@ -57,8 +57,9 @@ def test_metrics_endpoint_exports_queue_state(server):
 )
 def test_bad_flags_fail_before_starting_an_engine(flags, message):
     start = time.time()
-    proc = subprocess.run(serve_cmd(free_port(), *flags), env=cpu_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        serve_cmd(free_port(), *flags), env=cpu_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "EngineCore" not in proc.stderr  # refused before anything was spawned

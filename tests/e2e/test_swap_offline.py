@@ -57,8 +57,12 @@ def run_swap(swap: dict, with_aborts: bool) -> dict:
         recorder = ResumeRecorder(scheduler)
         attach_esp_logger(llm)
         exported_before = exported_counters()
-        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in MAX_TOKENS]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
+        params = [
+            SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in MAX_TOKENS
+        ]
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False
+        )
         scheduler.check_invariants()
         exported = exported_counters()
         result = {
@@ -103,7 +107,9 @@ def test_preemption_was_heavy_and_went_through_the_host(swap_runs):
     assert r["preemptions"] >= 10
     stats = r["stats"]
     assert stats["swap_out_blocks_total"] > 50 and stats["swap_in_blocks_total"] > 50
-    assert stats["swap_out_bytes_total"] == stats["swap_out_blocks_total"] * 32 * 1024  # small model: 32 KiB/block
+    assert (
+        stats["swap_out_bytes_total"] == stats["swap_out_blocks_total"] * 32 * 1024
+    )  # small model: 32 KiB/block
     assert stats["swap_out_time_us_total"] > 0 and stats["swap_in_time_us_total"] > 0
     assert stats["swap_recompute_fallbacks_total"] == 0
 
@@ -111,10 +117,17 @@ def test_preemption_was_heavy_and_went_through_the_host(swap_runs):
 def test_swap_counters_reach_prometheus(swap_runs):
     r = swap_runs["roomy"]
     stats, exported = r["stats"], r["exported"]
-    for key in ("swap_out_bytes_total", "swap_in_bytes_total", "swap_out_blocks_total",
-                "swap_recompute_fallbacks_total", "recomputed_tokens_total"):
+    for key in (
+        "swap_out_bytes_total",
+        "swap_in_bytes_total",
+        "swap_out_blocks_total",
+        "swap_recompute_fallbacks_total",
+        "recomputed_tokens_total",
+    ):
         assert exported[f"vllm_esp:{key}"] == stats[key], key
-    assert exported["vllm_esp:swap_out_seconds_total"] == pytest.approx(stats["swap_out_time_us_total"] / 1e6)
+    assert exported["vllm_esp:swap_out_seconds_total"] == pytest.approx(
+        stats["swap_out_time_us_total"] / 1e6
+    )
     assert swap_runs["tiny"]["exported"]["vllm_esp:swap_recompute_fallbacks_total"] > 0
 
 
@@ -131,7 +144,9 @@ def test_full_host_pool_falls_back_to_recompute_and_completes(swap_runs):
     assert r["stats"]["swap_recompute_fallbacks_total"] > 0
     recomputed = [x for x in r["resumes"] if x[2] < x[1]]
     assert recomputed, "the tiny pool should have forced some recompute"
-    assert r["stats"]["recomputed_tokens_total"] >= sum(before - start for _, before, start in recomputed)
+    assert r["stats"]["recomputed_tokens_total"] >= sum(
+        before - start for _, before, start in recomputed
+    )
 
 
 @pytest.mark.parametrize("run", ["roomy", "tiny"])

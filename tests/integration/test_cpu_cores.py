@@ -27,7 +27,11 @@ from vllm_esp.integration.patches import cpu_cores
 
 pytestmark = pytest.mark.skipif(not current_platform.is_cpu(), reason="CPU executor only")
 
-PATCH = Path(__file__).resolve().parents[2] / "patches" / "0001-cpu-core-reservation-kv-connectors.patch"
+PATCH = (
+    Path(__file__).resolve().parents[2]
+    / "patches"
+    / "0001-cpu-core-reservation-kv-connectors.patch"
+)
 VLLM_ROOT = Path(vllm.__file__).resolve().parent.parent  # site-packages
 
 
@@ -96,15 +100,21 @@ def test_user_override_still_wins(omp_manager, monkeypatch):
 
 
 def test_unresolvable_connector_keeps_vllms_rule():
-    bad = KVTransferConfig(kv_connector="NoSuchConnector", kv_connector_module_path="vllm_esp.integration.swap.connector",
-                           kv_role="kv_both")
+    bad = KVTransferConfig(
+        kv_connector="NoSuchConnector",
+        kv_connector_module_path="vllm_esp.integration.swap.connector",
+        kv_role="kv_both",
+    )
     assert cpu_cores.connector_requires_reserved_cpu(bad)
     assert not cpu_cores.connector_requires_reserved_cpu(None)
     assert not cpu_cores.connector_requires_reserved_cpu(_swap())
 
 
 def test_patch_file_applies_and_matches_the_runtime_form(omp_manager, tmp_path, monkeypatch):
-    rel = ["vllm/utils/ompmultiprocessing.py", "vllm/distributed/kv_transfer/kv_connector/v1/base.py"]
+    rel = [
+        "vllm/utils/ompmultiprocessing.py",
+        "vllm/distributed/kv_transfer/kv_connector/v1/base.py",
+    ]
     for r in rel:
         (tmp_path / r).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(VLLM_ROOT / r, tmp_path / r)
@@ -112,13 +122,23 @@ def test_patch_file_applies_and_matches_the_runtime_form(omp_manager, tmp_path, 
     # The ceiling keeps git from finding an enclosing repository (it would
     # then apply relative to that repository's root).
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
-    proc = subprocess.run(["git", "apply", "-p1", str(PATCH)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"patch no longer applies to vLLM {vllm.__version__}:\n{proc.stdout}{proc.stderr}"
+    proc = subprocess.run(
+        ["git", "apply", "-p1", str(PATCH)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"patch no longer applies to vLLM {vllm.__version__}:\n{proc.stdout}{proc.stderr}"
+    )
     # Load the patched module beside the real one (its imports are vLLM's).
     spec = importlib.util.spec_from_file_location("_patched_omp", tmp_path / rel[0])
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "_patched_omp", module)
     spec.loader.exec_module(module)
     for kv in (None, _swap(), _nixl_like()):
-        assert _reserve(module.OMPProcessManager, _config(kv)) == _reserve(omp_manager, _config(kv)), kv
+        assert _reserve(module.OMPProcessManager, _config(kv)) == _reserve(
+            omp_manager, _config(kv)
+        ), kv

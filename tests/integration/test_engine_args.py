@@ -40,11 +40,17 @@ def test_scheduler_fcfs_is_stock(serve_parser):
 
 def test_settings_merge_with_additional_config(serve_parser):
     ea = engine_args(
-        serve_parser, "--additional-config", '{"other": 1}', "--scheduler", "mlfq",
-        "--mlfq-config", '{"num_levels": 5, "base_quantum_ms": 20}',
+        serve_parser,
+        "--additional-config",
+        '{"other": 1}',
+        "--scheduler",
+        "mlfq",
+        "--mlfq-config",
+        '{"num_levels": 5, "base_quantum_ms": 20}',
     )
     assert ea.additional_config == {
-        "other": 1, "mlfq": {"num_levels": 5, "base_quantum_ms": 20, "policy": "mlfq"},
+        "other": 1,
+        "mlfq": {"num_levels": 5, "base_quantum_ms": 20, "policy": "mlfq"},
     }
     assert MLFQConfig.from_additional_config(ea.additional_config).num_levels == 5
 
@@ -101,8 +107,10 @@ def test_missing_calibration_file_is_a_clear_error(config_model_dir, tmp_path):
     from vllm_esp.harness.scheduler import create_scheduler
 
     with pytest.raises(SettingsError, match="calibration_file"):
-        create_scheduler(config_model_dir, additional_config={
-            "mlfq": {"calibration_file": str(tmp_path / "missing.json")}})
+        create_scheduler(
+            config_model_dir,
+            additional_config={"mlfq": {"calibration_file": str(tmp_path / "missing.json")}},
+        )
 
 
 def test_invalid_settings_fail_in_the_engine_too(config_model_dir):

@@ -75,8 +75,7 @@ def test_scheduler_args_esp_selects_the_esp_scheduler_and_executor():
     assert kwargs["scheduler_cls"] == ESP_SCHEDULER_CLS
     assert kwargs["distributed_executor_backend"] == ESP_EXECUTOR_CLS
     extra = kwargs["additional_config"]
-    assert extra[ESP_CONFIG_KEY] == ESPConfig(num_instances=2,
-                                              migrate_blocks_per_step=0).to_dict()
+    assert extra[ESP_CONFIG_KEY] == ESPConfig(num_instances=2, migrate_blocks_per_step=0).to_dict()
     assert extra[MLFQ_CONFIG_KEY]["policy"] == "mlfq"
     # The dict the engine gets rebuilds the same configs (scheduler and executor).
     assert ESPConfig.from_additional_config(extra).num_instances == 2
@@ -85,9 +84,12 @@ def test_scheduler_args_esp_selects_the_esp_scheduler_and_executor():
 
 
 def test_scheduler_args_esp_merges_additional_config_and_mlfq_settings():
-    kwargs = scheduler_args("esp", additional_config={"esp": {"num_instances": 4},
-                                                      "other": 1},
-                            esp={"prefill_storage": "stripe"}, num_levels=3)
+    kwargs = scheduler_args(
+        "esp",
+        additional_config={"esp": {"num_instances": 4}, "other": 1},
+        esp={"prefill_storage": "stripe"},
+        num_levels=3,
+    )
     extra = kwargs["additional_config"]
     assert extra["esp"]["num_instances"] == 4 and extra["esp"]["prefill_storage"] == "stripe"
     assert extra["other"] == 1

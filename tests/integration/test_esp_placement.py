@@ -74,15 +74,19 @@ def test_take_counts_raises_when_blocks_run_out():
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), free=st.lists(st.integers(0, 8), min_size=1, max_size=5),
-       stripe=st.booleans(), use_placement=st.booleans())
+@given(
+    data=st.data(),
+    free=st.lists(st.integers(0, 8), min_size=1, max_size=5),
+    stripe=st.booleans(),
+    use_placement=st.booleans(),
+)
 def test_take_counts_properties(data, free, stripe, use_placement):
     n = data.draw(st.integers(0, sum(free)))
     preferred = []
     placement = None
     if use_placement:
         preferred = data.draw(st.permutations(range(len(free))))
-        preferred = preferred[:data.draw(st.integers(0, len(free)))]
+        preferred = preferred[: data.draw(st.integers(0, len(free)))]
         placement = StoragePlacement(tuple(preferred), stripe=stripe)
     counts = take_counts(n, placement, free)
     assert all(c > 0 for _, c in counts)
@@ -112,7 +116,7 @@ def test_take_counts_properties(data, free, stripe, use_placement):
             for q in preferred:
                 if got[p] + 1 < got[q]:
                     assert got[p] == free[p]
-        head = order[:min(n, sum(1 for p in preferred if free[p] > 0))]
+        head = order[: min(n, sum(1 for p in preferred if free[p] > 0))]
         assert len(set(head)) == len(head)
 
 
@@ -201,9 +205,17 @@ def test_vllm_queue_api_keeps_per_instance_counts():
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["pop", "free", "prepend", "remove"]),
-                              st.integers(0, 5), st.lists(st.integers(0, N - 1), max_size=3),
-                              st.booleans()), max_size=40))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["pop", "free", "prepend", "remove"]),
+            st.integers(0, 5),
+            st.lists(st.integers(0, N - 1), max_size=3),
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
 def test_random_queue_ops_match_a_model(ops):
     blocks, q = make_queues()
     free = {b.block_id for b in blocks[1:]}
@@ -228,4 +240,5 @@ def test_random_queue_ops_match_a_model(ops):
         assert q.num_free_blocks == len(free)
         assert {b.block_id for b in q.get_all_free_blocks()} == free
         assert q.free_per_instance() == [
-            sum(1 for b in free if instance_of(b, B) == i) for i in range(N)]
+            sum(1 for b in free if instance_of(b, B) == i) for i in range(N)
+        ]

@@ -42,16 +42,24 @@ BLOCK_SIZE = 16
 
 
 def make_esp(model_dir, calibration_file, *, num_blocks=40, esp=None, mlfq=None, **kwargs):
-    mlfq_settings = {"num_levels": 8, "base_quantum_ms": 4.0,
-                     "calibration_file": calibration_file, "starvation_threshold_s": 0.0}
+    mlfq_settings = {
+        "num_levels": 8,
+        "base_quantum_ms": 4.0,
+        "calibration_file": calibration_file,
+        "starvation_threshold_s": 0.0,
+    }
     mlfq_settings.update(mlfq or {})
     esp_settings = {"num_instances": 2}
     esp_settings.update(esp or {})
     kwargs.setdefault("max_num_batched_tokens", 256)
-    s = create_scheduler(model_dir, scheduler_cls=ESPScheduler, num_blocks=num_blocks,
-                         block_size=BLOCK_SIZE,
-                         additional_config={"mlfq": mlfq_settings, "esp": esp_settings},
-                         **kwargs)
+    s = create_scheduler(
+        model_dir,
+        scheduler_cls=ESPScheduler,
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        additional_config={"mlfq": mlfq_settings, "esp": esp_settings},
+        **kwargs,
+    )
     assert isinstance(s, ESPScheduler)
     return s
 
@@ -112,7 +120,7 @@ def check_plan(s, out) -> ESPStepPlan:
         request = s.requests[r.req_id]
         assert len(r.token_ids) == out.num_scheduled_tokens[r.req_id]
         assert r.end == request.num_computed_tokens
-        assert list(r.token_ids) == list(request.all_token_ids[r.start:r.end])
+        assert list(r.token_ids) == list(request.all_token_ids[r.start : r.end])
         assert list(r.block_ids) == table(s, r.req_id)
         assert len(r.block_ids) * BLOCK_SIZE >= r.end
         assert r.compute and all(0 <= c < s.num_instances for c in r.compute)
@@ -132,17 +140,19 @@ def check_plan(s, out) -> ESPStepPlan:
     # an earlier move of the step wrote it, so applying the moves in plan order
     # equals applying them all at once (what the runner does).
     in_tables = {b for r in plan.requests for b in r.block_ids}
-    all_tables = {b for blocks in s._manager.req_to_blocks.values() for b in
-                  (x.block_id for x in blocks)}
+    all_tables = {
+        b for blocks in s._manager.req_to_blocks.values() for b in (x.block_id for x in blocks)
+    }
     srcs = [m.src for m in plan.moves]
     dsts = [m.dst for m in plan.moves]
     assert len(set(srcs)) == len(srcs) and len(set(dsts)) == len(dsts)
     for k, move in enumerate(plan.moves):
         assert move.dst in in_tables
-        assert move.src not in all_tables or move.src in dsts[k + 1:]
+        assert move.src not in all_tables or move.src in dsts[k + 1 :]
         assert move.src not in dsts[:k]
         assert instance_of(move.src, s.blocks_per_instance) != instance_of(
-            move.dst, s.blocks_per_instance)
+            move.dst, s.blocks_per_instance
+        )
     return plan
 
 
@@ -186,8 +196,7 @@ def test_free_queue_replaces_vllm_and_splits_the_pool(config_model_dir, calibrat
 
 
 # ------------------------------------------------------------------ prefill
-def test_long_prompt_spans_instances_when_one_cannot_hold_it(config_model_dir,
-                                                             calibration_file):
+def test_long_prompt_spans_instances_when_one_cannot_hold_it(config_model_dir, calibration_file):
     s = make_esp(config_model_dir, calibration_file, num_blocks=40)  # 20 + 20 blocks
     s.add_request(make_request("long", 400, 3))  # 25 blocks, one instance holds 20
     plans = []
@@ -206,8 +215,11 @@ def test_long_prompt_spans_instances_when_one_cannot_hold_it(config_model_dir,
 
 
 def test_scale_down_computes_on_all_and_stores_on_one(config_model_dir, calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"prefill_target_ms": 0.001, "migrate_blocks_per_step": 0})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"prefill_target_ms": 0.001, "migrate_blocks_per_step": 0},
+    )
     s.add_request(make_request("r", 200, 2))  # 13 blocks fit on one instance
     _, plan, _ = esp_step(s)
     (req,) = plan.requests
@@ -224,11 +236,12 @@ def test_scale_down_computes_on_all_and_stores_on_one(config_model_dir, calibrat
     assert_all_free(s)
 
 
-def test_stripe_storage_deals_blocks_over_the_compute_instances(config_model_dir,
-                                                                calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
-                      "migrate_blocks_per_step": 0})
+def test_stripe_storage_deals_blocks_over_the_compute_instances(config_model_dir, calibration_file):
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe", "migrate_blocks_per_step": 0},
+    )
     s.add_request(make_request("r", 200, 2))
     _, plan, _ = esp_step(s)
     assert plan.requests[0].compute == (0, 1)
@@ -247,10 +260,14 @@ def test_single_instance_prefill_with_the_default_target(config_model_dir, calib
 
 
 # ------------------------------------------------------------------ decode
-def test_decode_scale_up_zero_puts_new_blocks_on_another_instance(config_model_dir,
-                                                                  calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0})
+def test_decode_scale_up_zero_puts_new_blocks_on_another_instance(
+    config_model_dir, calibration_file
+):
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0},
+    )
     s.add_request(make_request("r", 20, 61))  # KV of 20 + 60 tokens: 5 blocks
     seen = []
     while s.has_requests():
@@ -278,9 +295,11 @@ def test_decode_stays_home_by_default(config_model_dir, calibration_file):
 
 
 def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
-                      "migrate_blocks_per_step": 4})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe", "migrate_blocks_per_step": 4},
+    )
     s.add_request(make_request("r", 200, 20))
     _, plan, _ = esp_step(s)
     assert plan.moves == ()  # no migration during prefill
@@ -295,7 +314,8 @@ def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calib
         idx = before.index(move.src)
         assert after[idx] == move.dst  # vLLM's table points at the copy
     assert [b for b in after if b not in {m.dst for m in plan.moves}] == [
-        b for b in before if b not in {m.src for m in plan.moves}]
+        b for b in before if b not in {m.src for m in plan.moves}
+    ]
     assert instances(s, "r").count(0) == 11
     _, plan, _ = esp_step(s)  # the last two (the last block is already on 0)
     assert len(plan.moves) == 2
@@ -308,10 +328,13 @@ def test_consolidation_moves_blocks_to_the_largest_shard(config_model_dir, calib
 
 
 def test_consolidation_never_moves_a_shared_prefix_block(config_model_dir, calibration_file):
-    s = make_esp(config_model_dir, calibration_file, num_blocks=60,
-                 enable_prefix_caching=True,
-                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe",
-                      "migrate_blocks_per_step": 4})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=60,
+        enable_prefix_caching=True,
+        esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe", "migrate_blocks_per_step": 4},
+    )
     prompt = [1 + i % 900 for i in range(200)]
     s.add_request(make_request("a", 200, 30, prompt_token_ids=prompt))
     esp_step(s)
@@ -346,30 +369,53 @@ class Arrival:
 
 
 arrivals = st.lists(
-    st.builds(Arrival, step=st.integers(0, 30), num_prompt_tokens=st.integers(1, 500),
-              num_output_tokens=st.integers(1, 40),
-              abort_after=st.one_of(st.none(), st.integers(0, 40))),
-    min_size=1, max_size=12,
+    st.builds(
+        Arrival,
+        step=st.integers(0, 30),
+        num_prompt_tokens=st.integers(1, 500),
+        num_output_tokens=st.integers(1, 40),
+        abort_after=st.one_of(st.none(), st.integers(0, 40)),
+    ),
+    min_size=1,
+    max_size=12,
 )
 
-esp_settings = st.fixed_dictionaries({
-    "num_instances": st.integers(2, 3),
-    "prefill_target_ms": st.sampled_from([0.001, 3.0, 250.0]),
-    "prefill_storage": st.sampled_from(["fewest", "stripe"]),
-    "decode_scale_up_batch": st.sampled_from([0, 1, 64]),
-    "migrate_blocks_per_step": st.sampled_from([0, 1, 4]),
-})
+esp_settings = st.fixed_dictionaries(
+    {
+        "num_instances": st.integers(2, 3),
+        "prefill_target_ms": st.sampled_from([0.001, 3.0, 250.0]),
+        "prefill_storage": st.sampled_from(["fewest", "stripe"]),
+        "decode_scale_up_batch": st.sampled_from([0, 1, 64]),
+        "migrate_blocks_per_step": st.sampled_from([0, 1, 4]),
+    }
+)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=arrivals, esp=esp_settings, num_blocks=st.integers(45, 90),
-       max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+@given(
+    workload=arrivals,
+    esp=esp_settings,
+    num_blocks=st.integers(45, 90),
+    max_num_seqs=st.integers(1, 6),
+    prefix_caching=st.booleans(),
+)
 def test_random_workloads_conserve_blocks_per_instance(
-    config_model_dir, calibration_file, workload, esp, num_blocks, max_num_seqs,
+    config_model_dir,
+    calibration_file,
+    workload,
+    esp,
+    num_blocks,
+    max_num_seqs,
     prefix_caching,
 ):
-    s = make_esp(config_model_dir, calibration_file, num_blocks=num_blocks, esp=esp,
-                 max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching)
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=num_blocks,
+        esp=esp,
+        max_num_seqs=max_num_seqs,
+        enable_prefix_caching=prefix_caching,
+    )
     pending = sorted(enumerate(workload), key=lambda x: x[1].step)
     aborts: dict[int, list[str]] = {}
     finished: dict[str, int] = {}
@@ -412,16 +458,19 @@ def test_random_workloads_conserve_blocks_per_instance(
 
 
 @pytest.mark.parametrize("num_instances", [2, 4])
-def test_esp_stats_report_per_instance_free_blocks(config_model_dir, calibration_file,
-                                                   num_instances):
-    s = make_esp(config_model_dir, calibration_file, num_blocks=64,
-                 esp={"num_instances": num_instances})
+def test_esp_stats_report_per_instance_free_blocks(
+    config_model_dir, calibration_file, num_instances
+):
+    s = make_esp(
+        config_model_dir, calibration_file, num_blocks=64, esp={"num_instances": num_instances}
+    )
     s.add_request(make_request("r", 100, 3))
     esp_step(s)
     stats = s.plugin_stats()
     free = s.free_queues.free_per_instance()
-    assert [stats[f"{STATS_PREFIX}esp_instance_free_blocks_{i}"]
-            for i in range(num_instances)] == free
+    assert [
+        stats[f"{STATS_PREFIX}esp_instance_free_blocks_{i}"] for i in range(num_instances)
+    ] == free
     assert sum(free) == 64 - 1 - 7
     assert stats[f"{STATS_PREFIX}esp_request_steps_total"] == 1
     assert stats[f"{STATS_PREFIX}esp_request_instances_total"] == 1
@@ -429,16 +478,22 @@ def test_esp_stats_report_per_instance_free_blocks(config_model_dir, calibration
 
 
 def test_scale_up_counter_counts_groups_grown(config_model_dir, calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"decode_scale_up_batch": 0, "migrate_blocks_per_step": 0},
+    )
     s.add_request(make_request("r", 20, 61))  # KV of 80 tokens: blocks 2, 3, 4 are new
     run(s)
     assert s.counters.num_scale_ups == 3
 
 
 def test_counters_reach_the_plugin_stats(config_model_dir, calibration_file):
-    s = make_esp(config_model_dir, calibration_file,
-                 esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe"})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        esp={"prefill_target_ms": 0.001, "prefill_storage": "stripe"},
+    )
     s.add_request(make_request("r", 200, 20))
     run(s)
     c = s.counters
@@ -464,8 +519,9 @@ class StripeThenGather(ElasticPolicy):
         self.num_consolidate_calls = 0
 
     @classmethod
-    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
-                      prefill_time: PrefillTime) -> StripeThenGather:
+    def from_settings(
+        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+    ) -> StripeThenGather:
         return cls(num_instances, home=num_instances - 1)
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
@@ -473,8 +529,9 @@ class StripeThenGather(ElasticPolicy):
             return StepPlacement(self.all, StoragePlacement(self.all, stripe=True), "prefill")
         return StepPlacement((self.home,), StoragePlacement((self.home,)), "decode")
 
-    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> Consolidation | None:
+    def consolidate(
+        self, request: RequestPlacementView, loads: list[InstanceLoad]
+    ) -> Consolidation | None:
         self.num_consolidate_calls += 1
         assert not request.is_prefill
         for src, num_held in enumerate(request.blocks_per_instance):
@@ -485,11 +542,16 @@ class StripeThenGather(ElasticPolicy):
         return None
 
 
-def test_a_registered_policy_drives_placement_and_migration(config_model_dir,
-                                                            calibration_file, monkeypatch):
+def test_a_registered_policy_drives_placement_and_migration(
+    config_model_dir, calibration_file, monkeypatch
+):
     monkeypatch.setitem(ELASTIC_POLICIES, StripeThenGather.name, StripeThenGather)
-    s = make_esp(config_model_dir, calibration_file, num_blocks=60,
-                 esp={"num_instances": 3, "placement": StripeThenGather.name})
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=60,
+        esp={"num_instances": 3, "placement": StripeThenGather.name},
+    )
     assert type(s.elastic) is StripeThenGather and s.elastic.home == 2
     s.add_request(make_request("r", 200, 20))  # 13 blocks
     _, plan, _ = esp_step(s)

@@ -60,8 +60,16 @@ def held_blocks(scheduler) -> set[int]:
     return blocks
 
 
-def simulate(config_model_dir, calibration_file, workload, *, max_num_seqs,
-             prefix_caching, starvation_s, max_steps=4000):
+def simulate(
+    config_model_dir,
+    calibration_file,
+    workload,
+    *,
+    max_num_seqs,
+    prefix_caching,
+    starvation_s,
+    max_steps=4000,
+):
     clock = Clock()
     s = create_scheduler(
         config_model_dir,
@@ -70,8 +78,14 @@ def simulate(config_model_dir, calibration_file, workload, *, max_num_seqs,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=256,
         enable_prefix_caching=prefix_caching,
-        additional_config={"mlfq": {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
-                                    "starvation_threshold_s": starvation_s}},
+        additional_config={
+            "mlfq": {
+                "num_levels": 8,
+                "base_quantum_ms": 4.0,
+                "calibration_file": calibration_file,
+                "starvation_threshold_s": starvation_s,
+            }
+        },
         clock=clock,
     )
     pool = s.kv_cache_manager.block_pool
@@ -112,7 +126,8 @@ def simulate(config_model_dir, calibration_file, workload, *, max_num_seqs,
         if not out.num_scheduled_tokens:
             # An empty step is only legitimate when nothing could run.
             assert not any(r.status == RequestStatus.RUNNING for r in s.requests.values()), (
-                f"empty step with residents; plan={s.last_plan}")
+                f"empty step with residents; plan={s.last_plan}"
+            )
         assert pool.get_num_free_blocks() + len(held_blocks(s)) == total_free
     else:
         raise AssertionError("workload did not drain")
@@ -125,8 +140,12 @@ def test_random_workloads_finish_once_and_conserve_blocks(
     config_model_dir, calibration_file, workload, max_num_seqs, prefix_caching
 ):
     s, finished, max_wait, total_free = simulate(
-        config_model_dir, calibration_file, workload,
-        max_num_seqs=max_num_seqs, prefix_caching=prefix_caching, starvation_s=STARVATION_S,
+        config_model_dir,
+        calibration_file,
+        workload,
+        max_num_seqs=max_num_seqs,
+        prefix_caching=prefix_caching,
+        starvation_s=STARVATION_S,
     )
     ids = {f"r{i}" for i in range(len(workload))}
     assert set(finished) == ids, f"never finished: {ids - set(finished)}"
@@ -151,10 +170,22 @@ def test_promotion_bounds_starvation_independently_of_the_stream(
     workload = [Arrival(0, 400, 40, None)] + [
         Arrival(2 + 3 * k, 8, 3, None) for k in range(num_short)
     ]
-    _, _, wait_off, _ = simulate(config_model_dir, calibration_file, workload,
-                                 max_num_seqs=1, prefix_caching=False, starvation_s=0.0)
-    _, _, wait_on, _ = simulate(config_model_dir, calibration_file, workload,
-                                max_num_seqs=1, prefix_caching=False, starvation_s=0.005)
+    _, _, wait_off, _ = simulate(
+        config_model_dir,
+        calibration_file,
+        workload,
+        max_num_seqs=1,
+        prefix_caching=False,
+        starvation_s=0.0,
+    )
+    _, _, wait_on, _ = simulate(
+        config_model_dir,
+        calibration_file,
+        workload,
+        max_num_seqs=1,
+        prefix_caching=False,
+        starvation_s=0.005,
+    )
     # Off: starved for (almost) the whole stream, 3 ms per short request.
     assert wait_off["r0"] >= 0.8 * 3 * STEP_S * num_short
     # On: the threshold plus at most ~10 level-0 requests ahead, each of

@@ -29,8 +29,12 @@ class FakeClock:
 
 
 def make(config_model_dir, calibration_file, clock=None, mlfq=None, **kwargs):
-    settings = {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
-                "starvation_threshold_s": 0.0}
+    settings = {
+        "num_levels": 8,
+        "base_quantum_ms": 4.0,
+        "calibration_file": calibration_file,
+        "starvation_threshold_s": 0.0,
+    }
     settings.update(mlfq or {})
     return create_scheduler(
         config_model_dir,
@@ -92,8 +96,13 @@ def test_demotion_when_quantum_is_spent(config_model_dir, calibration_file):
 
 def test_promotion_after_starvation_but_not_for_newcomers(config_model_dir, calibration_file):
     clock = FakeClock()
-    s = make(config_model_dir, calibration_file, clock=clock,
-             mlfq={"starvation_threshold_s": 5.0}, max_num_seqs=1)
+    s = make(
+        config_model_dir,
+        calibration_file,
+        clock=clock,
+        mlfq={"starvation_threshold_s": 5.0},
+        max_num_seqs=1,
+    )
     s.add_request(make_request("long", 2000, 1000))  # level 3
     step(s)
     s.add_request(make_request("blocker", 10, 1000))  # level 0, takes the slot
@@ -158,7 +167,7 @@ def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, ca
 
 def test_no_head_of_line_blocking_on_memory(config_model_dir, calibration_file):
     s = make(config_model_dir, calibration_file, num_blocks=21, max_num_seqs=8)
-    s.add_request(make_request("huge", 1000, 2))   # needs 63 blocks: never fits
+    s.add_request(make_request("huge", 1000, 2))  # needs 63 blocks: never fits
     s.add_request(make_request("small1", 40, 2))
     s.add_request(make_request("small2", 40, 2))
     out, _ = step(s)
@@ -167,8 +176,14 @@ def test_no_head_of_line_blocking_on_memory(config_model_dir, calibration_file):
 
 
 def test_no_head_of_line_blocking_on_token_budget(config_model_dir, calibration_file):
-    s = make(config_model_dir, calibration_file, enable_chunked_prefill=False,
-             max_num_batched_tokens=512, max_model_len=512, mlfq={"skip_join": False})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=512,
+        max_model_len=512,
+        mlfq={"skip_join": False},
+    )
     s.add_request(make_request("r0", 100, 2))
     s.add_request(make_request("big", 500, 2))
     s.add_request(make_request("r2", 100, 2))
@@ -218,8 +233,9 @@ def make_async(config_model_dir, calibration_file, **kwargs):
         init_kwargs["vllm_config"].scheduler_config.async_scheduling = True
         return MLFQScheduler(**init_kwargs)
 
-    return make(config_model_dir, calibration_file, scheduler_cls=build,
-                async_scheduling=True, **kwargs)
+    return make(
+        config_model_dir, calibration_file, scheduler_cls=build, async_scheduling=True, **kwargs
+    )
 
 
 class AsyncDriver:
@@ -240,17 +256,27 @@ class AsyncDriver:
         s = self.scheduler
         out = s.schedule()
         sampling = [r for r in out.num_scheduled_tokens if not s.requests[r].is_prefill_chunk]
-        self.first_scheduled += [r for r in out.num_scheduled_tokens
-                                 if r not in self.first_scheduled]
+        self.first_scheduled += [
+            r for r in out.num_scheduled_tokens if r not in self.first_scheduled
+        ]
         self.in_flight.append((out, sampling))
         if len(self.in_flight) == 2 or not out.total_num_scheduled_tokens:
             done, sampled = self.in_flight.popleft()
             req_ids = list(done.num_scheduled_tokens)
-            engine_outputs = s.update_from_output(done, ModelRunnerOutput(
-                req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                sampled_token_ids=[[7] if r in sampled else [] for r in req_ids]))
-            self.finished += [o.request_id for outs in engine_outputs.values()
-                              for o in outs.outputs if o.finish_reason is not None]
+            engine_outputs = s.update_from_output(
+                done,
+                ModelRunnerOutput(
+                    req_ids=req_ids,
+                    req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                    sampled_token_ids=[[7] if r in sampled else [] for r in req_ids],
+                ),
+            )
+            self.finished += [
+                o.request_id
+                for outs in engine_outputs.values()
+                for o in outs.outputs
+                if o.finish_reason is not None
+            ]
         s.check_invariants()
         return out
 
@@ -278,8 +304,11 @@ def test_async_variant_is_chosen_when_async_scheduling_is_on(config_model_dir, c
 def test_async_scheduling_runs_in_mlfq_order(config_model_dir, calibration_file):
     s = make_async(config_model_dir, calibration_file, max_num_seqs=1)
     # Arrival order is the reverse of MLFQ order (levels 3, 1, 0).
-    requests = [make_request("long", 2000, 4), make_request("mid", 500, 4),
-                make_request("short", 10, 4)]
+    requests = [
+        make_request("long", 2000, 4),
+        make_request("mid", 500, 4),
+        make_request("short", 10, 4),
+    ]
     for r in requests:
         s.add_request(r)
     driver = AsyncDriver(s)

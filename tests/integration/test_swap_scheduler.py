@@ -44,30 +44,68 @@ class Clock:
         return self.t
 
 
-def make(config_model_dir, calibration_file, *, num_blocks=41, max_num_seqs=4, swap=None, mlfq=None,
-         prefix_caching=False, max_num_batched_tokens=8192, clock=None) -> MLFQScheduler:
+def make(
+    config_model_dir,
+    calibration_file,
+    *,
+    num_blocks=41,
+    max_num_seqs=4,
+    swap=None,
+    mlfq=None,
+    prefix_caching=False,
+    max_num_batched_tokens=8192,
+    clock=None,
+) -> MLFQScheduler:
     """A real MLFQScheduler whose vLLM base built our scheduler-side connector."""
-    model_config = ModelConfig(model=config_model_dir, dtype="float32", seed=0,
-                               skip_tokenizer_init=True, max_model_len=8192)
+    model_config = ModelConfig(
+        model=config_model_dir,
+        dtype="float32",
+        seed=0,
+        skip_tokenizer_init=True,
+        max_model_len=8192,
+    )
     scheduler_config = SchedulerConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=8192,
-        enable_chunked_prefill=True, async_scheduling=False, is_encoder_decoder=False)
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=8192,
+        enable_chunked_prefill=True,
+        async_scheduling=False,
+        is_encoder_decoder=False,
+    )
     cache_config = CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching)
-    mlfq_settings = {"num_levels": 8, "base_quantum_ms": 4.0, "calibration_file": calibration_file,
-                     "starvation_threshold_s": 0.0}
+    mlfq_settings = {
+        "num_levels": 8,
+        "base_quantum_ms": 4.0,
+        "calibration_file": calibration_file,
+        "starvation_threshold_s": 0.0,
+    }
     mlfq_settings.update(mlfq or {})
     vllm_config = VllmConfig(
-        scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+        scheduler_config=scheduler_config,
+        model_config=model_config,
+        cache_config=cache_config,
         kv_transfer_config=swap_kv_transfer_config(),
         additional_config={"mlfq": mlfq_settings, "swap": {"host_pool_blocks": 64, **(swap or {})}},
     )
-    kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1,
-                                                      dtype=torch.float32))])
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer"],
+                FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32),
+            )
+        ],
+    )
     cache_config.num_gpu_blocks = num_blocks
-    s = MLFQScheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config, block_size=BS,
-                      log_stats=True, structured_output_manager=StructuredOutputManager(vllm_config),
-                      clock=clock or Clock())
+    s = MLFQScheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        block_size=BS,
+        log_stats=True,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        clock=clock or Clock(),
+    )
     assert isinstance(s.swap, HostSwapConnector)
     return s
 
@@ -85,7 +123,10 @@ def assert_conserved(s) -> None:
     pool = s.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() + len(held_blocks(s)) == pool.num_gpu_blocks - 1
     book = s.swap.book
-    assert book.num_used_blocks + book.num_pending_free_blocks + book.pool.num_free == s.swap.num_host_blocks
+    assert (
+        book.num_used_blocks + book.num_pending_free_blocks + book.pool.num_free
+        == s.swap.num_host_blocks
+    )
 
 
 def drain(s, worker, max_steps=2000):
@@ -100,8 +141,12 @@ def drain(s, worker, max_steps=2000):
 
 def all_free(s) -> bool:
     s.swap.book.take_step()  # recycle what the last step released
-    return (s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
-            and s.swap.book.pool.num_free == s.swap.num_host_blocks and len(s.swap.book) == 0)
+    return (
+        s.kv_cache_manager.block_pool.get_num_free_blocks()
+        == s.kv_cache_manager.block_pool.num_gpu_blocks - 1
+        and s.swap.book.pool.num_free == s.swap.num_host_blocks
+        and len(s.swap.book) == 0
+    )
 
 
 def preempted_long(config_model_dir, calibration_file, **kwargs):
@@ -124,9 +169,16 @@ def cand(rid, *, resident=False, held=0, tokens=1, need=1, prefetch=0, offload_h
     from vllm_esp.core.mlfq.admission import Candidate
 
     assert need >= tokens
-    return Candidate(request_id=rid, resident=resident, num_new_tokens=tokens,
-                     num_computed_tokens=need - tokens, num_held_blocks=held, block_size=1,
-                     num_prefetch_blocks=prefetch, num_offload_host_blocks=offload_host)
+    return Candidate(
+        request_id=rid,
+        resident=resident,
+        num_new_tokens=tokens,
+        num_computed_tokens=need - tokens,
+        num_held_blocks=held,
+        block_size=1,
+        num_prefetch_blocks=prefetch,
+        num_offload_host_blocks=offload_host,
+    )
 
 
 def plan(ranked, residents, **kwargs):
@@ -145,8 +197,14 @@ def test_planner_reserve_never_refuses_a_newcomer_that_fits():
     r = cand("r", resident=True, held=5, need=1)
     n = cand("n", need=3)
     p = cand("p", resident=True, held=1, offload_host=1)  # below the cut: paused
-    got = plan([r, n, p], [p, r], num_slots=2, num_free_blocks=6, num_reserve_blocks=4,
-               num_host_free_blocks=10)
+    got = plan(
+        [r, n, p],
+        [p, r],
+        num_slots=2,
+        num_free_blocks=6,
+        num_reserve_blocks=4,
+        num_host_free_blocks=10,
+    )
     # 6 - 1 (r) - 3 (n) = 2 free < 4: p goes to host (the reserve is a
     # target; it cannot be met in full here, and nothing waits for it).
     assert got.run == ("r", "n") and got.skip == () and got.preempt == ()
@@ -173,8 +231,14 @@ def test_planner_offloads_lowest_paused_residents_the_host_can_take():
     top = cand("top", resident=True, held=8, need=1)
     mid = cand("mid", resident=True, held=4, offload_host=4)
     low = cand("low", resident=True, held=6, offload_host=50)  # host too small for it
-    p = plan([top, mid, low], [low, mid, top], num_slots=1, num_free_blocks=2,
-             num_reserve_blocks=3, num_host_free_blocks=10)
+    p = plan(
+        [top, mid, low],
+        [low, mid, top],
+        num_slots=1,
+        num_free_blocks=2,
+        num_reserve_blocks=3,
+        num_host_free_blocks=10,
+    )
     assert p.run == ("top",) and p.offload == ("mid",) and p.pause == ("low",)
     # Without a reserve nothing is offloaded, whatever is free.
     assert plan([top, mid, low], [low, mid, top], num_slots=1, num_free_blocks=-5).offload == ()
@@ -184,8 +248,15 @@ def test_planner_prefetches_the_next_swapped_requests_only_when_nothing_was_evic
     run = cand("run", resident=True, held=2)
     swapped = [cand(f"s{i}", tokens=1, need=5, prefetch=4) for i in range(4)]
     ranked = [run, *swapped]
-    p = plan(ranked, [run], num_slots=1, num_free_blocks=13, num_reserve_blocks=2,
-             num_prefetch=3, prefetch_window=3)
+    p = plan(
+        ranked,
+        [run],
+        num_slots=1,
+        num_free_blocks=13,
+        num_reserve_blocks=2,
+        num_prefetch=3,
+        prefetch_window=3,
+    )
     # 13 - 1 (run) = 12: s0 (4) and s1 (4) fit above the reserve, s2 would not.
     assert p.run == ("run",) and p.prefetch == ("s0", "s1")
     p = plan(ranked, [run], num_slots=1, num_free_blocks=100, num_prefetch=1, prefetch_window=3)
@@ -194,8 +265,16 @@ def test_planner_prefetches_the_next_swapped_requests_only_when_nothing_was_evic
     assert p.prefetch == ("s0", "s1")  # only the predicted next batch
     # A step that offloads does not prefetch (no ping-pong).
     paused = cand("paused", resident=True, held=3)
-    p = plan([run, paused, *swapped], [paused, run], num_slots=1, num_free_blocks=1,
-             num_reserve_blocks=2, num_host_free_blocks=10, num_prefetch=3, prefetch_window=4)
+    p = plan(
+        [run, paused, *swapped],
+        [paused, run],
+        num_slots=1,
+        num_free_blocks=1,
+        num_reserve_blocks=2,
+        num_host_free_blocks=10,
+        num_prefetch=3,
+        prefetch_window=4,
+    )
     assert p.offload == ("paused",) and p.prefetch == ()
 
 
@@ -302,13 +381,15 @@ def test_full_host_pool_falls_back_to_recompute(config_model_dir, calibration_fi
 
 
 def test_no_pool_at_all_is_plain_recompute(config_model_dir, calibration_file):
-    s, w, out, _ = preempted_long(config_model_dir, calibration_file, swap={"host_pool_blocks": 0})
+    s, w, _out, _ = preempted_long(config_model_dir, calibration_file, swap={"host_pool_blocks": 0})
     assert s.plugin_stats()["vllm_esp:swap_recompute_fallbacks_total"] == 1
     drain(s, w)
     assert all_free(s)
 
 
-def test_reset_prefix_cache_recomputes_rather_than_restoring_old_kv(config_model_dir, calibration_file):
+def test_reset_prefix_cache_recomputes_rather_than_restoring_old_kv(
+    config_model_dir, calibration_file
+):
     s = make(config_model_dir, calibration_file)
     w = Worker()
     s.add_request(make_request("r", 100, 20))
@@ -320,20 +401,28 @@ def test_reset_prefix_cache_recomputes_rather_than_restoring_old_kv(config_model
 
 
 # ----------------------------------------------------- offload and prefetch
-def test_proactive_offload_keeps_the_reserve_and_never_prefetches_then(config_model_dir, calibration_file):
+def test_proactive_offload_keeps_the_reserve_and_never_prefetches_then(
+    config_model_dir, calibration_file
+):
     # 40 usable blocks, one slot: a (19 blocks) runs; the level-0 newcomer
     # b (15) is admitted with exactly the reserve of 6 left; then a and b
     # share the slot by rank, the other one paused with its KV. When the
     # running a needs its next block (free would drop below the reserve),
     # the paused b goes to host, before anyone runs out of memory.
-    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=1,
-             swap={"free_block_reserve": 6}, mlfq={"skip_join": False})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=1,
+        swap={"free_block_reserve": 6},
+        mlfq={"skip_join": False},
+    )
     w = Worker()
     s.add_request(make_request("a", 300, 100))  # 19 blocks
     w.step(s)
     s.add_request(make_request("b", 230, 200))  # 15 blocks, grows one per 16 tokens
     offload_step = None
-    for i in range(60):
+    for _i in range(60):
         out, _ = w.step(s)
         s.check_invariants()
         if s.last_plan.offload:
@@ -350,7 +439,8 @@ def test_proactive_offload_keeps_the_reserve_and_never_prefetches_then(config_mo
 
 
 def test_reserve_is_restored_by_offload_not_by_refusing_or_evicting_runnable_requests(
-    config_model_dir, calibration_file,
+    config_model_dir,
+    calibration_file,
 ):
     # 40 usable blocks, 2 slots, reserve 10. a (300 tokens, 19 blocks) and
     # p (40 tokens, 3 blocks) have spent their level-0 quantum; n (200
@@ -362,8 +452,14 @@ def test_reserve_is_restored_by_offload_not_by_refusing_or_evicting_runnable_req
     #
     # The old rule (a newcomer must leave the reserve free) swapped out
     # both p and the runnable a to make room for n + 10, and ran n alone.
-    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=2,
-             swap={"free_block_reserve": 10}, mlfq={"skip_join": False})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=2,
+        swap={"free_block_reserve": 10},
+        mlfq={"skip_join": False},
+    )
     w = Worker()
     s.add_request(make_request("a", 300, 200))
     s.add_request(make_request("p", 40, 200))
@@ -388,8 +484,14 @@ def test_reserve_is_restored_by_offload_not_by_refusing_or_evicting_runnable_req
 def test_prefetch_loads_the_next_request_before_its_turn(config_model_dir, calibration_file, delay):
     # A swapped, B (63 blocks) finishes, C takes the only slot: A is next in
     # rank and now fits above the reserve -> loaded ahead of its turn.
-    s = make(config_model_dir, calibration_file, num_blocks=81, max_num_seqs=1,
-             swap={"free_block_reserve": 2}, mlfq={"skip_join": False})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=81,
+        max_num_seqs=1,
+        swap={"free_block_reserve": 2},
+        mlfq={"skip_join": False},
+    )
     w = Worker(delay=delay)
     s.add_request(make_request("A", 450, 30))
     w.step(s)
@@ -410,7 +512,9 @@ def test_prefetch_loads_the_next_request_before_its_turn(config_model_dir, calib
         if "A" in out.num_scheduled_tokens:
             break
     assert out.num_scheduled_tokens["A"] == 1
-    assert out.kv_connector_metadata.swap_in == () and not out.has_sync_kv_loads  # nothing left to load
+    assert (
+        out.kv_connector_metadata.swap_in == () and not out.has_sync_kv_loads
+    )  # nothing left to load
     assert "A" in out.scheduled_cached_reqs.resumed_req_ids
     stats = s.plugin_stats()
     assert stats["vllm_esp:swap_prefetches_total"] == 1 and s.num_recomputed_tokens == 0
@@ -418,9 +522,17 @@ def test_prefetch_loads_the_next_request_before_its_turn(config_model_dir, calib
     assert all_free(s)
 
 
-def test_a_prefetched_request_gives_its_blocks_back_without_a_copy(config_model_dir, calibration_file):
-    s = make(config_model_dir, calibration_file, num_blocks=81, max_num_seqs=1,
-             swap={"free_block_reserve": 2, "host_pool_blocks": 128}, mlfq={"skip_join": False})
+def test_a_prefetched_request_gives_its_blocks_back_without_a_copy(
+    config_model_dir, calibration_file
+):
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=81,
+        max_num_seqs=1,
+        swap={"free_block_reserve": 2, "host_pool_blocks": 128},
+        mlfq={"skip_join": False},
+    )
     w = Worker()
     s.add_request(make_request("A", 450, 30))
     w.step(s)
@@ -444,8 +556,14 @@ def test_a_prefetched_request_gives_its_blocks_back_without_a_copy(config_model_
 
 # ------------------------------------------------------------------ aborts
 def _to_state(config_model_dir, calibration_file, state, delay=2):
-    s = make(config_model_dir, calibration_file, num_blocks=81, max_num_seqs=1,
-             swap={"free_block_reserve": 2}, mlfq={"skip_join": False})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=81,
+        max_num_seqs=1,
+        swap={"free_block_reserve": 2},
+        mlfq={"skip_join": False},
+    )
     w = Worker(delay=delay)
     s.add_request(make_request("A", 450, 30))
     w.step(s)
@@ -474,15 +592,26 @@ def _to_state(config_model_dir, calibration_file, state, delay=2):
     if state == "prefetched, not promoted":
         return s, w
     w.step(s)
-    assert s.swap.state("A") is SwapState.PREFETCHED and s.requests["A"].status == RequestStatus.PREEMPTED
+    assert (
+        s.swap.state("A") is SwapState.PREFETCHED
+        and s.requests["A"].status == RequestStatus.PREEMPTED
+    )
     return s, w
 
 
-@pytest.mark.parametrize("state", [
-    "swap-out in flight", "swapped", "prefetch in flight, load reported after the abort",
-    "prefetched, not promoted", "prefetched",
-])
-def test_abort_in_every_swap_state_frees_host_and_device_blocks(config_model_dir, calibration_file, state):
+@pytest.mark.parametrize(
+    "state",
+    [
+        "swap-out in flight",
+        "swapped",
+        "prefetch in flight, load reported after the abort",
+        "prefetched, not promoted",
+        "prefetched",
+    ],
+)
+def test_abort_in_every_swap_state_frees_host_and_device_blocks(
+    config_model_dir, calibration_file, state
+):
     s, w = _to_state(config_model_dir, calibration_file, state)
     if state not in ("swap-out in flight", "prefetch in flight, load reported after the abort"):
         s.finish_requests("A", RequestStatus.FINISHED_ABORTED)
@@ -493,9 +622,17 @@ def test_abort_in_every_swap_state_frees_host_and_device_blocks(config_model_dir
     assert all_free(s)
 
 
-def test_abort_with_the_load_still_in_flight_waits_for_the_worker(config_model_dir, calibration_file):
-    s = make(config_model_dir, calibration_file, num_blocks=81, max_num_seqs=1,
-             swap={"free_block_reserve": 2}, mlfq={"skip_join": False})
+def test_abort_with_the_load_still_in_flight_waits_for_the_worker(
+    config_model_dir, calibration_file
+):
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=81,
+        max_num_seqs=1,
+        swap={"free_block_reserve": 2},
+        mlfq={"skip_join": False},
+    )
     w = Worker(delay=3)
     s.add_request(make_request("A", 450, 30))
     w.step(s)
@@ -523,10 +660,15 @@ class Arrival:
 
 
 arrivals = st.lists(
-    st.builds(Arrival, step=st.integers(0, 40), num_prompt_tokens=st.integers(1, 300),
-              num_output_tokens=st.integers(1, 40),
-              abort_after=st.one_of(st.none(), st.integers(0, 60))),
-    min_size=1, max_size=16,
+    st.builds(
+        Arrival,
+        step=st.integers(0, 40),
+        num_prompt_tokens=st.integers(1, 300),
+        num_output_tokens=st.integers(1, 40),
+        abort_after=st.one_of(st.none(), st.integers(0, 60)),
+    ),
+    min_size=1,
+    max_size=16,
 )
 
 PROPERTY_STRATEGIES = dict(
@@ -544,18 +686,35 @@ PROPERTY_STRATEGIES = dict(
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**PROPERTY_STRATEGIES)
 def test_random_workloads_conserve_device_and_host_blocks(
-    config_model_dir, calibration_file, workload, max_num_seqs, prefix_caching, host_blocks,
-    reserve, prefetch_depth, delay,
+    config_model_dir,
+    calibration_file,
+    workload,
+    max_num_seqs,
+    prefix_caching,
+    host_blocks,
+    reserve,
+    prefetch_depth,
+    delay,
 ):
     """Device used + free == total and host used + pending + free == total
     after every step; every request finishes once; at the end everything
     is free. Aborts land at random steps, i.e. in every state."""
     clock = Clock()
-    s = make(config_model_dir, calibration_file, num_blocks=70, max_num_seqs=max_num_seqs,
-             prefix_caching=prefix_caching, max_num_batched_tokens=256, clock=clock,
-             swap={"host_pool_blocks": host_blocks, "free_block_reserve": reserve,
-                   "prefetch_depth": prefetch_depth},
-             mlfq={"starvation_threshold_s": 0.03})
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=70,
+        max_num_seqs=max_num_seqs,
+        prefix_caching=prefix_caching,
+        max_num_batched_tokens=256,
+        clock=clock,
+        swap={
+            "host_pool_blocks": host_blocks,
+            "free_block_reserve": reserve,
+            "prefetch_depth": prefetch_depth,
+        },
+        mlfq={"starvation_threshold_s": 0.03},
+    )
     w = Worker(delay=delay)
     pending = sorted(enumerate(workload), key=lambda x: x[1].step)
     aborts: dict[int, list[str]] = {}

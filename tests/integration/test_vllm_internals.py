@@ -60,10 +60,11 @@ def expect(ok: bool, moved: str, user: str) -> None:
     assert ok, f"vLLM {vllm.__version__}: {moved}; {user} depends on it"
 
 
-def expect_params(fn: Callable[..., Any], expected: list[str], user: str, *,
-                  prefix: bool = False) -> None:
+def expect_params(
+    fn: Callable[..., Any], expected: list[str], user: str, *, prefix: bool = False
+) -> None:
     got = params(fn)
-    ok = got[:len(expected)] == expected if prefix else got == expected
+    ok = got[: len(expected)] == expected if prefix else got == expected
     what = "parameters starting with" if prefix else "parameters"
     expect(ok, f"{fn.__qualname__} takes {got}, not the {what} {expected}", user)
 
@@ -106,8 +107,9 @@ def _ours(klass: type) -> bool:
     return top != "vllm" and top not in sys.stdlib_module_names
 
 
-def expect_consistent_overrides(ours: type, base: type, user: str, *,
-                                skip: Iterable[str] = ()) -> None:
+def expect_consistent_overrides(
+    ours: type, base: type, user: str, *, skip: Iterable[str] = ()
+) -> None:
     """Every attribute that ``ours`` (or a mixin of ours in its MRO) defines
     and ``base`` also has is an override of the same shape: a method with the
     same parameter names (or one that passes ``*args, **kwargs`` through), a
@@ -124,20 +126,27 @@ def expect_consistent_overrides(ours: type, base: type, user: str, *,
                 continue
             where = f"{klass.__qualname__}.{name} overrides {base.__qualname__}.{name}"
             winner = next(k for k in ours.__mro__ if name in vars(k))
-            expect(_ours(winner), f"{where}, but {winner.__qualname__}'s comes first in "
-                   f"{ours.__qualname__}'s MRO", user)
+            expect(
+                _ours(winner),
+                f"{where}, but {winner.__qualname__}'s comes first in {ours.__qualname__}'s MRO",
+                user,
+            )
             if isinstance(theirs, property) or isinstance(value, property):
-                expect(isinstance(theirs, property) and isinstance(value, property),
-                       f"{where}: one is a property, the other is not", user)
+                expect(
+                    isinstance(theirs, property) and isinstance(value, property),
+                    f"{where}: one is a property, the other is not",
+                    user,
+                )
                 continue
             mine, vllms = getattr(klass, name), getattr(base, name)
             if not (callable(mine) and callable(vllms)):
-                expect(type(mine) is type(vllms), f"{where}: {type(vllms)} vs {type(mine)}",
-                       user)
+                expect(type(mine) is type(vllms), f"{where}: {type(vllms)} vs {type(mine)}", user)
                 continue
-            expect(_passes_everything(mine) or params(mine) == params(vllms),
-                   f"{where} with parameters {params(mine)}, vLLM's take {params(vllms)}",
-                   user)
+            expect(
+                _passes_everything(mine) or params(mine) == params(vllms),
+                f"{where} with parameters {params(mine)}, vLLM's take {params(vllms)}",
+                user,
+            )
 
 
 @pytest.fixture
@@ -167,7 +176,8 @@ def test_entry_points_installed(group: str) -> None:
     from vllm.plugins import DEFAULT_PLUGINS_GROUP, STAT_LOGGER_PLUGINS_GROUP
 
     assert group in (DEFAULT_PLUGINS_GROUP, STAT_LOGGER_PLUGINS_GROUP), (
-        f"vLLM no longer loads plugins from {group!r}")
+        f"vLLM no longer loads plugins from {group!r}"
+    )
     ours = [e for e in entry_points(group=group) if e.value.startswith("vllm_esp")]
     assert ours, f"vllm-esp is not registered in {group}: reinstall the package"
 
@@ -183,20 +193,35 @@ def test_scheduler_methods_we_override_or_call() -> None:
 
     user = MLFQ_SCHEDULER
     expect(issubclass(AsyncScheduler, Scheduler), "AsyncScheduler is no Scheduler", user)
-    expect_params(Scheduler.__init__, ["self", "vllm_config", "kv_cache_config",
-                                       "structured_output_manager", "block_size",
-                                       "hash_block_size"], user, prefix=True)
+    expect_params(
+        Scheduler.__init__,
+        [
+            "self",
+            "vllm_config",
+            "kv_cache_config",
+            "structured_output_manager",
+            "block_size",
+            "hash_block_size",
+        ],
+        user,
+        prefix=True,
+    )
     expect_params(Scheduler.schedule, ["self", "throttle_prefills"], user)
     expect_params(Scheduler.add_request, ["self", "request"], user)
-    expect_params(Scheduler._preempt_request,
-                  ["self", "request", "timestamp", "drop_stale_output"], user)
+    expect_params(
+        Scheduler._preempt_request, ["self", "request", "timestamp", "drop_stale_output"], user
+    )
     expect_params(Scheduler._free_request, ["self", "request", "delay_free_blocks"], user)
     expect_params(Scheduler._handle_blocked_waiting_request, ["self", "request"], user)
-    expect_params(Scheduler.update_from_output,
-                  ["self", "scheduler_output", "model_runner_output"], user)
+    expect_params(
+        Scheduler.update_from_output, ["self", "scheduler_output", "model_runner_output"], user
+    )
     expect_params(Scheduler.finish_requests, ["self", "request_ids", "finished_status"], user)
-    expect("kv_connector_stats" in params(Scheduler.make_stats),
-           "Scheduler.make_stats lost kv_connector_stats", user)
+    expect(
+        "kv_connector_stats" in params(Scheduler.make_stats),
+        "Scheduler.make_stats lost kv_connector_stats",
+        user,
+    )
 
 
 def test_our_scheduler_overrides_match_vllms() -> None:
@@ -209,8 +234,11 @@ def test_our_scheduler_overrides_match_vllms() -> None:
     from vllm_esp.integration.mlfq.scheduler import MLFQAsyncScheduler, MLFQScheduler
 
     mro = MLFQAsyncScheduler.__mro__
-    expect(mro.index(MLFQScheduler) < mro.index(AsyncScheduler),
-           f"MLFQAsyncScheduler's MRO puts AsyncScheduler first: {mro}", MLFQ_SCHEDULER)
+    expect(
+        mro.index(MLFQScheduler) < mro.index(AsyncScheduler),
+        f"MLFQAsyncScheduler's MRO puts AsyncScheduler first: {mro}",
+        MLFQ_SCHEDULER,
+    )
     expect_consistent_overrides(MLFQScheduler, AsyncScheduler, MLFQ_SCHEDULER)
     expect_consistent_overrides(ESPScheduler, AsyncScheduler, ESP_SCHEDULER)
 
@@ -223,12 +251,20 @@ def test_engine_core_builds_and_drives_the_scheduler() -> None:
     from vllm.v1.engine.core import EngineCore
 
     init = inspect.getsource(EngineCore.__init__)
-    expect(re.search(r"Scheduler\(\s*vllm_config=vllm_config", init) is not None,
-           "EngineCore no longer builds the scheduler with vllm_config=...", MLFQ_SCHEDULER)
+    expect(
+        re.search(r"Scheduler\(\s*vllm_config=vllm_config", init) is not None,
+        "EngineCore no longer builds the scheduler with vllm_config=...",
+        MLFQ_SCHEDULER,
+    )
     expect_source(EngineCore.__init__, ["scheduler_config.get_scheduler_cls()"], MLFQ_SCHEDULER)
-    expect_source(EngineCore.step, ["scheduler_output = self.scheduler.schedule(",
-                                    "execute_model(scheduler_output, non_block=True)"],
-                  ESP_EXECUTOR)
+    expect_source(
+        EngineCore.step,
+        [
+            "scheduler_output = self.scheduler.schedule(",
+            "execute_model(scheduler_output, non_block=True)",
+        ],
+        ESP_EXECUTOR,
+    )
 
 
 def test_scheduler_state_we_read(stock_scheduler: Any) -> None:
@@ -241,25 +277,55 @@ def test_scheduler_state_we_read(stock_scheduler: Any) -> None:
     from vllm.v1.core.sched.request_queue import RequestQueue
 
     s, user = stock_scheduler, MLFQ_SCHEDULER
-    expect_attrs(s, (
-        "running", "waiting", "kv_holding_waiting", "deferred_waiting", "requests",
-        "kv_cache_manager", "kv_cache_config", "max_num_running_reqs", "max_num_active_reqs",
-        "max_num_scheduled_tokens", "num_lookahead_tokens", "scheduler_reserve_full_isl",
-        "max_model_len", "num_waiting_for_streaming_input", "_pause_state", "block_size",
-        "scheduler_config", "cache_config", "vllm_config", "connector",
-        "finished_recving_kv_req_ids", "_inflight_prefills",
-    ), "vllm.v1.core.sched.scheduler.Scheduler", user)
+    expect_attrs(
+        s,
+        (
+            "running",
+            "waiting",
+            "kv_holding_waiting",
+            "deferred_waiting",
+            "requests",
+            "kv_cache_manager",
+            "kv_cache_config",
+            "max_num_running_reqs",
+            "max_num_active_reqs",
+            "max_num_scheduled_tokens",
+            "num_lookahead_tokens",
+            "scheduler_reserve_full_isl",
+            "max_model_len",
+            "num_waiting_for_streaming_input",
+            "_pause_state",
+            "block_size",
+            "scheduler_config",
+            "cache_config",
+            "vllm_config",
+            "connector",
+            "finished_recving_kv_req_ids",
+            "_inflight_prefills",
+        ),
+        "vllm.v1.core.sched.scheduler.Scheduler",
+        user,
+    )
     expect(isinstance(s.running, list), "Scheduler.running is no list", user)
     for name in ("waiting", "kv_holding_waiting"):
-        expect(isinstance(getattr(s, name), RequestQueue), f"Scheduler.{name} is no RequestQueue",
-               user)
+        expect(
+            isinstance(getattr(s, name), RequestQueue), f"Scheduler.{name} is no RequestQueue", user
+        )
     for name in ("deferred_waiting", "_inflight_prefills", "finished_recving_kv_req_ids"):
         expect(isinstance(getattr(s, name), set), f"Scheduler.{name} is no set", user)
     expect(s._pause_state == PauseState.UNPAUSED, "Scheduler._pause_state vs PauseState", user)
     expect(isinstance(s.max_num_active_reqs, int), "max_num_active_reqs is no int", user)
-    expect_attrs(s.scheduler_config, ("long_prefill_token_threshold", "enable_chunked_prefill",
-                                      "async_scheduling", "scheduler_cls"),
-                 "SchedulerConfig", user)
+    expect_attrs(
+        s.scheduler_config,
+        (
+            "long_prefill_token_threshold",
+            "enable_chunked_prefill",
+            "async_scheduling",
+            "scheduler_cls",
+        ),
+        "SchedulerConfig",
+        user,
+    )
     expect_attrs(s.cache_config, ("enable_prefix_caching",), "CacheConfig", user)
 
 
@@ -269,13 +335,22 @@ def test_scheduler_stats_side_channel(stock_scheduler: Any) -> None:
     from vllm.v1.metrics.stats import SchedulerStats
 
     fields = {f.name: f for f in dataclasses.fields(SchedulerStats)}
-    expect("num_kv_fetch_reqs_by_stage" in fields, "SchedulerStats lost num_kv_fetch_reqs_by_stage",
-           MLFQ_SCHEDULER)
-    expect(fields["num_kv_fetch_reqs_by_stage"].type in ("dict[str, int]", dict[str, int]),
-           "SchedulerStats.num_kv_fetch_reqs_by_stage is no dict[str, int]", MLFQ_SCHEDULER)
+    expect(
+        "num_kv_fetch_reqs_by_stage" in fields,
+        "SchedulerStats lost num_kv_fetch_reqs_by_stage",
+        MLFQ_SCHEDULER,
+    )
+    expect(
+        fields["num_kv_fetch_reqs_by_stage"].type in ("dict[str, int]", dict[str, int]),
+        "SchedulerStats.num_kv_fetch_reqs_by_stage is no dict[str, int]",
+        MLFQ_SCHEDULER,
+    )
     stats = stock_scheduler.make_stats()
-    expect(isinstance(stats.num_kv_fetch_reqs_by_stage, dict),
-           "make_stats() returns no mutable num_kv_fetch_reqs_by_stage", MLFQ_SCHEDULER)
+    expect(
+        isinstance(stats.num_kv_fetch_reqs_by_stage, dict),
+        "make_stats() returns no mutable num_kv_fetch_reqs_by_stage",
+        MLFQ_SCHEDULER,
+    )
 
 
 # ================================== vllm.v1.core.sched.request_queue
@@ -290,10 +365,23 @@ def test_request_queue_contract() -> None:
     from vllm_esp.integration.mlfq.queue import IndexedRequestQueue
 
     abstract = set(RequestQueue.__abstractmethods__)
-    expect(abstract == {
-        "add_request", "pop_request", "peek_request", "prepend_request", "prepend_requests",
-        "remove_request", "remove_requests", "__bool__", "__len__", "__iter__",
-    }, f"RequestQueue's abstract methods are {sorted(abstract)}", MLFQ_QUEUE)
+    expect(
+        abstract
+        == {
+            "add_request",
+            "pop_request",
+            "peek_request",
+            "prepend_request",
+            "prepend_requests",
+            "remove_request",
+            "remove_requests",
+            "__bool__",
+            "__len__",
+            "__iter__",
+        },
+        f"RequestQueue's abstract methods are {sorted(abstract)}",
+        MLFQ_QUEUE,
+    )
     expect_consistent_overrides(IndexedRequestQueue, RequestQueue, MLFQ_QUEUE)
     a, b = make_request("queued", 4, 1), make_request("absent", 4, 1)
     queue = FCFSRequestQueue()
@@ -316,23 +404,53 @@ def test_request_fields() -> None:
 
     r = make_request("sig", 8, 4)
     expect(isinstance(r, Request), "make_request builds no vllm Request", MLFQ_SCHEDULER)
-    expect_attrs(r, (
-        "request_id", "status", "num_prompt_tokens", "num_tokens", "num_tokens_with_spec",
-        "num_computed_tokens", "num_output_placeholders", "max_tokens", "num_preemptions",
-        "skip_reading_prefix_cache", "num_stale_output_tokens", "drop_stale_output",
-        "is_prefill_chunk",
-    ), "vllm.v1.request.Request", f"{MLFQ_SCHEDULER} and {SWAP_CONNECTOR}")
-    expect_attrs(r, ("all_token_ids", "num_output_tokens", "sampling_params"),
-                 "vllm.v1.request.Request", ESP_SCHEDULER)
-    expect_attrs(r.sampling_params, ("temperature", "top_p", "top_k", "min_p", "seed"),
-                 "SamplingParams", ESP_SCHEDULER)
+    expect_attrs(
+        r,
+        (
+            "request_id",
+            "status",
+            "num_prompt_tokens",
+            "num_tokens",
+            "num_tokens_with_spec",
+            "num_computed_tokens",
+            "num_output_placeholders",
+            "max_tokens",
+            "num_preemptions",
+            "skip_reading_prefix_cache",
+            "num_stale_output_tokens",
+            "drop_stale_output",
+            "is_prefill_chunk",
+        ),
+        "vllm.v1.request.Request",
+        f"{MLFQ_SCHEDULER} and {SWAP_CONNECTOR}",
+    )
+    expect_attrs(
+        r,
+        ("all_token_ids", "num_output_tokens", "sampling_params"),
+        "vllm.v1.request.Request",
+        ESP_SCHEDULER,
+    )
+    expect_attrs(
+        r.sampling_params,
+        ("temperature", "top_p", "top_k", "min_p", "seed"),
+        "SamplingParams",
+        ESP_SCHEDULER,
+    )
     expect(callable(r.is_finished), "Request.is_finished is gone", MLFQ_SCHEDULER)
     r.num_computed_tokens = 0  # written by MLFQScheduler._unprefetch
-    members = {"WAITING", "WAITING_FOR_REMOTE_KVS", "RUNNING", "PREEMPTED",
-               "FINISHED_STOPPED", "FINISHED_ABORTED"}
-    expect(members <= set(RequestStatus.__members__),
-           f"RequestStatus lost {sorted(members - set(RequestStatus.__members__))}",
-           MLFQ_SCHEDULER)
+    members = {
+        "WAITING",
+        "WAITING_FOR_REMOTE_KVS",
+        "RUNNING",
+        "PREEMPTED",
+        "FINISHED_STOPPED",
+        "FINISHED_ABORTED",
+    }
+    expect(
+        members <= set(RequestStatus.__members__),
+        f"RequestStatus lost {sorted(members - set(RequestStatus.__members__))}",
+        MLFQ_SCHEDULER,
+    )
 
 
 # ======================================== vllm.v1.core.sched.output
@@ -344,17 +462,26 @@ def test_scheduler_output_fields_and_esp_plan(stock_scheduler: Any) -> None:
 
     from vllm_esp.harness.scheduler import make_request
 
-    expect_fields(SchedulerOutput, (
-        "num_scheduled_tokens", "finished_req_ids", "preempted_req_ids",
-        "kv_connector_metadata", "has_sync_kv_loads", "scheduled_new_reqs",
-        "scheduled_cached_reqs",
-    ), f"{MLFQ_SCHEDULER}, {ESP_SCHEDULER}, {ESP_EXECUTOR} and {SWAP_CONNECTOR}")
+    expect_fields(
+        SchedulerOutput,
+        (
+            "num_scheduled_tokens",
+            "finished_req_ids",
+            "preempted_req_ids",
+            "kv_connector_metadata",
+            "has_sync_kv_loads",
+            "scheduled_new_reqs",
+            "scheduled_cached_reqs",
+        ),
+        f"{MLFQ_SCHEDULER}, {ESP_SCHEDULER}, {ESP_EXECUTOR} and {SWAP_CONNECTOR}",
+    )
     expect_fields(NewRequestData, ("req_id", "block_ids"), SWAP_CONNECTOR)
     expect_fields(CachedRequestData, ("new_block_ids", "resumed_req_ids"), SWAP_CONNECTOR)
     stock_scheduler.add_request(make_request("a", 40, 2))
     out = stock_scheduler.schedule()
-    expect(out.num_scheduled_tokens == {"a": 40}, "num_scheduled_tokens is no {id: n}",
-           MLFQ_SCHEDULER)
+    expect(
+        out.num_scheduled_tokens == {"a": 40}, "num_scheduled_tokens is no {id: n}", MLFQ_SCHEDULER
+    )
     try:
         out.esp_plan = "plan"
     except AttributeError:
@@ -382,16 +509,25 @@ def test_kv_cache_manager_calls(stock_scheduler: Any) -> None:
     kvm = s.kv_cache_manager
     request = make_request("a", 40, 2)
     hit = kvm.get_computed_blocks(request)
-    expect(isinstance(hit, tuple) and len(hit) == 3 and isinstance(hit[1], int),
-           f"get_computed_blocks returns {hit!r}, not (blocks, num_cached_tokens, _)", user)
+    expect(
+        isinstance(hit, tuple) and len(hit) == 3 and isinstance(hit[1], int),
+        f"get_computed_blocks returns {hit!r}, not (blocks, num_cached_tokens, _)",
+        user,
+    )
     s.add_request(request)
     step(s)
     (ids,) = kvm.get_block_ids("a")
-    expect(len(ids) == 3 and all(isinstance(i, int) for i in ids),
-           f"get_block_ids returns {ids!r}", user)
+    expect(
+        len(ids) == 3 and all(isinstance(i, int) for i in ids),
+        f"get_block_ids returns {ids!r}",
+        user,
+    )
     blocks = kvm.get_blocks("a").blocks[0]
-    expect([b.block_id for b in blocks] == ids and all(b.ref_cnt == 1 for b in blocks),
-           "get_blocks(...).blocks[0] is no list of KVCacheBlock with ref_cnt", user)
+    expect(
+        [b.block_id for b in blocks] == ids and all(b.ref_cnt == 1 for b in blocks),
+        "get_blocks(...).blocks[0] is no list of KVCacheBlock with ref_cnt",
+        user,
+    )
     expect(isinstance(kvm.watermark_blocks, int), "KVCacheManager.watermark_blocks", user)
     free = kvm.block_pool.get_num_free_blocks()
     kvm.free(request)
@@ -408,8 +544,9 @@ def test_allocate_slots_is_called_through_the_instance(stock_scheduler: Any) -> 
     from vllm_esp.harness.scheduler import make_request, step
 
     user = ESP_SCHEDULER
-    expect_params(KVCacheManager.allocate_slots, ["self", "request", "num_new_tokens"], user,
-                  prefix=True)
+    expect_params(
+        KVCacheManager.allocate_slots, ["self", "request", "num_new_tokens"], user, prefix=True
+    )
     s = stock_scheduler
     kvm = s.kv_cache_manager
     original = kvm.allocate_slots
@@ -422,14 +559,23 @@ def test_allocate_slots_is_called_through_the_instance(stock_scheduler: Any) -> 
 
     kvm.allocate_slots = wrapper
     s.add_request(make_request("a", 40, 4))
-    first, _ = step(s)   # a new request (the waiting path)
+    first, _ = step(s)  # a new request (the waiting path)
     second, _ = step(s)  # a running one
-    expect([(rid, n) for rid, n, _ in calls] == [("a", 40), ("a", 1)],
-           f"schedule() bypassed the instance's allocate_slots: {calls}", user)
-    expect(all(isinstance(b, KVCacheBlocks) and b.get_block_ids()[0] is not None
-               for _, _, b in calls), "allocate_slots returns no KVCacheBlocks", user)
-    expect(first.num_scheduled_tokens == {"a": 40} and second.num_scheduled_tokens == {"a": 1},
-           "the wrapped allocation changed what was scheduled", user)
+    expect(
+        [(rid, n) for rid, n, _ in calls] == [("a", 40), ("a", 1)],
+        f"schedule() bypassed the instance's allocate_slots: {calls}",
+        user,
+    )
+    expect(
+        all(isinstance(b, KVCacheBlocks) and b.get_block_ids()[0] is not None for _, _, b in calls),
+        "allocate_slots returns no KVCacheBlocks",
+        user,
+    )
+    expect(
+        first.num_scheduled_tokens == {"a": 40} and second.num_scheduled_tokens == {"a": 1},
+        "the wrapped allocation changed what was scheduled",
+        user,
+    )
 
 
 def test_req_to_blocks_is_the_live_block_table(stock_scheduler: Any) -> None:
@@ -450,22 +596,37 @@ def test_req_to_blocks_is_the_live_block_table(stock_scheduler: Any) -> None:
     s.add_request(make_request("a", 40, 4))
     step(s)
     table = table_of.get("a", ())
-    expect(isinstance(table, list) and all(isinstance(b, KVCacheBlock) for b in table),
-           "req_to_blocks[req_id] is no list of KVCacheBlock", user)
-    expect([b.block_id for b in table] == kvm.get_block_ids("a")[0],
-           "req_to_blocks disagrees with get_block_ids", user)
+    expect(
+        isinstance(table, list) and all(isinstance(b, KVCacheBlock) for b in table),
+        "req_to_blocks[req_id] is no list of KVCacheBlock",
+        user,
+    )
+    expect(
+        [b.block_id for b in table] == kvm.get_block_ids("a")[0],
+        "req_to_blocks disagrees with get_block_ids",
+        user,
+    )
     # A migration swaps an entry for a fresh block and frees the old one.
     pool = kvm.block_pool
     (fresh,) = pool.get_new_blocks(1)
     old, table[0] = table[0], fresh
     pool.free_blocks([old])
-    expect(kvm.get_block_ids("a")[0][0] == fresh.block_id,
-           "an entry written into req_to_blocks is not what vLLM reports", user)
+    expect(
+        kvm.get_block_ids("a")[0][0] == fresh.block_id,
+        "an entry written into req_to_blocks is not what vLLM reports",
+        user,
+    )
     s.finish_requests("a", RequestStatus.FINISHED_ABORTED)
-    expect(table_of.get("a", ()) == [] or "a" not in table_of,
-           "a finished request keeps its req_to_blocks entry", user)
-    expect(pool.get_num_free_blocks() == pool.num_gpu_blocks - 1,
-           "blocks rewritten in req_to_blocks are not freed with the request", user)
+    expect(
+        table_of.get("a", ()) == [] or "a" not in table_of,
+        "a finished request keeps its req_to_blocks entry",
+        user,
+    )
+    expect(
+        pool.get_num_free_blocks() == pool.num_gpu_blocks - 1,
+        "blocks rewritten in req_to_blocks are not freed with the request",
+        user,
+    )
 
 
 # ================================================= vllm.v1.core.block_pool
@@ -484,20 +645,38 @@ def test_block_pool_fields_and_free_queue_methods() -> None:
     expect_params(BlockPool.get_new_blocks, ["self", "num_blocks"], ESP_SCHEDULER)
     expect_params(BlockPool.free_blocks, ["self", "ordered_blocks"], ESP_SCHEDULER, prefix=True)
     expect_params(BlockPool.get_num_free_blocks, ["self"], MLFQ_SCHEDULER)
-    expect_source(BlockPool.__init__, ["self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)",
-                                       "self.null_block = self.free_block_queue.popleft()"],
-                  FREE_QUEUES)
-    expect_source(BlockPool.get_num_free_blocks,
-                  ["return self.free_block_queue.num_free_blocks"], FREE_QUEUES)
+    expect_source(
+        BlockPool.__init__,
+        [
+            "self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)",
+            "self.null_block = self.free_block_queue.popleft()",
+        ],
+        FREE_QUEUES,
+    )
+    expect_source(
+        BlockPool.get_num_free_blocks, ["return self.free_block_queue.num_free_blocks"], FREE_QUEUES
+    )
     used = set(re.findall(r"free_block_queue\.(\w+)", inspect.getsource(BlockPool)))
     missing = sorted(n for n in used if not hasattr(InstanceFreeQueues, n))
     expect(not missing, f"BlockPool now calls free_block_queue.{missing}", FREE_QUEUES)
-    for name in ("popleft", "popleft_n", "remove", "append", "append_n", "prepend_n",
-                 "get_all_free_blocks", "iter_blocks_after"):
-        expect(hasattr(FreeKVCacheBlockQueue, name) and hasattr(InstanceFreeQueues, name),
-               f"FreeKVCacheBlockQueue.{name} (stood in for by InstanceFreeQueues)", FREE_QUEUES)
-    expect_consistent_overrides(InstanceFreeQueues, FreeKVCacheBlockQueue, FREE_QUEUES,
-                                skip=("__init__",))
+    for name in (
+        "popleft",
+        "popleft_n",
+        "remove",
+        "append",
+        "append_n",
+        "prepend_n",
+        "get_all_free_blocks",
+        "iter_blocks_after",
+    ):
+        expect(
+            hasattr(FreeKVCacheBlockQueue, name) and hasattr(InstanceFreeQueues, name),
+            f"FreeKVCacheBlockQueue.{name} (stood in for by InstanceFreeQueues)",
+            FREE_QUEUES,
+        )
+    expect_consistent_overrides(
+        InstanceFreeQueues, FreeKVCacheBlockQueue, FREE_QUEUES, skip=("__init__",)
+    )
     expect_attrs(KVCacheBlock, ("block_id", "ref_cnt", "is_null"), "KVCacheBlock", ESP_SCHEDULER)
 
 
@@ -512,26 +691,38 @@ def test_block_pool_works_through_instance_free_queues(stock_scheduler: Any) -> 
     user = ESP_SCHEDULER
     s = stock_scheduler
     pool = s.kv_cache_manager.block_pool
-    expect([b.block_id for b in pool.blocks] == list(range(41)),
-           "block_pool.blocks[i].block_id is not i", user)
-    expect(pool.null_block is pool.blocks[0] and pool.null_block.is_null,
-           "block_pool.null_block is not blocks[0]", user)
+    expect(
+        [b.block_id for b in pool.blocks] == list(range(41)),
+        "block_pool.blocks[i].block_id is not i",
+        user,
+    )
+    expect(
+        pool.null_block is pool.blocks[0] and pool.null_block.is_null,
+        "block_pool.null_block is not blocks[0]",
+        user,
+    )
     queues = InstanceFreeQueues(pool.blocks, 2, 21, exclude=[pool.null_block])
     pool.free_block_queue = queues
     expect(pool.get_num_free_blocks() == 40, "get_num_free_blocks ignores free_block_queue", user)
     queues.placement = StoragePlacement((1,))
     fresh = pool.get_new_blocks(3)
     queues.placement = None
-    expect([b.block_id // 21 for b in fresh] == [1, 1, 1] and all(b.ref_cnt == 1 for b in fresh),
-           "get_new_blocks no longer pops from free_block_queue", user)
+    expect(
+        [b.block_id // 21 for b in fresh] == [1, 1, 1] and all(b.ref_cnt == 1 for b in fresh),
+        "get_new_blocks no longer pops from free_block_queue",
+        user,
+    )
     pool.free_blocks(fresh)
     expect(queues.free_per_instance() == [20, 20], "free_blocks bypasses free_block_queue", user)
     for i in range(3):
         s.add_request(make_request(f"r{i}", 100, 20))
     while s.has_requests():
         step(s)
-    expect(queues.free_per_instance() == [20, 20] and pool.get_num_free_blocks() == 40,
-           f"blocks lost through InstanceFreeQueues: {queues.free_per_instance()}", user)
+    expect(
+        queues.free_per_instance() == [20, 20] and pool.get_num_free_blocks() == 40,
+        f"blocks lost through InstanceFreeQueues: {queues.free_per_instance()}",
+        user,
+    )
 
 
 # ============================================= vllm.v1.core.kv_cache_utils
@@ -546,22 +737,34 @@ def test_kv_cache_config_and_per_instance_planner(stock_scheduler: Any) -> None:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
     user = ESP_EXECUTOR
-    expect_params(kv_cache_utils.get_kv_cache_config_from_groups,
-                  ["vllm_config", "kv_cache_groups", "available_memory"], user)
+    expect_params(
+        kv_cache_utils.get_kv_cache_config_from_groups,
+        ["vllm_config", "kv_cache_groups", "available_memory"],
+        user,
+    )
     expect_params(kv_cache_utils._pool_bytes_per_block, ["vllm_config", "kv_cache_groups"], user)
     expect_fields(KVCacheConfig, ("num_blocks", "kv_cache_groups", "kv_cache_layout"), user)
     config = stock_scheduler.vllm_config
-    resolve_kv_cache_layout(config, [[la.name for la in
-                                      CPUAttentionBackend.supported_kv_cache_layouts()]])
+    resolve_kv_cache_layout(
+        config, [[la.name for la in CPUAttentionBackend.supported_kv_cache_layouts()]]
+    )
     groups = stock_scheduler.kv_cache_config.kv_cache_groups
     local = kv_cache_utils.get_kv_cache_config_from_groups(
-        config, groups, 7 * kv_cache_utils._pool_bytes_per_block(config, groups))
+        config, groups, 7 * kv_cache_utils._pool_bytes_per_block(config, groups)
+    )
     expect(local.num_blocks == 7, f"7 blocks' memory planned as {local.num_blocks} blocks", user)
     (group,) = groups
-    expect_attrs(group, ("kv_cache_spec", "layer_names"), "KVCacheGroupSpec",
-                 f"{ESP_SCHEDULER} and {SWAP_CONNECTOR}")
-    expect(isinstance(group.kv_cache_spec.page_size_bytes, int) and group.kv_cache_spec.block_size,
-           "KVCacheSpec.page_size_bytes / block_size", SWAP_CONNECTOR)
+    expect_attrs(
+        group,
+        ("kv_cache_spec", "layer_names"),
+        "KVCacheGroupSpec",
+        f"{ESP_SCHEDULER} and {SWAP_CONNECTOR}",
+    )
+    expect(
+        isinstance(group.kv_cache_spec.page_size_bytes, int) and group.kv_cache_spec.block_size,
+        "KVCacheSpec.page_size_bytes / block_size",
+        SWAP_CONNECTOR,
+    )
 
 
 # ======================================= vllm.distributed.kv_transfer
@@ -603,16 +806,23 @@ def test_kv_connector_base_methods_we_override() -> None:
         "_get_connector_metadata": ["self"],
     }.items():
         expect_params(getattr(base, name), expected, user)
-    expect(isinstance(inspect.getattr_static(base, "requires_kv_delivery"), property),
-           "KVConnectorBase_V1.requires_kv_delivery is no property", user)
+    expect(
+        isinstance(inspect.getattr_static(base, "requires_kv_delivery"), property),
+        "KVConnectorBase_V1.requires_kv_delivery is no property",
+        user,
+    )
     expect({"SCHEDULER", "WORKER"} <= set(KVConnectorRole.__members__), "KVConnectorRole", user)
     expect_params(KVConnectorWorkerMetadata.aggregate, ["self", "other"], user)
-    expect(issubclass(HostSwapMetadata, KVConnectorMetadata)
-           and issubclass(HostSwapWorkerMetadata, KVConnectorWorkerMetadata),
-           "connector metadata bases", user)
+    expect(
+        issubclass(HostSwapMetadata, KVConnectorMetadata)
+        and issubclass(HostSwapWorkerMetadata, KVConnectorWorkerMetadata),
+        "connector metadata bases",
+        user,
+    )
     expect_consistent_overrides(HostSwapConnector, base, user)
-    expect_consistent_overrides(HostSwapWorkerMetadata, KVConnectorWorkerMetadata, user,
-                                skip=("__init__",))
+    expect_consistent_overrides(
+        HostSwapWorkerMetadata, KVConnectorWorkerMetadata, user, skip=("__init__",)
+    )
     abstract = set(HostSwapConnector.__abstractmethods__)
     expect(not abstract, f"KVConnectorBase_V1 gained abstract methods {sorted(abstract)}", user)
 
@@ -631,17 +841,24 @@ def test_kv_connector_is_built_from_the_module_path(config_model_dir: str) -> No
     from vllm_esp.integration.engine_args import swap_kv_transfer_config
     from vllm_esp.integration.swap.connector import HostSwapConnector
 
-    expect_fields(KVTransferConfig, ("kv_connector", "kv_connector_module_path", "kv_role"),
-                  ENGINE_ARGS)
+    expect_fields(
+        KVTransferConfig, ("kv_connector", "kv_connector_module_path", "kv_role"), ENGINE_ARGS
+    )
     expect_params(KVConnectorFactory.get_connector_class, ["kv_transfer_config"], CPU_CORES)
-    expect(KVConnectorFactory.get_connector_class(swap_kv_transfer_config()) is HostSwapConnector,
-           "KVConnectorFactory no longer loads a connector by kv_connector_module_path",
-           ENGINE_ARGS)
+    expect(
+        KVConnectorFactory.get_connector_class(swap_kv_transfer_config()) is HostSwapConnector,
+        "KVConnectorFactory no longer loads a connector by kv_connector_module_path",
+        ENGINE_ARGS,
+    )
     expect_params(get_kv_transfer_group, [], SWAP_CONNECTOR)
-    s = create_scheduler(config_model_dir, scheduler_cls=Scheduler,
-                         kv_transfer_config=swap_kv_transfer_config())
-    expect(isinstance(s.connector, HostSwapConnector),
-           f"Scheduler.connector is {type(s.connector)}", MLFQ_SCHEDULER)
+    s = create_scheduler(
+        config_model_dir, scheduler_cls=Scheduler, kv_transfer_config=swap_kv_transfer_config()
+    )
+    expect(
+        isinstance(s.connector, HostSwapConnector),
+        f"Scheduler.connector is {type(s.connector)}",
+        MLFQ_SCHEDULER,
+    )
 
 
 def test_kv_cache_specs_the_swap_supports() -> None:
@@ -650,8 +867,11 @@ def test_kv_cache_specs_the_swap_supports() -> None:
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
     for spec in (FullAttentionSpec, MLAAttentionSpec):
-        expect(isinstance(inspect.getattr_static(spec, "page_size_bytes"), property),
-               f"{spec.__name__}.page_size_bytes is no property", SWAP_CONNECTOR)
+        expect(
+            isinstance(inspect.getattr_static(spec, "page_size_bytes"), property),
+            f"{spec.__name__}.page_size_bytes is no property",
+            SWAP_CONNECTOR,
+        )
         expect_fields(spec, ("block_size",), SWAP_CONNECTOR)
 
 
@@ -662,10 +882,16 @@ def test_model_runner_outputs() -> None:
     steps; the swap connector reads the worker metadata back."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, KVConnectorOutput, ModelRunnerOutput
 
-    expect_fields(ModelRunnerOutput, ("req_ids", "req_id_to_index", "sampled_token_ids",
-                                      "kv_connector_output"), ESP_EXECUTOR)
-    expect_fields(KVConnectorOutput, ("finished_recving", "kv_connector_worker_meta"),
-                  f"{ESP_EXECUTOR} and {SWAP_CONNECTOR}")
+    expect_fields(
+        ModelRunnerOutput,
+        ("req_ids", "req_id_to_index", "sampled_token_ids", "kv_connector_output"),
+        ESP_EXECUTOR,
+    )
+    expect_fields(
+        KVConnectorOutput,
+        ("finished_recving", "kv_connector_worker_meta"),
+        f"{ESP_EXECUTOR} and {SWAP_CONNECTOR}",
+    )
     expect(EMPTY_MODEL_RUNNER_OUTPUT.req_ids == [], "EMPTY_MODEL_RUNNER_OUTPUT", ESP_EXECUTOR)
     out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[7]])
     out.kv_connector_output = KVConnectorOutput(finished_recving={"a"})
@@ -683,14 +909,32 @@ def test_executor_base_we_subclass(stock_scheduler: Any) -> None:
     from vllm_esp.integration.esp.executor import ESPExecutor
 
     user = ESP_EXECUTOR
-    expect_attrs(Executor, (
-        "_init_executor", "collective_rpc", "execute_model", "sample_tokens",
-        "determine_available_memory", "get_kv_cache_specs", "initialize_from_config",
-        "check_health", "shutdown", "take_draft_token_ids", "supports_async_scheduling",
-        "uses_ray", "supports_pp",
-    ), "vllm.v1.executor.abstract.Executor", user)
-    expect_params(Executor.collective_rpc,
-                  ["self", "method", "timeout", "args", "kwargs", "non_block"], user, prefix=True)
+    expect_attrs(
+        Executor,
+        (
+            "_init_executor",
+            "collective_rpc",
+            "execute_model",
+            "sample_tokens",
+            "determine_available_memory",
+            "get_kv_cache_specs",
+            "initialize_from_config",
+            "check_health",
+            "shutdown",
+            "take_draft_token_ids",
+            "supports_async_scheduling",
+            "uses_ray",
+            "supports_pp",
+        ),
+        "vllm.v1.executor.abstract.Executor",
+        user,
+    )
+    expect_params(
+        Executor.collective_rpc,
+        ["self", "method", "timeout", "args", "kwargs", "non_block"],
+        user,
+        prefix=True,
+    )
     expect_params(Executor.execute_model, ["self", "scheduler_output", "non_block"], user)
     expect_params(Executor.initialize_from_config, ["self", "kv_cache_configs"], user)
     expect_source(Executor.__init__, ["self._init_executor()"], user)
@@ -700,8 +944,11 @@ def test_executor_base_we_subclass(stock_scheduler: Any) -> None:
     expect_consistent_overrides(ESPExecutor, Executor, user)
     config = stock_scheduler.vllm_config
     config.parallel_config.distributed_executor_backend = ESP_EXECUTOR_CLS
-    expect(Executor.get_class(config) is ESPExecutor,
-           "Executor.get_class no longer resolves a qualname", user)
+    expect(
+        Executor.get_class(config) is ESPExecutor,
+        "Executor.get_class no longer resolves a qualname",
+        user,
+    )
 
 
 def test_multiproc_executor_per_instance() -> None:
@@ -711,8 +958,12 @@ def test_multiproc_executor_per_instance() -> None:
 
     user = ESP_INSTANCES
     expect_params(MultiprocExecutor.__init__, ["self", "vllm_config"], user, prefix=True)
-    expect_params(MultiprocExecutor.collective_rpc,
-                  ["self", "method", "timeout", "args", "kwargs", "non_block"], user, prefix=True)
+    expect_params(
+        MultiprocExecutor.collective_rpc,
+        ["self", "method", "timeout", "args", "kwargs", "non_block"],
+        user,
+        prefix=True,
+    )
     expect_attrs(MultiprocExecutor, ("check_health", "shutdown"), "MultiprocExecutor", user)
 
 
@@ -729,8 +980,18 @@ def test_ray_worker_wrapper_per_instance() -> None:
     expect_params(RayWorkerWrapper.init_worker, ["self", "all_kwargs"], user)
     expect_params(RayWorkerWrapper.execute_method, ["self", "method", "args", "kwargs"], user)
     expect_params(RayWorkerWrapper.get_node_ip, ["self"], user)
-    expect_params(WorkerBase.__init__, ["self", "vllm_config", "local_rank", "rank",
-                                        "distributed_init_method", "is_driver_worker"], user)
+    expect_params(
+        WorkerBase.__init__,
+        [
+            "self",
+            "vllm_config",
+            "local_rank",
+            "rank",
+            "distributed_init_method",
+            "is_driver_worker",
+        ],
+        user,
+    )
 
 
 # ==================================================== vllm.v1.worker
@@ -754,9 +1015,19 @@ def test_workers_we_subclass(platform: str) -> None:
         ours = esp_worker.ESPGPUWorker
     user = ESP_WORKER
     expect(issubclass(ours, Base), f"{ours.__name__} is no {Base.__name__}", user)
-    expect_attrs(Base, ("init_device", "load_model", "determine_available_memory",
-                        "get_kv_cache_spec", "initialize_from_config", "shutdown"),
-                 Base.__qualname__, f"{ESP_EXECUTOR} and {ESP_INSTANCES}")
+    expect_attrs(
+        Base,
+        (
+            "init_device",
+            "load_model",
+            "determine_available_memory",
+            "get_kv_cache_spec",
+            "initialize_from_config",
+            "shutdown",
+        ),
+        Base.__qualname__,
+        f"{ESP_EXECUTOR} and {ESP_INSTANCES}",
+    )
     expect_source(Base.init_device, ["self.device = torch.device("], user)
     expect_consistent_overrides(esp_worker.ESPWorkerMixin, Base, user)
     expect_source(WorkerWrapperBase.init_worker, ["worker_cls", "resolve_obj_by_qualname"], user)
@@ -778,12 +1049,22 @@ def test_model_runner_and_forward_context() -> None:
     user = ESP_RUNNER
     for runner in (CPUModelRunner, GPUModelRunner):
         expect_params(runner.get_model, ["self"], ESP_WORKER)
-    expect("static_forward_context" in {f.name for f in dataclasses.fields(CompilationConfig)},
-           "CompilationConfig lost static_forward_context", ESP_WORKER)
-    expect({"attn_metadata", "vllm_config", "num_tokens", "slot_mapping"}
-           <= set(params(set_forward_context)), "set_forward_context's parameters", user)
-    expect_source(attn_mod.get_attention_context, ["isinstance(attn_metadata_raw, dict)",
-                                                   "slot_mapping.get(layer_name)"], user)
+    expect(
+        "static_forward_context" in {f.name for f in dataclasses.fields(CompilationConfig)},
+        "CompilationConfig lost static_forward_context",
+        ESP_WORKER,
+    )
+    expect(
+        {"attn_metadata", "vllm_config", "num_tokens", "slot_mapping"}
+        <= set(params(set_forward_context)),
+        "set_forward_context's parameters",
+        user,
+    )
+    expect_source(
+        attn_mod.get_attention_context,
+        ["isinstance(attn_metadata_raw, dict)", "slot_mapping.get(layer_name)"],
+        user,
+    )
     expect_params(LlamaForCausalLM.forward, ["self", "input_ids", "positions"], user, prefix=True)
     expect_params(LlamaForCausalLM.compute_logits, ["self", "hidden_states"], user)
 
@@ -794,8 +1075,12 @@ def test_distributed_and_network_helpers() -> None:
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
     from vllm.utils.network_utils import get_ip, get_open_port
 
-    expect_params(stateless_init_torch_distributed_process_group,
-                  ["host", "port", "rank", "world_size", "backend"], ESP_WORKER, prefix=True)
+    expect_params(
+        stateless_init_torch_distributed_process_group,
+        ["host", "port", "rank", "world_size", "backend"],
+        ESP_WORKER,
+        prefix=True,
+    )
     expect_params(get_ip, [], ESP_WORKER)
     expect_params(get_open_port, [], ESP_WORKER)
 
@@ -808,10 +1093,16 @@ def test_attention_layer_attributes() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
 
-    expect_source(Attention.__init__, ["self.layer_name", "self.kv_cache"],
-                  f"{ESP_WORKER}, {ESP_RUNNER} and {ESP_STEP_CONTEXT}")
-    expect_source(CPUAttentionMetadataBuilder, ["layer.isa = self.isa"],
-                  f"{ESP_ATTENTION} and {ESP_STEP_CONTEXT}")
+    expect_source(
+        Attention.__init__,
+        ["self.layer_name", "self.kv_cache"],
+        f"{ESP_WORKER}, {ESP_RUNNER} and {ESP_STEP_CONTEXT}",
+    )
+    expect_source(
+        CPUAttentionMetadataBuilder,
+        ["layer.isa = self.isa"],
+        f"{ESP_ATTENTION} and {ESP_STEP_CONTEXT}",
+    )
 
 
 def test_cpu_attention_backend_we_subclass() -> None:
@@ -828,22 +1119,68 @@ def test_cpu_attention_backend_we_subclass() -> None:
     from vllm_esp.integration.esp import attention_backend as ours
 
     user = ESP_ATTENTION
-    expect_params(CPUAttentionBackendImpl.forward, ["self", "layer", "query", "key", "value",
-                                                    "kv_cache", "attn_metadata", "output"],
-                  user, prefix=True)
-    expect_source(CPUAttentionBackendImpl.__init__, [
-        f"self.{n} =" for n in ("scale", "num_heads", "num_kv_heads", "head_size",
-                                "kv_cache_dtype", "sliding_window", "alibi_slopes",
-                                "logits_soft_cap")], user)
-    expect_fields(CPUAttentionMetadata, (
-        "num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len", "seq_lens",
-        "block_table", "slot_mapping", "scheduler_metadata", "causal"), user)
-    expect_params(ops.cpu_attn_get_scheduler_metadata, [
-        "num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
-        "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split",
-        "dynamic_causal", "kv_cache_dtype"], user)
-    expect(isinstance(inspect.getattr_static(CPUAttentionBackend, "get_impl_cls"), staticmethod),
-           "CPUAttentionBackend.get_impl_cls is no staticmethod", user)
+    expect_params(
+        CPUAttentionBackendImpl.forward,
+        ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"],
+        user,
+        prefix=True,
+    )
+    expect_source(
+        CPUAttentionBackendImpl.__init__,
+        [
+            f"self.{n} ="
+            for n in (
+                "scale",
+                "num_heads",
+                "num_kv_heads",
+                "head_size",
+                "kv_cache_dtype",
+                "sliding_window",
+                "alibi_slopes",
+                "logits_soft_cap",
+            )
+        ],
+        user,
+    )
+    expect_fields(
+        CPUAttentionMetadata,
+        (
+            "num_actual_tokens",
+            "max_query_len",
+            "query_start_loc",
+            "max_seq_len",
+            "seq_lens",
+            "block_table",
+            "slot_mapping",
+            "scheduler_metadata",
+            "causal",
+        ),
+        user,
+    )
+    expect_params(
+        ops.cpu_attn_get_scheduler_metadata,
+        [
+            "num_reqs",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "seq_lens",
+            "dtype",
+            "query_start_loc",
+            "causal",
+            "sliding_window_size",
+            "isa",
+            "enable_kv_split",
+            "dynamic_causal",
+            "kv_cache_dtype",
+        ],
+        user,
+    )
+    expect(
+        isinstance(inspect.getattr_static(CPUAttentionBackend, "get_impl_cls"), staticmethod),
+        "CPUAttentionBackend.get_impl_cls is no staticmethod",
+        user,
+    )
     expect(CPUAttentionBackend.get_name() == "CPU_ATTN", "CPU_ATTN's name", user)
     expect_consistent_overrides(ours.ESPCPUAttentionImpl, CPUAttentionBackendImpl, user)
     expect_consistent_overrides(ours.ESPCPUAttentionBackend, CPUAttentionBackend, user)
@@ -856,14 +1193,25 @@ def test_flash_attention_backend_we_subclass() -> None:
     from vllm_esp.integration.esp import attention_backend as ours
 
     user = ESP_ATTENTION
-    expect_params(FlashAttentionImpl.forward, ["self", "layer", "query", "key", "value",
-                                               "kv_cache", "attn_metadata", "output"],
-                  user, prefix=True)
-    expect_source(FlashAttentionImpl.__init__, [
-        f"self.{n} =" for n in ("scale", "num_heads", "sliding_window", "alibi_slopes",
-                                "logits_soft_cap")], user)
-    expect(isinstance(inspect.getattr_static(FlashAttentionBackend, "get_impl_cls"),
-                      staticmethod), "FlashAttentionBackend.get_impl_cls", user)
+    expect_params(
+        FlashAttentionImpl.forward,
+        ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"],
+        user,
+        prefix=True,
+    )
+    expect_source(
+        FlashAttentionImpl.__init__,
+        [
+            f"self.{n} ="
+            for n in ("scale", "num_heads", "sliding_window", "alibi_slopes", "logits_soft_cap")
+        ],
+        user,
+    )
+    expect(
+        isinstance(inspect.getattr_static(FlashAttentionBackend, "get_impl_cls"), staticmethod),
+        "FlashAttentionBackend.get_impl_cls",
+        user,
+    )
     expect(FlashAttentionBackend.get_name() == "FLASH_ATTN", "FLASH_ATTN's name", user)
     expect_consistent_overrides(ours.ESPFlashAttentionImpl, FlashAttentionImpl, user)
 
@@ -872,8 +1220,11 @@ def test_attention_backend_registry() -> None:
     """register_esp_backend overrides the CPU_ATTN / FLASH_ATTN members."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    expect({"CPU_ATTN", "FLASH_ATTN"} <= set(AttentionBackendEnum.__members__),
-           "AttentionBackendEnum lost CPU_ATTN / FLASH_ATTN", ESP_ATTENTION)
+    expect(
+        {"CPU_ATTN", "FLASH_ATTN"} <= set(AttentionBackendEnum.__members__),
+        "AttentionBackendEnum lost CPU_ATTN / FLASH_ATTN",
+        ESP_ATTENTION,
+    )
     expect_params(register_backend, ["backend", "class_path"], ESP_ATTENTION, prefix=True)
 
 
@@ -883,9 +1234,12 @@ def test_platform_queries() -> None:
     attention backend, the cost model and the CPU-core patch."""
     from vllm.platforms import current_platform
 
-    expect_attrs(current_platform, ("is_cpu", "is_cuda", "is_cuda_alike", "device_count",
-                                    "device_name"), "current_platform",
-                 f"{ESP_INSTANCES}, {ESP_ATTENTION}, {COST_MODEL} and {CPU_CORES}")
+    expect_attrs(
+        current_platform,
+        ("is_cpu", "is_cuda", "is_cuda_alike", "device_count", "device_name"),
+        "current_platform",
+        f"{ESP_INSTANCES}, {ESP_ATTENTION}, {COST_MODEL} and {CPU_CORES}",
+    )
 
 
 def test_environment_variables() -> None:
@@ -894,9 +1248,11 @@ def test_environment_variables() -> None:
     in-process EngineCore switch (harness/offline)."""
     import vllm.envs as envs
 
-    wanted = {"VLLM_CPU_OMP_THREADS_BIND": ESP_INSTANCES,
-              "VLLM_CPU_NUM_OF_RESERVED_CPU": CPU_CORES,
-              "VLLM_ENABLE_V1_MULTIPROCESSING": "vllm_esp/harness/offline.py"}
+    wanted = {
+        "VLLM_CPU_OMP_THREADS_BIND": ESP_INSTANCES,
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": CPU_CORES,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "vllm_esp/harness/offline.py",
+    }
     for name, user in wanted.items():
         expect(name in envs.environment_variables, f"vllm.envs lost {name}", user)
 
@@ -904,11 +1260,18 @@ def test_environment_variables() -> None:
 def test_model_config_the_cost_model_reads(stock_scheduler: Any) -> None:
     """The analytic cost model reads the model's size from hf_text_config."""
     model_config = stock_scheduler.vllm_config.model_config
-    expect_attrs(model_config, ("model", "hf_text_config", "served_model_name",
-                                "enforce_eager"), "ModelConfig", f"{COST_MODEL} and {METRICS}")
-    expect_attrs(model_config.hf_text_config, ("num_hidden_layers", "hidden_size", "vocab_size",
-                                               "num_attention_heads"), "hf_text_config",
-                 COST_MODEL)
+    expect_attrs(
+        model_config,
+        ("model", "hf_text_config", "served_model_name", "enforce_eager"),
+        "ModelConfig",
+        f"{COST_MODEL} and {METRICS}",
+    )
+    expect_attrs(
+        model_config.hf_text_config,
+        ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads"),
+        "hf_text_config",
+        COST_MODEL,
+    )
 
 
 def test_vllm_config_fields_the_esp_executor_rewrites(stock_scheduler: Any) -> None:
@@ -917,12 +1280,26 @@ def test_vllm_config_fields_the_esp_executor_rewrites(stock_scheduler: Any) -> N
     config = copy.deepcopy(stock_scheduler.vllm_config)
     config.kv_transfer_config = None
     config.additional_config = {"esp_instance": 0}
-    expect_attrs(config, ("parallel_config", "model_config", "kv_transfer_config",
-                          "additional_config", "compilation_config", "scheduler_config",
-                          "cache_config"), "VllmConfig", ESP_EXECUTOR)
-    expect_attrs(config.parallel_config, ("world_size", "worker_cls",
-                                          "distributed_executor_backend"),
-                 "ParallelConfig", ESP_EXECUTOR)
+    expect_attrs(
+        config,
+        (
+            "parallel_config",
+            "model_config",
+            "kv_transfer_config",
+            "additional_config",
+            "compilation_config",
+            "scheduler_config",
+            "cache_config",
+        ),
+        "VllmConfig",
+        ESP_EXECUTOR,
+    )
+    expect_attrs(
+        config.parallel_config,
+        ("world_size", "worker_cls", "distributed_executor_backend"),
+        "ParallelConfig",
+        ESP_EXECUTOR,
+    )
 
 
 # ===================================================== vllm.v1.metrics
@@ -940,16 +1317,22 @@ def test_stat_logger_base_we_subclass(stock_scheduler: Any) -> None:
 
     user = METRICS
     abstract = set(StatLoggerBase.__abstractmethods__)
-    expect(abstract == {"__init__", "record", "log_engine_initialized"},
-           f"StatLoggerBase's abstract methods are {sorted(abstract)}", user)
+    expect(
+        abstract == {"__init__", "record", "log_engine_initialized"},
+        f"StatLoggerBase's abstract methods are {sorted(abstract)}",
+        user,
+    )
     expect_params(StatLoggerBase.__init__, ["self", "vllm_config", "engine_index"], user)
-    expect_params(StatLoggerBase.record, ["self", "scheduler_stats", "iteration_stats"], user,
-                  prefix=True)
+    expect_params(
+        StatLoggerBase.record, ["self", "scheduler_stats", "iteration_stats"], user, prefix=True
+    )
     expect_consistent_overrides(ESPPrometheusStatLogger, StatLoggerBase, user)
-    expect(ESPPrometheusStatLogger in load_stat_logger_plugin_factories(),
-           "the stat-logger plugin group no longer yields our class", user)
-    adapter = PerEngineStatLoggerAdapter(stock_scheduler.vllm_config, [0],
-                                         ESPPrometheusStatLogger)
+    expect(
+        ESPPrometheusStatLogger in load_stat_logger_plugin_factories(),
+        "the stat-logger plugin group no longer yields our class",
+        user,
+    )
+    adapter = PerEngineStatLoggerAdapter(stock_scheduler.vllm_config, [0], ESPPrometheusStatLogger)
     (logger,) = adapter.per_engine_stat_loggers.values()
     expect(isinstance(logger, ESPPrometheusStatLogger), "the adapter's factory call", user)
     adapter.record(SchedulerStats(), None, engine_idx=0)
@@ -963,23 +1346,48 @@ def test_cli_hooks() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
     user = ENGINE_ARGS
-    expect_fields(EngineArgs, ("scheduler_cls", "additional_config", "kv_transfer_config",
-                               "distributed_executor_backend", "enforce_eager"), user)
-    expect(isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod),
-           "EngineArgs.add_cli_args is no staticmethod", user)
-    expect(isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod),
-           "EngineArgs.from_cli_args is no classmethod", user)
+    expect_fields(
+        EngineArgs,
+        (
+            "scheduler_cls",
+            "additional_config",
+            "kv_transfer_config",
+            "distributed_executor_backend",
+            "enforce_eager",
+        ),
+        user,
+    )
+    expect(
+        isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod),
+        "EngineArgs.add_cli_args is no staticmethod",
+        user,
+    )
+    expect(
+        isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod),
+        "EngineArgs.from_cli_args is no classmethod",
+        user,
+    )
     # The class source shows vLLM's own definitions even once wrapped.
     source = inspect.getsource(EngineArgs)
-    expect(re.search(r"def add_cli_args\(\s*parser", source) is not None,
-           "EngineArgs.add_cli_args no longer takes (parser)", user)
-    expect(re.search(r"def from_cli_args\(\s*cls,\s*args", source) is not None,
-           "EngineArgs.from_cli_args no longer takes (cls, args)", user)
+    expect(
+        re.search(r"def add_cli_args\(\s*parser", source) is not None,
+        "EngineArgs.add_cli_args no longer takes (parser)",
+        user,
+    )
+    expect(
+        re.search(r"def from_cli_args\(\s*cls,\s*args", source) is not None,
+        "EngineArgs.from_cli_args no longer takes (cls, args)",
+        user,
+    )
     # AsyncEngineArgs must inherit from_cli_args (our wrapper lives on EngineArgs).
-    expect("from_cli_args" not in AsyncEngineArgs.__dict__,
-           "AsyncEngineArgs defines its own from_cli_args", user)
-    expect_source(AsyncEngineArgs.add_cli_args, ["load_general_plugins()",
-                                                 "EngineArgs.add_cli_args"], user)
+    expect(
+        "from_cli_args" not in AsyncEngineArgs.__dict__,
+        "AsyncEngineArgs defines its own from_cli_args",
+        user,
+    )
+    expect_source(
+        AsyncEngineArgs.add_cli_args, ["load_general_plugins()", "EngineArgs.add_cli_args"], user
+    )
 
 
 def test_scheduler_cls_qualname_is_resolved(stock_scheduler: Any) -> None:
@@ -991,8 +1399,11 @@ def test_scheduler_cls_qualname_is_resolved(stock_scheduler: Any) -> None:
     scheduler_config = stock_scheduler.vllm_config.scheduler_config
     scheduler_config.scheduler_cls = MLFQ_SCHEDULER_CLS
     scheduler_config.async_scheduling = True
-    expect(scheduler_config.get_scheduler_cls() is MLFQScheduler,
-           "SchedulerConfig.get_scheduler_cls no longer resolves a qualname", ENGINE_ARGS)
+    expect(
+        scheduler_config.get_scheduler_cls() is MLFQScheduler,
+        "SchedulerConfig.get_scheduler_cls no longer resolves a qualname",
+        ENGINE_ARGS,
+    )
 
 
 # ======================================== vllm.utils.ompmultiprocessing

@@ -28,12 +28,17 @@ from vllm_esp.kernels.attention.layout import default_cpu_attn_isa
 # is about one rounding of the output (bf16 has 8 mantissa bits, fp16 11).
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 LSE_ATOL = 1e-4
-HYPOTHESIS = settings(max_examples=25, deadline=None,
-                      suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                    k_pos: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 masked softmax over one sequence; empty rows -> (0, -inf)."""
     group = q.shape[1] // k.shape[1]
     keys = k.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, Tk, D]
@@ -46,9 +51,15 @@ def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
     return out, lse.transpose(0, 1).float()
 
 
-def random_qkv(num_q: int, num_k: int, num_heads: int, num_kv_heads: int, head_size: int,
-               dtype: torch.dtype, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_qkv(
+    num_q: int,
+    num_k: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = torch.randn(num_q, num_heads, head_size, generator=generator).to(dtype)
     k = torch.randn(num_k, num_kv_heads, head_size, generator=generator).to(dtype)
     v = torch.randn(num_k, num_kv_heads, head_size, generator=generator).to(dtype)
@@ -66,13 +77,14 @@ def assert_empty_rows(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_size", [32, 64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2)])
-def test_reference_matches_sdpa(dtype: torch.dtype, head_size: int, num_heads: int,
-                                num_kv_heads: int) -> None:
+def test_reference_matches_sdpa(
+    dtype: torch.dtype, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
     """Varlen batch (prefill, chunked prefill, decode) vs torch SDPA per sequence."""
     gen = torch.Generator().manual_seed(head_size * 10 + num_heads)
     # (num_queries, context_len): the queries are the last tokens of the context.
     seqs = [(17, 17), (5, 40), (1, 23)]
-    scale = head_size ** -0.5
+    scale = head_size**-0.5
     qs, ks, vs, q_pos, k_pos = [], [], [], [], []
     for num_q, num_k in seqs:
         q, k, v = random_qkv(num_q, num_k, num_heads, num_kv_heads, head_size, dtype, gen)
@@ -83,16 +95,29 @@ def test_reference_matches_sdpa(dtype: torch.dtype, head_size: int, num_heads: i
         k_pos.append(torch.arange(num_k))
     cu_q = torch.tensor([0, 17, 22, 23], dtype=torch.int32)
     cu_k = torch.tensor([0, 17, 57, 80], dtype=torch.int32)
-    out, lse = attention_with_lse(torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(q_pos),
-                                  torch.cat(k_pos), scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                  backend="torch")
+    out, lse = attention_with_lse(
+        torch.cat(qs),
+        torch.cat(ks),
+        torch.cat(vs),
+        torch.cat(q_pos),
+        torch.cat(k_pos),
+        scale,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        backend="torch",
+    )
     assert out.dtype == dtype and lse.dtype == torch.float32
     for i in range(len(seqs)):
         q, k, v = qs[i].float(), ks[i].float(), vs[i].float()
         mask = k_pos[i][None, :] <= q_pos[i][:, None]
         expected = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-            scale=scale, enable_gqa=True).transpose(0, 1)
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
         torch.testing.assert_close(out[rows].float(), expected, atol=ATOL[dtype], rtol=0)
         _, expected_lse = dense_reference(qs[i], ks[i], vs[i], q_pos[i], k_pos[i], scale)
@@ -130,10 +155,10 @@ def test_reference_long_context_is_memory_bounded(monkeypatch: pytest.MonkeyPatc
     gen = torch.Generator().manual_seed(2)
     q, k, v = random_qkv(512, 2048, 2, 1, 32, torch.float32, gen)
     positions = torch.arange(2048)
-    out, lse = attention_with_lse(q, k, v, positions[-512:], positions, 32 ** -0.5, backend="torch")
+    out, _lse = attention_with_lse(q, k, v, positions[-512:], positions, 32**-0.5, backend="torch")
     assert largest_tile <= 2 * 256 * 64
     monkeypatch.undo()
-    expected = dense_reference(q, k, v, positions[-512:], positions, 32 ** -0.5)
+    expected = dense_reference(q, k, v, positions[-512:], positions, 32**-0.5)
     torch.testing.assert_close(out.double(), expected[0], atol=2e-5, rtol=0)
 
 
@@ -148,8 +173,9 @@ def test_empty_rows_give_zero_and_neg_inf() -> None:
     # Segments: seq 0 = q rows 0..3 with keys 0..5; seq 1 = q rows 4..5 with no keys.
     cu_q = torch.tensor([0, 4, 6], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 5], dtype=torch.int32)
-    out, lse = attention_with_lse(q, k, v, q_pos, k_pos, 0.1, cu_seqlens_q=cu_q,
-                                  cu_seqlens_k=cu_k, backend="torch")
+    out, lse = attention_with_lse(
+        q, k, v, q_pos, k_pos, 0.1, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="torch"
+    )
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert_empty_rows(out, lse, torch.tensor([0, 1, 4, 5]))
     torch.testing.assert_close(out[2], v[2].repeat_interleave(2, dim=0), atol=0, rtol=0)
@@ -166,8 +192,9 @@ def test_padding_rows_past_cu_seqlens_are_empty() -> None:
     q, k, v = random_qkv(5, 4, 2, 2, 32, torch.float32, gen)
     cu_q = torch.tensor([0, 3], dtype=torch.int32)  # rows 3, 4 are padding
     cu_k = torch.tensor([0, 4], dtype=torch.int32)
-    out, lse = attention_with_lse(q, k, v, torch.full((5,), 9), torch.arange(4), 0.2,
-                                  cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out, lse = attention_with_lse(
+        q, k, v, torch.full((5,), 9), torch.arange(4), 0.2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
+    )
     assert_empty_rows(out, lse, torch.tensor([3, 4]))
     assert torch.isfinite(lse[:3]).all()
 
@@ -179,11 +206,11 @@ def test_invalid_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="multiple"):
         attention_with_lse(q, kv, kv, pos, pos, 1.0)
     with pytest.raises(ValueError, match="both"):
-        attention_with_lse(q[:, :2], kv, kv, pos, pos, 1.0,
-                           cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32))
+        attention_with_lse(
+            q[:, :2], kv, kv, pos, pos, 1.0, cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32)
+        )
     with pytest.raises(ValueError, match="backend"):
-        attention_with_lse(q[:, :2], kv, kv, pos, pos, 1.0,
-                           backend="flash")  # type: ignore[arg-type]
+        attention_with_lse(q[:, :2], kv, kv, pos, pos, 1.0, backend="flash")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- merge
@@ -234,8 +261,9 @@ def sharded_problems(draw: st.DrawFn) -> ShardedProblem:
             q_pos = torch.randint(-1, num_keys + 1, (num_queries,), generator=gen)
         seqs.append(ShardedSequence(num_keys, shard_of_key, q_pos, seed))
     num_heads, num_kv_heads = draw(st.sampled_from([(2, 2), (4, 1), (4, 2)]))
-    return ShardedProblem(seqs, num_shards, draw(st.sampled_from([32, 64])), num_heads,
-                          num_kv_heads)
+    return ShardedProblem(
+        seqs, num_shards, draw(st.sampled_from([32, 64])), num_heads, num_kv_heads
+    )
 
 
 @HYPOTHESIS
@@ -249,8 +277,15 @@ def test_sharded_keys_merge_to_unsharded(problem: ShardedProblem) -> None:
     shard_ids: list[torch.Tensor] = []
     for seq in problem.seqs:
         gen = torch.Generator().manual_seed(seq.seed)
-        q, k, v = random_qkv(len(seq.q_pos), seq.num_keys, problem.num_heads,
-                             problem.num_kv_heads, problem.head_size, torch.float32, gen)
+        q, k, v = random_qkv(
+            len(seq.q_pos),
+            seq.num_keys,
+            problem.num_heads,
+            problem.num_kv_heads,
+            problem.head_size,
+            torch.float32,
+            gen,
+        )
         # Keys sit in a random local order; their positions travel with them.
         local_order = torch.randperm(seq.num_keys, generator=gen)
         qs.append(q)
@@ -260,24 +295,41 @@ def test_sharded_keys_merge_to_unsharded(problem: ShardedProblem) -> None:
         shard_ids.append(seq.shard_of_key[local_order])
     num_keys = [seq.num_keys for seq in problem.seqs]
     cu_q = torch.tensor([0] + [len(seq.q_pos) for seq in problem.seqs]).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + num_keys).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *num_keys]).cumsum(0).to(torch.int32)
     q_all, k_all, v_all = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     q_pos_all = torch.cat([seq.q_pos for seq in problem.seqs])
     k_pos_all, shard_all = torch.cat(k_pos), torch.cat(shard_ids)
     seq_of_key = torch.repeat_interleave(torch.arange(len(num_keys)), torch.tensor(num_keys))
-    scale = problem.head_size ** -0.5
+    scale = problem.head_size**-0.5
 
-    full_out, full_lse = attention_with_lse(q_all, k_all, v_all, q_pos_all, k_pos_all, scale,
-                                            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="torch")
+    full_out, full_lse = attention_with_lse(
+        q_all,
+        k_all,
+        v_all,
+        q_pos_all,
+        k_pos_all,
+        scale,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        backend="torch",
+    )
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     for shard in range(problem.num_shards):
         keep = shard_all == shard
         shard_counts = torch.bincount(seq_of_key[keep], minlength=len(num_keys))
         cu_shard = torch.cat([torch.zeros(1, dtype=torch.int64), shard_counts.cumsum(0)])
-        out, lse = attention_with_lse(q_all, k_all[keep], v_all[keep], q_pos_all,
-                                      k_pos_all[keep], scale, cu_seqlens_q=cu_q,
-                                      cu_seqlens_k=cu_shard.to(torch.int32), backend="torch")
+        out, lse = attention_with_lse(
+            q_all,
+            k_all[keep],
+            v_all[keep],
+            q_pos_all,
+            k_pos_all[keep],
+            scale,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_shard.to(torch.int32),
+            backend="torch",
+        )
         outs.append(out)
         lses.append(lse)
     merged_out, merged_lse = merge_attention_states(outs, lses)
@@ -287,8 +339,9 @@ def test_sharded_keys_merge_to_unsharded(problem: ShardedProblem) -> None:
     # And against the fp64 dense reference per sequence.
     for i, seq in enumerate(problem.seqs):
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
-        expected_out, expected_lse = dense_reference(qs[i], ks[i], vs[i], seq.q_pos, k_pos[i],
-                                                     scale)
+        expected_out, expected_lse = dense_reference(
+            qs[i], ks[i], vs[i], seq.q_pos, k_pos[i], scale
+        )
         torch.testing.assert_close(merged_out[rows].double(), expected_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(merged_lse[rows], expected_lse, atol=LSE_ATOL, rtol=0)
 
@@ -317,16 +370,18 @@ def test_merge_matches_vllm_combine_ops() -> None:
     lses = [torch.randn(5, 4, generator=gen) * 3 for _ in range(3)]
     lses[2][1] = float("-inf")  # one empty shard for token 1
     out, lse = merge_attention_states(outs, lses)
-    vllm_out, vllm_lse = _lse_weighted_combine(torch.stack(outs), torch.stack(lses),
-                                               return_lse=True)
+    vllm_out, vllm_lse = _lse_weighted_combine(
+        torch.stack(outs), torch.stack(lses), return_lse=True
+    )
     torch.testing.assert_close(out, vllm_out, atol=1e-6, rtol=0)
     torch.testing.assert_close(lse, vllm_lse, atol=1e-6, rtol=0)
 
     two_out, two_lse = merge_attention_states(outs[:2], lses[:2])
     vllm_two = torch.empty_like(outs[0])
     vllm_two_lse = torch.empty(4, 5)
-    merge_attn_states(vllm_two, outs[0], lses[0].T.contiguous(), outs[1], lses[1].T.contiguous(),
-                      vllm_two_lse)
+    merge_attn_states(
+        vllm_two, outs[0], lses[0].T.contiguous(), outs[1], lses[1].T.contiguous(), vllm_two_lse
+    )
     torch.testing.assert_close(two_out, vllm_two, atol=1e-6, rtol=0)
     torch.testing.assert_close(two_lse, vllm_two_lse.T, atol=1e-6, rtol=0)
 
@@ -344,8 +399,9 @@ def _vllm_cpu_isas() -> list[str]:
         key_cache, value_cache = cache.view(1, 1, 64, 32).chunk(2, dim=2)
         kv = torch.zeros(1, 1, 32, dtype=torch.bfloat16)
         try:
-            ops.cpu_attn_reshape_and_cache(kv, kv, key_cache, value_cache,
-                                           torch.zeros(1, dtype=torch.int64), isa)
+            ops.cpu_attn_reshape_and_cache(
+                kv, kv, key_cache, value_cache, torch.zeros(1, dtype=torch.int64), isa
+            )
         except RuntimeError:
             continue
         isas.append(isa)
@@ -368,14 +424,16 @@ def _cpu_isa_cases() -> list[tuple[str, torch.dtype, int, int]]:
     return cases
 
 
-def vllm_cpu_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   slots: torch.Tensor, isa: str) -> None:
+def vllm_cpu_write(
+    cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, isa: str
+) -> None:
     """Write K/V exactly as CPUAttentionBackendImpl.do_kv_cache_update does."""
     from vllm import _custom_ops as ops
 
     num_blocks, num_kv_heads, block_size, _ = cache.shape
-    key_cache, value_cache = cache.view(num_blocks, num_kv_heads, 2 * block_size,
-                                        -1).chunk(2, dim=2)
+    key_cache, value_cache = cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(
+        2, dim=2
+    )
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
@@ -385,8 +443,9 @@ def test_vllm_cpu_isas_available() -> None:
 
 
 @pytest.mark.parametrize("isa,dtype,block_size,head_size", _cpu_isa_cases())
-def test_cpu_layout_matches_vllm_reshape_and_cache(isa: str, dtype: torch.dtype,
-                                                   block_size: int, head_size: int) -> None:
+def test_cpu_layout_matches_vllm_reshape_and_cache(
+    isa: str, dtype: torch.dtype, block_size: int, head_size: int
+) -> None:
     """Bit-identical cache after our write vs vLLM's op; gather reads vLLM's writes back."""
     gen = torch.Generator().manual_seed(block_size + head_size)
     num_blocks, num_kv_heads, num_tokens = 5, 2, 3 * block_size // 2 + 7
@@ -397,11 +456,14 @@ def test_cpu_layout_matches_vllm_reshape_and_cache(isa: str, dtype: torch.dtype,
 
     vllm_tensor = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
     vllm_cpu_write(vllm_tensor, key, value, slots, isa)
-    ours = PagedKVCache.allocate(num_blocks, block_size, num_kv_heads, head_size, dtype, "cpu",
-                                 KVLayout.CPU, cpu_isa=isa)
+    ours = PagedKVCache.allocate(
+        num_blocks, block_size, num_kv_heads, head_size, dtype, "cpu", KVLayout.CPU, cpu_isa=isa
+    )
     ours.write(slots, key, value, torch.arange(num_tokens))
-    assert torch.equal(ours.kv_cache.view(torch.uint8) if dtype != torch.float32 else ours.kv_cache,
-                       vllm_tensor.view(torch.uint8) if dtype != torch.float32 else vllm_tensor)
+    assert torch.equal(
+        ours.kv_cache.view(torch.uint8) if dtype != torch.float32 else ours.kv_cache,
+        vllm_tensor.view(torch.uint8) if dtype != torch.float32 else vllm_tensor,
+    )
 
     wrapped = PagedKVCache.wrap(vllm_tensor, KVLayout.CPU, cpu_isa=isa)
     keep = slots >= 0
@@ -416,7 +478,8 @@ def test_default_cpu_isa_matches_vllm() -> None:
         for block_size in (16, 32, 128):
             for head_size in (64, 80, 128):
                 assert default_cpu_attn_isa(dtype, block_size, head_size) == _get_attn_isa(
-                    dtype, block_size, head_size), (dtype, block_size, head_size)
+                    dtype, block_size, head_size
+                ), (dtype, block_size, head_size)
 
 
 @pytest.mark.parametrize("physical_order", ["LBHNC", "LBNHC"])
@@ -426,8 +489,9 @@ def test_flash_layout_matches_vllm_views(physical_order: str) -> None:
     if physical_order == "LBHNC":
         tensor = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size)
     else:  # physically [B, N, H, C], logically [B, H, N, C]
-        tensor = torch.zeros(num_blocks, block_size, num_kv_heads,
-                             2 * head_size).permute(0, 2, 1, 3)
+        tensor = torch.zeros(num_blocks, block_size, num_kv_heads, 2 * head_size).permute(
+            0, 2, 1, 3
+        )
     cache = PagedKVCache.wrap(tensor, KVLayout.FLASH)
     gen = torch.Generator().manual_seed(7)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:20]
@@ -449,8 +513,15 @@ def test_flash_legacy_layout() -> None:
     assert torch.equal(cache.kv_cache[1, slots // 16, slots % 16], value)
 
 
-@pytest.mark.parametrize("layout,cpu_isa", [(KVLayout.CPU, "vec"), (KVLayout.CPU, "amx"),
-                                            (KVLayout.FLASH, None), (KVLayout.FLASH_LEGACY, None)])
+@pytest.mark.parametrize(
+    "layout,cpu_isa",
+    [
+        (KVLayout.CPU, "vec"),
+        (KVLayout.CPU, "amx"),
+        (KVLayout.FLASH, None),
+        (KVLayout.FLASH_LEGACY, None),
+    ],
+)
 def test_block_copy_roundtrip(layout: KVLayout, cpu_isa: str | None) -> None:
     """read_blocks / write_blocks move whole blocks (KV and positions) bit-exactly."""
     src = PagedKVCache.allocate(6, 32, 2, 64, torch.bfloat16, "cpu", layout, cpu_isa=cpu_isa)
@@ -464,8 +535,16 @@ def test_block_copy_roundtrip(layout: KVLayout, cpu_isa: str | None) -> None:
     got_key, got_value, got_pos = dst.gather(dst_table, 64)
     assert torch.equal(got_key, key) and torch.equal(got_value, value)
     assert torch.equal(got_pos, torch.arange(100, 164))
-    other = PagedKVCache.allocate(4, 32, 2, 64, torch.bfloat16, "cpu", KVLayout.CPU,
-                                  cpu_isa="vec16" if cpu_isa != "vec16" else "vec")
+    other = PagedKVCache.allocate(
+        4,
+        32,
+        2,
+        64,
+        torch.bfloat16,
+        "cpu",
+        KVLayout.CPU,
+        cpu_isa="vec16" if cpu_isa != "vec16" else "vec",
+    )
     with pytest.raises(ValueError, match="cannot write"):
         other.write_blocks(dst_table, src.read_blocks(src_table))
 
@@ -473,9 +552,9 @@ def test_block_copy_roundtrip(layout: KVLayout, cpu_isa: str | None) -> None:
 # --------------------------------------------------------------------------- paged == contiguous
 
 
-def build_paged_problem(cache: PagedKVCache, kv_lens: list[int], num_queries: list[int],
-                        num_heads: int, seed: int
-                        ) -> tuple[torch.Tensor, ...]:
+def build_paged_problem(
+    cache: PagedKVCache, kv_lens: list[int], num_queries: list[int], num_heads: int, seed: int
+) -> tuple[torch.Tensor, ...]:
     """Random block tables, KV, arbitrary positions; returns paged and contiguous inputs."""
     gen = torch.Generator().manual_seed(seed)
     block_size, dtype = cache.block_size, cache.dtype
@@ -485,8 +564,9 @@ def build_paged_problem(cache: PagedKVCache, kv_lens: list[int], num_queries: li
     keys, values, key_pos = [], [], []
     for i, kv_len in enumerate(kv_lens):
         num_blocks = math.ceil(kv_len / block_size)
-        block_tables[i, :num_blocks] = torch.tensor([free_blocks.pop() for _ in range(num_blocks)],
-                                                    dtype=torch.int32)
+        block_tables[i, :num_blocks] = torch.tensor(
+            [free_blocks.pop() for _ in range(num_blocks)], dtype=torch.int32
+        )
         key = torch.randn(kv_len, cache.num_kv_heads, cache.head_size, generator=gen).to(dtype)
         value = torch.randn(kv_len, cache.num_kv_heads, cache.head_size, generator=gen).to(dtype)
         positions = torch.randperm(3 * kv_len + 1, generator=gen)[:kv_len]  # any subset, any order
@@ -496,31 +576,60 @@ def build_paged_problem(cache: PagedKVCache, kv_lens: list[int], num_queries: li
         key_pos.append(positions)
     q = torch.randn(sum(num_queries), num_heads, cache.head_size, generator=gen).to(dtype)
     q_pos = torch.randint(0, 3 * max(kv_lens) + 2, (sum(num_queries),), generator=gen)
-    cu_q = torch.tensor([0] + num_queries).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + kv_lens).cumsum(0).to(torch.int32)
-    return (q, cu_q, q_pos, block_tables, torch.tensor(kv_lens, dtype=torch.int32),
-            torch.cat(keys), torch.cat(values), torch.cat(key_pos), cu_k)
+    cu_q = torch.tensor([0, *num_queries]).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *kv_lens]).cumsum(0).to(torch.int32)
+    return (
+        q,
+        cu_q,
+        q_pos,
+        block_tables,
+        torch.tensor(kv_lens, dtype=torch.int32),
+        torch.cat(keys),
+        torch.cat(values),
+        torch.cat(key_pos),
+        cu_k,
+    )
 
 
 @HYPOTHESIS
-@given(kv_lens=st.lists(st.integers(0, 70), min_size=1, max_size=3),
-       num_queries=st.integers(1, 3),
-       layout_case=st.sampled_from([(KVLayout.CPU, "vec", torch.float32),
-                                    (KVLayout.CPU, "amx", torch.bfloat16),
-                                    (KVLayout.FLASH, None, torch.float16),
-                                    (KVLayout.FLASH_LEGACY, None, torch.float32)]),
-       seed=st.integers(0, 2**16))
-def test_paged_matches_contiguous(kv_lens: list[int], num_queries: int,
-                                  layout_case: tuple[KVLayout, str | None, torch.dtype],
-                                  seed: int) -> None:
+@given(
+    kv_lens=st.lists(st.integers(0, 70), min_size=1, max_size=3),
+    num_queries=st.integers(1, 3),
+    layout_case=st.sampled_from(
+        [
+            (KVLayout.CPU, "vec", torch.float32),
+            (KVLayout.CPU, "amx", torch.bfloat16),
+            (KVLayout.FLASH, None, torch.float16),
+            (KVLayout.FLASH_LEGACY, None, torch.float32),
+        ]
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_matches_contiguous(
+    kv_lens: list[int],
+    num_queries: int,
+    layout_case: tuple[KVLayout, str | None, torch.dtype],
+    seed: int,
+) -> None:
     layout, cpu_isa, dtype = layout_case
     cache = PagedKVCache.allocate(12, 32, 2, 64, dtype, "cpu", layout, cpu_isa=cpu_isa)
-    (q, cu_q, q_pos, block_tables, kv_lens_t, keys, values, key_pos,
-     cu_k) = build_paged_problem(cache, kv_lens, [num_queries] * len(kv_lens), 4, seed)
-    paged = paged_attention_with_lse(q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125,
-                                     backend="torch")
-    contiguous = attention_with_lse(q, keys, values, q_pos, key_pos, 0.125, cu_seqlens_q=cu_q,
-                                    cu_seqlens_k=cu_k, backend="torch")
+    (q, cu_q, q_pos, block_tables, kv_lens_t, keys, values, key_pos, cu_k) = build_paged_problem(
+        cache, kv_lens, [num_queries] * len(kv_lens), 4, seed
+    )
+    paged = paged_attention_with_lse(
+        q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125, backend="torch"
+    )
+    contiguous = attention_with_lse(
+        q,
+        keys,
+        values,
+        q_pos,
+        key_pos,
+        0.125,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        backend="torch",
+    )
     # Same math on the same values in the same order: identical.
     assert torch.equal(paged[0], contiguous[0])
     assert torch.equal(paged[1], contiguous[1])
@@ -551,31 +660,55 @@ def test_paged_matches_vllm_cpu_attention(dtype: torch.dtype, batch: str) -> Non
     positions = []
     for i, seq_len in enumerate(seq_lens):
         num_seq_blocks = math.ceil(seq_len / block_size)
-        block_tables[i, :num_seq_blocks] = torch.tensor([free.pop() for _ in range(num_seq_blocks)],
-                                                        dtype=torch.int32)
-        slots = (block_tables[i].long()[torch.arange(seq_len) // block_size] * block_size
-                 + torch.arange(seq_len) % block_size)
+        block_tables[i, :num_seq_blocks] = torch.tensor(
+            [free.pop() for _ in range(num_seq_blocks)], dtype=torch.int32
+        )
+        slots = (
+            block_tables[i].long()[torch.arange(seq_len) // block_size] * block_size
+            + torch.arange(seq_len) % block_size
+        )
         key = torch.randn(seq_len, num_kv_heads, head_size, generator=gen).to(dtype)
         value = torch.randn(seq_len, num_kv_heads, head_size, generator=gen).to(dtype)
         vllm_cpu_write(tensor, key, value, slots, isa)
         positions.append((slots, torch.arange(seq_len)))
     q = torch.randn(sum(query_lens), num_heads, head_size, generator=gen).to(dtype)
-    cu_q = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    cu_q = torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-    scale = head_size ** -0.5
+    scale = head_size**-0.5
 
     expected = torch.empty_like(q)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=3, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq_lens_t, dtype=dtype, query_start_loc=cu_q, causal=True,
-        sliding_window_size=-1, isa=isa, enable_kv_split=False)
-    key_cache, value_cache = tensor.view(num_blocks, num_kv_heads, 2 * block_size,
-                                         head_size).chunk(2, dim=2)
+        num_reqs=3,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_size,
+        seq_lens=seq_lens_t,
+        dtype=dtype,
+        query_start_loc=cu_q,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+    )
+    key_cache, value_cache = tensor.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(
+        2, dim=2
+    )
     ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=expected,
-        query_start_loc=cu_q, seq_lens=seq_lens_t, scale=scale, causal=True, alibi_slopes=None,
-        sliding_window=-1, block_table=block_tables, softcap=0.0, scheduler_metadata=metadata,
-        s_aux=None)
+        query=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=expected,
+        query_start_loc=cu_q,
+        seq_lens=seq_lens_t,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=block_tables,
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
 
     cache = PagedKVCache.wrap(tensor, KVLayout.CPU, cpu_isa=isa)
     for slots, slot_positions in positions:

@@ -33,8 +33,11 @@ pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (atol, rtol). The interpreter rounds fp32 -> bf16 by truncation (torch
 # rounds to nearest), so bf16 outputs may differ by one bf16 ulp (2^-7 relative).
-TOLERANCE = {torch.float32: (2e-5, 0.0), torch.bfloat16: (1e-2, 1.6e-2),
-             torch.float16: (2e-3, 2e-3)}
+TOLERANCE = {
+    torch.float32: (2e-5, 0.0),
+    torch.bfloat16: (1e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,15 +68,19 @@ def _randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tenso
     return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype,head_size,num_heads,num_kv_heads", [
-    (torch.float32, 64, 4, 4),
-    (torch.float32, 32, 4, 1),
-    (torch.bfloat16, 128, 4, 2),
-    (torch.float16, 64, 4, 2),
-    (torch.bfloat16, 64, 2, 2),
-])
-def test_varlen_triton_matches_torch(dtype: torch.dtype, head_size: int, num_heads: int,
-                                     num_kv_heads: int) -> None:
+@pytest.mark.parametrize(
+    "dtype,head_size,num_heads,num_kv_heads",
+    [
+        (torch.float32, 64, 4, 4),
+        (torch.float32, 32, 4, 1),
+        (torch.bfloat16, 128, 4, 2),
+        (torch.float16, 64, 4, 2),
+        (torch.bfloat16, 64, 2, 2),
+    ],
+)
+def test_varlen_triton_matches_torch(
+    dtype: torch.dtype, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
     """Striped/random positions, an empty key segment, rows with no visible key."""
     gen = torch.Generator().manual_seed(head_size + num_heads)
     # seq 0: 20 queries over 37 keys in striped order; seq 1: 3 queries, 0 keys;
@@ -82,16 +89,19 @@ def test_varlen_triton_matches_torch(dtype: torch.dtype, head_size: int, num_hea
     cu_k = torch.tensor([0, 37, 37, 55], dtype=torch.int32, device=DEVICE)
     stripe = torch.cat([torch.arange(r, 37, 3) for r in range(3)])
     k_pos = torch.cat([stripe, torch.randperm(18, generator=gen)]).to(DEVICE)
-    q_pos = torch.cat([torch.arange(0, 40, 2), torch.tensor([5, 6, 7]),
-                       torch.tensor([17])]).to(DEVICE)
+    q_pos = torch.cat([torch.arange(0, 40, 2), torch.tensor([5, 6, 7]), torch.tensor([17])]).to(
+        DEVICE
+    )
     q = _randn(24, num_heads, head_size, dtype=dtype, gen=gen)
     k = _randn(55, num_kv_heads, head_size, dtype=dtype, gen=gen)
     v = _randn(55, num_kv_heads, head_size, dtype=dtype, gen=gen)
-    scale = head_size ** -0.5
-    expected = attention_with_lse(q, k, v, q_pos, k_pos, scale, cu_seqlens_q=cu_q,
-                                  cu_seqlens_k=cu_k, backend="torch")
-    out, lse = attention_with_lse(q, k, v, q_pos, k_pos, scale, cu_seqlens_q=cu_q,
-                                  cu_seqlens_k=cu_k, backend="triton")
+    scale = head_size**-0.5
+    expected = attention_with_lse(
+        q, k, v, q_pos, k_pos, scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="torch"
+    )
+    out, lse = attention_with_lse(
+        q, k, v, q_pos, k_pos, scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton"
+    )
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     atol, rtol = TOLERANCE[dtype]
@@ -113,26 +123,32 @@ def test_triton_empty_inputs() -> None:
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
 
 
-@pytest.mark.parametrize("layout,cpu_isa,dtype", [
-    (KVLayout.CPU, "vec", torch.float32),
-    (KVLayout.CPU, "amx", torch.bfloat16),
-    (KVLayout.FLASH, None, torch.float16),
-    (KVLayout.FLASH_LEGACY, None, torch.float32),
-])
-def test_paged_triton_matches_torch(layout: KVLayout, cpu_isa: str | None,
-                                    dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "layout,cpu_isa,dtype",
+    [
+        (KVLayout.CPU, "vec", torch.float32),
+        (KVLayout.CPU, "amx", torch.bfloat16),
+        (KVLayout.FLASH, None, torch.float16),
+        (KVLayout.FLASH_LEGACY, None, torch.float32),
+    ],
+)
+def test_paged_triton_matches_torch(
+    layout: KVLayout, cpu_isa: str | None, dtype: torch.dtype
+) -> None:
     """Every layout's addressing, random block tables and positions, a kv_len 0 sequence."""
     gen = torch.Generator().manual_seed(11)
     num_blocks, block_size, num_kv_heads, num_heads, head_size = 10, 32, 2, 4, 64
-    cache = PagedKVCache.allocate(num_blocks, block_size, num_kv_heads, head_size, dtype,
-                                  DEVICE, layout, cpu_isa=cpu_isa)
+    cache = PagedKVCache.allocate(
+        num_blocks, block_size, num_kv_heads, head_size, dtype, DEVICE, layout, cpu_isa=cpu_isa
+    )
     kv_lens = [45, 0, 70]
     block_tables = torch.zeros(3, 3, dtype=torch.int32)
     free = torch.randperm(num_blocks, generator=gen).tolist()
     for i, kv_len in enumerate(kv_lens):
         num_seq_blocks = -(-kv_len // block_size)
-        block_tables[i, :num_seq_blocks] = torch.tensor([free.pop() for _ in range(num_seq_blocks)],
-                                                        dtype=torch.int32)
+        block_tables[i, :num_seq_blocks] = torch.tensor(
+            [free.pop() for _ in range(num_seq_blocks)], dtype=torch.int32
+        )
         key = _randn(kv_len, num_kv_heads, head_size, dtype=dtype, gen=gen)
         value = _randn(kv_len, num_kv_heads, head_size, dtype=dtype, gen=gen)
         positions = torch.randperm(150, generator=gen)[:kv_len]
@@ -142,10 +158,12 @@ def test_paged_triton_matches_torch(layout: KVLayout, cpu_isa: str | None,
     q = _randn(6, num_heads, head_size, dtype=dtype, gen=gen)
     q_pos = torch.randint(0, 150, (6,), generator=gen).to(DEVICE)
     kv_lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=DEVICE)
-    expected = paged_attention_with_lse(q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125,
-                                        backend="torch")
-    out, lse = paged_attention_with_lse(q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125,
-                                        backend="triton")
+    expected = paged_attention_with_lse(
+        q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125, backend="torch"
+    )
+    out, lse = paged_attention_with_lse(
+        q, cu_q, q_pos, cache, block_tables, kv_lens_t, 0.125, backend="triton"
+    )
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected[0].float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(lse, expected[1], atol=1e-4, rtol=0)
@@ -170,8 +188,9 @@ def test_merge_triton_matches_torch(dtype: torch.dtype) -> None:
     assert torch.all(out[3, 0] == 0) and lse[3, 0] == float("-inf")
 
 
-def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch,
-                                                      triton_kernels: ModuleType) -> None:
+def test_triton_on_cpu_without_interpreter_is_refused(
+    monkeypatch: pytest.MonkeyPatch, triton_kernels: ModuleType
+) -> None:
     monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         api._resolve_backend("triton", torch.device("cpu"))

@@ -83,8 +83,9 @@ class Case:
 # ---------------------------------------------------------------------- scheduler side
 
 
-def random_retention(rng: random.Random, group: tuple[int, ...], req_ids: list[str],
-                     lens: list[int]) -> RetentionPlan:
+def random_retention(
+    rng: random.Random, group: tuple[int, ...], req_ids: list[str], lens: list[int]
+) -> RetentionPlan:
     kept = [[[] for _ in req_ids] for _ in group]
     for j, n in enumerate(lens):
         cuts = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(0, 3)))) if n > 1 else []
@@ -94,26 +95,33 @@ def random_retention(rng: random.Random, group: tuple[int, ...], req_ids: list[s
     for per_req in kept:
         for ranges in per_req:
             rng.shuffle(ranges)
-    return RetentionPlan(group, tuple(req_ids), tuple(lens),
-                         tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept))
+    return RetentionPlan(
+        group,
+        tuple(req_ids),
+        tuple(lens),
+        tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept),
+    )
 
 
-def decode_step(rng: random.Random, d: DistributedKVDirectory, req_ids: list[str]
-                ) -> DecodeStepPlan:
+def decode_step(
+    rng: random.Random, d: DistributedKVDirectory, req_ids: list[str]
+) -> DecodeStepPlan:
     """Random masters: mostly instances already holding the request, sometimes new ones."""
     masters = {}
     for r in req_ids:
         pool = list(range(d.num_instances)) if rng.random() < 0.35 else list(d.instances(r))
         rng.shuffle(pool)
         fitting = [i for i in pool if d.can_append(r, i)] or [
-            i for i in range(d.num_instances) if d.can_append(r, i)]
+            i for i in range(d.num_instances) if d.can_append(r, i)
+        ]
         masters[r] = fitting[0]
     try:
         return plan_decode_step(d, masters)
     except ESPCapacityError:
         # Two requests picked the same nearly full instance: let the planner pick.
-        return plan_decode_step(d, assign_masters_fullest_first(
-            d, req_ids, tuple(range(d.num_instances))))
+        return plan_decode_step(
+            d, assign_masters_fullest_first(d, req_ids, tuple(range(d.num_instances)))
+        )
 
 
 def make_case(seed: int, group_size: int, long_prompt: bool = False) -> Case:
@@ -155,8 +163,7 @@ def make_case(seed: int, group_size: int, long_prompt: bool = False) -> Case:
             dst = rng.choice([i for i in range(NUM_INSTANCES) if i != src])
             n = rng.randint(1, d.num_local_tokens(r, src))
             with contextlib.suppress(ESPCapacityError):  # dst full: no migration this step
-                steps.append(("migrate", plan_migration(d, [(r, src, dst, n)],
-                                                        rng.randint(1, 8))))
+                steps.append(("migrate", plan_migration(d, [(r, src, dst, n)], rng.randint(1, 8))))
         elif rng.random() < 0.2:
             result = plan_consolidation(d, tuple(range(NUM_INSTANCES)), rng.randint(1, 8))
             if result is not None:
@@ -164,10 +171,23 @@ def make_case(seed: int, group_size: int, long_prompt: bool = False) -> Case:
         steps.append(("decode", decode_step(rng, d, req_ids)))
         d.check_invariants()
     final = tuple((r, d.shard(r, i)) for r in req_ids for i in d.instances(r))
-    return Case(seed, num_heads, num_kv_heads, head_size, rng.choice([1, 2]),
-                "bfloat16" if seed % 5 == 4 else "float32", rng.choice(["CPU", "FLASH"]),
-                block_size, d.config.num_blocks_per_instance, tuple(req_ids), tuple(lens),
-                max(lens) + num_steps, prefill, tuple(steps), final)
+    return Case(
+        seed,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        rng.choice([1, 2]),
+        "bfloat16" if seed % 5 == 4 else "float32",
+        rng.choice(["CPU", "FLASH"]),
+        block_size,
+        d.config.num_blocks_per_instance,
+        tuple(req_ids),
+        tuple(lens),
+        max(lens) + num_steps,
+        prefill,
+        tuple(steps),
+        final,
+    )
 
 
 # ----------------------------------------------------------------------- instance side
@@ -214,14 +234,29 @@ def run_cases(group: InstanceGroup, cases: list[Case]) -> list[dict]:
 
 def run_case(group: InstanceGroup, case: Case) -> dict:
     me = group.instance_id
-    scale = case.head_size ** -0.5
+    scale = case.head_size**-0.5
     inputs = make_inputs(case)
     refs = [[reference(q, k, v, scale) for q, k, v in per_req] for per_req in inputs]
-    caches = [PagedKVCache.allocate(case.num_blocks[me], case.block_size, case.num_kv_heads,
-                                    case.head_size, getattr(torch, case.dtype), "cpu",
-                                    KVLayout[case.layout]) for _ in range(case.num_layers)]
-    result: dict = {"max_err": 0.0, "num_prefill_rows": 0, "num_decode_rows": 0,
-                    "bytes": Counter(), "placement_errors": [], "first_token_rows": []}
+    caches = [
+        PagedKVCache.allocate(
+            case.num_blocks[me],
+            case.block_size,
+            case.num_kv_heads,
+            case.head_size,
+            getattr(torch, case.dtype),
+            "cpu",
+            KVLayout[case.layout],
+        )
+        for _ in range(case.num_layers)
+    ]
+    result: dict = {
+        "max_err": 0.0,
+        "num_prefill_rows": 0,
+        "num_decode_rows": 0,
+        "bytes": Counter(),
+        "placement_errors": [],
+        "first_token_rows": [],
+    }
 
     def check(out: torch.Tensor, ref: torch.Tensor) -> None:
         result["max_err"] = max(result["max_err"], rel_err(out, ref))
@@ -230,18 +265,23 @@ def run_case(group: InstanceGroup, case: Case) -> dict:
         ex = RingPrefillExecutor(group, case.prefill)
         stripes = StripeLayout(len(case.prefill.group), case.num_prompt_tokens)
         r = case.prefill.group.index(me)
-        rows = [torch.tensor(list(stripes.positions(r, j)), dtype=torch.int64)
-                for j in range(len(case.req_ids))]
+        rows = [
+            torch.tensor(list(stripes.positions(r, j)), dtype=torch.int64)
+            for j in range(len(case.req_ids))
+        ]
         before = group.num_bytes_sent
         for layer in range(case.num_layers):
-            q, k, v = (torch.cat([inputs[layer][j][t][rows_j] for j, rows_j in enumerate(rows)])
-                       for t in range(3))
+            q, k, v = (
+                torch.cat([inputs[layer][j][t][rows_j] for j, rows_j in enumerate(rows)])
+                for t in range(3)
+            )
             out = ex.forward_layer(q, k, v, caches[layer], scale)
             check(out, torch.cat([refs[layer][j][rows_j] for j, rows_j in enumerate(rows)]))
             result["num_prefill_rows"] += out.shape[0]
         result["bytes"]["prefill"] += group.num_bytes_sent - before
-        result["first_token_rows"] = [(j, int(ex.q_positions[row]))
-                                      for j, row in ex.last_token_rows]
+        result["first_token_rows"] = [
+            (j, int(ex.q_positions[row])) for j, row in ex.last_token_rows
+        ]
     for kind, plan in case.steps:
         before = group.num_bytes_sent
         if kind == "migrate":
@@ -251,13 +291,18 @@ def run_case(group: InstanceGroup, case: Case) -> dict:
             mine = [plan.requests[i] for i in ex.schedule.mastered]
             idx = [case.req_ids.index(req.req_id) for req in mine]
             for layer in range(case.num_layers):
-                q, k, v = (torch.stack([inputs[layer][j][t][req.position]
-                                        for j, req in zip(idx, mine)])
-                           if mine else inputs[layer][0][t][:0] for t in range(3))
+                q, k, v = (
+                    torch.stack([inputs[layer][j][t][req.position] for j, req in zip(idx, mine)])
+                    if mine
+                    else inputs[layer][0][t][:0]
+                    for t in range(3)
+                )
                 out = ex.forward_layer(q, k, v, caches[layer], scale)
                 if mine:
-                    check(out, torch.stack([refs[layer][j][req.position]
-                                            for j, req in zip(idx, mine)]))
+                    check(
+                        out,
+                        torch.stack([refs[layer][j][req.position] for j, req in zip(idx, mine)]),
+                    )
                 result["num_decode_rows"] += len(mine)
         result["bytes"][kind] += group.num_bytes_sent - before
     for req_id, shard in case.final_shards:
@@ -265,14 +310,18 @@ def run_case(group: InstanceGroup, case: Case) -> dict:
             continue
         j = case.req_ids.index(req_id)
         bs = case.block_size
-        slots = torch.tensor([shard.block_ids[t // bs] * bs + t % bs
-                              for t in range(shard.num_tokens)])
+        slots = torch.tensor(
+            [shard.block_ids[t // bs] * bs + t % bs for t in range(shard.num_tokens)]
+        )
         positions = shard.positions()
         for layer, cache in enumerate(caches):
             k, v, pos = cache.gather_slots(slots)
             _, k_ref, v_ref = inputs[layer][j]
-            if (pos.tolist() != positions or not torch.equal(k, k_ref[positions])
-                    or not torch.equal(v, v_ref[positions])):
+            if (
+                pos.tolist() != positions
+                or not torch.equal(k, k_ref[positions])
+                or not torch.equal(v, v_ref[positions])
+            ):
                 result["placement_errors"].append((req_id, me, layer))
     return result
 
@@ -291,13 +340,16 @@ def expected_bytes(case: Case) -> Counter:
     for kind, plan in case.steps:
         if kind == "decode":
             # Per participant: the query out, an fp32 (out, lse) back.
-            per_participant = (case.num_heads * case.head_size * elt
-                               + case.num_heads * (case.head_size + 1) * 4)
-            total["decode"] += (sum(len(r.participants) for r in plan.requests)
-                                * per_participant * case.num_layers)
+            per_participant = (
+                case.num_heads * case.head_size * elt + case.num_heads * (case.head_size + 1) * 4
+            )
+            total["decode"] += (
+                sum(len(r.participants) for r in plan.requests) * per_participant * case.num_layers
+            )
         else:
             total["migrate"] += plan.num_tokens * (
-                case.num_layers * 2 * case.num_kv_heads * case.head_size * elt + 8)
+                case.num_layers * 2 * case.num_kv_heads * case.head_size * elt + 8
+            )
     return total
 
 
@@ -311,19 +363,24 @@ def check_results(cases: list[Case], per_instance: list[list[dict]]) -> None:
         label = f"case seed={case.seed} group={case.prefill.group} lens={case.num_prompt_tokens}"
         max_err = max(r["max_err"] for r in results)
         assert max_err < TOLERANCE[case.dtype], f"{label}: relative error {max_err:.2e}"
-        assert sum(r["num_prefill_rows"] for r in results) == sum(
-            case.num_prompt_tokens) * case.num_layers, label
+        assert (
+            sum(r["num_prefill_rows"] for r in results)
+            == sum(case.num_prompt_tokens) * case.num_layers
+        ), label
         num_decoded = sum(len(p.requests) for k, p in case.steps if k == "decode")
         assert sum(r["num_decode_rows"] for r in results) == num_decoded * case.num_layers, label
         assert not [e for r in results for e in r["placement_errors"]], label
         moved = sum((r["bytes"] for r in results), Counter())
         assert moved == expected_bytes(case), label
         # The first output token comes from the rank holding the last prompt token.
-        first = sorted((j, pos, i) for i, r in enumerate(results)
-                       for j, pos in r["first_token_rows"])
+        first = sorted(
+            (j, pos, i) for i, r in enumerate(results) for j, pos in r["first_token_rows"]
+        )
         layout = StripeLayout(len(case.prefill.group), case.num_prompt_tokens)
-        assert first == [(j, n - 1, case.prefill.group[layout.last_token_rank(j)])
-                         for j, n in enumerate(case.num_prompt_tokens)], label
+        assert first == [
+            (j, n - 1, case.prefill.group[layout.last_token_rank(j)])
+            for j, n in enumerate(case.num_prompt_tokens)
+        ], label
 
 
 @pytest.fixture(scope="module")
@@ -345,20 +402,31 @@ def coverage(cases: list[Case]) -> Counter:
             seen[kind] += 1
             if kind == "decode":
                 seen["empty_participant"] += any(
-                    s.num_tokens == 0 for r in plan.requests for s in r.shards)
+                    s.num_tokens == 0 for r in plan.requests for s in r.shards
+                )
                 seen["multi_master"] += len(plan.masters) > 1
     return seen
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 3, 4])
 def test_ring_prefill_decode_migration_match_single_instance(cluster, group_size: int) -> None:
-    cases = [make_case(1000 * group_size + s, group_size, long_prompt=s == 0)
-             for s in range(CASES_PER_GROUP_SIZE)]
+    cases = [
+        make_case(1000 * group_size + s, group_size, long_prompt=s == 0)
+        for s in range(CASES_PER_GROUP_SIZE)
+    ]
     run_and_check(cluster, cases)
     # The random scripts must actually exercise what the issue asks for.
     seen = coverage(cases)
-    must = ["decode", "migrate", "gqa", "head_size_64", "head_size_128", "empty_participant",
-            "multi_master", "bfloat16"]
+    must = [
+        "decode",
+        "migrate",
+        "gqa",
+        "head_size_64",
+        "head_size_128",
+        "empty_participant",
+        "multi_master",
+        "bfloat16",
+    ]
     if group_size > 1:
         must += ["short_request", "scaled_down"]
     assert all(seen[m] for m in must), seen
@@ -385,9 +453,23 @@ def test_request_larger_than_any_pool_is_served_by_a_group(cluster) -> None:
         steps.append(("decode", plan_decode_step(d, masters)))
     d.check_invariants()
     assert masters_used == {1, 3} and d.num_tokens("big") == 98
-    case = Case(7, 4, 2, 64, 1, "float32", "FLASH", block_size, d.config.num_blocks_per_instance,
-                ("big",), (92,), 98, prefill, tuple(steps),
-                tuple(("big", d.shard("big", i)) for i in d.instances("big")))
+    case = Case(
+        7,
+        4,
+        2,
+        64,
+        1,
+        "float32",
+        "FLASH",
+        block_size,
+        d.config.num_blocks_per_instance,
+        ("big",),
+        (92,),
+        98,
+        prefill,
+        tuple(steps),
+        tuple(("big", d.shard("big", i)) for i in d.instances("big")),
+    )
     run_and_check(cluster, [case])
     with pytest.raises(ESPCapacityError, match="does not fit"):
         schedule_ring_prefill(d, ["too_big"], [200], (0, 1, 2, 3))
@@ -398,7 +480,8 @@ def run_cases_on_stateless_group(group: InstanceGroup, port: int, cases: list[Ca
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     pg = stateless_init_torch_distributed_process_group(
-        "127.0.0.1", port, group.instance_id, group.num_instances, "gloo")
+        "127.0.0.1", port, group.instance_id, group.num_instances, "gloo"
+    )
     stateless = InstanceGroup(pg)
     results = run_cases(stateless, cases)
     stateless.barrier()  # nobody tears the store down while a peer still uses it

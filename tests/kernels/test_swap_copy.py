@@ -19,14 +19,20 @@ def random_bits(shape, dtype) -> torch.Tensor:
     went through float arithmetic would not reproduce them."""
     g = torch.Generator().manual_seed(hash(tuple(shape)) % 2**31)
     nbytes = torch.empty((), dtype=dtype).element_size()
-    bits = torch.randint(-(2**15), 2**15, (*shape[:-1], shape[-1] * nbytes // 2), dtype=torch.int16, generator=g)
+    bits = torch.randint(
+        -(2**15), 2**15, (*shape[:-1], shape[-1] * nbytes // 2), dtype=torch.int16, generator=g
+    )
     return bits.view(dtype)
 
 
 def cpu_layout(dtype=torch.bfloat16, layers=2) -> dict[str, torch.Tensor]:
     """vLLM's CPU attention cache: per layer [num_blocks, kv_heads, block_size, 2 * head]."""
-    return {f"model.layers.{i}.self_attn.attn": random_bits((NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), dtype)
-            for i in range(layers)}
+    return {
+        f"model.layers.{i}.self_attn.attn": random_bits(
+            (NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), dtype
+        )
+        for i in range(layers)
+    }
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -38,11 +44,21 @@ def round_trip(caches: dict[str, torch.Tensor], block_dim: int, rows_per_block: 
     their device blocks, swap them into different blocks, compare."""
     originals = {k: v.clone() for k, v in caches.items()}
     engine = SwapCopyEngine(caches, NUM_BLOCKS, num_host_blocks=16)
-    out = [BlockCopy("a", (5, 2, 9), (0, 1, 2)), BlockCopy("b", (11, 3), (3, 4)), BlockCopy("c", (7,), (9,))]
+    out = [
+        BlockCopy("a", (5, 2, 9), (0, 1, 2)),
+        BlockCopy("b", (11, 3), (3, 4)),
+        BlockCopy("c", (7,), (9,)),
+    ]
     engine.swap_out(out, blocks_reused_now=True)
     for t in caches.values():
-        t.index_fill_(block_dim, torch.arange(NUM_BLOCKS * rows_per_block), 0)  # garbage over everything
-    back = [BlockCopy("a", (20, 0, 13), (0, 1, 2)), BlockCopy("b", (1, 23), (3, 4)), BlockCopy("c", (17,), (9,))]
+        t.index_fill_(
+            block_dim, torch.arange(NUM_BLOCKS * rows_per_block), 0
+        )  # garbage over everything
+    back = [
+        BlockCopy("a", (20, 0, 13), (0, 1, 2)),
+        BlockCopy("b", (1, 23), (3, 4)),
+        BlockCopy("c", (17,), (9,)),
+    ]
     engine.swap_in(back)
     for name, t in caches.items():
         for src, dst in zip(out, back):
@@ -63,7 +79,10 @@ def test_round_trip_in_vllm_cpu_layout(dtype):
 
 def test_round_trip_in_flash_attention_layout():
     # [2 (K, V), num_blocks, block_size, kv_heads, head]: block dim 1.
-    caches = {f"l{i}": random_bits((2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD), torch.bfloat16) for i in range(2)}
+    caches = {
+        f"l{i}": random_bits((2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD), torch.bfloat16)
+        for i in range(2)
+    }
     engine = round_trip(caches, block_dim=1)
     assert len(engine.units) == 4  # K and V of each layer
 
@@ -111,14 +130,23 @@ def test_a_step_is_one_op_per_layer_per_host_run(monkeypatch):
     monkeypatch.setattr(torch, "index_select", select)
     monkeypatch.setattr(torch.Tensor, "index_copy_", copy)
     # Four requests, 10 blocks, host slots 0..9: one run.
-    step = [BlockCopy(r, d, h) for r, d, h in (
-        ("a", (3, 8, 1), (0, 1, 2)), ("b", (20, 4), (3, 4)), ("c", (9, 10, 11), (5, 6, 7)), ("d", (0, 2), (8, 9)))]
+    step = [
+        BlockCopy(r, d, h)
+        for r, d, h in (
+            ("a", (3, 8, 1), (0, 1, 2)),
+            ("b", (20, 4), (3, 4)),
+            ("c", (9, 10, 11), (5, 6, 7)),
+            ("d", (0, 2), (8, 9)),
+        )
+    ]
     engine.swap_out(step, blocks_reused_now=True)
     assert calls["index_select"] == 3  # not 3 layers x 10 blocks
     engine.swap_in(step)
     assert calls["index_copy_"] == 3
     # A second, separate host run adds one op per layer.
-    engine.swap_out([BlockCopy("e", (5,), (12,)), BlockCopy("f", (6,), (0,))], blocks_reused_now=True)
+    engine.swap_out(
+        [BlockCopy("e", (5,), (12,)), BlockCopy("f", (6,), (0,))], blocks_reused_now=True
+    )
     assert calls["index_select"] == 3 + 6
 
 
@@ -156,14 +184,19 @@ def make_connector(model_dir, role, num_blocks=NUM_BLOCKS, host_blocks=16, dtype
     from vllm_esp.integration.swap.connector import HostSwapConnector
 
     vllm_config = VllmConfig(
-        model_config=ModelConfig(model=model_dir, dtype="float32", seed=0, skip_tokenizer_init=True),
+        model_config=ModelConfig(
+            model=model_dir, dtype="float32", seed=0, skip_tokenizer_init=True
+        ),
         cache_config=CacheConfig(block_size=BLOCK_SIZE),
         kv_transfer_config=swap_kv_transfer_config(),
         additional_config={"swap": {"host_pool_blocks": host_blocks}},
     )
-    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD, dtype=dtype)
+    spec = FullAttentionSpec(
+        block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD, dtype=dtype
+    )
     kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[],
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
         kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], spec)],
     )
     role = KVConnectorRole.WORKER if role == "worker" else KVConnectorRole.SCHEDULER
@@ -178,8 +211,10 @@ def test_worker_connector_runs_a_scheduler_plan(config_model_dir):
 
     scheduler_side = make_connector(config_model_dir, "scheduler")
     worker = make_connector(config_model_dir, "worker")
-    caches = {"l0": random_bits((NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), torch.bfloat16),
-              "l1": random_bits((NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), torch.bfloat16)}
+    caches = {
+        "l0": random_bits((NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), torch.bfloat16),
+        "l1": random_bits((NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD), torch.bfloat16),
+    }
     original = {k: v.clone() for k, v in caches.items()}
     worker.register_kv_caches(caches)
     assert worker.copy_engine.block_bytes == scheduler_side.block_bytes  # same slot size both sides

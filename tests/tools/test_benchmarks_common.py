@@ -85,7 +85,13 @@ def test_helpers_standalone() -> None:
 
 def test_write_json_atomic_and_strict(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "r.json"
-    data = {"a": np.float64(1.5), "b": np.arange(3), "c": math.nan, "d": [math.inf], "p": Path("/x")}
+    data = {
+        "a": np.float64(1.5),
+        "b": np.arange(3),
+        "c": math.nan,
+        "d": [math.inf],
+        "p": Path("/x"),
+    }
     write_json(out, data)
     assert not (tmp_path / "sub" / "r.json.tmp").exists()
     text = out.read_text()
@@ -100,9 +106,19 @@ def _records(jcts: list[float], makespan: float):
     recs = []
     for i, jct in enumerate(jcts):
         arrival = makespan - jct - i * 1e-3
-        recs.append(RequestRecord(request_id=str(i), prompt_len=10, output_len=5, arrival_s=arrival,
-                                  added_s=arrival, first_token_s=arrival + 0.1, finish_s=arrival + jct,
-                                  num_output_tokens=5, num_preemptions=i % 2))
+        recs.append(
+            RequestRecord(
+                request_id=str(i),
+                prompt_len=10,
+                output_len=5,
+                arrival_s=arrival,
+                added_s=arrival,
+                first_token_s=arrival + 0.1,
+                finish_s=arrival + jct,
+                num_output_tokens=5,
+                num_preemptions=i % 2,
+            )
+        )
     return recs
 
 
@@ -126,11 +142,18 @@ def test_merge_runs_sums_totals_and_weights_means() -> None:
     from benchmarks.jct import merge_runs
 
     def run(steps: int, wall: float, waiting: float, counter: int) -> dict:
-        return {"num_engine_steps_seen": steps, "wall_s": wall,
-                "prometheus_counter_deltas": {"vllm:num_preemptions": float(counter)},
-                "loadavg_1min_before_after": [1.0, 2.0],
-                "scheduler_stats": {"num_steps": steps, "mean_waiting_reqs": waiting, "max_waiting_reqs": counter,
-                                    "mlfq_counters_delta": {"vllm_esp:rank_preemptions_total": counter}}}
+        return {
+            "num_engine_steps_seen": steps,
+            "wall_s": wall,
+            "prometheus_counter_deltas": {"vllm:num_preemptions": float(counter)},
+            "loadavg_1min_before_after": [1.0, 2.0],
+            "scheduler_stats": {
+                "num_steps": steps,
+                "mean_waiting_reqs": waiting,
+                "max_waiting_reqs": counter,
+                "mlfq_counters_delta": {"vllm_esp:rank_preemptions_total": counter},
+            },
+        }
 
     merged = merge_runs([run(100, 1.0, 2.0, 3), run(300, 2.0, 6.0, 5)])
     assert merged["num_engine_steps_seen"] == 400 and merged["wall_s"] == pytest.approx(3.0)
@@ -150,8 +173,12 @@ def test_request_record_folds_delta_outputs() -> None:
     rec = RequestRecord(request_id="a", prompt_len=3, output_len=3, arrival_s=0.0)
 
     def out(n: int, finished: bool):
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * n)], finished=finished,
-                               num_cached_tokens=2, metrics=SimpleNamespace(num_preemptions=1))
+        return SimpleNamespace(
+            outputs=[SimpleNamespace(token_ids=[7] * n)],
+            finished=finished,
+            num_cached_tokens=2,
+            metrics=SimpleNamespace(num_preemptions=1),
+        )
 
     assert not rec.see(out(0, False), 0.5)  # a prefill chunk: no token yet
     assert math.isnan(rec.first_token_s)

@@ -67,7 +67,9 @@ def test_reader_recovers_every_whole_conversation() -> None:
     convs = list(iter_conversations())
     assert len(convs) == SHAREGPT_WHOLE_CONVERSATIONS
     assert all(isinstance(c, Conversation) and c.id for c in convs)
-    assert all(isinstance(t.speaker, str) and isinstance(t.text, str) for c in convs for t in c.turns)
+    assert all(
+        isinstance(t.speaker, str) and isinstance(t.text, str) for c in convs for t in c.turns
+    )
     # ShareGPT V3 repeats some ids (split conversations); not an error.
     assert len({c.id for c in convs}) == 17_548
     assert convs[0].id == "QWJhYvA_0"
@@ -101,7 +103,9 @@ def _array_bytes(objs: Sequence[object]) -> tuple[bytes, list[int]]:
 
 
 def test_json_array_stops_cleanly_at_any_truncation() -> None:
-    objs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "é✓ " * i}]} for i in range(40)]
+    objs = [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": "é✓ " * i}]} for i in range(40)
+    ]
     data, ends = _array_bytes(objs)
     assert list(iter_json_array(io.BytesIO(data))) == objs
     # Cut everywhere, including inside multi-byte UTF-8 characters: exactly
@@ -117,7 +121,15 @@ def test_json_array_across_tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     import vllm_esp.data.sharegpt as sg
 
     monkeypatch.setattr(sg, "_CHUNK_BYTES", 3)
-    values: list[object] = [12345, -6.5e3, "ünï✓", True, None, [1, [2, {"k": "v"}]], {"a": 9876543210}]
+    values: list[object] = [
+        12345,
+        -6.5e3,
+        "ünï✓",
+        True,
+        None,
+        [1, [2, {"k": "v"}]],
+        {"a": 9876543210},
+    ]
     data = json.dumps(values).encode("utf-8")
     assert list(iter_json_array(io.BytesIO(data))) == values
     assert list(iter_json_array(io.BytesIO(data[:-1]))) == values  # no closing ']'
@@ -135,7 +147,10 @@ def test_json_array_rejects_non_arrays_and_bad_separators() -> None:
 
 
 def test_malformed_records_are_skipped(tmp_path: Path) -> None:
-    good = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    good = {
+        "id": "a",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    }
     bad = [1, {"id": 3}, {"id": "b", "conversations": [{"from": "gpt"}]}]
     f = tmp_path / "s.json"
     data, ends = _array_bytes([good, *bad, good])
@@ -191,7 +206,9 @@ def test_sharegpt_trace_uses_real_text_and_real_reply_lengths(tok: _Tok) -> None
         assert any(explained_by(r, ids, o_raw) for ids, o_raw in encoded)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     max_prompt_len=st.integers(1, 600),
     max_output_len=st.integers(1, 600),
@@ -242,7 +259,14 @@ def test_trace_arrival_rate(tok: _Tok) -> None:
 def test_synthetic_long_trace(tok: _Tok, profile: str) -> None:
     def trace(seed: int) -> list[TraceRequest]:
         return make_synthetic_long_trace(
-            tok, 12, 0.5, seed, profile=profile, scale=1 / 32, max_model_len=8192, queries_per_document=3
+            tok,
+            12,
+            0.5,
+            seed,
+            profile=profile,
+            scale=1 / 32,
+            max_model_len=8192,
+            queries_per_document=3,
         )
 
     a = trace(7)

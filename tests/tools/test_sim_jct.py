@@ -27,8 +27,17 @@ def _trace() -> list[_Req]:
 
 @pytest.mark.parametrize("policy", ["mlfq", "mlfq-swap"])
 def test_simulated_mlfq_preempts_and_swap_never_recomputes(policy, calibration_file):
-    r = simulate(policy, {}, _trace(), max_num_seqs=4, calibration_file=calibration_file,
-                 t0=0.01, t_decode=0.0002, t_prefill=0.0001, kv_tokens=1024)
+    r = simulate(
+        policy,
+        {},
+        _trace(),
+        max_num_seqs=4,
+        calibration_file=calibration_file,
+        t0=0.01,
+        t_decode=0.0002,
+        t_prefill=0.0001,
+        kv_tokens=1024,
+    )
     assert r["num_requests_finished"] == 15
     if policy == "mlfq":
         assert r["recomputed_tokens"] > 0 and r["copied_blocks"] is None

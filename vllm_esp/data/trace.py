@@ -217,7 +217,9 @@ def make_sharegpt_trace(
             )
         )
     if len(out) < num_requests:
-        raise ValueError(f"only {len(out)} conversations pass the filters; asked for {num_requests}")
+        raise ValueError(
+            f"only {len(out)} conversations pass the filters; asked for {num_requests}"
+        )
     return out
 
 
@@ -309,7 +311,9 @@ def make_synthetic_long_trace(
     if prof.levels is not None:
         raw = len_rng.choice(np.asarray(prof.levels, dtype=np.float64), size=n_docs)
     else:
-        raw = np.exp(len_rng.uniform(math.log(prof.min_input), math.log(prof.max_input), size=n_docs))
+        raw = np.exp(
+            len_rng.uniform(math.log(prof.min_input), math.log(prof.max_input), size=n_docs)
+        )
     outputs = out_rng.integers(out_lo, out_hi + 1, size=num_requests)
     # Document length leaves room for the question and the longest output.
     doc_cap = max_model_len - question_len - out_hi
@@ -322,7 +326,7 @@ def make_synthetic_long_trace(
 
     def slice_at(offset: int, length: int) -> list[int]:
         # Wrap around so any offset in the pool gives a full-length slice.
-        idx = (offset + np.arange(length)) % len(pool)
+        idx: np.ndarray = (offset + np.arange(length)) % len(pool)
         return [int(t) for t in pool[idx]]
 
     doc_offsets = doc_rng.integers(0, len(pool), size=n_docs)

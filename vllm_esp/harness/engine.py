@@ -34,6 +34,7 @@ def instance_index_rpc():
     answers its index plus ``offset``. Built in a closure so cloudpickle
     ships it by value (this module is not importable in the instances'
     processes)."""
+
     def instance_index(worker, offset: int = 0) -> int:
         return worker.esp_counters()["instance"] + offset
 

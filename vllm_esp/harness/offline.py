@@ -102,9 +102,13 @@ def attach_esp_logger(llm) -> None:
     from vllm_esp.integration.metrics import ESPPrometheusStatLogger
 
     manager = llm.llm_engine.logger_manager
-    manager.stat_loggers.append(PerEngineStatLoggerAdapter(
-        vllm_config=llm.llm_engine.vllm_config, engine_indexes=manager.engine_indexes,
-        per_engine_stat_logger_factory=ESPPrometheusStatLogger))
+    manager.stat_loggers.append(
+        PerEngineStatLoggerAdapter(
+            vllm_config=llm.llm_engine.vllm_config,
+            engine_indexes=manager.engine_indexes,
+            per_engine_stat_logger_factory=ESPPrometheusStatLogger,
+        )
+    )
 
 
 def abort_while_swapped(llm, scheduler, params) -> dict:
@@ -136,5 +140,8 @@ def abort_while_swapped(llm, scheduler, params) -> dict:
         scheduler.check_invariants()
     else:
         raise AssertionError("abort replay did not drain")
-    return {"aborted_states": sorted(per_state), "num_aborted": len(aborted),
-            "leaks": leak_report(scheduler)}
+    return {
+        "aborted_states": sorted(per_state),
+        "num_aborted": len(aborted),
+        "leaks": leak_report(scheduler),
+    }

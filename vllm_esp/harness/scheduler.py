@@ -74,7 +74,10 @@ def create_scheduler(
 
     scheduler_cls = scheduler_cls or MLFQScheduler
     model_config = ModelConfig(
-        model=model_dir, dtype="float32", seed=0, skip_tokenizer_init=True,
+        model=model_dir,
+        dtype="float32",
+        seed=0,
+        skip_tokenizer_init=True,
         max_model_len=max_model_len,
     )
     scheduler_config = SchedulerConfig(
@@ -102,7 +105,12 @@ def create_scheduler(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[
-            KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32))
+            KVCacheGroupSpec(
+                ["layer"],
+                FullAttentionSpec(
+                    block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32
+                ),
+            )
         ],
     )
     cache_config.num_gpu_blocks = num_blocks
@@ -146,8 +154,9 @@ def make_request(
     )
 
 
-def fake_output(scheduler: Any, scheduler_output: SchedulerOutput, token: int = 7
-                ) -> ModelRunnerOutput:
+def fake_output(
+    scheduler: Any, scheduler_output: SchedulerOutput, token: int = 7
+) -> ModelRunnerOutput:
     """One sampled token for every request of ``scheduler`` that finished its
     prompt chunk in ``scheduler_output`` (what the model runner reports)."""
     req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -175,8 +184,9 @@ class SwapWorker:
         self.in_flight: list[tuple[int, str]] = []
         self.step_index = 0
 
-    def output(self, scheduler: Any, scheduler_output: SchedulerOutput, token: int = 7
-               ) -> ModelRunnerOutput:
+    def output(
+        self, scheduler: Any, scheduler_output: SchedulerOutput, token: int = 7
+    ) -> ModelRunnerOutput:
         """The runner output for ``scheduler_output``, with landed prefetches."""
         from vllm.v1.outputs import KVConnectorOutput
 
@@ -190,7 +200,8 @@ class SwapWorker:
         mro = fake_output(scheduler, scheduler_output, token)
         mro.kv_connector_output = KVConnectorOutput(
             finished_recving=done or None,
-            kv_connector_worker_meta=HostSwapWorkerMetadata(self.swap_out_us, self.swap_in_us))
+            kv_connector_worker_meta=HostSwapWorkerMetadata(self.swap_out_us, self.swap_in_us),
+        )
         return mro
 
     def step(self, scheduler: Any, token: int = 7) -> tuple[SchedulerOutput, Any]:

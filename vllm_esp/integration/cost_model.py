@@ -45,7 +45,10 @@ def load_cost_model(config: MLFQConfig, vllm_config: Any) -> StepCostModel:
         "vllm-esp: no calibration for %s on %s (looked for %s); using the analytic "
         "cost model. Run `python -m vllm_esp.calibrate --model %s` for "
         "accurate skip-join placement.",
-        model, device, path, model,
+        model,
+        device,
+        path,
+        model,
     )
     return StepCostModel.analytic(
         num_layers=hf.num_hidden_layers,

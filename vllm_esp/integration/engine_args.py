@@ -79,13 +79,14 @@ def scheduler_args(
     choice = get_scheduler_choice(name)
     merged = dict(additional_config or {})
     if swap is not None and not (choice.host_swap or choice.esp):
-        raise SettingsError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap' "
-                             "or 'esp')")
+        raise SettingsError(f"scheduler {name!r} takes no swap settings (use 'mlfq-swap' or 'esp')")
     if esp is not None and not choice.esp:
         raise SettingsError(f"scheduler {name!r} takes no ESP settings (use 'esp')")
     if choice.scheduler_cls is None:
         if settings:
-            raise SettingsError(f"scheduler {name!r} takes no MLFQ settings, got {sorted(settings)}")
+            raise SettingsError(
+                f"scheduler {name!r} takes no MLFQ settings, got {sorted(settings)}"
+            )
         return {"additional_config": merged} if merged else {}
     mlfq = dict(merged.get(MLFQ_CONFIG_KEY) or {})
     mlfq.update(settings)
@@ -123,7 +124,7 @@ class _SettingsAction(argparse.Action):
 
     settings_cls: type[Settings]
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(self, parser, namespace, values, option_string=None):
         try:
             self.settings_cls.from_json(values)
         except SettingsError as e:
@@ -169,7 +170,7 @@ def add_esp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         dest="esp_swap_config",
         action=_settings_action(SwapConfig),
         default=None,
-        help='Host KV swap settings of --scheduler mlfq-swap as JSON, e.g. '
+        help="Host KV swap settings of --scheduler mlfq-swap as JSON, e.g. "
         '\'{"host_pool_gib": 8, "prefetch_depth": 2}\' '
         "(fields of vllm_esp.core.swap.config.SwapConfig).",
     )
@@ -200,8 +201,13 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
     swap_json = getattr(args, "esp_swap_config", None)
     instances = getattr(args, "esp_instances", None)
     esp_json = getattr(args, "esp_esp_config", None)
-    if name is None and settings_json is None and swap_json is None and instances is None \
-            and esp_json is None:
+    if (
+        name is None
+        and settings_json is None
+        and swap_json is None
+        and instances is None
+        and esp_json is None
+    ):
         return engine_args
     if name is None:
         if instances is not None or esp_json is not None:
@@ -221,8 +227,9 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
     settings = json.loads(settings_json) if settings_json else {}
     settings.pop("policy", None)
     swap = json.loads(swap_json) if swap_json else None
-    extra = scheduler_args(name, additional_config=engine_args.additional_config, swap=swap,
-                           esp=esp, **settings)
+    extra = scheduler_args(
+        name, additional_config=engine_args.additional_config, swap=swap, esp=esp, **settings
+    )
     if "scheduler_cls" in extra:
         if engine_args.scheduler_cls not in (None, extra["scheduler_cls"]):
             raise SettingsError(
@@ -237,7 +244,8 @@ def apply_esp_arguments(engine_args: Any, args: argparse.Namespace) -> Any:
         if given_backend not in (None, extra["distributed_executor_backend"]):
             raise SettingsError(
                 f"--scheduler esp with several instances runs its own executor; "
-                f"--distributed-executor-backend {given_backend} conflicts with it")
+                f"--distributed-executor-backend {given_backend} conflicts with it"
+            )
         engine_args.distributed_executor_backend = extra["distributed_executor_backend"]
         engine_args.enforce_eager = True  # the ESP step runs the model eagerly
     if "kv_transfer_config" in extra:

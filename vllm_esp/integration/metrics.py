@@ -63,26 +63,64 @@ _INSTANCE_FREE = "esp_instance_free_blocks_"
 _COUNTERS = ("demotions_total", "promotions_total", "rank_preemptions_total")
 #: stats key -> (series name without "_total", help, scale to the unit).
 _PLAIN_COUNTERS: dict[str, tuple[str, str, float]] = {
-    "recomputed_tokens_total": ("recomputed_tokens", "Tokens computed again after their KV was freed.", 1.0),
+    "recomputed_tokens_total": (
+        "recomputed_tokens",
+        "Tokens computed again after their KV was freed.",
+        1.0,
+    ),
     **{
-        f"swap_{d}_{what}_total": (f"swap_{d}_{what}", f"KV {what} swapped {d} ({'device to host' if d == 'out' else 'host to device'}).", 1.0)
-        for d in ("out", "in") for what in ("blocks", "bytes", "requests")
+        f"swap_{d}_{what}_total": (
+            f"swap_{d}_{what}",
+            f"KV {what} swapped {d} ({'device to host' if d == 'out' else 'host to device'}).",
+            1.0,
+        )
+        for d in ("out", "in")
+        for what in ("blocks", "bytes", "requests")
     },
     "swap_out_time_us_total": ("swap_out_seconds", "Worker time copying KV to host.", 1e-6),
-    "swap_in_time_us_total": ("swap_in_seconds", "Worker time copying KV back to the device.", 1e-6),
-    "swap_recompute_fallbacks_total": ("swap_recompute_fallbacks", "Preemptions recomputed: host pool full.", 1.0),
-    "swap_proactive_offloads_total": ("swap_proactive_offloads", "Paused requests offloaded to keep free blocks.", 1.0),
-    "swap_prefetches_total": ("swap_prefetches", "Swapped requests loaded back ahead of their turn.", 1.0),
-    "swap_unprefetches_total": ("swap_unprefetches", "Prefetched requests whose device blocks were given back.", 1.0),
+    "swap_in_time_us_total": (
+        "swap_in_seconds",
+        "Worker time copying KV back to the device.",
+        1e-6,
+    ),
+    "swap_recompute_fallbacks_total": (
+        "swap_recompute_fallbacks",
+        "Preemptions recomputed: host pool full.",
+        1.0,
+    ),
+    "swap_proactive_offloads_total": (
+        "swap_proactive_offloads",
+        "Paused requests offloaded to keep free blocks.",
+        1.0,
+    ),
+    "swap_prefetches_total": (
+        "swap_prefetches",
+        "Swapped requests loaded back ahead of their turn.",
+        1.0,
+    ),
+    "swap_unprefetches_total": (
+        "swap_unprefetches",
+        "Prefetched requests whose device blocks were given back.",
+        1.0,
+    ),
     "swap_dropped_total": ("swap_dropped", "Host KV copies released unused.", 1.0),
     "esp_scale_ups_total": ("esp_scale_ups", "Decode groups grown onto another instance.", 1.0),
-    "esp_multi_instance_prefills_total": ("esp_multi_instance_prefills",
-                                          "Prefill chunks computed on several instances.", 1.0),
-    "esp_migrated_blocks_total": ("esp_migrated_blocks", "KV blocks migrated between instances.", 1.0),
+    "esp_multi_instance_prefills_total": (
+        "esp_multi_instance_prefills",
+        "Prefill chunks computed on several instances.",
+        1.0,
+    ),
+    "esp_migrated_blocks_total": (
+        "esp_migrated_blocks",
+        "KV blocks migrated between instances.",
+        1.0,
+    ),
     "esp_migrated_bytes_total": ("esp_migrated_bytes", "KV bytes migrated between instances.", 1.0),
-    "esp_request_instances_total": ("esp_request_instances",
-                                    "Sum over steps and scheduled requests of the request's "
-                                    "instance count.", 1.0),
+    "esp_request_instances_total": (
+        "esp_request_instances",
+        "Sum over steps and scheduled requests of the request's instance count.",
+        1.0,
+    ),
     "esp_request_steps_total": ("esp_request_steps", "Scheduled request-steps under ESP.", 1.0),
 }
 _PLAIN_GAUGES: dict[str, tuple[str, str]] = {
@@ -101,7 +139,10 @@ class ESPPrometheusStatLogger(StatLoggerBase):
         self._counters: dict[str, Any] = {}
         self._last_totals: dict[tuple[str, int], int] = {}
         self._queue_gauge = None
-        self._model_name = getattr(getattr(vllm_config, "model_config", None), "served_model_name", None) or "model"
+        self._model_name = (
+            getattr(getattr(vllm_config, "model_config", None), "served_model_name", None)
+            or "model"
+        )
         if isinstance(self._model_name, (list, tuple)):
             self._model_name = self._model_name[0]
 
@@ -110,25 +151,40 @@ class ESPPrometheusStatLogger(StatLoggerBase):
 
         if self._queue_gauge is None:
             labels = ["model_name", "engine"]
-            self._queue_gauge = _get_or_create(prom.Gauge, "vllm_esp:mlfq_queue_length",
-                                               "Requests per MLFQ level.", labels + ["level"])
-            self._gauges["paused_reqs"] = _get_or_create(prom.Gauge, "vllm_esp:mlfq_paused_requests",
-                                                         "Resident requests paused by rank this step.", labels)
+            self._queue_gauge = _get_or_create(
+                prom.Gauge,
+                "vllm_esp:mlfq_queue_length",
+                "Requests per MLFQ level.",
+                [*labels, "level"],
+            )
+            self._gauges["paused_reqs"] = _get_or_create(
+                prom.Gauge,
+                "vllm_esp:mlfq_paused_requests",
+                "Resident requests paused by rank this step.",
+                labels,
+            )
             for name in _COUNTERS:
                 self._counters[name] = _get_or_create(
-                    prom.Counter, f"vllm_esp:mlfq_{name.removesuffix('_total')}",
-                    f"MLFQ {name.removesuffix('_total').replace('_', ' ')}.", labels,
+                    prom.Counter,
+                    f"vllm_esp:mlfq_{name.removesuffix('_total')}",
+                    f"MLFQ {name.removesuffix('_total').replace('_', ' ')}.",
+                    labels,
                 )
             for key, (name, doc, _) in _PLAIN_COUNTERS.items():
                 self._counters[key] = _get_or_create(prom.Counter, f"vllm_esp:{name}", doc, labels)
             for key, (name, doc) in _PLAIN_GAUGES.items():
                 self._gauges[key] = _get_or_create(prom.Gauge, f"vllm_esp:{name}", doc, labels)
             self._instance_gauge = _get_or_create(
-                prom.Gauge, "vllm_esp:esp_instance_free_blocks", "Free KV blocks per ESP instance.",
-                labels + ["instance"])
+                prom.Gauge,
+                "vllm_esp:esp_instance_free_blocks",
+                "Free KV blocks per ESP instance.",
+                [*labels, "instance"],
+            )
         return self._queue_gauge
 
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+    def record(
+        self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0
+    ) -> None:
         if scheduler_stats is None:
             return
         entries = {
@@ -164,7 +220,9 @@ def _get_or_create(cls, name: str, doc: str, labels: list[str]):
     (several engines or a restarted engine in one process)."""
     import prometheus_client as prom
 
-    existing = prom.REGISTRY._names_to_collectors.get(name) or prom.REGISTRY._names_to_collectors.get(name + "_total")
+    existing = prom.REGISTRY._names_to_collectors.get(
+        name
+    ) or prom.REGISTRY._names_to_collectors.get(name + "_total")
     if existing is not None:
         return existing
     return cls(name, doc, labels)

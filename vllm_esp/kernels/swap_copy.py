@@ -69,7 +69,9 @@ def find_block_dim(shape: Sequence[int], stride: Sequence[int], num_blocks: int)
     exact = [d for d, n in enumerate(shape) if n == num_blocks]
     if exact:
         return max(exact, key=lambda d: stride[d]), 1
-    multiple = [d for d, n in enumerate(shape) if num_blocks and n > num_blocks and n % num_blocks == 0]
+    multiple = [
+        d for d, n in enumerate(shape) if num_blocks and n > num_blocks and n % num_blocks == 0
+    ]
     if multiple:
         d = max(multiple, key=lambda d: stride[d])
         return d, shape[d] // num_blocks
@@ -189,8 +191,11 @@ class SwapCopyEngine:
 
     def _runs(self, copies: Sequence[BlockCopy]) -> list[_Run]:
         return [
-            (run.host_start, len(run.device_blocks),
-             {r: self._index(run.device_blocks, r) for r in self._ratios})
+            (
+                run.host_start,
+                len(run.device_blocks),
+                {r: self._index(run.device_blocks, r) for r in self._ratios},
+            )
             for run in host_runs(copies)
         ]
 
@@ -244,6 +249,7 @@ class SwapCopyEngine:
                 self._last_out_event = None
             if copies:
                 # The victims' last steps must have written their KV.
+                assert self._stream is not None
                 self._stream.wait_stream(compute)
         if not copies:
             return

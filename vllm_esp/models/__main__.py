@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t0 = time.perf_counter()
         target = build_model(preset, args.cache_dir, force=args.force)
-        print(f"built {preset.name} ({preset.digest()}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"built {preset.name} ({preset.digest()}) in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
     print(target)
     return 0
 

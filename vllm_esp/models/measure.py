@@ -56,7 +56,7 @@ def measure(
         max_model_len=max_model_len,
         max_num_seqs=max(batches),
         enforce_eager=True,
-        dtype=dtype,  # type: ignore[arg-type]  # validated by vLLM
+        dtype=dtype,  # validated by vLLM
         seed=0,
     )
     startup_s = time.perf_counter() - t0
@@ -65,7 +65,9 @@ def measure(
     engine = llm.llm_engine
     batch_ids = itertools.count()
 
-    def run(prompts: list[list[int]], sp: SamplingParams) -> tuple[list[float], list[tuple[int, ...]]]:
+    def run(
+        prompts: list[list[int]], sp: SamplingParams
+    ) -> tuple[list[float], list[tuple[int, ...]]]:
         """Submit all prompts at once and time every engine step."""
         tag = next(batch_ids)
         for i, p in enumerate(prompts):
@@ -138,7 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model = args.model or str(build_model(args.preset, args.cache_dir))
     res = measure(
-        model, args.batch, args.prompt_len, args.output_len, args.max_model_len, args.repeats, args.dtype
+        model,
+        args.batch,
+        args.prompt_len,
+        args.output_len,
+        args.max_model_len,
+        args.repeats,
+        args.dtype,
     )
     print(json.dumps(res, indent=2))
 

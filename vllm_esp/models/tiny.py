@@ -71,7 +71,9 @@ def model_path(preset: str | ModelPreset = "default", cache_dir: str | Path | No
     """Folder a preset is (or would be) built into: ``<cache_dir>/<name>``,
     where ``cache_dir`` defaults to ``default_cache_root() / "models"``."""
     p = get_preset(preset) if isinstance(preset, str) else preset
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "models"
+    root = (
+        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "models"
+    )
     return root / p.name
 
 
@@ -114,7 +116,7 @@ def _random_state_dict(
     for name in sorted(shapes):
         shape = shapes[name]
         if name.endswith("norm.weight"):
-            arr = np.ones(shape, dtype=np.float32)
+            arr: np.ndarray = np.ones(shape, dtype=np.float32)
         else:
             rng = np.random.Generator(np.random.PCG64(_tensor_seed(preset.seed, name)))
             arr = rng.standard_normal(shape, dtype=np.float32)
@@ -127,7 +129,9 @@ def _random_state_dict(
     return out
 
 
-def _write_model(preset: ModelPreset, out_dir: Path, vocab_size: int, special: dict[str, int]) -> None:
+def _write_model(
+    preset: ModelPreset, out_dir: Path, vocab_size: int, special: dict[str, int]
+) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 

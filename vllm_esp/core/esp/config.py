@@ -71,7 +71,8 @@ class ESPConfig(Settings):
         if not (is_number(self.prefill_target_ms) and self.prefill_target_ms > 0):
             raise bad("prefill_target_ms", "must be a positive number of milliseconds")
         if self.max_prefill_instances is not None and not (
-                is_int(self.max_prefill_instances) and self.max_prefill_instances >= 1):
+            is_int(self.max_prefill_instances) and self.max_prefill_instances >= 1
+        ):
             raise bad("max_prefill_instances", "must be an integer >= 1 or null")
         if self.prefill_storage not in PREFILL_STORAGE:
             raise bad("prefill_storage", f"choose from {list(PREFILL_STORAGE)}")
@@ -82,7 +83,7 @@ class ESPConfig(Settings):
         if self.cpu_binds is not None:
             binds = self.cpu_binds
             if not (isinstance(binds, (list, tuple)) and all(isinstance(b, str) for b in binds)):
-                raise bad("cpu_binds", "must be a list of core-list strings, e.g. [\"0\", \"1\"]")
+                raise bad("cpu_binds", 'must be a list of core-list strings, e.g. ["0", "1"]')
             if len(binds) != self.num_instances:
                 raise bad("cpu_binds", f"needs one entry per instance ({self.num_instances})")
             object.__setattr__(self, "cpu_binds", tuple(binds))

@@ -124,12 +124,14 @@ def assign_masters_fullest_first(
         raise ESPCapacityError(
             f"no instance of group {tuple(group)} has room for the new token of "
             f"{len(req_ids) - next_req} request(s) starting at {req_ids[next_req]!r}: scale up "
-            f"with an idle instance or preempt")
+            f"with an idle instance or preempt"
+        )
     return masters
 
 
-def plan_decode_step(directory: DistributedKVDirectory,
-                     masters: Mapping[str, int]) -> DecodeStepPlan:
+def plan_decode_step(
+    directory: DistributedKVDirectory, masters: Mapping[str, int]
+) -> DecodeStepPlan:
     """Allocate each request's new token on its master and snapshot the shards.
 
     ``masters`` maps request id to master instance, in batch order. A master
@@ -143,17 +145,24 @@ def plan_decode_step(directory: DistributedKVDirectory,
         needed[master] = needed.get(master, 0) + directory.num_blocks_to_append(req_id, master, 1)
     short = {i: n for i, n in needed.items() if n > directory.num_free_blocks(i)}
     if short:
-        raise ESPCapacityError("decode step does not fit: " + ", ".join(
-            f"master {i} needs {n} block(s), has {directory.num_free_blocks(i)} free"
-            for i, n in sorted(short.items())))
+        raise ESPCapacityError(
+            "decode step does not fit: "
+            + ", ".join(
+                f"master {i} needs {n} block(s), has {directory.num_free_blocks(i)} free"
+                for i, n in sorted(short.items())
+            )
+        )
     requests = []
     for req_id, master in masters.items():
         position = directory.num_tokens(req_id)
         directory.register(req_id, master)
         (new_slot,) = directory.append_tokens(req_id, master, 1)
-        shards = tuple(KVShardRef(i, directory.shard(req_id, i).block_ids,
-                                  directory.num_local_tokens(req_id, i))
-                       for i in directory.instances(req_id))
+        shards = tuple(
+            KVShardRef(
+                i, directory.shard(req_id, i).block_ids, directory.num_local_tokens(req_id, i)
+            )
+            for i in directory.instances(req_id)
+        )
         requests.append(DecodeRequestPlan(req_id, master, position, new_slot, shards))
     return DecodeStepPlan(tuple(requests))
 
@@ -194,8 +203,9 @@ def build_decode_schedule(plan: DecodeStepPlan, instance: int) -> DecodeRankSche
     mastered = plan.mini_batch(instance)
     local = [reqs[i].shard(instance) for i in mastered]
     peers = sorted({p for i in mastered for p in reqs[i].participants})
-    q_sends = tuple((p, tuple(a for a, i in enumerate(mastered) if p in reqs[i].participants))
-                    for p in peers)
+    q_sends = tuple(
+        (p, tuple(a for a, i in enumerate(mastered) if p in reqs[i].participants)) for p in peers
+    )
     # Replies are concatenated in q_sends order; row `offset + n` of peer p's
     # reply is the partial for mastered[rows[n]] from participant p.
     num_slots = max((len(reqs[i].participants) for i in mastered), default=0)

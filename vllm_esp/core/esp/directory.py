@@ -114,8 +114,9 @@ class _Shard:
     position_ranges: list[TokenRange] = field(default_factory=list)
 
     def view(self, instance: int) -> ShardView:
-        return ShardView(instance, tuple(self.block_ids), self.num_tokens,
-                         tuple(self.position_ranges))
+        return ShardView(
+            instance, tuple(self.block_ids), self.num_tokens, tuple(self.position_ranges)
+        )
 
 
 def _append_range(ranges: list[TokenRange], begin: int, end: int) -> None:
@@ -157,8 +158,9 @@ class DistributedKVDirectory:
         self.config = config
         self.block_size = config.block_size
         # Stack with the lowest block id on top: allocation is deterministic.
-        self._free: list[list[int]] = [list(range(n - 1, -1, -1))
-                                       for n in config.num_blocks_per_instance]
+        self._free: list[list[int]] = [
+            list(range(n - 1, -1, -1)) for n in config.num_blocks_per_instance
+        ]
         self._shards: dict[str, dict[int, _Shard]] = {}
         self._num_tokens: dict[str, int] = {}
 
@@ -196,8 +198,7 @@ class DistributedKVDirectory:
 
     def holders(self, req_id: str) -> tuple[int, ...]:
         """Instances holding at least one token of the request, sorted."""
-        return tuple(i for i in self.instances(req_id)
-                     if self._shards[req_id][i].num_tokens > 0)
+        return tuple(i for i in self.instances(req_id) if self._shards[req_id][i].num_tokens > 0)
 
     def shard(self, req_id: str, instance: int) -> ShardView:
         return self._shards[req_id][instance].view(instance)
@@ -206,14 +207,16 @@ class DistributedKVDirectory:
         shard = self._shards[req_id].get(instance)
         return 0 if shard is None else shard.num_tokens
 
-    def slots(self, req_id: str, instance: int, start: int = 0,
-              stop: int | None = None) -> list[int]:
+    def slots(
+        self, req_id: str, instance: int, start: int = 0, stop: int | None = None
+    ) -> list[int]:
         """Slot ids of local indices ``[start, stop)`` of the request's shard."""
         shard = self._shards[req_id][instance]
         stop = shard.num_tokens if stop is None else stop
         if not 0 <= start <= stop <= shard.num_tokens:
-            raise ValueError(f"local range [{start}, {stop}) outside shard of "
-                             f"{shard.num_tokens} tokens")
+            raise ValueError(
+                f"local range [{start}, {stop}) outside shard of {shard.num_tokens} tokens"
+            )
         bs = self.block_size
         return [shard.block_ids[j // bs] * bs + j % bs for j in range(start, stop)]
 
@@ -228,14 +231,16 @@ class DistributedKVDirectory:
         return tail_room + self.num_free_blocks(instance) * self.block_size
 
     def can_append(self, req_id: str, instance: int, num_new_tokens: int = 1) -> bool:
-        return (self.num_blocks_to_append(req_id, instance, num_new_tokens)
-                <= self.num_free_blocks(instance))
+        return self.num_blocks_to_append(req_id, instance, num_new_tokens) <= self.num_free_blocks(
+            instance
+        )
 
     def snapshot(self) -> DirectorySnapshot:
         return DirectorySnapshot(
             free_blocks=tuple(tuple(f) for f in self._free),
-            shards=tuple((r, i, s.view(i)) for r, per in self._shards.items()
-                         for i, s in sorted(per.items())),
+            shards=tuple(
+                (r, i, s.view(i)) for r, per in self._shards.items() for i, s in sorted(per.items())
+            ),
             num_tokens=tuple(self._num_tokens.items()),
         )
 
@@ -269,8 +274,10 @@ class DistributedKVDirectory:
                 needed[instance] += cdiv(sum(e - b for b, e in ranges), self.block_size)
         short = [i for i in range(self.num_instances) if needed[i] > self.num_free_blocks(i)]
         if short:
-            detail = ", ".join(f"instance {i} needs {needed[i]} blocks, has "
-                               f"{self.num_free_blocks(i)} free" for i in short)
+            detail = ", ".join(
+                f"instance {i} needs {needed[i]} blocks, has {self.num_free_blocks(i)} free"
+                for i in short
+            )
             raise ESPCapacityError(f"prefill placement does not fit: {detail}")
         for req_id, num_tokens in num_prompt_tokens.items():
             self._shards[req_id] = {}
@@ -291,8 +298,9 @@ class DistributedKVDirectory:
         """Drop an empty shard (the instance leaves the request's group)."""
         shard = self._shards[req_id][instance]
         if shard.num_tokens:
-            raise ValueError(f"instance {instance} still holds {shard.num_tokens} tokens "
-                             f"of {req_id!r}")
+            raise ValueError(
+                f"instance {instance} still holds {shard.num_tokens} tokens of {req_id!r}"
+            )
         del self._shards[req_id][instance]
 
     def append_tokens(self, req_id: str, instance: int, num_new_tokens: int = 1) -> list[int]:
@@ -308,7 +316,8 @@ class DistributedKVDirectory:
         if needed > self.num_free_blocks(instance):
             raise ESPCapacityError(
                 f"instance {instance} cannot take {num_new_tokens} new token(s) of "
-                f"{req_id!r}: needs {needed} block(s), has {self.num_free_blocks(instance)} free")
+                f"{req_id!r}: needs {needed} block(s), has {self.num_free_blocks(instance)} free"
+            )
         first_position = self._num_tokens[req_id]
         start = shard.num_tokens
         self._grow(shard, instance, num_new_tokens)
@@ -316,8 +325,9 @@ class DistributedKVDirectory:
         self._num_tokens[req_id] += num_new_tokens
         return self.slots(req_id, instance, start, start + num_new_tokens)
 
-    def migrate_tail(self, req_id: str, src: int, dst: int,
-                     num_tokens: int) -> tuple[list[int], list[int], list[TokenRange]]:
+    def migrate_tail(
+        self, req_id: str, src: int, dst: int, num_tokens: int
+    ) -> tuple[list[int], list[int], list[TokenRange]]:
         """Move the last ``num_tokens`` local tokens of the request from ``src`` to ``dst``.
 
         They are appended at the end of ``dst``'s shard (registering it if
@@ -332,13 +342,16 @@ class DistributedKVDirectory:
         src_shard = self._shards[req_id].get(src)
         if src_shard is None or not 0 < num_tokens <= src_shard.num_tokens:
             have = 0 if src_shard is None else src_shard.num_tokens
-            raise ValueError(f"cannot migrate {num_tokens} tokens of {req_id!r} from "
-                             f"instance {src}, which holds {have}")
+            raise ValueError(
+                f"cannot migrate {num_tokens} tokens of {req_id!r} from "
+                f"instance {src}, which holds {have}"
+            )
         needed = self.num_blocks_to_append(req_id, dst, num_tokens)
         if needed > self.num_free_blocks(dst):
             raise ESPCapacityError(
                 f"instance {dst} cannot receive {num_tokens} tokens of {req_id!r}: needs "
-                f"{needed} block(s), has {self.num_free_blocks(dst)} free")
+                f"{needed} block(s), has {self.num_free_blocks(dst)} free"
+            )
         keep = src_shard.num_tokens - num_tokens
         src_slots = self.slots(req_id, src, keep, src_shard.num_tokens)
         moved = _pop_tail_ranges(src_shard.position_ranges, num_tokens)
@@ -378,22 +391,33 @@ class DistributedKVDirectory:
             positions: list[TokenRange] = []
             for instance, shard in per.items():
                 _require(0 <= instance < self.num_instances, f"bad instance {instance}")
-                _require(len(shard.block_ids) == cdiv(shard.num_tokens, self.block_size),
-                         f"{req_id!r}@{instance}: {len(shard.block_ids)} blocks for "
-                         f"{shard.num_tokens} tokens")
-                _require(sum(e - b for b, e in shard.position_ranges) == shard.num_tokens,
-                         f"{req_id!r}@{instance}: positions do not match token count")
-                _require(all(b < e for b, e in shard.position_ranges),
-                         f"{req_id!r}@{instance}: empty position range")
+                _require(
+                    len(shard.block_ids) == cdiv(shard.num_tokens, self.block_size),
+                    f"{req_id!r}@{instance}: {len(shard.block_ids)} blocks for "
+                    f"{shard.num_tokens} tokens",
+                )
+                _require(
+                    sum(e - b for b, e in shard.position_ranges) == shard.num_tokens,
+                    f"{req_id!r}@{instance}: positions do not match token count",
+                )
+                _require(
+                    all(b < e for b, e in shard.position_ranges),
+                    f"{req_id!r}@{instance}: empty position range",
+                )
                 positions.extend(shard.position_ranges)
                 for block in shard.block_ids:
-                    _require(0 <= block < self.num_capacity_blocks(instance),
-                             f"block {block} outside pool of instance {instance}")
+                    _require(
+                        0 <= block < self.num_capacity_blocks(instance),
+                        f"block {block} outside pool of instance {instance}",
+                    )
                     prev = owner[instance].setdefault(block, req_id)
-                    _require(prev == req_id,
-                             f"block {block}@{instance} owned by {prev!r} and {req_id!r}")
-                _require(len(set(shard.block_ids)) == len(shard.block_ids),
-                         f"{req_id!r}@{instance}: a block appears twice in the shard")
+                    _require(
+                        prev == req_id, f"block {block}@{instance} owned by {prev!r} and {req_id!r}"
+                    )
+                _require(
+                    len(set(shard.block_ids)) == len(shard.block_ids),
+                    f"{req_id!r}@{instance}: a block appears twice in the shard",
+                )
             try:
                 check_tiling(req_id, positions, self._num_tokens[req_id])
             except ValueError as exc:
@@ -404,9 +428,11 @@ class DistributedKVDirectory:
             _require(len(set(free)) == len(free), f"duplicate free block on {instance}")
             both = set(free) & set(owner[instance])
             _require(not both, f"blocks {sorted(both)} on {instance} both free and owned")
-            _require(len(free) + len(owner[instance]) == self.num_capacity_blocks(instance),
-                     f"instance {instance}: used {len(owner[instance])} + free {len(free)} "
-                     f"!= capacity {self.num_capacity_blocks(instance)}")
+            _require(
+                len(free) + len(owner[instance]) == self.num_capacity_blocks(instance),
+                f"instance {instance}: used {len(owner[instance])} + free {len(free)} "
+                f"!= capacity {self.num_capacity_blocks(instance)}",
+            )
 
     # ---------------------------------------------------------------- internals
     def _check_instance(self, instance: int) -> None:
@@ -415,8 +441,9 @@ class DistributedKVDirectory:
 
     def _grow(self, shard: _Shard, instance: int, num_new_tokens: int) -> None:
         # Callers have checked capacity; popping can therefore not fail.
-        num_new_blocks = (cdiv(shard.num_tokens + num_new_tokens, self.block_size)
-                          - len(shard.block_ids))
+        num_new_blocks = cdiv(shard.num_tokens + num_new_tokens, self.block_size) - len(
+            shard.block_ids
+        )
         free = self._free[instance]
         shard.block_ids.extend(free.pop() for _ in range(num_new_blocks))
         shard.num_tokens += num_new_tokens
@@ -432,8 +459,10 @@ def check_tiling(req_id: str, ranges: Iterable[TokenRange], num_tokens: int) -> 
     cursor = 0
     for begin, end in sorted(ranges):
         if begin != cursor or end <= begin:
-            raise ValueError(f"ranges of {req_id!r} do not tile [0, {num_tokens}): "
-                             f"gap or overlap at position {min(begin, cursor)}")
+            raise ValueError(
+                f"ranges of {req_id!r} do not tile [0, {num_tokens}): "
+                f"gap or overlap at position {min(begin, cursor)}"
+            )
         cursor = end
     if cursor != num_tokens:
         raise ValueError(f"ranges of {req_id!r} cover [0, {cursor}), expected [0, {num_tokens})")

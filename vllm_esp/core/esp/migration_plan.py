@@ -63,8 +63,9 @@ Move = tuple[str, int, int, int]
 """``(req_id, src, dst, num_tokens)``: move the last ``num_tokens`` local tokens."""
 
 
-def plan_migration(directory: DistributedKVDirectory, moves: Sequence[Move],
-                   max_chunk_tokens: int) -> MigrationPlan:
+def plan_migration(
+    directory: DistributedKVDirectory, moves: Sequence[Move], max_chunk_tokens: int
+) -> MigrationPlan:
     """Apply ``moves`` to the directory and return the chunked plan.
 
     All-or-nothing: the moves are first tried on a copy, so on
@@ -76,22 +77,25 @@ def plan_migration(directory: DistributedKVDirectory, moves: Sequence[Move],
     return MigrationPlan(_apply(directory, moves, max_chunk_tokens))
 
 
-def _apply(directory: DistributedKVDirectory, moves: Sequence[Move],
-           max_chunk_tokens: int) -> tuple[MigrationChunk, ...]:
+def _apply(
+    directory: DistributedKVDirectory, moves: Sequence[Move], max_chunk_tokens: int
+) -> tuple[MigrationChunk, ...]:
     chunks = []
     for req_id, src, dst, num_tokens in moves:
         remaining = num_tokens
         while remaining > 0:
             n = min(remaining, max_chunk_tokens)
             src_slots, dst_slots, ranges = directory.migrate_tail(req_id, src, dst, n)
-            chunks.append(MigrationChunk(req_id, src, dst, tuple(src_slots), tuple(dst_slots),
-                                         tuple(ranges)))
+            chunks.append(
+                MigrationChunk(req_id, src, dst, tuple(src_slots), tuple(dst_slots), tuple(ranges))
+            )
             remaining -= n
     return tuple(chunks)
 
 
-def plan_consolidation(directory: DistributedKVDirectory, instances: Sequence[int],
-                       max_chunk_tokens: int) -> tuple[int, MigrationPlan] | None:
+def plan_consolidation(
+    directory: DistributedKVDirectory, instances: Sequence[int], max_chunk_tokens: int
+) -> tuple[int, MigrationPlan] | None:
     """Empty the least-used of ``instances`` into the fullest others, if it all fits.
 
     Returns ``(freed_instance, plan)``, with the freed instance unregistered
@@ -103,8 +107,9 @@ def plan_consolidation(directory: DistributedKVDirectory, instances: Sequence[in
     if len(holders) < 2:
         return None
     src = min(holders, key=lambda i: (directory.num_used_tokens(i), i))
-    dsts = sorted((i for i in instances if i != src),
-                  key=lambda i: (-directory.num_used_tokens(i), i))
+    dsts = sorted(
+        (i for i in instances if i != src), key=lambda i: (-directory.num_used_tokens(i), i)
+    )
     trial = copy.deepcopy(directory)
     moves: list[Move] = []
     for req_id in sorted(trial.req_ids):

@@ -135,8 +135,9 @@ class ElasticPolicy(ABC):
 
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
-                      prefill_time: PrefillTime) -> ElasticPolicy:
+    def from_settings(
+        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+    ) -> ElasticPolicy:
         """Build the policy from the ESP settings; each policy reads the
         settings it needs (the registry calls this, never ``__init__``)."""
 
@@ -153,8 +154,9 @@ class ElasticPolicy(ABC):
         """
         return type(self).consolidate is not ElasticPolicy.consolidate
 
-    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> Consolidation | None:
+    def consolidate(
+        self, request: RequestPlacementView, loads: list[InstanceLoad]
+    ) -> Consolidation | None:
         """Blocks to migrate for a decoding request in this step, or None."""
         return None
 
@@ -164,10 +166,17 @@ class ThresholdElasticPolicy(ElasticPolicy):
 
     name = "threshold"
 
-    def __init__(self, num_instances: int, *, prefill_time: PrefillTime,
-                 prefill_target_s: float, max_prefill_instances: int | None = None,
-                 decode_scale_up_batch: int = 64, migrate_blocks_per_step: int = 0,
-                 prefill_storage: str = "fewest") -> None:
+    def __init__(
+        self,
+        num_instances: int,
+        *,
+        prefill_time: PrefillTime,
+        prefill_target_s: float,
+        max_prefill_instances: int | None = None,
+        decode_scale_up_batch: int = 64,
+        migrate_blocks_per_step: int = 0,
+        prefill_storage: str = "fewest",
+    ) -> None:
         if num_instances < 1:
             raise ValueError("num_instances must be >= 1")
         self.num_instances = num_instances
@@ -181,14 +190,18 @@ class ThresholdElasticPolicy(ElasticPolicy):
         self.prefill_storage = prefill_storage
 
     @classmethod
-    def from_settings(cls, settings: ESPConfig, *, num_instances: int,
-                      prefill_time: PrefillTime) -> ThresholdElasticPolicy:
-        return cls(num_instances, prefill_time=prefill_time,
-                   prefill_target_s=settings.prefill_target_ms / 1000.0,
-                   max_prefill_instances=settings.max_prefill_instances,
-                   decode_scale_up_batch=settings.decode_scale_up_batch,
-                   migrate_blocks_per_step=settings.migrate_blocks_per_step,
-                   prefill_storage=settings.prefill_storage)
+    def from_settings(
+        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+    ) -> ThresholdElasticPolicy:
+        return cls(
+            num_instances,
+            prefill_time=prefill_time,
+            prefill_target_s=settings.prefill_target_ms / 1000.0,
+            max_prefill_instances=settings.max_prefill_instances,
+            decode_scale_up_batch=settings.decode_scale_up_batch,
+            migrate_blocks_per_step=settings.migrate_blocks_per_step,
+            prefill_storage=settings.prefill_storage,
+        )
 
     @property
     def consolidates(self) -> bool:
@@ -214,8 +227,9 @@ class ThresholdElasticPolicy(ElasticPolicy):
             return StepPlacement(compute, self._prefill_storage(request, by_free), "prefill")
         return self._decode(request, loads, by_free)
 
-    def _prefill_storage(self, request: RequestPlacementView, by_free: list[InstanceLoad]
-                         ) -> StoragePlacement:
+    def _prefill_storage(
+        self, request: RequestPlacementView, by_free: list[InstanceLoad]
+    ) -> StoragePlacement:
         # Blocks still needed for the whole prompt plus the first output token.
         bs = request.block_size
         held = sum(request.blocks_per_instance)
@@ -232,8 +246,9 @@ class ThresholdElasticPolicy(ElasticPolicy):
         return StoragePlacement(tuple(chosen), stripe=False)
 
     # ------------------------------------------------------------------ decode
-    def _decode(self, request: RequestPlacementView, loads: list[InstanceLoad],
-                by_free: list[InstanceLoad]) -> StepPlacement:
+    def _decode(
+        self, request: RequestPlacementView, loads: list[InstanceLoad], by_free: list[InstanceLoad]
+    ) -> StepPlacement:
         home = request.last_block_instance
         if home is not None:
             load = loads[home]
@@ -242,15 +257,18 @@ class ThresholdElasticPolicy(ElasticPolicy):
         # Scale up: the least loaded other instance with memory takes the next
         # block; the group grows and no KV moves.
         with_room = [load for load in loads if load.num_free_blocks > 0]
-        candidates = ([load for load in with_room if load.instance != home]
-                      or with_room or list(loads))
-        target = min(candidates,
-                     key=lambda load: (load.num_decodes, -load.num_free_blocks, load.instance))
+        candidates = (
+            [load for load in with_room if load.instance != home] or with_room or list(loads)
+        )
+        target = min(
+            candidates, key=lambda load: (load.num_decodes, -load.num_free_blocks, load.instance)
+        )
         reason = "scale-up" if home is not None and target.instance != home else "decode"
         return StepPlacement((target.instance,), StoragePlacement((target.instance,)), reason)
 
-    def consolidate(self, request: RequestPlacementView, loads: list[InstanceLoad]
-                    ) -> Consolidation | None:
+    def consolidate(
+        self, request: RequestPlacementView, loads: list[InstanceLoad]
+    ) -> Consolidation | None:
         if self.migrate_blocks_per_step <= 0 or request.is_prefill:
             return None
         shards = [(n, i) for i, n in enumerate(request.blocks_per_instance) if n > 0]
@@ -279,8 +297,10 @@ ELASTIC_POLICIES: dict[str, type[ElasticPolicy]] = {
 }
 
 
-def make_elastic_policy(settings: ESPConfig, *, num_instances: int,
-                        prefill_time: PrefillTime) -> ElasticPolicy:
+def make_elastic_policy(
+    settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+) -> ElasticPolicy:
     """Build the policy named by ``settings.placement``."""
     return ELASTIC_POLICIES[settings.placement].from_settings(
-        settings, num_instances=num_instances, prefill_time=prefill_time)
+        settings, num_instances=num_instances, prefill_time=prefill_time
+    )

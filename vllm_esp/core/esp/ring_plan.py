@@ -73,8 +73,9 @@ def num_stripe_rows(num_tokens: int, rank: int, num_ranks: int) -> int:
     return max(0, cdiv(num_tokens - rank, num_ranks))
 
 
-def stripe_rows_in_range(origin: int, num_ranks: int, num_tokens: int,
-                         begin: int, end: int) -> tuple[int, int]:
+def stripe_rows_in_range(
+    origin: int, num_ranks: int, num_tokens: int, begin: int, end: int
+) -> tuple[int, int]:
     """Rows ``[i0, i1)`` of ``origin``'s stripe whose positions lie in ``[begin, end)``."""
     num_rows = num_stripe_rows(num_tokens, origin, num_ranks)
     i0 = min(max(cdiv(begin - origin, num_ranks), 0), num_rows)
@@ -134,16 +135,19 @@ class RetentionPlan:
         if not self.group or len(set(self.group)) != len(self.group):
             raise ValueError(f"group must list distinct instances, got {self.group}")
         if len(self.req_ids) != len(self.num_prompt_tokens) or len(set(self.req_ids)) != len(
-                self.req_ids):
+            self.req_ids
+        ):
             raise ValueError("req_ids must be distinct and match num_prompt_tokens")
         if len(self.kept) != len(self.group) or any(
-                len(per_req) != len(self.req_ids) for per_req in self.kept):
+            len(per_req) != len(self.req_ids) for per_req in self.kept
+        ):
             raise ValueError("kept must be indexed [logical rank][request]")
         for j, req_id in enumerate(self.req_ids):
             if self.num_prompt_tokens[j] <= 0:
                 raise ValueError(f"request {req_id!r} has no prompt tokens")
-            check_tiling(req_id, [r for per_req in self.kept for r in per_req[j]],
-                          self.num_prompt_tokens[j])
+            check_tiling(
+                req_id, [r for per_req in self.kept for r in per_req[j]], self.num_prompt_tokens[j]
+            )
 
     @property
     def num_ranks(self) -> int:
@@ -157,19 +161,24 @@ class RetentionPlan:
         return sum(e - b for b, e in self.kept[rank][req_index])
 
     def num_required_blocks(self, rank: int, block_size: int) -> int:
-        return sum(cdiv(self.num_kept_tokens(rank, j), block_size)
-                   for j in range(len(self.req_ids)))
+        return sum(
+            cdiv(self.num_kept_tokens(rank, j), block_size) for j in range(len(self.req_ids))
+        )
 
     def retaining_group(self) -> tuple[int, ...]:
         """Instances that keep at least one token; the others leave the group."""
-        return tuple(inst for r, inst in enumerate(self.group)
-                     if any(self.kept[r][j] for j in range(len(self.req_ids))))
+        return tuple(
+            inst
+            for r, inst in enumerate(self.group)
+            if any(self.kept[r][j] for j in range(len(self.req_ids)))
+        )
 
     def placement(self) -> dict[str, dict[int, tuple[TokenRange, ...]]]:
         """``{req: {instance: ranges}}`` for ``DistributedKVDirectory.allocate_prefill``."""
-        return {req_id: {inst: self.kept[r][j] for r, inst in enumerate(self.group)
-                         if self.kept[r][j]}
-                for j, req_id in enumerate(self.req_ids)}
+        return {
+            req_id: {inst: self.kept[r][j] for r, inst in enumerate(self.group) if self.kept[r][j]}
+            for j, req_id in enumerate(self.req_ids)
+        }
 
 
 def pack_fullest_first(
@@ -207,24 +216,36 @@ def pack_fullest_first(
                 raise ESPCapacityError(
                     f"prefill of {total} tokens ({len(req_ids)} request(s)) does not fit in "
                     f"group {tuple(group)}: {free_tokens} free token slots in total, at most "
-                    f"{largest} on one instance (block size {block_size})")
+                    f"{largest} on one instance (block size {block_size})"
+                )
             rank = order[cursor_rank]
             take = min(num_tokens - begin, free[rank] * block_size)
             kept[rank][j].append((begin, begin + take))
             free[rank] -= cdiv(take, block_size)
             begin += take
-    return RetentionPlan(tuple(group), tuple(req_ids), tuple(num_prompt_tokens),
-                         tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept))
+    return RetentionPlan(
+        tuple(group),
+        tuple(req_ids),
+        tuple(num_prompt_tokens),
+        tuple(tuple(tuple(rs) for rs in per_req) for per_req in kept),
+    )
 
 
-def plan_retention(directory: DistributedKVDirectory, req_ids: Sequence[str],
-                   num_prompt_tokens: Sequence[int], group: Sequence[int]) -> RetentionPlan:
+def plan_retention(
+    directory: DistributedKVDirectory,
+    req_ids: Sequence[str],
+    num_prompt_tokens: Sequence[int],
+    group: Sequence[int],
+) -> RetentionPlan:
     """``pack_fullest_first`` over the directory's current usage."""
     return pack_fullest_first(
-        req_ids, num_prompt_tokens, group,
+        req_ids,
+        num_prompt_tokens,
+        group,
         num_used_tokens={i: directory.num_used_tokens(i) for i in group},
         num_free_blocks={i: directory.num_free_blocks(i) for i in group},
-        block_size=directory.block_size)
+        block_size=directory.block_size,
+    )
 
 
 # ----------------------------------------------------------------- ring prefill
@@ -261,13 +282,19 @@ def schedule_ring_prefill(
     if retention is None:
         retention = plan_retention(directory, req_ids, num_prompt_tokens, group)
     elif (retention.group, retention.req_ids, retention.num_prompt_tokens) != (
-            tuple(group), tuple(req_ids), tuple(num_prompt_tokens)):
+        tuple(group),
+        tuple(req_ids),
+        tuple(num_prompt_tokens),
+    ):
         raise ValueError("retention plan was made for a different batch or group")
     directory.allocate_prefill(dict(zip(req_ids, num_prompt_tokens)), retention.placement())
     block_tables = tuple(
-        tuple(directory.shard(req_id, inst).block_ids if retention.kept[r][j] else ()
-              for j, req_id in enumerate(req_ids))
-        for r, inst in enumerate(retention.group))
+        tuple(
+            directory.shard(req_id, inst).block_ids if retention.kept[r][j] else ()
+            for j, req_id in enumerate(req_ids)
+        )
+        for r, inst in enumerate(retention.group)
+    )
     return RingPrefillPlan(retention, block_tables, directory.block_size)
 
 
@@ -324,8 +351,11 @@ def build_ring_schedule(plan: RingPrefillPlan, logical_rank: int) -> RingRankSch
                     keep_slots.append(table[local // bs] * bs + local % bs)
                 local_offset += end - begin
         hops.append(RingHop(origin, cu_k, tuple(keep_rows), tuple(keep_slots)))
-    last_rows = tuple((j, stripes.cu_rows(r)[j] + stripes.num_rows(r, j) - 1)
-                      for j in range(len(lens)) if stripes.last_token_rank(j) == r)
+    last_rows = tuple(
+        (j, stripes.cu_rows(r)[j] + stripes.num_rows(r, j) - 1)
+        for j in range(len(lens))
+        if stripes.last_token_rank(j) == r
+    )
     return RingRankSchedule(
         logical_rank=r,
         num_ranks=n,

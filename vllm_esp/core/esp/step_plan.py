@@ -126,8 +126,9 @@ class ESPStepPlan:
     def holders(self, req: RequestStep) -> tuple[int, ...]:
         """Instances storing any KV of ``req`` in ``[0, end)``, ascending."""
         num_blocks = -(-req.end // self.block_size)
-        return tuple(sorted({instance_of(b, self.blocks_per_instance)
-                             for b in req.block_ids[:num_blocks]}))
+        return tuple(
+            sorted({instance_of(b, self.blocks_per_instance) for b in req.block_ids[:num_blocks]})
+        )
 
     def instances_per_request(self) -> dict[str, int]:
         """Size of each request's group this step (KV holders plus compute)."""
@@ -207,11 +208,13 @@ def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
     out = LocalBatch(instance=instance)
     for req in plan.requests:
         if len(req.block_ids) * bs < req.end:
-            raise ValueError(f"request {req.req_id}: {len(req.block_ids)} blocks cannot hold "
-                             f"{req.end} tokens")
+            raise ValueError(
+                f"request {req.req_id}: {len(req.block_ids)} blocks cannot hold {req.end} tokens"
+            )
         holders = plan.holders(req)
-        table_here, kv_len_here = ((_local_kv(plan, req, instance))
-                                   if instance in holders else ([], 0))
+        table_here, kv_len_here = (
+            (_local_kv(plan, req, instance)) if instance in holders else ([], 0)
+        )
         # Per computing instance: its rows of this request (in step order).
         rows_of: dict[int, list[int]] = {}
         for k, token in enumerate(req.token_ids):
@@ -239,26 +242,31 @@ def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
             if comp == instance:
                 if instance in holders:
                     out.own_rows.extend(rows)
-                    _append_group(out.own, [out.positions[r] for r in rows], table_here,
-                                  kv_len_here)
+                    _append_group(
+                        out.own, [out.positions[r] for r in rows], table_here, kv_len_here
+                    )
                 for peer in holders:
                     if peer != instance:
                         out.query_out.setdefault(peer, []).extend(rows)
             elif instance in holders:
-                positions = [req.start + k for k in range(len(req.token_ids))
-                             if req.compute_instance(k) == comp]
-                _append_group(out.query_in.setdefault(comp, PeerQueries()), positions,
-                              table_here, kv_len_here)
+                positions = [
+                    req.start + k
+                    for k in range(len(req.token_ids))
+                    if req.compute_instance(k) == comp
+                ]
+                _append_group(
+                    out.query_in.setdefault(comp, PeerQueries()), positions, table_here, kv_len_here
+                )
         if req.sample is not None:
             last = len(req.token_ids) - 1
             if req.compute_instance(last) == instance:
-                out.sample_rows.append((req.req_id, rows_of[instance][-1], req.sample,
-                                        req.num_output_tokens))
+                out.sample_rows.append(
+                    (req.req_id, rows_of[instance][-1], req.sample, req.num_output_tokens)
+                )
     return out
 
 
-def _append_group(group: PeerQueries, positions: list[int], table: list[int],
-                  kv_len: int) -> None:
+def _append_group(group: PeerQueries, positions: list[int], table: list[int], kv_len: int) -> None:
     group.num_rows += len(positions)
     group.positions.extend(positions)
     group.cu_seqlens.append(group.num_rows)

@@ -120,8 +120,12 @@ def plan_admission(
     first_after_cut = planner.walk(ranked)
     planner.restore_reserve(num_reserve_blocks)
     after_cut = ranked if first_after_cut is None else itertools.chain((first_after_cut,), ranked)
-    planner.prefetch_next(after_cut, num_prefetch=num_prefetch, prefetch_window=prefetch_window,
-                          num_reserve_blocks=num_reserve_blocks)
+    planner.prefetch_next(
+        after_cut,
+        num_prefetch=num_prefetch,
+        prefetch_window=prefetch_window,
+        num_reserve_blocks=num_reserve_blocks,
+    )
     return planner.plan(resident_ids)
 
 
@@ -245,8 +249,9 @@ class _StepPlanner:
 
     def _num_reclaimable(self) -> int:
         if self._reclaimable is None:
-            self._reclaimable = sum(v.num_held_blocks for v in self.residents.get()
-                                    if v.request_id not in self.taken)
+            self._reclaimable = sum(
+                v.num_held_blocks for v in self.residents.get() if v.request_id not in self.taken
+            )
         return self._reclaimable
 
     def _take(self, cand: Candidate) -> None:
@@ -307,6 +312,10 @@ class _StepPlanner:
             resident_ids = [c.request_id for c in reversed(self.residents.get())]
         pause = tuple(r for r in resident_ids if r not in run_or_evicted)
         return AdmissionPlan(
-            run=tuple(self.run), pause=pause, preempt=tuple(self.preempt),
-            skip=tuple(self.skip), offload=tuple(self.offload), prefetch=tuple(self.prefetch),
+            run=tuple(self.run),
+            pause=pause,
+            preempt=tuple(self.preempt),
+            skip=tuple(self.skip),
+            offload=tuple(self.offload),
+            prefetch=tuple(self.prefetch),
         )

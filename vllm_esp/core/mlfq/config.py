@@ -67,8 +67,9 @@ class MLFQConfig(Settings):
         if not isinstance(self.skip_join, bool):
             raise bad("skip_join", "must be true or false")
         if not (is_number(self.starvation_threshold_s) and self.starvation_threshold_s >= 0):
-            raise bad("starvation_threshold_s",
-                      "must be a number of seconds >= 0 (0 disables promotion)")
+            raise bad(
+                "starvation_threshold_s", "must be a number of seconds >= 0 (0 disables promotion)"
+            )
         if self.policy not in POLICIES:
             raise bad("policy", f"unknown policy; choose from {sorted(POLICIES)}")
         if not (is_int(self.num_reserved_blocks) and self.num_reserved_blocks >= 0):

@@ -46,7 +46,9 @@ class FCFSPolicy(RankingPolicy):
         if key is not None:
             del self._queue[bisect.bisect_left(self._queue, key)]
 
-    def on_scheduled(self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float) -> None:
+    def on_scheduled(
+        self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float
+    ) -> None:
         return None
 
     def iter_ranked(self) -> Iterator[str]:
@@ -96,7 +98,10 @@ class SRPTOraclePolicy(RankingPolicy):
                 "(and ignore_eos=True) on every request"
             )
         self._states[info.request_id] = _SRPTState(
-            info.arrival_time, self._seq, info.num_prompt_tokens, info.max_tokens,
+            info.arrival_time,
+            self._seq,
+            info.num_prompt_tokens,
+            info.max_tokens,
             info.num_cached_tokens,
         )
         self._seq += 1
@@ -106,7 +111,9 @@ class SRPTOraclePolicy(RankingPolicy):
         if self._states.pop(request_id, None) is not None:
             self._order = None
 
-    def on_scheduled(self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float) -> None:
+    def on_scheduled(
+        self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float
+    ) -> None:
         state = self._states.get(request_id)
         if state is not None and num_new_tokens > 0:
             state.num_computed_tokens = num_computed_tokens + num_new_tokens
@@ -130,7 +137,8 @@ class SRPTOraclePolicy(RankingPolicy):
     def iter_ranked(self) -> Iterator[str]:
         if self._order is None:
             self._order = [
-                rid for _, _, rid in heapq.nsmallest(
+                rid
+                for _, _, rid in heapq.nsmallest(
                     len(self._states),
                     ((self.remaining_s(rid), s.seq, rid) for rid, s in self._states.items()),
                 )

@@ -147,8 +147,9 @@ class MLFQPolicy(RankingPolicy):
         assert index < len(queue) and queue[index] == key, "MLFQ level out of sync"
         del queue[index]
 
-    def _move(self, request_id: str, state: _MLFQState, new_level: int,
-              new_time: float | None = None) -> None:
+    def _move(
+        self, request_id: str, state: _MLFQState, new_level: int, new_time: float | None = None
+    ) -> None:
         self._remove_key(state.level, state.key)
         state.level = new_level
         state.attained_s = 0.0

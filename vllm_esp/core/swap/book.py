@@ -242,15 +242,19 @@ def host_runs(copies: Iterable[BlockCopy]) -> list[HostRun]:
     # Fast path, the common case: every copy's slots are one ascending range
     # (first-fit). Merging whole copies avoids a per-block Python loop in the
     # worker, which runs right after large copies have cooled its caches.
-    if all(c.host_blocks == tuple(range(c.host_blocks[0], c.host_blocks[0] + len(c.host_blocks)))
-           for c in copies):
+    if all(
+        c.host_blocks == tuple(range(c.host_blocks[0], c.host_blocks[0] + len(c.host_blocks)))
+        for c in copies
+    ):
         merged: list[HostRun] = []
         for c in sorted(copies, key=lambda c: c.host_blocks[0]):
             if merged:
                 last = merged[-1]
                 end = last.host_start + len(last.device_blocks)
                 if c.host_blocks[0] < end:
-                    raise ValueError(f"host slot {c.host_blocks[0]} used twice in one step and direction")
+                    raise ValueError(
+                        f"host slot {c.host_blocks[0]} used twice in one step and direction"
+                    )
                 if c.host_blocks[0] == end:
                     merged[-1] = HostRun(last.host_start, last.device_blocks + c.device_blocks)
                     continue
@@ -403,7 +407,9 @@ class SwapBook:
         last = self.num_blocks(num_local_tokens + num_load_tokens)
         if last > len(device_blocks):
             raise ValueError(f"{request_id}: {last} blocks to load, {len(device_blocks)} allocated")
-        copy = BlockCopy(request_id, tuple(device_blocks[first:last]), tuple(entry.host_blocks[first:last]))
+        copy = BlockCopy(
+            request_id, tuple(device_blocks[first:last]), tuple(entry.host_blocks[first:last])
+        )
         self.counters.swap_in_requests += 1
         self.counters.swap_in_blocks += last - first
         if asynchronous:

@@ -19,21 +19,31 @@ import torch
 from vllm_esp.integration.esp.step_context import ESPStepContext
 
 
-def _esp_forward(impl: Any, stock_forward: Any, layer: torch.nn.Module, query: torch.Tensor,
-                 key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 attn_metadata: Any, output: torch.Tensor, *args: Any,
-                 local_kernel: Any = None, **kwargs: Any) -> torch.Tensor:
+def _esp_forward(
+    impl: Any,
+    stock_forward: Any,
+    layer: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn_metadata: Any,
+    output: torch.Tensor,
+    *args: Any,
+    local_kernel: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor:
     if isinstance(attn_metadata, ESPStepContext):
         n = attn_metadata.num_rows
-        out = attn_metadata.attend(layer, query, key, value, kv_cache, impl.scale,
-                                   local_kernel)
+        out = attn_metadata.attend(layer, query, key, value, kv_cache, impl.scale, local_kernel)
         output = output.view(query.shape[0], impl.num_heads, -1)
         output[:n] = out
         if query.shape[0] > n:
             output[n:] = 0  # padding rows of an instance with nothing to compute
         return output
-    return stock_forward(impl, layer, query, key, value, kv_cache, attn_metadata, output,
-                         *args, **kwargs)
+    return stock_forward(
+        impl, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+    )
 
 
 def _check_supported(impl: Any) -> None:
@@ -65,14 +75,27 @@ def _cpu_classes() -> tuple[type, type]:
             super().__init__(*args, **kwargs)
             _check_supported(self)
 
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
-                    *args, **kwargs):
-            return _esp_forward(self, CPUAttentionBackendImpl.forward, layer, query, key,
-                                value, kv_cache, attn_metadata, output, *args,
-                                local_kernel=self._local_kernel, **kwargs)
+        def forward(
+            self, layer, query, key, value, kv_cache, attn_metadata, output=None, *args, **kwargs
+        ):
+            return _esp_forward(
+                self,
+                CPUAttentionBackendImpl.forward,
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                output,
+                *args,
+                local_kernel=self._local_kernel,
+                **kwargs,
+            )
 
-        def _local_kernel(self, ctx: ESPStepContext, layer: Any, q: torch.Tensor,
-                          kv_cache: torch.Tensor) -> torch.Tensor:
+        def _local_kernel(
+            self, ctx: ESPStepContext, layer: Any, q: torch.Tensor, kv_cache: torch.Tensor
+        ) -> torch.Tensor:
             meta = ctx.fast_state
             if meta is None:  # once per step: every layer has the same geometry
                 fast = ctx.fast
@@ -85,13 +108,22 @@ def _cpu_classes() -> tuple[type, type]:
                     block_table=fast.block_tables,
                     slot_mapping=torch.empty(0, dtype=torch.int64),
                     scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-                        num_reqs=fast.kv_lens.shape[0], num_heads=self.num_heads,
-                        num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
-                        seq_lens=fast.kv_lens, dtype=q.dtype,
-                        query_start_loc=fast.cu_seqlens, causal=True,
-                        sliding_window_size=-1, isa=layer.isa, enable_kv_split=False,
-                        dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype),
-                    causal=True)
+                        num_reqs=fast.kv_lens.shape[0],
+                        num_heads=self.num_heads,
+                        num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_size,
+                        seq_lens=fast.kv_lens,
+                        dtype=q.dtype,
+                        query_start_loc=fast.cu_seqlens,
+                        causal=True,
+                        sliding_window_size=-1,
+                        isa=layer.isa,
+                        enable_kv_split=False,
+                        dynamic_causal=None,
+                        kv_cache_dtype=self.kv_cache_dtype,
+                    ),
+                    causal=True,
+                )
                 ctx.fast_state = meta
             out = torch.empty_like(q)
             CPUAttentionBackendImpl.forward(self, layer, q, q, q, kv_cache, meta, out)
@@ -120,10 +152,22 @@ def _cuda_classes() -> tuple[type, type]:
             super().__init__(*args, **kwargs)
             _check_supported(self)
 
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
-                    *args, **kwargs):
-            return _esp_forward(self, FlashAttentionImpl.forward, layer, query, key, value,
-                                kv_cache, attn_metadata, output, *args, **kwargs)
+        def forward(
+            self, layer, query, key, value, kv_cache, attn_metadata, output=None, *args, **kwargs
+        ):
+            return _esp_forward(
+                self,
+                FlashAttentionImpl.forward,
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                output,
+                *args,
+                **kwargs,
+            )
 
     class ESPFlashAttentionBackend(FlashAttentionBackend):
         """``FLASH_ATTN`` with :class:`ESPFlashAttentionImpl`."""
@@ -157,11 +201,15 @@ def register_esp_backend() -> str:
     )
 
     if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN,
-                         "vllm_esp.integration.esp.attention_backend.ESPCPUAttentionBackend")
+        register_backend(
+            AttentionBackendEnum.CPU_ATTN,
+            "vllm_esp.integration.esp.attention_backend.ESPCPUAttentionBackend",
+        )
         return "CPU_ATTN"
     if current_platform.is_cuda():
-        register_backend(AttentionBackendEnum.FLASH_ATTN,
-                         "vllm_esp.integration.esp.attention_backend.ESPFlashAttentionBackend")
+        register_backend(
+            AttentionBackendEnum.FLASH_ATTN,
+            "vllm_esp.integration.esp.attention_backend.ESPFlashAttentionBackend",
+        )
         return "FLASH_ATTN"
     raise NotImplementedError(f"ESP has no attention backend for {current_platform.device_name}")

@@ -55,11 +55,15 @@ class ESPExecutor(Executor):
         n = self.esp_config.num_instances
         pc = self.vllm_config.parallel_config
         if pc.world_size != 1:
-            raise ValueError("ESP instances are single-worker replicas: tensor/pipeline "
-                             f"parallelism is not supported (world size {pc.world_size})")
+            raise ValueError(
+                "ESP instances are single-worker replicas: tensor/pipeline "
+                f"parallelism is not supported (world size {pc.world_size})"
+            )
         if not self.vllm_config.model_config.enforce_eager:
-            raise ValueError("ESP runs the model eagerly: set enforce_eager=True "
-                             "(vllm_esp.scheduler_args('esp', ...) does)")
+            raise ValueError(
+                "ESP runs the model eagerly: set enforce_eager=True "
+                "(vllm_esp.scheduler_args('esp', ...) does)"
+            )
         self.instances: list[Instance] = []
         try:
             if self.esp_config.backend == "ray":
@@ -72,8 +76,7 @@ class ESPExecutor(Executor):
             raise
         self.num_blocks_total = 0
         self.blocks_per_instance = 0
-        logger.info("vllm-esp: %d ESP instances started (%s backend)", n,
-                    self.esp_config.backend)
+        logger.info("vllm-esp: %d ESP instances started (%s backend)", n, self.esp_config.backend)
 
     def _instance_config(self, index: int) -> Any:
         config = copy.deepcopy(self.vllm_config)
@@ -104,17 +107,20 @@ class ESPExecutor(Executor):
         self._placement_group = placement_group(bundles, strategy="PACK")
         ray.get(self._placement_group.ready(), timeout=300)
         for i in range(n):
-            self.instances.append(RayInstance(i, self._instance_config(i),
-                                              self._placement_group, num_cpus=1,
-                                              num_gpus=gpu))
+            self.instances.append(
+                RayInstance(
+                    i, self._instance_config(i), self._placement_group, num_cpus=1, num_gpus=gpu
+                )
+            )
         for method in ("init_device", "load_model"):
             self._all(method)
 
     def _init_group(self) -> None:
         n = len(self.instances)
         host, port = self.instances[0].call_sync("esp_group_address")
-        pending = [inst.call("esp_init_group", inst.index, n, host, port)
-                   for inst in self.instances]
+        pending = [
+            inst.call("esp_init_group", inst.index, n, host, port) for inst in self.instances
+        ]
         for p in pending:
             p.result()
 
@@ -155,13 +161,12 @@ class ESPExecutor(Executor):
 
         groups = config.kv_cache_groups
         local = get_kv_cache_config_from_groups(
-            self.vllm_config, groups, nb * _pool_bytes_per_block(self.vllm_config, groups))
+            self.vllm_config, groups, nb * _pool_bytes_per_block(self.vllm_config, groups)
+        )
         if local.num_blocks != nb:
-            raise RuntimeError(f"per-instance KV plan has {local.num_blocks} blocks, "
-                               f"expected {nb}")
+            raise RuntimeError(f"per-instance KV plan has {local.num_blocks} blocks, expected {nb}")
         local.kv_cache_layout = config.kv_cache_layout
-        logger.info("vllm-esp: %d global KV blocks = %d instances x %d", config.num_blocks,
-                    n, nb)
+        logger.info("vllm-esp: %d global KV blocks = %d instances x %d", config.num_blocks, n, nb)
         self._all("initialize_from_config", [local])
 
     def execute_model(self, scheduler_output: Any, non_block: bool = False):
@@ -175,11 +180,14 @@ class ESPExecutor(Executor):
     def _execute(self, scheduler_output: Any) -> ModelRunnerOutput:
         plan: ESPStepPlan | None = getattr(scheduler_output, "esp_plan", None)
         if plan is None:
-            raise RuntimeError("the ESP executor needs the ESP scheduler's plan "
-                               "(use --scheduler esp / scheduler_args('esp'))")
+            raise RuntimeError(
+                "the ESP executor needs the ESP scheduler's plan "
+                "(use --scheduler esp / scheduler_args('esp'))"
+            )
         swap = scheduler_output.kv_connector_metadata
         has_copies = swap is not None and any(
-            getattr(swap, k, ()) for k in ("swap_out", "swap_in", "prefetch"))
+            getattr(swap, k, ()) for k in ("swap_out", "swap_in", "prefetch")
+        )
         if not plan.requests and not plan.moves and not has_copies:
             return EMPTY_MODEL_RUNNER_OUTPUT
         sampled: dict[str, int] = {}

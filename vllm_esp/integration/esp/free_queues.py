@@ -26,13 +26,19 @@ __all__ = ["InstanceFreeQueues", "StoragePlacement"]
 class InstanceFreeQueues:
     """Drop-in for ``FreeKVCacheBlockQueue`` with one queue per instance."""
 
-    def __init__(self, blocks: Sequence[Any], num_instances: int, blocks_per_instance: int,
-                 exclude: Iterable[Any] = ()) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[Any],
+        num_instances: int,
+        blocks_per_instance: int,
+        exclude: Iterable[Any] = (),
+    ) -> None:
         from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
         if len(blocks) > num_instances * blocks_per_instance:
-            raise ValueError(f"{len(blocks)} blocks do not fit {num_instances} x "
-                             f"{blocks_per_instance}")
+            raise ValueError(
+                f"{len(blocks)} blocks do not fit {num_instances} x {blocks_per_instance}"
+            )
         excluded = {id(b) for b in exclude}
         per_instance: list[list[Any]] = [[] for _ in range(num_instances)]
         for block in blocks:
@@ -71,8 +77,9 @@ class InstanceFreeQueues:
         return taken
 
     @staticmethod
-    def take_counts(n: int, placement: StoragePlacement | None, free: list[int]
-                    ) -> list[tuple[int, int]]:
+    def take_counts(
+        n: int, placement: StoragePlacement | None, free: list[int]
+    ) -> list[tuple[int, int]]:
         """``[(instance, count), ...]`` in block-table order for ``n`` blocks.
 
         Plain numbers in and out (no vLLM blocks), so
@@ -127,12 +134,15 @@ class InstanceFreeQueues:
         return [b for q in self.queues for b in q.get_all_free_blocks()]
 
     def iter_blocks_after(self, cursor: Any) -> Iterator[Any]:
-        raise NotImplementedError("ESP's per-instance free queues have no single eviction "
-                                  "order (used only by vLLM's simple CPU offload)")
+        raise NotImplementedError(
+            "ESP's per-instance free queues have no single eviction "
+            "order (used only by vLLM's simple CPU offload)"
+        )
 
     def _by_instance(self, blocks: list[Any]) -> list[tuple[int, list[Any]]]:
         groups: dict[int, list[Any]] = {}
         for block in blocks:  # keeps each instance's relative (eviction) order
-            groups.setdefault(instance_of(block.block_id, self.blocks_per_instance),
-                              []).append(block)
+            groups.setdefault(instance_of(block.block_id, self.blocks_per_instance), []).append(
+                block
+            )
         return sorted(groups.items())

@@ -33,8 +33,14 @@ from vllm_esp.kernels.esp.group import InstanceGroup
 class InstanceHostSwap:
     """This instance's host copies, keyed by the scheduler's host slot."""
 
-    def __init__(self, caches: Sequence[PagedKVCache], group: InstanceGroup | None,
-                 instance: int, blocks_per_instance: int, block_size: int) -> None:
+    def __init__(
+        self,
+        caches: Sequence[PagedKVCache],
+        group: InstanceGroup | None,
+        instance: int,
+        blocks_per_instance: int,
+        block_size: int,
+    ) -> None:
         self.caches = list(caches)
         self.group = group
         self.instance = instance
@@ -99,10 +105,14 @@ class InstanceHostSwap:
                 sends += [(dst, kv.contiguous()), (dst, positions.contiguous())]
             buffers = []
             for owner, blocks in sorted(recv.items()):
-                kv = torch.empty((len(self.caches), len(blocks), *self._block_shape()),
-                                 dtype=self.caches[0].dtype, device=self.caches[0].device)
-                positions = torch.empty((len(blocks), self.block_size), dtype=torch.int64,
-                                        device=self.caches[0].device)
+                kv = torch.empty(
+                    (len(self.caches), len(blocks), *self._block_shape()),
+                    dtype=self.caches[0].dtype,
+                    device=self.caches[0].device,
+                )
+                positions = torch.empty(
+                    (len(blocks), self.block_size), dtype=torch.int64, device=self.caches[0].device
+                )
                 buffers.append((owner, blocks, kv, positions))
             recvs = [(o, t) for o, _, kv, pos in buffers for t in (kv, pos)]
             self.group.exchange(sends, recvs).wait()
@@ -119,8 +129,9 @@ class InstanceHostSwap:
         parts = [cache.read_blocks(index) for cache in self.caches]
         return torch.stack([p.kv for p in parts]), parts[0].positions.clone()
 
-    def _gather(self, slots: list[int], device: torch.device | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(
+        self, slots: list[int], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kv = torch.stack([self.slots[s][0] for s in slots], dim=1)
         positions = torch.stack([self.slots[s][1] for s in slots])
         if device is not None:

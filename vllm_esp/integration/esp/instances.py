@@ -76,8 +76,7 @@ def default_cpu_binds(num_instances: int) -> list[str | None]:
     if len(cores) < num_instances:
         return [None] * num_instances
     per = len(cores) // num_instances
-    return [",".join(str(c) for c in cores[i * per:(i + 1) * per])
-            for i in range(num_instances)]
+    return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(num_instances)]
 
 
 class MPInstance(Instance):
@@ -94,18 +93,21 @@ class MPInstance(Instance):
         else:
             # One GPU per instance, by index among the visible ones.
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            devices = visible.split(",") if visible else [str(i) for i in range(
-                current_platform.device_count())]
+            devices = (
+                visible.split(",")
+                if visible
+                else [str(i) for i in range(current_platform.device_count())]
+            )
             if index >= len(devices):
-                raise ValueError(f"ESP instance {index} needs a GPU; only {len(devices)} "
-                                 "visible")
+                raise ValueError(f"ESP instance {index} needs a GPU; only {len(devices)} visible")
             bind["CUDA_VISIBLE_DEVICES"] = devices[index]
         with _env(**bind):
             self.executor = MultiprocExecutor(vllm_config)
 
     def call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
-        future = self.executor.collective_rpc(method, args=args, kwargs=kwargs or None,
-                                              non_block=True)
+        future = self.executor.collective_rpc(
+            method, args=args, kwargs=kwargs or None, non_block=True
+        )
         return Pending(lambda: future.result()[0])
 
     def check_health(self) -> None:
@@ -118,8 +120,9 @@ class MPInstance(Instance):
 class RayInstance(Instance):
     """An instance as a Ray actor in bundle ``index`` of ``placement_group``."""
 
-    def __init__(self, index: int, vllm_config: Any, placement_group: Any,
-                 num_cpus: float, num_gpus: float) -> None:
+    def __init__(
+        self, index: int, vllm_config: Any, placement_group: Any, num_cpus: float, num_gpus: float
+    ) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         from vllm.v1.executor.ray_utils import RayWorkerWrapper
@@ -127,13 +130,21 @@ class RayInstance(Instance):
         self.index = index
         self._ray = ray
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RayWorkerWrapper)
-        self.actor = actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=placement_group, placement_group_bundle_index=index,
-        )).remote(rpc_rank=0)
+        self.actor = actor_cls.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement_group,
+                placement_group_bundle_index=index,
+            )
+        ).remote(rpc_rank=0)
         # A world of one needs no port: a FileStore on the actor's own node.
         init_method = f"file://{tempfile.gettempdir()}/vllm-esp-{uuid.uuid4().hex}"
-        kwargs = dict(vllm_config=vllm_config, local_rank=0, rank=0,
-                      distributed_init_method=init_method, is_driver_worker=True)
+        kwargs = dict(
+            vllm_config=vllm_config,
+            local_rank=0,
+            rank=0,
+            distributed_init_method=init_method,
+            is_driver_worker=True,
+        )
         ray.get(self.actor.init_worker.remote([kwargs]))
 
     def call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:

@@ -11,7 +11,7 @@ tables, so instances cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,13 +26,22 @@ from vllm_esp.kernels.attention import KVLayout
 from vllm_esp.kernels.esp.group import InstanceGroup
 from vllm_esp.kernels.esp.sampler import sample_one
 
+if TYPE_CHECKING:
+    from vllm_esp.integration.esp.host_swap import InstanceHostSwap
+
 
 class ESPStepRunner:
     """Executes ESP plans on one instance (see module docstring)."""
 
-    def __init__(self, vllm_config: Any, model: torch.nn.Module,
-                 attn_layers: dict[str, torch.nn.Module], group: InstanceGroup | None,
-                 instance: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        vllm_config: Any,
+        model: torch.nn.Module,
+        attn_layers: dict[str, torch.nn.Module],
+        group: InstanceGroup | None,
+        instance: int,
+        device: torch.device,
+    ) -> None:
         self.vllm_config = vllm_config
         self.model = model
         self.attn_layers = attn_layers
@@ -49,7 +58,7 @@ class ESPStepRunner:
         self.num_blocks_moved_in = 0
         #: Rows attended by the platform's own kernel (wholly local requests).
         self.num_local_kernel_rows = 0
-        self.host_swap = None
+        self.host_swap: InstanceHostSwap | None = None
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -94,8 +103,9 @@ class ESPStepRunner:
         if batch.sample_rows:
             rows = torch.tensor([r for _, r, _, _ in batch.sample_rows], device=self.device)
             logits = self.model.compute_logits(hidden[rows])
-            for (req_id, _, spec, num_out), row_logits in zip(batch.sample_rows, logits,
-                                                               strict=True):
+            for (req_id, _, spec, num_out), row_logits in zip(
+                batch.sample_rows, logits, strict=True
+            ):
                 sampled[req_id] = sample_one(row_logits, spec, num_out)
         return sampled, prefetched
 
@@ -103,8 +113,13 @@ class ESPStepRunner:
         if self.host_swap is None:
             from vllm_esp.integration.esp.host_swap import InstanceHostSwap
 
-            self.host_swap = InstanceHostSwap(self.caches.all(), self.group, self.instance,
-                                              plan.blocks_per_instance, plan.block_size)
+            self.host_swap = InstanceHostSwap(
+                self.caches.all(),
+                self.group,
+                self.instance,
+                plan.blocks_per_instance,
+                plan.block_size,
+            )
         return self.host_swap
 
     # ------------------------------------------------------------------ migration
@@ -143,10 +158,14 @@ class ESPStepRunner:
         recvs, targets = [], []
         for peer, ids in sorted(in_ids.items()):
             template = caches[0].read_blocks(index(ids[:1]))
-            kv = torch.empty((len(caches), len(ids), *template.kv.shape[1:]),
-                             dtype=template.kv.dtype, device=self.device)
-            positions = torch.empty((len(ids), plan.block_size), dtype=torch.int64,
-                                    device=self.device)
+            kv = torch.empty(
+                (len(caches), len(ids), *template.kv.shape[1:]),
+                dtype=template.kv.dtype,
+                device=self.device,
+            )
+            positions = torch.empty(
+                (len(ids), plan.block_size), dtype=torch.int64, device=self.device
+            )
             recvs += [(peer, kv), (peer, positions)]
             targets.append((ids, kv, positions, template))
         if sends or recvs:
@@ -159,6 +178,7 @@ class ESPStepRunner:
         self.num_blocks_moved_in += len(local_dst)
         for ids, kv, positions, template in targets:
             for layer_idx, cache in enumerate(caches):
-                cache.write_blocks(index(ids), template._replace(kv=kv[layer_idx],
-                                                                 positions=positions))
+                cache.write_blocks(
+                    index(ids), template._replace(kv=kv[layer_idx], positions=positions)
+                )
             self.num_blocks_moved_in += len(ids)

@@ -88,13 +88,17 @@ class ESPScheduler(MLFQScheduler):
         self.esp_config = ESPConfig.from_additional_config(self.vllm_config.additional_config)
         self.num_instances = self.esp_config.num_instances
         if len(self.kv_cache_config.kv_cache_groups) != 1:
-            raise ValueError("ESP supports models with one KV cache group (full attention "
-                             f"only); this model has {len(self.kv_cache_config.kv_cache_groups)}")
+            raise ValueError(
+                "ESP supports models with one KV cache group (full attention "
+                f"only); this model has {len(self.kv_cache_config.kv_cache_groups)}"
+            )
         self.num_blocks = self.kv_cache_config.num_blocks
         self.blocks_per_instance = blocks_per_instance(self.num_blocks, self.num_instances)
         self.elastic: ElasticPolicy = make_elastic_policy(
-            self.esp_config, num_instances=self.num_instances,
-            prefill_time=self.cost_model.chunk_time)
+            self.esp_config,
+            num_instances=self.num_instances,
+            prefill_time=self.cost_model.chunk_time,
+        )
         # vLLM touchpoints (see the class docstring).
         self.free_queues = self._install_free_queues()
         self._manager = self.kv_cache_manager.coordinator.single_type_managers[0]
@@ -106,15 +110,20 @@ class ESPScheduler(MLFQScheduler):
         group = self.kv_cache_config.kv_cache_groups[0]
         #: Bytes of one block over all layers of one instance (migration cost).
         self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
-        logger.info("vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), "
-                    "placement=%s", self.num_instances, self.blocks_per_instance,
-                    self.block_size, self.esp_config.placement)
+        logger.info(
+            "vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), placement=%s",
+            self.num_instances,
+            self.blocks_per_instance,
+            self.block_size,
+            self.esp_config.placement,
+        )
 
     # ------------------------------------------------------------------ vLLM touchpoints
     def _install_free_queues(self) -> InstanceFreeQueues:
         pool = self.kv_cache_manager.block_pool
-        queues = InstanceFreeQueues(pool.blocks, self.num_instances, self.blocks_per_instance,
-                                    exclude=[pool.null_block])
+        queues = InstanceFreeQueues(
+            pool.blocks, self.num_instances, self.blocks_per_instance, exclude=[pool.null_block]
+        )
         pool.free_block_queue = queues
         return queues
 
@@ -161,10 +170,14 @@ class ESPScheduler(MLFQScheduler):
                 held[inst] += 1
                 last = inst
         return RequestPlacementView(
-            req_id=request.request_id, num_prompt_tokens=request.num_prompt_tokens,
-            num_computed_tokens=request.num_computed_tokens, num_new_tokens=num_new_tokens,
-            blocks_per_instance=tuple(held), last_block_instance=last,
-            block_size=self.block_size)
+            req_id=request.request_id,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_computed_tokens=request.num_computed_tokens,
+            num_new_tokens=num_new_tokens,
+            blocks_per_instance=tuple(held),
+            last_block_instance=last,
+            block_size=self.block_size,
+        )
 
     def _refresh_loads(self) -> None:
         decodes = [0] * self.num_instances
@@ -174,18 +187,22 @@ class ESPScheduler(MLFQScheduler):
                 if blocks:
                     decodes[self._instance(blocks[-1].block_id)] += 1
         free = self.free_queues.free_per_instance()
-        self._loads = [InstanceLoad(i, free[i], self.blocks_per_instance, decodes[i])
-                       for i in range(self.num_instances)]
+        self._loads = [
+            InstanceLoad(i, free[i], self.blocks_per_instance, decodes[i])
+            for i in range(self.num_instances)
+        ]
 
     def _current_loads(self) -> list[InstanceLoad]:
         free = self.free_queues.free_per_instance()
-        return [InstanceLoad(load.instance, free[load.instance], load.num_blocks,
-                             load.num_decodes)
-                for load in self._loads]
+        return [
+            InstanceLoad(load.instance, free[load.instance], load.num_blocks, load.num_decodes)
+            for load in self._loads
+        ]
 
     # ------------------------------------------------------------------ allocation
-    def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any,
-                        **kwargs: Any) -> Any:
+    def _allocate_slots(
+        self, request: Request, num_new_tokens: int, *args: Any, **kwargs: Any
+    ) -> Any:
         view = self._view(request, num_new_tokens)
         placement = self.elastic.place(view, self._current_loads())
         self.free_queues.placement = placement.storage
@@ -197,8 +214,12 @@ class ESPScheduler(MLFQScheduler):
             self._step_placement[request.request_id] = placement
             # A scale-up is a decode whose new block landed off its home.
             table = self._req_to_blocks.get(request.request_id)
-            if (placement.reason == "scale-up" and table and blocks.get_block_ids()[0]
-                    and self._instance(table[-1].block_id) != view.last_block_instance):
+            if (
+                placement.reason == "scale-up"
+                and table
+                and blocks.get_block_ids()[0]
+                and self._instance(table[-1].block_id) != view.last_block_instance
+            ):
                 self.counters.num_scale_ups += 1
         return blocks
 
@@ -221,8 +242,7 @@ class ESPScheduler(MLFQScheduler):
             request = self.requests[req_id]
             if request.num_computed_tokens - num_new < request.num_prompt_tokens:
                 continue  # prefill: placement already chose where KV goes
-            decision = self.elastic.consolidate(self._view(request, num_new),
-                                                self._current_loads())
+            decision = self.elastic.consolidate(self._view(request, num_new), self._current_loads())
             if decision is None:
                 continue
             table = self._req_to_blocks[req_id]
@@ -237,12 +257,15 @@ class ESPScheduler(MLFQScheduler):
     def _movable_blocks(self, table: list[Any], decision: Consolidation) -> list[int]:
         """Table indices of up to ``num_blocks`` blocks on ``src`` that may move:
         never the last block (this step writes into it) nor a shared one."""
-        return [i for i, b in enumerate(table[:-1])
-                if not b.is_null and b.ref_cnt == 1
-                and self._instance(b.block_id) == decision.src][:decision.num_blocks]
+        return [
+            i
+            for i, b in enumerate(table[:-1])
+            if not b.is_null and b.ref_cnt == 1 and self._instance(b.block_id) == decision.src
+        ][: decision.num_blocks]
 
-    def _apply_moves(self, table: list[Any], indices: list[int], fresh: list[Any]
-                     ) -> list[BlockMove]:
+    def _apply_moves(
+        self, table: list[Any], indices: list[int], fresh: list[Any]
+    ) -> list[BlockMove]:
         """Point ``table[indices]`` at ``fresh`` and free the old blocks."""
         moves: list[BlockMove] = []
         old: list[Any] = []
@@ -256,13 +279,19 @@ class ESPScheduler(MLFQScheduler):
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self, output: SchedulerOutput, moves: list[BlockMove]) -> ESPStepPlan:
-        steps = [self._request_step(req_id, num_new)
-                 for req_id, num_new in output.num_scheduled_tokens.items()]
-        plan = ESPStepPlan(step=self.num_esp_steps, num_instances=self.num_instances,
-                           blocks_per_instance=self.blocks_per_instance,
-                           block_size=self.block_size, requests=tuple(steps),
-                           moves=tuple(moves),
-                           finished_req_ids=tuple(sorted(output.finished_req_ids)))
+        steps = [
+            self._request_step(req_id, num_new)
+            for req_id, num_new in output.num_scheduled_tokens.items()
+        ]
+        plan = ESPStepPlan(
+            step=self.num_esp_steps,
+            num_instances=self.num_instances,
+            blocks_per_instance=self.blocks_per_instance,
+            block_size=self.block_size,
+            requests=tuple(steps),
+            moves=tuple(moves),
+            finished_req_ids=tuple(sorted(output.finished_req_ids)),
+        )
         self.num_esp_steps += 1
         for size in plan.instances_per_request().values():
             self.counters.num_request_instances += size
@@ -282,10 +311,15 @@ class ESPScheduler(MLFQScheduler):
         else:  # decode (or no allocation this step): compute where the token is stored
             compute = (self._instance(block_ids[start // self.block_size]),)
         sample = _sampling_spec(request) if end >= request.num_tokens else None
-        return RequestStep(req_id=req_id, start=start,
-                           token_ids=tuple(request.all_token_ids[start:end]),
-                           block_ids=block_ids, compute=compute, sample=sample,
-                           num_output_tokens=request.num_output_tokens)
+        return RequestStep(
+            req_id=req_id,
+            start=start,
+            token_ids=tuple(request.all_token_ids[start:end]),
+            block_ids=block_ids,
+            compute=compute,
+            sample=sample,
+            num_output_tokens=request.num_output_tokens,
+        )
 
     # ------------------------------------------------------------------ metrics
     def plugin_stats(self) -> dict[str, int]:
@@ -307,6 +341,10 @@ def _sampling_spec(request: Request) -> SamplingSpec:
     params = request.sampling_params
     if params is None:
         return SamplingSpec()
-    return SamplingSpec(temperature=float(params.temperature), top_p=float(params.top_p),
-                        top_k=int(params.top_k or 0) if (params.top_k or 0) > 0 else 0,
-                        min_p=float(params.min_p), seed=params.seed)
+    return SamplingSpec(
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=int(params.top_k or 0) if (params.top_k or 0) > 0 else 0,
+        min_p=float(params.min_p),
+        seed=params.seed,
+    )

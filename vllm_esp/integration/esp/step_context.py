@@ -51,9 +51,11 @@ class _Queries:
             num_rows=group.num_rows,
             positions=torch.tensor(group.positions, dtype=torch.int64, device=device),
             cu_seqlens=torch.tensor(group.cu_seqlens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32,
-                                      device=device).reshape(len(tables), width),
-            kv_lens=torch.tensor(group.kv_lens, dtype=torch.int32, device=device))
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(
+                len(tables), width
+            ),
+            kv_lens=torch.tensor(group.kv_lens, dtype=torch.int32, device=device),
+        )
 
 
 def _rows(values: list[int], device: torch.device) -> torch.Tensor:
@@ -73,8 +75,9 @@ class KVCacheRegistry:
         name = layer.layer_name
         cache = self._caches.get(name)
         if cache is None or cache.kv_cache.data_ptr() != kv_cache.data_ptr():
-            cache = PagedKVCache.wrap(kv_cache, self.layout, self.positions,
-                                      cpu_isa=getattr(layer, "isa", None))
+            cache = PagedKVCache.wrap(
+                kv_cache, self.layout, self.positions, cpu_isa=getattr(layer, "isa", None)
+            )
             if self.positions is None:
                 self.positions = cache.positions
             self._caches[name] = cache
@@ -87,8 +90,13 @@ class KVCacheRegistry:
 class ESPStepContext:
     """Attention metadata of one ESP step on one instance (see module docstring)."""
 
-    def __init__(self, batch: LocalBatch, group: InstanceGroup | None,
-                 caches: KVCacheRegistry, device: torch.device) -> None:
+    def __init__(
+        self,
+        batch: LocalBatch,
+        group: InstanceGroup | None,
+        caches: KVCacheRegistry,
+        device: torch.device,
+    ) -> None:
         self.batch = batch
         self.group = group
         self.caches = caches
@@ -98,8 +106,9 @@ class ESPStepContext:
         self.store_rows = _rows(batch.store_rows, device)
         self.store_slots = _rows(batch.store_slots, device)
         self.ship_out = {j: _rows(r, device) for j, r in sorted(batch.ship_out.items())}
-        self.ship_in = {j: (_rows(s, device), _rows(p, device))
-                        for j, (s, p) in sorted(batch.ship_in.items())}
+        self.ship_in = {
+            j: (_rows(s, device), _rows(p, device)) for j, (s, p) in sorted(batch.ship_in.items())
+        }
         self._split_own(batch)
         self.query_out = {j: _rows(r, device) for j, r in sorted(batch.query_out.items())}
         self.query_in = {j: _Queries.build(q, device) for j, q in sorted(batch.query_in.items())}
@@ -115,10 +124,11 @@ class ESPStepContext:
         slow_rows: list[int] = []
         fast_rows: list[int] = []
         for i, kv_len in enumerate(own.kv_lens):
-            rows = batch.own_rows[bounds[i]:bounds[i + 1]]
-            positions = own.positions[bounds[i]:bounds[i + 1]]
-            is_fast = (not remote_rows.intersection(rows)
-                       and positions == list(range(kv_len - len(rows), kv_len)))
+            rows = batch.own_rows[bounds[i] : bounds[i + 1]]
+            positions = own.positions[bounds[i] : bounds[i + 1]]
+            is_fast = not remote_rows.intersection(rows) and positions == list(
+                range(kv_len - len(rows), kv_len)
+            )
             group, group_rows = (fast, fast_rows) if is_fast else (slow, slow_rows)
             group_rows.extend(rows)
             group.num_rows += len(rows)
@@ -143,9 +153,16 @@ class ESPStepContext:
         self.fast = _Queries.build(PeerQueries(), self.device)
 
     # ------------------------------------------------------------------ per layer
-    def attend(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, kv_cache: torch.Tensor, scale: float,
-               local_kernel: Any = None) -> torch.Tensor:
+    def attend(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        scale: float,
+        local_kernel: Any = None,
+    ) -> torch.Tensor:
         """Attention output ``[rows, Hq, D]`` of this instance's rows for one layer.
 
         ``local_kernel(ctx, layer, q_fast, kv_cache) -> out`` runs the fast
@@ -160,8 +177,9 @@ class ESPStepContext:
         self._store_and_ship(cache, k, v)
         out = self._attention(cache, q, scale)
         if self.fast.num_rows:
-            out[self.fast_rows] = local_kernel(self, layer, q[self.fast_rows].contiguous(),
-                                               kv_cache).to(out.dtype)
+            out[self.fast_rows] = local_kernel(
+                self, layer, q[self.fast_rows].contiguous(), kv_cache
+            ).to(out.dtype)
         self.num_layers_done += 1
         return out
 
@@ -169,12 +187,18 @@ class ESPStepContext:
         pending = None
         if self.group is not None and (self.ship_out or self.ship_in):
             sends = [(j, torch.stack((k[rows], v[rows]))) for j, rows in self.ship_out.items()]
-            recv_bufs = {j: k.new_empty((2, slots.shape[0], *k.shape[1:]))
-                         for j, (slots, _) in self.ship_in.items()}
+            recv_bufs = {
+                j: k.new_empty((2, slots.shape[0], *k.shape[1:]))
+                for j, (slots, _) in self.ship_in.items()
+            }
             pending = self.group.exchange(sends, list(recv_bufs.items()))
         if self.store_rows.numel():
-            cache.write(self.store_slots, k[self.store_rows], v[self.store_rows],
-                        self.positions[self.store_rows])
+            cache.write(
+                self.store_slots,
+                k[self.store_rows],
+                v[self.store_rows],
+                self.positions[self.store_rows],
+            )
         if pending is not None:
             pending.wait()
             for j, buf in recv_bufs.items():
@@ -187,30 +211,43 @@ class ESPStepContext:
         if self.group is None or not (self.query_out or self.query_in):
             return self._partial(cache, q, scale)[0].to(q.dtype)  # fast rows: 0, set later
         # Queries out to the peers holding KV of our requests; theirs in.
-        q_recv = {j: q.new_empty((g.num_rows, num_heads, head_size))
-                  for j, g in self.query_in.items()}
-        pending = self.group.exchange([(j, q[rows].contiguous())
-                                       for j, rows in self.query_out.items()],
-                                      list(q_recv.items()))
+        q_recv = {
+            j: q.new_empty((g.num_rows, num_heads, head_size)) for j, g in self.query_in.items()
+        }
+        pending = self.group.exchange(
+            [(j, q[rows].contiguous()) for j, rows in self.query_out.items()], list(q_recv.items())
+        )
         own_out, own_lse = self._partial(cache, q, scale)  # overlaps the transfer
         pending.wait()
         # Partials for the peers' queries over our KV, packed [o | lse] in fp32.
         replies = []
         for j, group in self.query_in.items():
-            o, lse = paged_attention_with_lse(q_recv[j], group.cu_seqlens, group.positions,
-                                              cache, group.block_tables, group.kv_lens, scale)
+            o, lse = paged_attention_with_lse(
+                q_recv[j],
+                group.cu_seqlens,
+                group.positions,
+                cache,
+                group.block_tables,
+                group.kv_lens,
+                scale,
+            )
             replies.append((j, torch.cat((o.float(), lse.unsqueeze(-1)), dim=-1)))
-        back = {j: torch.empty((rows.shape[0], num_heads, head_size + 1),
-                               dtype=torch.float32, device=q.device)
-                for j, rows in self.query_out.items()}
+        back = {
+            j: torch.empty(
+                (rows.shape[0], num_heads, head_size + 1), dtype=torch.float32, device=q.device
+            )
+            for j, rows in self.query_out.items()
+        }
         self.group.exchange(replies, list(back.items())).wait()
         outs, lses = [own_out.float()], [own_lse]
         for j, packed in back.items():
             rows = self.query_out[j]
-            o = torch.zeros((self.num_rows, num_heads, head_size), dtype=torch.float32,
-                            device=q.device)
-            lse = torch.full((self.num_rows, num_heads), float("-inf"), dtype=torch.float32,
-                             device=q.device)
+            o = torch.zeros(
+                (self.num_rows, num_heads, head_size), dtype=torch.float32, device=q.device
+            )
+            lse = torch.full(
+                (self.num_rows, num_heads), float("-inf"), dtype=torch.float32, device=q.device
+            )
             o[rows] = packed[..., :head_size]
             lse[rows] = packed[..., head_size]
             outs.append(o)
@@ -218,18 +255,27 @@ class ESPStepContext:
         merged, _ = merge_attention_states(outs, lses)
         return merged.to(q.dtype)
 
-    def _partial(self, cache: PagedKVCache, q: torch.Tensor, scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _partial(
+        self, cache: PagedKVCache, q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Own rows over local KV, scattered to all rows (others: 0, -inf)."""
         num_heads, head_size = q.shape[1], q.shape[2]
-        out = torch.zeros((self.num_rows, num_heads, head_size), dtype=torch.float32,
-                          device=q.device)
-        lse = torch.full((self.num_rows, num_heads), float("-inf"), dtype=torch.float32,
-                         device=q.device)
+        out = torch.zeros(
+            (self.num_rows, num_heads, head_size), dtype=torch.float32, device=q.device
+        )
+        lse = torch.full(
+            (self.num_rows, num_heads), float("-inf"), dtype=torch.float32, device=q.device
+        )
         if self.own.num_rows:
-            o, l = paged_attention_with_lse(q[self.own_rows], self.own.cu_seqlens,
-                                            self.own.positions, cache, self.own.block_tables,
-                                            self.own.kv_lens, scale)
-            out[self.own_rows] = o.float()
-            lse[self.own_rows] = l
+            own_out, own_lse = paged_attention_with_lse(
+                q[self.own_rows],
+                self.own.cu_seqlens,
+                self.own.positions,
+                cache,
+                self.own.block_tables,
+                self.own.kv_lens,
+                scale,
+            )
+            out[self.own_rows] = own_out.float()
+            lse[self.own_rows] = own_lse
         return out, lse

@@ -28,6 +28,10 @@ class ESPWorkerMixin:
     _esp_group: Any = None
     _esp_runner: Any = None
     _esp_instance: int = 0
+    # Set by the vLLM worker class this is mixed into.
+    device: Any
+    vllm_config: Any
+    model_runner: Any
 
     def _esp_register_backend(self) -> None:
         from vllm_esp.integration.esp.attention_backend import register_esp_backend
@@ -47,11 +51,11 @@ class ESPWorkerMixin:
 
         from vllm_esp.kernels.esp.group import InstanceGroup
 
-        device = self.device if isinstance(self.device, torch.device) else torch.device(
-            self.device)
+        device = self.device if isinstance(self.device, torch.device) else torch.device(self.device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         pg = stateless_init_torch_distributed_process_group(
-            host, port, instance, num_instances, backend=backend)
+            host, port, instance, num_instances, backend=backend
+        )
         self._esp_group = InstanceGroup(pg, device=device) if num_instances > 1 else None
         self._esp_instance = instance
         return instance
@@ -63,10 +67,15 @@ class ESPWorkerMixin:
 
         context = self.vllm_config.compilation_config.static_forward_context
         layers = {name: layer for name, layer in context.items() if isinstance(layer, Attention)}
-        device = self.device if isinstance(self.device, torch.device) else torch.device(
-            self.device)
-        return ESPStepRunner(self.vllm_config, self.model_runner.get_model(), layers,
-                             self._esp_group, self._esp_instance, device)
+        device = self.device if isinstance(self.device, torch.device) else torch.device(self.device)
+        return ESPStepRunner(
+            self.vllm_config,
+            self.model_runner.get_model(),
+            layers,
+            self._esp_group,
+            self._esp_instance,
+            device,
+        )
 
     def esp_execute(self, plan: ESPStepPlan, swap: Any = None) -> tuple[dict[str, int], set[str]]:
         if self._esp_runner is None:
@@ -81,7 +90,9 @@ class ESPWorkerMixin:
             "tokens_computed": runner.num_tokens_computed if runner else 0,
             "local_kernel_rows": runner.num_local_kernel_rows if runner else 0,
             "blocks_moved_in": runner.num_blocks_moved_in if runner else 0,
-            "host_blocks_out": runner.host_swap.num_blocks_out if runner and runner.host_swap else 0,
+            "host_blocks_out": runner.host_swap.num_blocks_out
+            if runner and runner.host_swap
+            else 0,
             "host_blocks_in": runner.host_swap.num_blocks_in if runner and runner.host_swap else 0,
             "bytes_sent": group.num_bytes_sent if group else 0,
             "bytes_received": group.num_bytes_received if group else 0,
@@ -129,5 +140,8 @@ def worker_qualname() -> str:
     """The ESP worker class for this platform."""
     from vllm.platforms import current_platform
 
-    return ("vllm_esp.integration.esp.worker.ESPCPUWorker" if current_platform.is_cpu()
-            else "vllm_esp.integration.esp.worker.ESPGPUWorker")
+    return (
+        "vllm_esp.integration.esp.worker.ESPCPUWorker"
+        if current_platform.is_cpu()
+        else "vllm_esp.integration.esp.worker.ESPGPUWorker"
+    )

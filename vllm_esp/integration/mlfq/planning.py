@@ -60,8 +60,10 @@ class PlanningMixin(HostSwapMixin):
         return num_slots - self.num_waiting_for_streaming_input
 
     def _num_free_blocks(self) -> int:
-        return (self.kv_cache_manager.block_pool.get_num_free_blocks()
-                - self.mlfq_config.num_reserved_blocks)
+        return (
+            self.kv_cache_manager.block_pool.get_num_free_blocks()
+            - self.mlfq_config.num_reserved_blocks
+        )
 
     def _iter_candidates(self) -> Iterator[Candidate]:
         for request_id in self.rank_policy.iter_ranked():
@@ -78,8 +80,11 @@ class PlanningMixin(HostSwapMixin):
 
     def _victims_low_to_high(self, residents: list[Request]) -> list[Candidate]:
         policy = self.rank_policy
-        ordered = sorted((r for r in residents if r.request_id in policy),
-                         key=lambda r: policy.rank_key(r.request_id), reverse=True)
+        ordered = sorted(
+            (r for r in residents if r.request_id in policy),
+            key=lambda r: policy.rank_key(r.request_id),
+            reverse=True,
+        )
         return [self._victim(r) for r in ordered]
 
     # ------------------------------------------------------------ candidates
@@ -132,8 +137,10 @@ class PlanningMixin(HostSwapMixin):
             # vLLM admits a newcomer only if its whole sequence fits (plus
             # the watermark); mirror that gate, else the plan would give a
             # slot to a request vLLM then refuses.
-            num_admission = (self._num_blocks(min(request.num_tokens, self.max_model_len))
-                             + self.kv_cache_manager.watermark_blocks)
+            num_admission = (
+                self._num_blocks(min(request.num_tokens, self.max_model_len))
+                + self.kv_cache_manager.watermark_blocks
+            )
         return Candidate(
             request_id=request.request_id,
             resident=False,

@@ -96,9 +96,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.mlfq_config = MLFQConfig.from_additional_config(
-            self.vllm_config.additional_config
-        )
+        self.mlfq_config = MLFQConfig.from_additional_config(self.vllm_config.additional_config)
         self.cost_model = load_cost_model(self.mlfq_config, self.vllm_config)
         self.rank_policy = make_policy(self.mlfq_config, self.cost_model)
         self._clock = clock
@@ -180,8 +178,9 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         plan = self._plan()
         self.last_plan = plan
         self._evict_planned(plan, now)
-        paused = [self.requests[r] for r in plan.pause
-                  if self.requests[r].status == RequestStatus.RUNNING]
+        paused = [
+            self.requests[r] for r in plan.pause if self.requests[r].status == RequestStatus.RUNNING
+        ]
         self.num_paused_steps += len(paused)
         step = self._narrow_queues_to_plan(plan)
         output = self._schedule_narrowed(step, paused, throttle_prefills)
@@ -225,8 +224,12 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         """Waiting requests the policy does not rank (rare: e.g. a
         streaming session's next chunk). O(1) when there are none: every
         ranked request sits in exactly one of the three queues."""
-        num_queued = (len(self.running) + len(self.waiting) + len(self.kv_holding_waiting)
-                      + self.num_waiting_for_streaming_input)
+        num_queued = (
+            len(self.running)
+            + len(self.waiting)
+            + len(self.kv_holding_waiting)
+            + self.num_waiting_for_streaming_input
+        )
         if num_queued <= len(self.rank_policy):
             return []
         return [r for r in self.waiting if r.request_id not in self.rank_policy]

@@ -126,16 +126,20 @@ class HostSwapMixin(_OnScheduler):
 
     def _prefetched_residents(self) -> list[Request]:
         """Loaded prefetches the policy ranks: residents like paused ones."""
-        return [r for r in self.kv_holding_waiting
-                if self._is_prefetched(r) and r.request_id in self.rank_policy]
+        return [
+            r
+            for r in self.kv_holding_waiting
+            if self._is_prefetched(r) and r.request_id in self.rank_policy
+        ]
 
     # ------------------------------------------------------ planner inputs
     def _swap_limits(self) -> SwapLimits:
         if self.swap is None:
             return SwapLimits()
         book = self.swap.book
-        num_in_flight = (book.num_in_state(SwapState.PREFETCHING)
-                         + book.num_in_state(SwapState.PREFETCHED))
+        num_in_flight = book.num_in_state(SwapState.PREFETCHING) + book.num_in_state(
+            SwapState.PREFETCHED
+        )
         return SwapLimits(
             num_reserve_blocks=self.swap_reserve_blocks,
             num_host_free_blocks=book.pool.num_free,
@@ -192,5 +196,6 @@ class HostSwapMixin(_OnScheduler):
             else:
                 assert request is not None and rid in holding, rid
                 assert request.status in (
-                    RequestStatus.WAITING_FOR_REMOTE_KVS, RequestStatus.PREEMPTED
+                    RequestStatus.WAITING_FOR_REMOTE_KVS,
+                    RequestStatus.PREEMPTED,
                 ), (rid, request.status)

@@ -57,7 +57,9 @@ def connector_requires_reserved_cpu(kv_transfer_config: KVTransferConfig | None)
 def reservation_view(config: VllmConfig) -> VllmConfig:
     """The config ``OMPProcessManager`` should see: without the connector
     when the connector declares it needs no reserved core."""
-    if config.kv_transfer_config is None or connector_requires_reserved_cpu(config.kv_transfer_config):
+    if config.kv_transfer_config is None or connector_requires_reserved_cpu(
+        config.kv_transfer_config
+    ):
         return config
     view = copy.copy(config)  # shallow: only kv_transfer_config differs
     view.kv_transfer_config = None
@@ -82,5 +84,5 @@ def install() -> bool:
 
     setattr(__init__, _PATCHED, True)
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
-    OMPProcessManager.__init__ = __init__  # type: ignore[method-assign]
+    OMPProcessManager.__init__ = __init__
     return True

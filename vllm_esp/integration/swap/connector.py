@@ -138,9 +138,11 @@ class HostSwapConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             logger.info(
                 "vllm-esp host KV swap: %d host blocks of %d KiB (%.2f GiB), reserve=%s, prefetch_depth=%d",
-                self.num_host_blocks, self.block_bytes // 1024,
+                self.num_host_blocks,
+                self.block_bytes // 1024,
                 self.num_host_blocks * self.block_bytes / 2**30,
-                self.swap_config.free_block_reserve, self.swap_config.prefetch_depth,
+                self.swap_config.free_block_reserve,
+                self.swap_config.prefetch_depth,
             )
 
     @property
@@ -219,7 +221,9 @@ class HostSwapConnector(KVConnectorBase_V1):
         reused = False
         if step.swap_out:
             out_blocks = {b for c in step.swap_out for b in c.device_blocks}
-            reused = any(not out_blocks.isdisjoint(ids) for ids in _allocated_block_ids(scheduler_output))
+            reused = any(
+                not out_blocks.isdisjoint(ids) for ids in _allocated_block_ids(scheduler_output)
+            )
         return HostSwapMetadata(step.swap_out, step.swap_in, step.prefetch, reused)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -230,7 +234,9 @@ class HostSwapConnector(KVConnectorBase_V1):
             self.swap_out_us += meta.swap_out_us
             self.swap_in_us += meta.swap_in_us
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         # Device blocks: vLLM frees them (and holds them while a prefetch is
         # in flight, until get_finished reports it). Host slots: ours.
         self.book.finished(request.request_id)
@@ -271,7 +277,9 @@ class HostSwapConnector(KVConnectorBase_V1):
         self.copy_engine = SwapCopyEngine(kv_caches, self.num_device_blocks, self.num_host_blocks)
         logger.info(
             "vllm-esp host KV pool: %d blocks x %d bytes over %d copy units (%s)",
-            self.num_host_blocks, self.copy_engine.block_bytes, len(self.copy_engine.units),
+            self.num_host_blocks,
+            self.copy_engine.block_bytes,
+            len(self.copy_engine.units),
             "pinned, side stream" if self.copy_engine.is_cuda else "synchronous",
         )
 
@@ -282,7 +290,9 @@ class HostSwapConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert isinstance(kv_connector_metadata, HostSwapMetadata)
-        self._engine().swap_out(kv_connector_metadata.swap_out, kv_connector_metadata.out_blocks_reused)
+        self._engine().swap_out(
+            kv_connector_metadata.swap_out, kv_connector_metadata.out_blocks_reused
+        )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -295,7 +305,11 @@ class HostSwapConnector(KVConnectorBase_V1):
         return None  # loads complete (or are fenced) before the forward
 
     def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
     ) -> None:
         return None  # nothing is saved during the forward: only on preemption
 

@@ -24,6 +24,7 @@ which xformers does not take (and xformers is not installable on CPU here).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Literal
@@ -47,6 +48,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _triton_kernels() -> ModuleType:
     # Imported on first use: the import decides compiled vs interpreted kernels.
     from vllm_esp.kernels.attention import triton_kernels
+
     return triton_kernels
 
 
@@ -66,7 +68,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not kernels.INTERPRETED:
             raise RuntimeError(
                 "backend='triton' on a non-CUDA tensor needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before vllm_esp.kernels.attention.triton_kernels is imported")
+                "TRITON_INTERPRET=1 before vllm_esp.kernels.attention.triton_kernels is imported"
+            )
         return "triton"
     raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'torch' or 'triton'")
 
@@ -79,8 +82,9 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int, head_size: int) -> None:
     if q.shape[2] != head_size:
         raise ValueError(f"head size mismatch: q has {q.shape[2]}, KV has {head_size}")
     if num_kv_heads == 0 or q.shape[1] % num_kv_heads != 0:
-        raise ValueError(f"num query heads {q.shape[1]} is not a multiple of num KV heads "
-                         f"{num_kv_heads}")
+        raise ValueError(
+            f"num query heads {q.shape[1]} is not a multiple of num KV heads {num_kv_heads}"
+        )
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -94,11 +98,11 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str) -> torch.
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be an integer tensor; got {cu_seqlens.dtype}")
     bounds = cu_seqlens.tolist()
-    decreasing = any(later < earlier
-                     for earlier, later in zip(bounds[:-1], bounds[1:], strict=True))
+    decreasing = any(later < earlier for earlier, later in itertools.pairwise(bounds))
     if bounds[0] != 0 or decreasing or bounds[-1] > total:
-        raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}; "
-                         f"got {bounds}")
+        raise ValueError(
+            f"{name} must start at 0, be non-decreasing and end <= {total}; got {bounds}"
+        )
     return cu_seqlens.to(torch.int32).contiguous()
 
 
@@ -106,11 +110,18 @@ def _single_sequence(length: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, length], dtype=torch.int32, device=device)
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float, *,
-                       cu_seqlens_q: torch.Tensor | None = None,
-                       cu_seqlens_k: torch.Tensor | None = None,
-                       backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen partial attention over contiguous K/V, returning the LSE.
 
     Args:
@@ -133,8 +144,9 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         (including ``Tk == 0`` or an empty segment) has out 0 and lse -inf.
     """
     if k.dim() != 3 or v.shape != k.shape:
-        raise ValueError("k and v must both be [Tk, Hkv, D]; got "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must both be [Tk, Hkv, D]; got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     _check_heads(q, k.shape[1], k.shape[2])
     if k.device != q.device or v.device != q.device:
         raise ValueError("q, k and v must be on one device")
@@ -151,21 +163,30 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
         cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
-            raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number "
-                             "of sequences")
+            raise ValueError(
+                "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences"
+            )
     q, k, v = _as_rows(q), _as_rows(k), _as_rows(v)
     q_pos = q_pos.to(torch.int64).contiguous()
     k_pos = k_pos.to(torch.int64).contiguous()
     if _resolve_backend(backend, q.device) == "triton":
         return _triton_kernels().varlen_attention_with_lse_triton(
-            q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k)
+            q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k
+        )
     return attention_with_lse_torch(q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k)
 
 
-def paged_attention_with_lse(q: torch.Tensor, cu_seqlens_q: torch.Tensor, q_pos: torch.Tensor,
-                             cache: PagedKVCache, block_tables: torch.Tensor,
-                             kv_lens: torch.Tensor, scale: float, *,
-                             backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def paged_attention_with_lse(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    q_pos: torch.Tensor,
+    cache: PagedKVCache,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention with LSE over a paged cache; same contract as ``attention_with_lse``.
 
     Sequence ``i`` reads the first ``kv_lens[i]`` slots of ``block_tables[i]``
@@ -185,13 +206,15 @@ def paged_attention_with_lse(q: torch.Tensor, cu_seqlens_q: torch.Tensor, q_pos:
     cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     num_seqs = cu_seqlens_q.shape[0] - 1
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables must be [B={num_seqs}, max_blocks]; got "
-                         f"{tuple(block_tables.shape)}")
+        raise ValueError(
+            f"block_tables must be [B={num_seqs}, max_blocks]; got {tuple(block_tables.shape)}"
+        )
     if kv_lens.shape != (num_seqs,):
         raise ValueError(f"kv_lens must be [B={num_seqs}]; got {tuple(kv_lens.shape)}")
     max_kv_len = int(kv_lens.max()) if num_seqs > 0 else 0
     if max_kv_len > block_tables.shape[1] * cache.block_size or (
-            num_seqs > 0 and int(kv_lens.min()) < 0):
+        num_seqs > 0 and int(kv_lens.min()) < 0
+    ):
         raise ValueError("kv_lens must be in [0, max_blocks * block_size]")
     q = _as_rows(q)
     q_pos = q_pos.to(torch.int64).contiguous()
@@ -199,13 +222,16 @@ def paged_attention_with_lse(q: torch.Tensor, cu_seqlens_q: torch.Tensor, q_pos:
     kv_lens = kv_lens.to(torch.int32).contiguous()
     if _resolve_backend(backend, q.device) == "triton":
         return _triton_kernels().paged_attention_with_lse_triton(
-            q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens, scale)
-    return paged_attention_with_lse_torch(q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens,
-                                          scale)
+            q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens, scale
+        )
+    return paged_attention_with_lse_torch(
+        q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens, scale
+    )
 
 
-def merge_attention_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
-                           backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE-weighted merge of N partial attention results.
 
     Args:
@@ -221,8 +247,9 @@ def merge_attention_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Te
     """
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):
-        raise ValueError("need the same positive number of outs and lses; got "
-                         f"{len(outs)}, {len(lses)}")
+        raise ValueError(
+            f"need the same positive number of outs and lses; got {len(outs)}, {len(lses)}"
+        )
     shape = outs[0].shape
     if len(shape) != 3:
         raise ValueError(f"outs must be [T, H, D]; got {tuple(shape)}")

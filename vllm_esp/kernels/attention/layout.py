@@ -56,10 +56,10 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "SUPPORTED_CPU_ISAS",
     "BlockAddressing",
     "KVLayout",
     "LayerAddressing",
-    "SUPPORTED_CPU_ISAS",
     "default_cpu_attn_isa",
     "layer_addressing",
 ]
@@ -105,8 +105,14 @@ class BlockAddressing:
     stride_dim_hi: int
     stride_dim_lo: int
 
-    def view(self, tensor: torch.Tensor, num_blocks: int, num_kv_heads: int,
-             block_size: int, head_size: int) -> torch.Tensor:
+    def view(
+        self,
+        tensor: torch.Tensor,
+        num_blocks: int,
+        num_kv_heads: int,
+        block_size: int,
+        head_size: int,
+    ) -> torch.Tensor:
         """A 6-D view ``[nb, hkv, bs/TQ, TQ, D/DQ, DQ]`` sharing ``tensor``'s storage.
 
         Indexing it as ``view[blocks, :, t // TQ, t % TQ]`` yields
@@ -115,10 +121,22 @@ class BlockAddressing:
         """
         return torch.as_strided(
             tensor,
-            (num_blocks, num_kv_heads, block_size // self.token_group, self.token_group,
-             head_size // self.dim_group, self.dim_group),
-            (self.stride_block, self.stride_head, self.stride_tok_hi, self.stride_tok_lo,
-             self.stride_dim_hi, self.stride_dim_lo),
+            (
+                num_blocks,
+                num_kv_heads,
+                block_size // self.token_group,
+                self.token_group,
+                head_size // self.dim_group,
+                self.dim_group,
+            ),
+            (
+                self.stride_block,
+                self.stride_head,
+                self.stride_tok_hi,
+                self.stride_tok_lo,
+                self.stride_dim_hi,
+                self.stride_dim_lo,
+            ),
             tensor.storage_offset() + self.base,
         )
 
@@ -147,18 +165,23 @@ def default_cpu_attn_isa(dtype: torch.dtype, block_size: int, head_size: int) ->
     machine = platform.machine().lower()
     # Non-x86 builds use their own ISA kernels; naming them makes
     # layer_addressing refuse them instead of silently assuming "vec".
-    for prefix, isa in (("aarch64", "neon"), ("arm", "neon"), ("s390", "vxe"),
-                        ("ppc", "vsx"), ("riscv", "rvv")):
+    for prefix, isa in (
+        ("aarch64", "neon"),
+        ("arm", "neon"),
+        ("s390", "vxe"),
+        ("ppc", "vsx"),
+        ("riscv", "rvv"),
+    ):
         if machine.startswith(prefix):
             return isa
-    if (dtype == torch.bfloat16 and block_size % 32 == 0
-            and torch.cpu._is_amx_tile_supported()):
+    if dtype == torch.bfloat16 and block_size % 32 == 0 and torch.cpu._is_amx_tile_supported():
         return "amx"
     return "vec" if block_size % 32 == 0 else "vec16"
 
 
-def _strided(base: int, stride_block: int, stride_head: int, stride_tok: int,
-             stride_dim: int) -> BlockAddressing:
+def _strided(
+    base: int, stride_block: int, stride_head: int, stride_tok: int, stride_dim: int
+) -> BlockAddressing:
     # TQ = DQ = 1: the "lo" strides multiply t % 1 == 0 and never matter.
     return BlockAddressing(base, stride_block, stride_head, 1, stride_tok, 0, 1, stride_dim, 0)
 
@@ -168,8 +191,10 @@ def _cpu_addressing(tensor: torch.Tensor, isa: str) -> LayerAddressing:
     head_size = two_d // 2
     if tensor.stride(3) != 1 or tensor.stride(2) != two_d:
         # The C++ kernels address each (block, head) half as one dense run.
-        raise ValueError("CPU layout needs each (block, kv_head) [bs, 2*D] slab to be "
-                         f"contiguous; got strides {tensor.stride()}")
+        raise ValueError(
+            "CPU layout needs each (block, kv_head) [bs, 2*D] slab to be "
+            f"contiguous; got strides {tensor.stride()}"
+        )
     stride_block, stride_head = tensor.stride(0), tensor.stride(1)
     half = block_size * head_size  # elements of the K half; V starts right after
     if isa in ("vec", "vec16"):
@@ -177,31 +202,52 @@ def _cpu_addressing(tensor: torch.Tensor, isa: str) -> LayerAddressing:
         value = _strided(half, stride_block, stride_head, head_size, 1)
     elif isa == "amx":
         if tensor.element_size() != 2:
-            raise ValueError("AMX KV layout packs 16-bit pairs; dtype "
-                             f"{tensor.dtype} is not supported by vLLM's AMX path")
+            raise ValueError(
+                "AMX KV layout packs 16-bit pairs; dtype "
+                f"{tensor.dtype} is not supported by vLLM's AMX path"
+            )
         if block_size % 32 != 0 or head_size % 32 != 0:
-            raise ValueError("vLLM uses the AMX layout only for block_size and "
-                             f"head_size multiples of 32; got {block_size}, {head_size}")
+            raise ValueError(
+                "vLLM uses the AMX layout only for block_size and "
+                f"head_size multiples of 32; got {block_size}, {head_size}"
+            )
         #   K half, per 16-token group g (t = 16 g + i, d = 2 p + j):
         #     +--------- p = 0 ---------+--------- p = 1 ---------+ ...
         #     | i=0 j0 j1 | i=1 j0 j1 ..| i=0 j0 j1 | i=1 j0 j1 ..|
         #     +-------------------------+-------------------------+
         #   32 elements per p; 16 * D elements per group.
-        key = BlockAddressing(0, stride_block, stride_head,
-                              _AMX_TOKEN_GROUP, _AMX_TOKEN_GROUP * head_size, _AMX_PAIR,
-                              _AMX_PAIR, _AMX_TOKEN_GROUP * _AMX_PAIR, 1)
+        key = BlockAddressing(
+            0,
+            stride_block,
+            stride_head,
+            _AMX_TOKEN_GROUP,
+            _AMX_TOKEN_GROUP * head_size,
+            _AMX_PAIR,
+            _AMX_PAIR,
+            _AMX_TOKEN_GROUP * _AMX_PAIR,
+            1,
+        )
         #   V half, per 16-dim group c (d = 16 c + i, t = 2 r + j):
         #     +--------- r = 0 ---------+--------- r = 1 ---------+ ...
         #     | i=0 j0 j1 | i=1 j0 j1 ..| i=0 j0 j1 | i=1 j0 j1 ..|
         #     +-------------------------+-------------------------+
         #   32 elements per token pair r; 16 * bs elements per group.
-        value = BlockAddressing(half, stride_block, stride_head,
-                                _AMX_PAIR, _AMX_DIM_GROUP * _AMX_PAIR, 1,
-                                _AMX_DIM_GROUP, _AMX_DIM_GROUP * block_size, _AMX_PAIR)
+        value = BlockAddressing(
+            half,
+            stride_block,
+            stride_head,
+            _AMX_PAIR,
+            _AMX_DIM_GROUP * _AMX_PAIR,
+            1,
+            _AMX_DIM_GROUP,
+            _AMX_DIM_GROUP * block_size,
+            _AMX_PAIR,
+        )
     else:
         raise NotImplementedError(
             f"CPU_ATTN in-block layout for ISA {isa!r} is not verified; "
-            f"supported: {SUPPORTED_CPU_ISAS}")
+            f"supported: {SUPPORTED_CPU_ISAS}"
+        )
     return LayerAddressing(key, value, num_blocks, num_kv_heads, block_size, head_size)
 
 
@@ -217,16 +263,18 @@ def _flash_addressing(tensor: torch.Tensor) -> LayerAddressing:
 def _flash_legacy_addressing(tensor: torch.Tensor) -> LayerAddressing:
     two, num_blocks, block_size, num_kv_heads, head_size = tensor.shape
     if two != 2:
-        raise ValueError("FLASH_LEGACY tensor must be [2, nb, bs, hkv, D]; got "
-                         f"{tuple(tensor.shape)}")
+        raise ValueError(
+            f"FLASH_LEGACY tensor must be [2, nb, bs, hkv, D]; got {tuple(tensor.shape)}"
+        )
     s_kv, s_b, s_t, s_h, s_d = tensor.stride()
     key = _strided(0, s_b, s_h, s_t, s_d)
     value = _strided(s_kv, s_b, s_h, s_t, s_d)
     return LayerAddressing(key, value, num_blocks, num_kv_heads, block_size, head_size)
 
 
-def layer_addressing(tensor: torch.Tensor, layout: KVLayout,
-                     cpu_isa: str | None = None) -> LayerAddressing:
+def layer_addressing(
+    tensor: torch.Tensor, layout: KVLayout, cpu_isa: str | None = None
+) -> LayerAddressing:
     """Describe where K and V of every slot live in ``tensor`` (no copy).
 
     Args:
@@ -237,8 +285,9 @@ def layer_addressing(tensor: torch.Tensor, layout: KVLayout,
     """
     if layout in (KVLayout.CPU, KVLayout.FLASH):
         if tensor.dim() != 4 or tensor.shape[3] % 2 != 0:
-            raise ValueError(f"{layout.name} tensor must be [nb, hkv, bs, 2*D]; "
-                             f"got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{layout.name} tensor must be [nb, hkv, bs, 2*D]; got {tuple(tensor.shape)}"
+            )
         if layout is KVLayout.FLASH:
             return _flash_addressing(tensor)
         if cpu_isa is None:
@@ -246,7 +295,8 @@ def layer_addressing(tensor: torch.Tensor, layout: KVLayout,
         return _cpu_addressing(tensor, cpu_isa)
     if layout is KVLayout.FLASH_LEGACY:
         if tensor.dim() != 5:
-            raise ValueError("FLASH_LEGACY tensor must be [2, nb, bs, hkv, D]; got "
-                             f"{tuple(tensor.shape)}")
+            raise ValueError(
+                f"FLASH_LEGACY tensor must be [2, nb, bs, hkv, D]; got {tuple(tensor.shape)}"
+            )
         return _flash_legacy_addressing(tensor)
     raise ValueError(f"unknown KV layout {layout!r}")

@@ -62,26 +62,37 @@ class PagedKVCache:
             kernels).
     """
 
-    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout,
-                 positions: torch.Tensor | None = None, *, cpu_isa: str | None = None) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        positions: torch.Tensor | None = None,
+        *,
+        cpu_isa: str | None = None,
+    ) -> None:
         """Wrap ``kv_cache``; prefer the ``wrap`` / ``allocate`` constructors."""
         if kv_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported KV dtype {kv_cache.dtype} "
-                             "(fp8 caches are not supported)")
+            raise ValueError(
+                f"unsupported KV dtype {kv_cache.dtype} (fp8 caches are not supported)"
+            )
         self.kv_cache = kv_cache
         self.layout = layout
         if layout is KVLayout.CPU and cpu_isa is None and kv_cache.dim() == 4:
-            cpu_isa = default_cpu_attn_isa(kv_cache.dtype, kv_cache.shape[2],
-                                           kv_cache.shape[3] // 2)
+            cpu_isa = default_cpu_attn_isa(
+                kv_cache.dtype, kv_cache.shape[2], kv_cache.shape[3] // 2
+            )
         self.cpu_isa = cpu_isa if layout is KVLayout.CPU else None
         self.addressing: LayerAddressing = layer_addressing(kv_cache, layout, self.cpu_isa)
         num_slots = self.num_blocks * self.block_size
         if positions is None:
-            positions = torch.full((num_slots,), _UNSET_POSITION, dtype=torch.int64,
-                                   device=kv_cache.device)
+            positions = torch.full(
+                (num_slots,), _UNSET_POSITION, dtype=torch.int64, device=kv_cache.device
+            )
         if positions.shape != (num_slots,) or positions.dtype != torch.int64:
-            raise ValueError(f"positions must be int64 [{num_slots}]; got "
-                             f"{positions.dtype} {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must be int64 [{num_slots}]; got "
+                f"{positions.dtype} {tuple(positions.shape)}"
+            )
         if positions.device != kv_cache.device:
             raise ValueError("positions must live on the KV cache's device")
         self.positions = positions
@@ -93,9 +104,18 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device | str, layout: KVLayout, *,
-                 cpu_isa: str | None = None) -> PagedKVCache:
+    def allocate(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        layout: KVLayout,
+        *,
+        cpu_isa: str | None = None,
+    ) -> PagedKVCache:
         """A zero-filled cache shaped like the one vLLM's backend allocates."""
         if layout is KVLayout.FLASH_LEGACY:
             shape: tuple[int, ...] = (2, num_blocks, block_size, num_kv_heads, head_size)
@@ -104,8 +124,14 @@ class PagedKVCache:
         return cls(torch.zeros(shape, dtype=dtype, device=device), layout, cpu_isa=cpu_isa)
 
     @classmethod
-    def wrap(cls, tensor: torch.Tensor, layout: KVLayout, positions: torch.Tensor | None = None,
-             *, cpu_isa: str | None = None) -> PagedKVCache:
+    def wrap(
+        cls,
+        tensor: torch.Tensor,
+        layout: KVLayout,
+        positions: torch.Tensor | None = None,
+        *,
+        cpu_isa: str | None = None,
+    ) -> PagedKVCache:
         """Wrap an engine layer tensor in place.
 
         Args:
@@ -155,8 +181,13 @@ class PagedKVCache:
         blocks = block_table_row.to(device=self.device, dtype=torch.int64)[idx // self.block_size]
         return blocks * self.block_size + idx % self.block_size
 
-    def write(self, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              positions: torch.Tensor) -> None:
+    def write(
+        self,
+        slot_mapping: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
         """Store tokens exactly where vLLM's backend would.
 
         Args:
@@ -181,9 +212,11 @@ class PagedKVCache:
             raise IndexError("slot out of range for this cache")
         key_addr, value_addr = self.addressing.key, self.addressing.value
         self._key_view[self._index(slots, key_addr.token_group)] = self._split_dims(
-            key.to(device=self.device, dtype=self.dtype), key_addr.dim_group)
+            key.to(device=self.device, dtype=self.dtype), key_addr.dim_group
+        )
         self._value_view[self._index(slots, value_addr.token_group)] = self._split_dims(
-            value.to(device=self.device, dtype=self.dtype), value_addr.dim_group)
+            value.to(device=self.device, dtype=self.dtype), value_addr.dim_group
+        )
         self.positions[slots] = positions
 
     def gather_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,8 +230,9 @@ class PagedKVCache:
         value = self._value_view[self._index(slots, value_group)].reshape(shape)
         return key, value, self.positions[slots]
 
-    def gather(self, block_table_row: torch.Tensor, num_tokens: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(
+        self, block_table_row: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k, v, positions)`` of a sequence's first ``num_tokens`` slots, in table order."""
         return self.gather_slots(self.slot_mapping(block_table_row, num_tokens))
 
@@ -217,9 +251,11 @@ class PagedKVCache:
         """Overwrite whole blocks with ``read_blocks`` output from a same-layout cache."""
         if data.layout is not self.layout or data.cpu_isa != self.cpu_isa:
             # The raw bytes are only meaningful in the layout that wrote them.
-            raise ValueError(f"cannot write {data.layout.name}/{data.cpu_isa} blocks into a "
-                             f"{self.layout.name}/{self.cpu_isa} cache; gather and write "
-                             "tokens instead")
+            raise ValueError(
+                f"cannot write {data.layout.name}/{data.cpu_isa} blocks into a "
+                f"{self.layout.name}/{self.cpu_isa} cache; gather and write "
+                "tokens instead"
+            )
         ids = block_ids.to(device=self.device, dtype=torch.int64)
         kv = data.kv.to(device=self.device, dtype=self.dtype)
         if self.layout is KVLayout.FLASH_LEGACY:
@@ -227,18 +263,24 @@ class PagedKVCache:
         else:
             self.kv_cache[ids] = kv
         self.positions.view(self.num_blocks, self.block_size)[ids] = data.positions.to(
-            device=self.device, dtype=torch.int64)
+            device=self.device, dtype=torch.int64
+        )
 
     # ------------------------------------------------------------------ helpers
-    def _index(self, slots: torch.Tensor, token_group: int
-               ) -> tuple[torch.Tensor, slice, torch.Tensor, torch.Tensor]:
+    def _index(
+        self, slots: torch.Tensor, token_group: int
+    ) -> tuple[torch.Tensor, slice, torch.Tensor, torch.Tensor]:
         # Index into a [nb, hkv, bs/TQ, TQ, D/DQ, DQ] view. K and V need their
         # own index: their token groups differ (AMX K groups 16 tokens, AMX V
         # pairs 2). The advanced indices sit around a slice, so the result is
         # [n, hkv, D/DQ, DQ] (indexed dims first, then the sliced/trailing ones).
         offsets = slots % self.block_size
-        return (slots // self.block_size, slice(None), offsets // token_group,
-                offsets % token_group)
+        return (
+            slots // self.block_size,
+            slice(None),
+            offsets // token_group,
+            offsets % token_group,
+        )
 
     def _check_tokens(self, tensor: torch.Tensor, num_tokens: int) -> None:
         expected = (num_tokens, self.num_kv_heads, self.head_size)
@@ -251,7 +293,9 @@ class PagedKVCache:
         return tensor.reshape(num_tokens, num_heads, head_size // dim_group, dim_group)
 
     def __repr__(self) -> str:
-        return (f"PagedKVCache(layout={self.layout.name}, cpu_isa={self.cpu_isa}, "
-                f"num_blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"num_kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
-                f"dtype={self.dtype}, device={self.device})")
+        return (
+            f"PagedKVCache(layout={self.layout.name}, cpu_isa={self.cpu_isa}, "
+            f"num_blocks={self.num_blocks}, block_size={self.block_size}, "
+            f"num_kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

@@ -43,8 +43,13 @@ _MAX_KEY_CHUNK = 1024
 KeyChunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k, v [n,Hkv,D]; k_pos [n]
 
 
-def _attend_one_sequence(q: torch.Tensor, q_pos: torch.Tensor, key_chunks: Iterator[KeyChunk],
-                         num_kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend_one_sequence(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    key_chunks: Iterator[KeyChunk],
+    num_kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention of one sequence's queries over a stream of key chunks.
 
     Returns ``out [n_q, Hq, D]`` (fp32) and ``lse [n_q, Hq]`` (fp32).
@@ -54,10 +59,13 @@ def _attend_one_sequence(q: torch.Tensor, q_pos: torch.Tensor, key_chunks: Itera
     # [Hkv, n_q, G, D]: a query sub-chunk [qs:qe] stays one contiguous run of
     # (query, head-in-group) rows, so each tile is a plain batched GEMM.
     # Pre-scaled so a tile costs one matmul.
-    q_rows = (q.float() * scale).view(num_queries, num_kv_heads, group,
-                                      head_size).transpose(0, 1).contiguous()
-    running_max = q.new_full((num_kv_heads, num_queries, group), float("-inf"),
-                             dtype=torch.float32)
+    q_rows = (
+        (q.float() * scale)
+        .view(num_queries, num_kv_heads, group, head_size)
+        .transpose(0, 1)
+        .contiguous()
+    )
+    running_max = q.new_full((num_kv_heads, num_queries, group), float("-inf"), dtype=torch.float32)
     running_sum = torch.zeros_like(running_max)
     acc = q.new_zeros((num_kv_heads, num_queries, group, head_size), dtype=torch.float32)
     q_pos = q_pos.to(torch.int64)
@@ -85,7 +93,8 @@ def _attend_one_sequence(q: torch.Tensor, q_pos: torch.Tensor, key_chunks: Itera
             num_rows = q_end - q_start
             q_tile = q_rows[:, q_start:q_end].reshape(num_kv_heads, num_rows * group, head_size)
             scores = torch.matmul(q_tile, key_h.transpose(1, 2)).view(
-                num_kv_heads, num_rows, group, num_keys)
+                num_kv_heads, num_rows, group, num_keys
+            )
             hidden = key_pos[None, :] > q_pos[q_start:q_end, None]  # [bq, bk]
             scores.masked_fill_(hidden[:, None, :], float("-inf"))
             old_max = running_max[:, q_start:q_end]
@@ -95,13 +104,15 @@ def _attend_one_sequence(q: torch.Tensor, q_pos: torch.Tensor, key_chunks: Itera
             safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
             probs = torch.exp(scores - safe_max.unsqueeze(-1))
             rescale = torch.exp(old_max - safe_max)
-            running_sum[:, q_start:q_end] = (running_sum[:, q_start:q_end] * rescale
-                                             + probs.sum(dim=-1))
+            running_sum[:, q_start:q_end] = running_sum[:, q_start:q_end] * rescale + probs.sum(
+                dim=-1
+            )
             weighted_values = torch.matmul(
-                probs.view(num_kv_heads, num_rows * group, num_keys), value_h)
-            acc[:, q_start:q_end] = (acc[:, q_start:q_end] * rescale.unsqueeze(-1)
-                                     + weighted_values.view(num_kv_heads, num_rows, group,
-                                                            head_size))
+                probs.view(num_kv_heads, num_rows * group, num_keys), value_h
+            )
+            acc[:, q_start:q_end] = acc[:, q_start:q_end] * rescale.unsqueeze(
+                -1
+            ) + weighted_values.view(num_kv_heads, num_rows, group, head_size)
             running_max[:, q_start:q_end] = new_max
 
     has_keys = running_sum > 0
@@ -114,8 +125,9 @@ def _attend_one_sequence(q: torch.Tensor, q_pos: torch.Tensor, key_chunks: Itera
     return out, lse
 
 
-def _contiguous_chunks(key: torch.Tensor, value: torch.Tensor, key_pos: torch.Tensor
-                       ) -> Iterator[KeyChunk]:
+def _contiguous_chunks(
+    key: torch.Tensor, value: torch.Tensor, key_pos: torch.Tensor
+) -> Iterator[KeyChunk]:
     for start in range(0, key.shape[0], _MAX_KEY_CHUNK):
         end = start + _MAX_KEY_CHUNK
         yield key[start:end], value[start:end], key_pos[start:end]
@@ -124,7 +136,7 @@ def _contiguous_chunks(key: torch.Tensor, value: torch.Tensor, key_pos: torch.Te
 def _paged_chunks(cache: PagedKVCache, slots: torch.Tensor) -> Iterator[KeyChunk]:
     # Gather per chunk so a long context is never copied out whole.
     for start in range(0, slots.shape[0], _MAX_KEY_CHUNK):
-        yield cache.gather_slots(slots[start:start + _MAX_KEY_CHUNK])
+        yield cache.gather_slots(slots[start : start + _MAX_KEY_CHUNK])
 
 
 def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +145,16 @@ def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def attention_with_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch varlen partial attention; see ``api.attention_with_lse`` for the contract."""
     out, lse = _empty_result(q)
     q_bounds = cu_seqlens_q.tolist()
@@ -148,18 +166,26 @@ def attention_with_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if q_end == q_start or k_end == k_start:
             continue  # stays out = 0, lse = -inf
         seq_out, seq_lse = _attend_one_sequence(
-            q[q_start:q_end], q_pos[q_start:q_end],
+            q[q_start:q_end],
+            q_pos[q_start:q_end],
             _contiguous_chunks(k[k_start:k_end], v[k_start:k_end], k_pos[k_start:k_end]),
-            num_kv_heads, scale)
+            num_kv_heads,
+            scale,
+        )
         out[q_start:q_end] = seq_out.to(out.dtype)
         lse[q_start:q_end] = seq_lse
     return out, lse
 
 
-def paged_attention_with_lse_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                   q_pos: torch.Tensor, cache: PagedKVCache,
-                                   block_tables: torch.Tensor, kv_lens: torch.Tensor,
-                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_attention_with_lse_torch(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    q_pos: torch.Tensor,
+    cache: PagedKVCache,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch paged partial attention; see ``api.paged_attention_with_lse``."""
     out, lse = _empty_result(q)
     q_bounds = cu_seqlens_q.tolist()
@@ -170,15 +196,20 @@ def paged_attention_with_lse_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor,
             continue
         slots = cache.slot_mapping(block_tables[seq_idx], kv_len)
         seq_out, seq_lse = _attend_one_sequence(
-            q[q_start:q_end], q_pos[q_start:q_end], _paged_chunks(cache, slots),
-            cache.num_kv_heads, scale)
+            q[q_start:q_end],
+            q_pos[q_start:q_end],
+            _paged_chunks(cache, slots),
+            cache.num_kv_heads,
+            scale,
+        )
         out[q_start:q_end] = seq_out.to(out.dtype)
         lse[q_start:q_end] = seq_lse
     return out, lse
 
 
-def merge_attention_states_torch(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states_torch(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE-weighted merge of partials; see ``api.merge_attention_states``.
 
     A partial whose lse is -inf (or NaN / +inf, which no correct kernel

@@ -68,8 +68,18 @@ def _add_combine(a, b):
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
-                         UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _online_softmax_step(
+    q,
+    k,
+    v,
+    visible,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """One key tile of base-2 online softmax; returns updated (m_i, l_i, acc)."""
     if UPCAST_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=INPUT_PRECISION)
@@ -92,8 +102,21 @@ def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
 
 
 @triton.jit
-def _store_out_lse(out_ptr, lse_ptr, offs_m, offs_d, m_mask, d_mask, head,
-                   stride_o_t, stride_o_h, stride_lse_t, m_i, l_i, acc):
+def _store_out_lse(
+    out_ptr,
+    lse_ptr,
+    offs_m,
+    offs_d,
+    m_mask,
+    d_mask,
+    head,
+    stride_o_t,
+    stride_o_h,
+    stride_lse_t,
+    m_i,
+    l_i,
+    acc,
+):
     """Normalise and store one query tile; empty rows get out 0, lse -inf."""
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -107,12 +130,32 @@ def _store_out_lse(out_ptr, lse_ptr, offs_m, offs_d, m_mask, d_mask, head,
 
 @triton.jit
 def _varlen_attention_lse_kernel(
-    q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, cu_q_ptr, cu_k_ptr, out_ptr, lse_ptr,
-    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
-    stride_o_t, stride_o_h, stride_lse_t,
-    qk_scale, num_queries_per_kv,
-    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_pos_ptr,
+    k_pos_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_q_t,
+    stride_q_h,
+    stride_k_t,
+    stride_k_h,
+    stride_v_t,
+    stride_v_h,
+    stride_o_t,
+    stride_o_h,
+    stride_lse_t,
+    qk_scale,
+    num_queries_per_kv,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Partial attention over contiguous varlen K/V (see module docstring)."""
     seq = tl.program_id(0)
@@ -130,8 +173,11 @@ def _varlen_attention_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_end
     d_mask = offs_d < HEAD_SIZE
-    q = tl.load(q_ptr + offs_m[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + offs_m[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     q_pos = tl.load(q_pos_ptr + offs_m, mask=m_mask, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -142,21 +188,49 @@ def _varlen_attention_lse_kernel(
         n_mask = offs_n < k_end
         kv_mask = n_mask[:, None] & d_mask[None, :]
         # Out-of-range rows load as 0 (never garbage/NaN, since p * v must be 0).
-        k = tl.load(k_ptr + offs_n[:, None] * stride_k_t + kv_head * stride_k_h + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_v_t + kv_head * stride_v_h + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_ptr + offs_n[:, None] * stride_k_t + kv_head * stride_k_h + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + offs_n[:, None] * stride_v_t + kv_head * stride_v_h + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         k_pos = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0)
         visible = n_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
-                                             UPCAST_DOT, INPUT_PRECISION)
-    _store_out_lse(out_ptr, lse_ptr, offs_m, offs_d, m_mask, d_mask, head,
-                   stride_o_t, stride_o_h, stride_lse_t, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, visible, m_i, l_i, acc, qk_scale, UPCAST_DOT, INPUT_PRECISION
+        )
+    _store_out_lse(
+        out_ptr,
+        lse_ptr,
+        offs_m,
+        offs_d,
+        m_mask,
+        d_mask,
+        head,
+        stride_o_t,
+        stride_o_h,
+        stride_lse_t,
+        m_i,
+        l_i,
+        acc,
+    )
 
 
 @triton.jit
-def _in_block_offsets(token, dim, stride_tok_hi, stride_tok_lo, stride_dim_hi, stride_dim_lo,
-                      TQ: tl.constexpr, DQ: tl.constexpr):
+def _in_block_offsets(
+    token,
+    dim,
+    stride_tok_hi,
+    stride_tok_lo,
+    stride_dim_hi,
+    stride_dim_lo,
+    TQ: tl.constexpr,
+    DQ: tl.constexpr,
+):
     """[BLOCK_N, BLOCK_D] element offsets of (token-in-block, dim) pairs."""
     tok = (token // TQ) * stride_tok_hi + (token % TQ) * stride_tok_lo
     dim_off = (dim // DQ) * stride_dim_hi + (dim % DQ) * stride_dim_lo
@@ -165,17 +239,48 @@ def _in_block_offsets(token, dim, stride_tok_hi, stride_tok_lo, stride_dim_hi, s
 
 @triton.jit
 def _paged_attention_lse_kernel(
-    q_ptr, q_pos_ptr, cu_q_ptr, cache_ptr, slot_pos_ptr, block_tables_ptr, kv_lens_ptr,
-    out_ptr, lse_ptr,
-    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_lse_t, stride_bt,
-    k_base, k_stride_block, k_stride_head, k_stride_tok_hi, k_stride_tok_lo,
-    k_stride_dim_hi, k_stride_dim_lo,
-    v_base, v_stride_block, v_stride_head, v_stride_tok_hi, v_stride_tok_lo,
-    v_stride_dim_hi, v_stride_dim_lo,
-    qk_scale, num_queries_per_kv, block_size,
-    K_TQ: tl.constexpr, K_DQ: tl.constexpr, V_TQ: tl.constexpr, V_DQ: tl.constexpr,
-    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q_ptr,
+    q_pos_ptr,
+    cu_q_ptr,
+    cache_ptr,
+    slot_pos_ptr,
+    block_tables_ptr,
+    kv_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_lse_t,
+    stride_bt,
+    k_base,
+    k_stride_block,
+    k_stride_head,
+    k_stride_tok_hi,
+    k_stride_tok_lo,
+    k_stride_dim_hi,
+    k_stride_dim_lo,
+    v_base,
+    v_stride_block,
+    v_stride_head,
+    v_stride_tok_hi,
+    v_stride_tok_lo,
+    v_stride_dim_hi,
+    v_stride_dim_lo,
+    qk_scale,
+    num_queries_per_kv,
+    block_size,
+    K_TQ: tl.constexpr,
+    K_DQ: tl.constexpr,
+    V_TQ: tl.constexpr,
+    V_DQ: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Partial attention over a paged cache in any ``KVLayout`` (see module docstring)."""
     seq = tl.program_id(0)
@@ -192,8 +297,11 @@ def _paged_attention_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_end
     d_mask = offs_d < HEAD_SIZE
-    q = tl.load(q_ptr + offs_m[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + offs_m[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     q_pos = tl.load(q_pos_ptr + offs_m, mask=m_mask, other=0)
     k_head_ptr = cache_ptr + k_base + kv_head * k_stride_head
     v_head_ptr = cache_ptr + v_base + kv_head * v_stride_head
@@ -206,32 +314,73 @@ def _paged_attention_lse_kernel(
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_len
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size,
-                        mask=n_mask, other=0).to(tl.int64)
+        block = tl.load(
+            block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=n_mask, other=0
+        ).to(tl.int64)
         token = offs_n % block_size
         k_pos = tl.load(slot_pos_ptr + block * block_size + token, mask=n_mask, other=0)
         k_off = block[:, None] * k_stride_block + _in_block_offsets(
-            token, offs_d, k_stride_tok_hi, k_stride_tok_lo, k_stride_dim_hi, k_stride_dim_lo,
-            K_TQ, K_DQ)
+            token,
+            offs_d,
+            k_stride_tok_hi,
+            k_stride_tok_lo,
+            k_stride_dim_hi,
+            k_stride_dim_lo,
+            K_TQ,
+            K_DQ,
+        )
         v_off = block[:, None] * v_stride_block + _in_block_offsets(
-            token, offs_d, v_stride_tok_hi, v_stride_tok_lo, v_stride_dim_hi, v_stride_dim_lo,
-            V_TQ, V_DQ)
+            token,
+            offs_d,
+            v_stride_tok_hi,
+            v_stride_tok_lo,
+            v_stride_dim_hi,
+            v_stride_dim_lo,
+            V_TQ,
+            V_DQ,
+        )
         # Slots past kv_len may hold stale or uninitialised data: never load them.
         k = tl.load(k_head_ptr + k_off, mask=kv_mask, other=0.0)
         v = tl.load(v_head_ptr + v_off, mask=kv_mask, other=0.0)
         visible = n_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
-                                             UPCAST_DOT, INPUT_PRECISION)
-    _store_out_lse(out_ptr, lse_ptr, offs_m, offs_d, m_mask, d_mask, head,
-                   stride_o_t, stride_o_h, stride_lse_t, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, visible, m_i, l_i, acc, qk_scale, UPCAST_DOT, INPUT_PRECISION
+        )
+    _store_out_lse(
+        out_ptr,
+        lse_ptr,
+        offs_m,
+        offs_d,
+        m_mask,
+        d_mask,
+        head,
+        stride_o_t,
+        stride_o_h,
+        stride_lse_t,
+        m_i,
+        l_i,
+        acc,
+    )
 
 
 @triton.jit
 def _merge_states_kernel(
-    outs_ptr, lses_ptr, out_ptr, lse_ptr, num_partials,
-    stride_in_n, stride_in_t, stride_in_h, stride_il_n, stride_il_t, stride_il_h,
-    stride_o_t, stride_o_h, stride_ol_t,
-    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    outs_ptr,
+    lses_ptr,
+    out_ptr,
+    lse_ptr,
+    num_partials,
+    stride_in_n,
+    stride_in_t,
+    stride_in_h,
+    stride_il_n,
+    stride_il_t,
+    stride_il_h,
+    stride_o_t,
+    stride_o_h,
+    stride_ol_t,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge N partials of one (token, head).
 
@@ -259,8 +408,11 @@ def _merge_states_kernel(
         lse_i = tl.load(lses_ptr + i * stride_il_n + token * stride_il_t + head * stride_il_h)
         lse_i = tl.where((lse_i == lse_i) & (lse_i != float("inf")), lse_i, float("-inf"))
         weight = tl.math.exp(lse_i - pivot)
-        partial = tl.load(outs_ptr + i * stride_in_n + token * stride_in_t + head * stride_in_h
-                          + offs_d, mask=d_mask, other=0.0)
+        partial = tl.load(
+            outs_ptr + i * stride_in_n + token * stride_in_t + head * stride_in_h + offs_d,
+            mask=d_mask,
+            other=0.0,
+        )
         # A select, not a multiply: weight 0 must drop a NaN partial entirely.
         acc += tl.where(weight > 0.0, partial.to(tl.float32) * weight, 0.0)
         total += weight
@@ -268,8 +420,11 @@ def _merge_states_kernel(
     total_safe = tl.where(has_keys, total, 1.0)
     out = tl.where(has_keys, acc / total_safe, 0.0)
     lse = tl.where(has_keys, pivot + tl.math.log(total_safe), float("-inf"))
-    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(
+        out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_mask,
+    )
     tl.store(lse_ptr + token * stride_ol_t + head, lse)
 
 
@@ -293,14 +448,20 @@ def _input_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _launch_config(q: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float
-                   ) -> tuple[int, int, int, float, dict[str, object]]:
+def _launch_config(
+    q: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float
+) -> tuple[int, int, int, float, dict[str, object]]:
     num_seqs = cu_seqlens_q.shape[0] - 1
     max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if num_seqs > 0 else 0
     block_m, block_n, block_d = _tile_sizes(max_seqlen_q, q.shape[2])
     meta: dict[str, object] = dict(
-        HEAD_SIZE=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST_DOT=INTERPRETED, INPUT_PRECISION=_input_precision(q.dtype))
+        HEAD_SIZE=q.shape[2],
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        UPCAST_DOT=INTERPRETED,
+        INPUT_PRECISION=_input_precision(q.dtype),
+    )
     return num_seqs, max_seqlen_q, block_m, scale * _LOG2_E, meta
 
 
@@ -311,10 +472,16 @@ def _alloc_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def varlen_attention_with_lse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-                                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
-                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def varlen_attention_with_lse_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton varlen partial attention; inputs validated by ``api.attention_with_lse``."""
     out, lse = _alloc_outputs(q)
     num_seqs, max_seqlen_q, block_m, qk_scale, meta = _launch_config(q, cu_seqlens_q, scale)
@@ -322,17 +489,40 @@ def varlen_attention_with_lse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.
         return out, lse
     grid = (num_seqs, q.shape[1], triton.cdiv(max_seqlen_q, block_m))
     _varlen_attention_lse_kernel[grid](
-        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, out, lse,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        qk_scale, q.shape[1] // k.shape[1], **meta)
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        qk_scale,
+        q.shape[1] // k.shape[1],
+        **meta,
+    )
     return out, lse
 
 
-def paged_attention_with_lse_triton(q: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                    q_pos: torch.Tensor, cache: PagedKVCache,
-                                    block_tables: torch.Tensor, kv_lens: torch.Tensor,
-                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_attention_with_lse_triton(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    q_pos: torch.Tensor,
+    cache: PagedKVCache,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton paged partial attention; inputs validated by ``api.paged_attention_with_lse``."""
     out, lse = _alloc_outputs(q)
     num_seqs, max_seqlen_q, block_m, qk_scale, meta = _launch_config(q, cu_seqlens_q, scale)
@@ -341,22 +531,50 @@ def paged_attention_with_lse_triton(q: torch.Tensor, cu_seqlens_q: torch.Tensor,
     key, value = cache.addressing.key, cache.addressing.value
     grid = (num_seqs, q.shape[1], triton.cdiv(max_seqlen_q, block_m))
     _paged_attention_lse_kernel[grid](
-        q, q_pos, cu_seqlens_q, cache.kv_cache, cache.positions, block_tables, kv_lens,
-        out, lse,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        q,
+        q_pos,
+        cu_seqlens_q,
+        cache.kv_cache,
+        cache.positions,
+        block_tables,
+        kv_lens,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
         block_tables.stride(0),
-        key.base, key.stride_block, key.stride_head, key.stride_tok_hi, key.stride_tok_lo,
-        key.stride_dim_hi, key.stride_dim_lo,
-        value.base, value.stride_block, value.stride_head, value.stride_tok_hi,
-        value.stride_tok_lo, value.stride_dim_hi, value.stride_dim_lo,
-        qk_scale, q.shape[1] // cache.num_kv_heads, cache.block_size,
-        K_TQ=key.token_group, K_DQ=key.dim_group, V_TQ=value.token_group, V_DQ=value.dim_group,
-        **meta)
+        key.base,
+        key.stride_block,
+        key.stride_head,
+        key.stride_tok_hi,
+        key.stride_tok_lo,
+        key.stride_dim_hi,
+        key.stride_dim_lo,
+        value.base,
+        value.stride_block,
+        value.stride_head,
+        value.stride_tok_hi,
+        value.stride_tok_lo,
+        value.stride_dim_hi,
+        value.stride_dim_lo,
+        qk_scale,
+        q.shape[1] // cache.num_kv_heads,
+        cache.block_size,
+        K_TQ=key.token_group,
+        K_DQ=key.dim_group,
+        V_TQ=value.token_group,
+        V_DQ=value.dim_group,
+        **meta,
+    )
     return out, lse
 
 
-def merge_attention_states_triton(outs: list[torch.Tensor], lses: list[torch.Tensor]
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states_triton(
+    outs: list[torch.Tensor], lses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LSE merge; inputs validated by ``api.merge_attention_states``."""
     stack_dtype = outs[0].dtype
     for partial in outs[1:]:
@@ -369,10 +587,21 @@ def merge_attention_states_triton(outs: list[torch.Tensor], lses: list[torch.Ten
     if num_tokens == 0 or num_heads == 0:
         return out, lse
     _merge_states_kernel[(num_tokens, num_heads)](
-        out_stack, lse_stack, out, lse, num_partials,
-        out_stack.stride(0), out_stack.stride(1), out_stack.stride(2),
-        lse_stack.stride(0), lse_stack.stride(1), lse_stack.stride(2),
-        out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_SIZE=head_size, BLOCK_D=max(16, triton.next_power_of_2(head_size)))
+        out_stack,
+        lse_stack,
+        out,
+        lse,
+        num_partials,
+        out_stack.stride(0),
+        out_stack.stride(1),
+        out_stack.stride(2),
+        lse_stack.stride(0),
+        lse_stack.stride(1),
+        lse_stack.stride(2),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        HEAD_SIZE=head_size,
+        BLOCK_D=max(16, triton.next_power_of_2(head_size)),
+    )
     return out, lse
-

@@ -56,20 +56,26 @@ class ShardBatch:
     kv_lens: torch.Tensor
 
     @classmethod
-    def build(cls, block_tables: Sequence[tuple[int, ...]], kv_lens: Sequence[int],
-              device: torch.device) -> ShardBatch:
+    def build(
+        cls, block_tables: Sequence[tuple[int, ...]], kv_lens: Sequence[int], device: torch.device
+    ) -> ShardBatch:
         nonempty = [i for i, n in enumerate(kv_lens) if n > 0]
         return cls(
             num_rows=len(kv_lens),
             nonempty_rows=torch.tensor(nonempty, dtype=torch.int64, device=device),
             cu_seqlens_q=torch.arange(len(nonempty) + 1, dtype=torch.int32, device=device),
             block_tables=block_table_tensor([block_tables[i] for i in nonempty], device),
-            kv_lens=torch.tensor([kv_lens[i] for i in nonempty], dtype=torch.int32,
-                                 device=device))
+            kv_lens=torch.tensor([kv_lens[i] for i in nonempty], dtype=torch.int32, device=device),
+        )
 
 
-def partial_attention(q: torch.Tensor, q_positions: torch.Tensor, shards: ShardBatch,
-                      cache: PagedKVCache, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_attention(
+    q: torch.Tensor,
+    q_positions: torch.Tensor,
+    shards: ShardBatch,
+    cache: PagedKVCache,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query row per request over its local shard: ``(out fp32, lse fp32)``.
 
     Rows whose request has no local tokens get the empty partial ``(0, -inf)``
@@ -83,8 +89,14 @@ def partial_attention(q: torch.Tensor, q_positions: torch.Tensor, shards: ShardB
         return out, lse
     rows = shards.nonempty_rows
     part_out, part_lse = paged_attention_with_lse(
-        q.index_select(0, rows), shards.cu_seqlens_q, q_positions.index_select(0, rows),
-        cache, shards.block_tables, shards.kv_lens, scale)
+        q.index_select(0, rows),
+        shards.cu_seqlens_q,
+        q_positions.index_select(0, rows),
+        cache,
+        shards.block_tables,
+        shards.kv_lens,
+        scale,
+    )
     out.index_copy_(0, rows, part_out.float())
     lse.index_copy_(0, rows, part_lse.float())
     return out, lse
@@ -106,59 +118,83 @@ class DecodeExecutor:
         sched, device = self.schedule, group.device
         self._new_slots = torch.tensor(sched.new_slots, dtype=torch.int64, device=device)
         self._new_positions = torch.tensor(sched.new_positions, dtype=torch.int64, device=device)
-        self._foreign_positions = torch.tensor(sched.foreign_positions, dtype=torch.int64,
-                                               device=device)
-        self._send_rows = [torch.tensor(rows, dtype=torch.int64, device=device)
-                           for _, rows in sched.q_sends]
-        self._local_shards = ShardBatch.build(sched.local_block_tables, sched.local_kv_lens,
-                                              device)
-        self._foreign_shards = ShardBatch.build(sched.foreign_block_tables,
-                                                sched.foreign_kv_lens, device)
+        self._foreign_positions = torch.tensor(
+            sched.foreign_positions, dtype=torch.int64, device=device
+        )
+        self._send_rows = [
+            torch.tensor(rows, dtype=torch.int64, device=device) for _, rows in sched.q_sends
+        ]
+        self._local_shards = ShardBatch.build(sched.local_block_tables, sched.local_kv_lens, device)
+        self._foreign_shards = ShardBatch.build(
+            sched.foreign_block_tables, sched.foreign_kv_lens, device
+        )
         self._num_replies = sum(len(rows) for _, rows in sched.q_sends)
         # Missing partials (-1) point at an extra (0, -inf) row appended to the replies.
         self._merge_rows = [
-            torch.tensor([self._num_replies if i < 0 else i for i in row], dtype=torch.int64,
-                         device=device)
-            for row in sched.merge_rows]
+            torch.tensor(
+                [self._num_replies if i < 0 else i for i in row], dtype=torch.int64, device=device
+            )
+            for row in sched.merge_rows
+        ]
 
     @property
     def num_mastered(self) -> int:
         return len(self.schedule.mastered)
 
-    def forward_layer(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                      cache: PagedKVCache, scale: float) -> torch.Tensor:
+    def forward_layer(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        cache: PagedKVCache,
+        scale: float,
+    ) -> torch.Tensor:
         sched = self.schedule
         if q.shape[0] != self.num_mastered or k_new.shape[0] != self.num_mastered:
-            raise ValueError(f"expected {self.num_mastered} mastered rows, got "
-                             f"q {tuple(q.shape)}, k {tuple(k_new.shape)}")
+            raise ValueError(
+                f"expected {self.num_mastered} mastered rows, got "
+                f"q {tuple(q.shape)}, k {tuple(k_new.shape)}"
+            )
         num_heads, head_size = q.shape[1], q.shape[2]
         if self.num_mastered:
             cache.write(self._new_slots, k_new, v_new, self._new_positions)
         foreign_q = [q.new_empty((n, num_heads, head_size)) for _, n in sched.q_recvs]
         q_exchange = self.group.exchange(
-            sends=[(peer, q.index_select(0, rows))
-                   for (peer, _), rows in zip(sched.q_sends, self._send_rows)],
-            recvs=[(master, buf) for (master, _), buf in zip(sched.q_recvs, foreign_q)])
-        local_out, local_lse = partial_attention(q, self._new_positions, self._local_shards,
-                                                 cache, scale)
+            sends=[
+                (peer, q.index_select(0, rows))
+                for (peer, _), rows in zip(sched.q_sends, self._send_rows)
+            ],
+            recvs=[(master, buf) for (master, _), buf in zip(sched.q_recvs, foreign_q)],
+        )
+        local_out, local_lse = partial_attention(
+            q, self._new_positions, self._local_shards, cache, scale
+        )
         q_exchange.wait()
 
         foreign_out, foreign_lse = partial_attention(
             torch.cat(foreign_q) if foreign_q else q.new_empty((0, num_heads, head_size)),
-            self._foreign_positions, self._foreign_shards, cache, scale)
+            self._foreign_positions,
+            self._foreign_shards,
+            cache,
+            scale,
+        )
         reply_sends = []
         offset = 0
         for master, n in sched.q_recvs:
-            reply_sends += [(master, foreign_out[offset:offset + n]),
-                            (master, foreign_lse[offset:offset + n])]
+            reply_sends += [
+                (master, foreign_out[offset : offset + n]),
+                (master, foreign_lse[offset : offset + n]),
+            ]
             offset += n
         reply_out = local_out.new_empty((self._num_replies + 1, num_heads, head_size))
         reply_lse = local_lse.new_empty((self._num_replies + 1, num_heads))
         reply_recvs = []
         offset = 0
         for peer, rows in sched.q_sends:
-            reply_recvs += [(peer, reply_out[offset:offset + len(rows)]),
-                            (peer, reply_lse[offset:offset + len(rows)])]
+            reply_recvs += [
+                (peer, reply_out[offset : offset + len(rows)]),
+                (peer, reply_lse[offset : offset + len(rows)]),
+            ]
             offset += len(rows)
         self.group.exchange(reply_sends, reply_recvs).wait()
         if not self.num_mastered:

@@ -57,8 +57,9 @@ class InstanceGroup:
     Byte counters record the payload this instance sent and received.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, process_group: dist.ProcessGroup | None = None, device: torch.device | None = None
+    ) -> None:
         if process_group is None:
             process_group = dist.group.WORLD
         if process_group is None:
@@ -68,8 +69,11 @@ class InstanceGroup:
         self.num_instances = process_group.size()
         self.backend = process_group.name()
         if device is None:
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if self.backend == "nccl" else torch.device("cpu"))
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if self.backend == "nccl"
+                else torch.device("cpu")
+            )
         self.device = device
         try:
             dist.get_global_rank(process_group, 0)
@@ -110,18 +114,28 @@ class InstanceGroup:
     def _post(self, ops: list[tuple[bool, torch.Tensor, int, int]]) -> list[dist.Work]:
         pg = self.process_group
         if self._registered:
-            return dist.batch_isend_irecv([
-                dist.P2POp(dist.isend if is_send else dist.irecv, tensor, group=pg, tag=tag,
-                           group_peer=peer)
-                for is_send, tensor, peer, tag in ops])
+            return dist.batch_isend_irecv(
+                [
+                    dist.P2POp(
+                        dist.isend if is_send else dist.irecv,
+                        tensor,
+                        group=pg,
+                        tag=tag,
+                        group_peer=peer,
+                    )
+                    for is_send, tensor, peer, tag in ops
+                ]
+            )
         # A group unknown to torch.distributed (P2POp would look up global
         # ranks and fail): do what batch_isend_irecv does, through the
         # ProcessGroup itself. NCCL coalesces the batch into one group call.
         coalesce = pg._get_backend(self.device).supports_coalescing
         if coalesce:
             pg._start_coalescing(self.device)
-        works = [pg.send([tensor], peer, tag) if is_send else pg.recv([tensor], peer, tag)
-                 for is_send, tensor, peer, tag in ops]
+        works = [
+            pg.send([tensor], peer, tag) if is_send else pg.recv([tensor], peer, tag)
+            for is_send, tensor, peer, tag in ops
+        ]
         if coalesce:
             return [pg._end_coalescing(self.device)]
         return works
@@ -142,14 +156,26 @@ class InstanceFailure(RuntimeError):
     """A function run on the cluster raised (or a process died) on some instance."""
 
 
-def _instance_main(rank: int, num_instances: int, init_file: str, backend: str,
-                   num_threads: int, timeout_s: float, tasks: Any, results: Any) -> None:
+def _instance_main(
+    rank: int,
+    num_instances: int,
+    init_file: str,
+    backend: str,
+    num_threads: int,
+    timeout_s: float,
+    tasks: Any,
+    results: Any,
+) -> None:
     torch.set_num_threads(num_threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=num_instances,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=num_instances,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     group = InstanceGroup()
     try:
         while (task := tasks.get()) is not None:
@@ -171,8 +197,14 @@ class InstanceCluster:
     again on the next ``run``.
     """
 
-    def __init__(self, num_instances: int, *, backend: str = "gloo", num_threads: int = 1,
-                 timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        num_instances: int,
+        *,
+        backend: str = "gloo",
+        num_threads: int = 1,
+        timeout_s: float = 120.0,
+    ) -> None:
         self.num_instances = num_instances
         self.backend = backend
         self.num_threads = num_threads
@@ -186,11 +218,22 @@ class InstanceCluster:
         self._tasks = [ctx.Queue() for _ in range(self.num_instances)]
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_instance_main, daemon=True,
-                        args=(r, self.num_instances, os.path.join(self._tmpdir, "store"),
-                              self.backend, self.num_threads, self.timeout_s,
-                              self._tasks[r], self._results))
-            for r in range(self.num_instances)]
+            ctx.Process(
+                target=_instance_main,
+                daemon=True,
+                args=(
+                    r,
+                    self.num_instances,
+                    os.path.join(self._tmpdir, "store"),
+                    self.backend,
+                    self.num_threads,
+                    self.timeout_s,
+                    self._tasks[r],
+                    self._results,
+                ),
+            )
+            for r in range(self.num_instances)
+        ]
         for p in self._procs:
             p.start()
 
@@ -210,17 +253,24 @@ class InstanceCluster:
                     # Peers blocked on the failed instance will not answer soon.
                     deadline = min(deadline, time.monotonic() + 5.0)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs)
-                        if not p.is_alive() and r not in outcomes]
+                dead = [
+                    r for r, p in enumerate(self._procs) if not p.is_alive() and r not in outcomes
+                ]
                 if dead or time.monotonic() > deadline:
                     for r in range(self.num_instances):
-                        outcomes.setdefault(r, (False, "process died" if r in dead
-                                                else "no answer before the timeout"))
+                        outcomes.setdefault(
+                            r,
+                            (
+                                False,
+                                "process died" if r in dead else "no answer before the timeout",
+                            ),
+                        )
         failures = {r: v for r, (ok, v) in sorted(outcomes.items()) if not ok}
         if failures:
             self._stop(force=True)
-            raise InstanceFailure("\n".join(f"--- instance {r} ---\n{v}"
-                                            for r, v in failures.items()))
+            raise InstanceFailure(
+                "\n".join(f"--- instance {r} ---\n{v}" for r, v in failures.items())
+            )
         return [outcomes[r][1] for r in range(self.num_instances)]
 
     def _stop(self, force: bool) -> None:

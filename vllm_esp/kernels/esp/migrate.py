@@ -24,8 +24,9 @@ from vllm_esp.kernels.attention import PagedKVCache
 from vllm_esp.kernels.esp.group import InstanceGroup
 
 
-def execute_migration(group: InstanceGroup, plan: MigrationPlan,
-                      caches: Sequence[PagedKVCache]) -> int:
+def execute_migration(
+    group: InstanceGroup, plan: MigrationPlan, caches: Sequence[PagedKVCache]
+) -> int:
     """Run this instance's side of ``plan`` over all layers; returns tokens sent + received."""
     if not caches:
         raise ValueError("migration needs the caches of every layer")
@@ -42,8 +43,9 @@ def execute_migration(group: InstanceGroup, plan: MigrationPlan,
             # Positions travel with the KV, read from the source cache itself.
             group.exchange([(chunk.dst, buf), (chunk.dst, layers[0][2])], []).wait()
         else:
-            buf = torch.empty((len(caches), 2, chunk.num_tokens, *geometry),
-                              dtype=caches[0].dtype, device=device)
+            buf = torch.empty(
+                (len(caches), 2, chunk.num_tokens, *geometry), dtype=caches[0].dtype, device=device
+            )
             positions = torch.empty((chunk.num_tokens,), dtype=torch.int64, device=device)
             group.exchange([], [(chunk.src, buf), (chunk.src, positions)]).wait()
             slots = torch.tensor(chunk.dst_slots, dtype=torch.int64, device=device)

@@ -46,7 +46,8 @@ class RingPrefillExecutor:
         self.group = group
         self.plan = plan
         self.schedule: RingRankSchedule = build_ring_schedule(
-            plan, plan.group.index(group.instance_id))
+            plan, plan.group.index(group.instance_id)
+        )
         device = group.device
 
         def ints(values: tuple[int, ...], dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -67,13 +68,16 @@ class RingPrefillExecutor:
         """``(request index, output row)`` of the first-token logits this rank produces."""
         return self.schedule.last_token_rows
 
-    def forward_layer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      cache: PagedKVCache, scale: float) -> torch.Tensor:
+    def forward_layer(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, scale: float
+    ) -> torch.Tensor:
         """Attention of the local queries over the whole batch; fills ``cache`` per the plan."""
         sched = self.schedule
         if q.shape[0] != self.num_local_tokens or k.shape[0] != self.num_local_tokens:
-            raise ValueError(f"expected {self.num_local_tokens} local rows, got "
-                             f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+            raise ValueError(
+                f"expected {self.num_local_tokens} local rows, got "
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
         n, r = sched.num_ranks, sched.logical_rank
         # K and V travel as one [2, T, Hkv, D] buffer: one message per hop.
         held_kv = torch.stack((k, v))
@@ -88,15 +92,22 @@ class RingPrefillExecutor:
                 next_pos = held_pos.new_empty((num_next_rows,))
                 pending = self.group.exchange(
                     sends=[(sched.send_to, held_kv), (sched.send_to, held_pos)],
-                    recvs=[(sched.recv_from, next_kv), (sched.recv_from, next_pos)])
+                    recvs=[(sched.recv_from, next_kv), (sched.recv_from, next_pos)],
+                )
             if hop.keep_rows:
                 rows = self._keep_rows[s]
-                cache.write(self._keep_slots[s], held_kv[0, rows], held_kv[1, rows],
-                            held_pos[rows])
+                cache.write(self._keep_slots[s], held_kv[0, rows], held_kv[1, rows], held_pos[rows])
             if q.shape[0] and held_kv.shape[1]:
                 hop_out, hop_lse = attention_with_lse(
-                    q, held_kv[0], held_kv[1], self.q_positions, held_pos, scale,
-                    cu_seqlens_q=self._cu_seqlens_q, cu_seqlens_k=self._cu_seqlens_k[s])
+                    q,
+                    held_kv[0],
+                    held_kv[1],
+                    self.q_positions,
+                    held_pos,
+                    scale,
+                    cu_seqlens_q=self._cu_seqlens_q,
+                    cu_seqlens_k=self._cu_seqlens_k[s],
+                )
                 # Accumulate in fp32 so 16-bit inputs lose nothing across hops.
                 if out is None or lse is None:
                     out, lse = hop_out.float(), hop_lse.float()
