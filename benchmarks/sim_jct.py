@@ -52,6 +52,7 @@ from vllm_esp.harness import scheduler as sched_harness
 VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("fcfs", "fcfs", None),
     ("srpt (oracle)", "srpt", None),
+    ("gittins (learned lengths)", "gittins", {}),
     ("mlfq default (K=2)", "mlfq", {}),
     ("mlfq K=2, Q0=32 steps", "mlfq", {"auto_quantum_decode_steps": 32}),
     ("mlfq K=4, ratio 8", "mlfq", {"num_levels": 4, "quantum_ratio": 8.0}),

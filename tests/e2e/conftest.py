@@ -38,4 +38,4 @@ def run_offline(scheduler: str) -> dict:
 
 @pytest.fixture(scope="session")
 def offline_outputs() -> dict[str, dict]:
-    return {name: run_offline(name) for name in ("fcfs", "mlfq")}
+    return {name: run_offline(name) for name in ("fcfs", "mlfq", "gittins")}

@@ -294,24 +294,6 @@ def test_oversized_prompt_refused_and_engine_serves_on(esp_runs):
     _no_leak(refusal["blocks"])
 
 
-def test_max_model_len_past_the_n_caches_is_refused_at_start(capfd):
-    """vLLM refuses an ESP engine whose max_model_len the N caches together
-    cannot hold, and counts all N: 2 x 50 blocks less its null block hold
-    3,168 tokens, more than one instance's 1,600."""
-    from vllm import LLM
-
-    too_long = 2 * INSTANCE_KV_TOKENS
-    kwargs = dict(_engine_kwargs(INSTANCE_KV_TOKENS), max_model_len=too_long)
-    # EngineCore in its own process: the failed start takes the instances with it.
-    with pytest.raises(RuntimeError, match="Engine core initialization failed"):
-        LLM(model=small_model_path(), **kwargs, **vllm_esp.scheduler_args("esp", esp=FORCED))
-    captured = capfd.readouterr()
-    logs = " ".join((captured.out + captured.err).split())
-    usable = (2 * INSTANCE_KV_TOKENS // BLOCK_SIZE - 1) * BLOCK_SIZE
-    assert f"To serve at least one request with the model's max seq len ({too_long})" in logs
-    assert f"the estimated maximum model length is {usable}" in logs
-
-
 def test_aborts_leak_no_block_on_any_instance(esp_runs):
     aborts = esp_runs["esp"]["aborts"]
     assert aborts["num_aborted"] >= 2

@@ -1,4 +1,4 @@
-"""Greedy outputs of the MLFQ scheduler equal stock vLLM's, offline.
+"""Greedy outputs of the MLFQ and Gittins schedulers equal stock vLLM's, offline.
 
 Both engines run the same prompts with a small batch limit and a KV cache
 too small for the batch, so the MLFQ run pauses requests by rank, preempts
@@ -18,8 +18,9 @@ def outputs(offline_outputs):
     return offline_outputs
 
 
-def test_greedy_outputs_identical(outputs):
-    assert outputs["mlfq"]["tokens"] == outputs["fcfs"]["tokens"]
+@pytest.mark.parametrize("scheduler", ["mlfq", "gittins"])
+def test_greedy_outputs_identical(outputs, scheduler):
+    assert outputs[scheduler]["tokens"] == outputs["fcfs"]["tokens"]
 
 
 def test_outputs_are_not_degenerate(outputs):

@@ -53,7 +53,9 @@ CLI = "vllm_esp/cli.py"
 
 # --------------------------------------------------------------- helpers
 def params(fn: Callable[..., Any]) -> list[str]:
-    return list(inspect.signature(fn).parameters)
+    """Parameter names; without the ``_ray_trace_ctx`` that Ray's tracing
+    adds to actor methods once ``ray`` has been imported in the process."""
+    return [p for p in inspect.signature(fn).parameters if p != "_ray_trace_ctx"]
 
 
 def expect(ok: bool, moved: str, user: str) -> None:

@@ -46,6 +46,14 @@ SCHEDULER_CHOICES: dict[str, SchedulerChoice] = {
             "mlfq", "skip-join multi-level feedback queue (FastServe)", MLFQ_SCHEDULER_CLS, "mlfq"
         ),
         SchedulerChoice(
+            "gittins",
+            "Gittins-index order learned online from finished requests' output "
+            "lengths (optimal non-clairvoyant order for mean latency), with "
+            "mlfq's preemption and starvation bound",
+            MLFQ_SCHEDULER_CLS,
+            "gittins",
+        ),
+        SchedulerChoice(
             "mlfq-swap",
             "mlfq that preempts by swapping KV to host memory, with "
             "proactive offload and prefetch (FastServe)",

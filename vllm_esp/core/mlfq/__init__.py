@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
+from vllm_esp.core.mlfq.gittins import GittinsPolicy
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
 from vllm_esp.core.mlfq.reference import FCFSPolicy, SRPTOraclePolicy
 from vllm_esp.core.mlfq.skip_join import MLFQPolicy
 
 POLICIES: dict[str, type[RankingPolicy]] = {
     FCFSPolicy.name: FCFSPolicy,
+    GittinsPolicy.name: GittinsPolicy,
     MLFQPolicy.name: MLFQPolicy,
     SRPTOraclePolicy.name: SRPTOraclePolicy,
 }
@@ -33,6 +35,7 @@ def make_policy(settings: MLFQConfig, cost_model: StepCostModel) -> RankingPolic
 __all__ = [
     "POLICIES",
     "FCFSPolicy",
+    "GittinsPolicy",
     "MLFQPolicy",
     "PolicyStats",
     "RankingPolicy",

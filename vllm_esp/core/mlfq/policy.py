@@ -69,8 +69,12 @@ class RankingPolicy(abc.ABC):
         """Start tracking a request that just arrived."""
 
     @abc.abstractmethod
-    def remove_request(self, request_id: str) -> None:
-        """Forget a finished or aborted request. Unknown ids are ignored."""
+    def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
+        """Forget a finished or aborted request. Unknown ids are ignored.
+
+        ``num_output_tokens`` is the output length of a request that
+        finished (None when it was aborted); policies that learn the length
+        distribution observe it, the others ignore it."""
 
     @abc.abstractmethod
     def on_scheduled(

@@ -41,7 +41,7 @@ class FCFSPolicy(RankingPolicy):
         self._keys[info.request_id] = key
         bisect.insort(self._queue, key)
 
-    def remove_request(self, request_id: str) -> None:
+    def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         key = self._keys.pop(request_id, None)
         if key is not None:
             del self._queue[bisect.bisect_left(self._queue, key)]
@@ -107,7 +107,7 @@ class SRPTOraclePolicy(RankingPolicy):
         self._seq += 1
         self._order = None
 
-    def remove_request(self, request_id: str) -> None:
+    def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         if self._states.pop(request_id, None) is not None:
             self._order = None
 

@@ -134,7 +134,7 @@ class MLFQPolicy(RankingPolicy):
         # The starvation clock starts at arrival (never at 0).
         self._idle_since[info.request_id] = min(info.arrival_time, now)
 
-    def remove_request(self, request_id: str) -> None:
+    def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         state = self._states.pop(request_id, None)
         if state is None:
             return

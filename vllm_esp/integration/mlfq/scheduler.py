@@ -146,8 +146,13 @@ class MLFQScheduler(Scheduler, PlanningMixin):
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        # The one exit of every finished or aborted request.
-        self.rank_policy.remove_request(request.request_id)
+        # The one exit of every finished or aborted request. A finished
+        # request's output length teaches policies that learn lengths; an
+        # aborted one says nothing about them.
+        finished = request.status != RequestStatus.FINISHED_ABORTED
+        self.rank_policy.remove_request(
+            request.request_id, request.num_output_tokens if finished else None
+        )
         self._computed_high_water.pop(request.request_id, None)
         return super()._free_request(request, delay_free_blocks=delay_free_blocks)
 

@@ -1,0 +1,262 @@
+"""The Gittins-index policy on plain numbers: the index against its
+definition, its FCFS and LAS limits, online learning, starvation bound."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_esp.core.costmodel import StepCostModel
+from vllm_esp.core.mlfq import make_policy
+from vllm_esp.core.mlfq.config import MLFQConfig
+from vllm_esp.core.mlfq.gittins import (
+    GittinsPolicy,
+    LengthDistribution,
+    gittins_index,
+    gittins_table,
+    length_grid,
+    segment_sums,
+)
+from vllm_esp.core.mlfq.policy import RequestInfo
+
+#: 1 ms per step plus 0.01 ms per token: one decode step = 1.01 ms.
+COST = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=0.0, source="calibrated")
+
+
+def brute_force_index(pmf: dict[int, float], a: int) -> float:
+    """``max_b (F(a) - F(b)) / sum_{t=a}^{b-1} F(t)`` straight from the definition."""
+    max_len = max(pmf)
+
+    def survival(t: int) -> float:
+        return sum(p for s, p in pmf.items() if s > t)
+
+    best = 0.0
+    for b in range(a + 1, max_len + 1):
+        spent = sum(survival(t) for t in range(a, b))
+        best = max(best, (survival(a) - survival(b)) / spent)
+    return best
+
+
+def exact_survival(pmf: dict[int, float]) -> tuple[tuple[int, ...], list[float]]:
+    grid = tuple(range(max(pmf) + 1))
+    return grid, [sum(p for s, p in pmf.items() if s > t) for t in grid]
+
+
+pmfs = st.dictionaries(st.integers(1, 12), st.floats(0.01, 1.0), min_size=1, max_size=6).map(
+    lambda d: {k: v / sum(d.values()) for k, v in d.items()}
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pmfs)
+def test_index_table_equals_the_definition(pmf):
+    grid, survival = exact_survival(pmf)
+    table = gittins_table(survival, segment_sums(grid, survival))
+    for a in range(max(pmf)):
+        assert table[a] == pytest.approx(brute_force_index(pmf, a), rel=1e-9, abs=1e-12)
+
+
+def test_known_prefill_lowers_the_index_like_extra_expected_service():
+    pmf = {2: 0.5, 10: 0.5}
+    grid, survival = exact_survival(pmf)
+    sums = segment_sums(grid, survival)
+    # A prefill worth 3 decode steps adds F(0) * 3 to every budget's cost.
+    expected = max(
+        (survival[0] - survival[b]) / (3.0 + sum(survival[t] for t in range(b)))
+        for b in range(1, 11)
+    )
+    assert gittins_index(0, survival, sums, prefill=3.0) == pytest.approx(expected)
+    assert gittins_index(0, survival, sums, prefill=3.0) < gittins_index(0, survival, sums)
+
+
+def test_increasing_hazard_runs_the_most_served_first_like_fcfs():
+    # Uniform on 1..20: the hazard 1/(21-t) increases, so the index rises
+    # with attained service: finish what you started.
+    pmf = {s: 1 / 20 for s in range(1, 21)}
+    grid, survival = exact_survival(pmf)
+    table = gittins_table(survival, segment_sums(grid, survival))
+    assert all(x < y for x, y in itertools.pairwise(table[:20]))
+
+
+def test_decreasing_hazard_runs_the_least_served_first_like_las():
+    # A mixture of a short and a long geometric: the hazard falls with age,
+    # so the index falls too (least attained first) until the cap nears.
+    weights = {s: 0.5 * 0.5**s + 0.5 * 0.05 * 0.95**s for s in range(1, 61)}
+    pmf = {s: w / sum(weights.values()) for s, w in weights.items()}
+    grid, survival = exact_survival(pmf)
+    table = gittins_table(survival, segment_sums(grid, survival))
+    assert all(x > y for x, y in itertools.pairwise(table[:7]))
+
+
+def test_bimodal_lengths_put_young_requests_first_then_run_long_ones_to_completion():
+    # 90% of requests need 8 tokens, 10% need 400 (the mixed trace's shape).
+    pmf = {8: 0.9, 400: 0.1}
+    grid = length_grid(400)
+    dist = LengthDistribution(grid, prior_weight=0.0)
+    for length, p in pmf.items():
+        for _ in range(round(p * 100)):
+            dist.observe(length)
+    survival = dist.survival()
+    table = gittins_table(survival, segment_sums(grid, survival))
+
+    def at(tokens: int) -> float:  # the index a request with that many tokens gets
+        return table[max(i for i, g in enumerate(grid) if g <= tokens)]
+
+    assert at(0) > at(20)  # a fresh request beats one known to be long
+    assert at(20) < at(200) < at(390)  # long ones: the most served goes first
+
+
+def test_grid_is_exact_then_geometric():
+    grid = length_grid(1000, exact_len=8, ratio=1.5)
+    assert grid[:9] == tuple(range(9)) and grid[-1] == 1000
+    assert all(b > a for a, b in itertools.pairwise(grid))
+    assert len(grid) < 25
+
+
+def request(rid: str, t: float, prompt: int = 16, max_tokens: int | None = None) -> RequestInfo:
+    return RequestInfo(rid, arrival_time=t, num_prompt_tokens=prompt, max_tokens=max_tokens)
+
+
+def learned_policy(lengths: list[int], **kwargs) -> GittinsPolicy:
+    policy = GittinsPolicy(
+        cost_model=COST,
+        max_len=512,
+        prior_weight=1.0,
+        min_bucket_samples=1_000,
+        refit_every=1,
+        **kwargs,
+    )
+    for length in lengths:
+        policy.observe_length(16, length)
+    policy.end_step(0.0)  # refit
+    return policy
+
+
+def serve(policy: GittinsPolicy, rid: str, num_tokens: int, now: float) -> None:
+    """``num_tokens`` steps for ``rid``: the prompt (16 tokens) then decodes."""
+    computed = 0
+    for _ in range(num_tokens):
+        n = 16 if computed == 0 else 1
+        policy.on_scheduled(rid, n, computed, now)
+        computed += n
+        policy.end_step(now)
+
+
+def test_learned_bimodal_distribution_serves_a_young_request_before_an_old_long_one():
+    policy = learned_policy([8] * 90 + [400] * 10)
+    policy.add_request(request("long", 0.0), 0.0)
+    serve(policy, "long", 30, 0.0)  # 30 tokens in: past the short mode
+    policy.add_request(request("short", 1.0), 1.0)
+    assert list(policy.iter_ranked()) == ["short", "long"]
+    policy.check_invariants()
+
+
+def test_learned_uniform_distribution_keeps_the_started_request_first():
+    policy = learned_policy(list(range(1, 201)))
+    policy.add_request(request("old", 0.0), 0.0)
+    serve(policy, "old", 100, 0.0)
+    policy.add_request(request("new", 1.0), 1.0)
+    assert list(policy.iter_ranked()) == ["old", "new"]
+
+
+def test_max_tokens_is_never_read():
+    # The same requests with true lengths given as max_tokens or not: the
+    # order must not change (only the SRPT oracle may look at max_tokens).
+    orders = []
+    for caps in ((None, None, None), (5, 500, 50)):
+        policy = learned_policy([8] * 50 + [300] * 50)
+        for i, cap in enumerate(caps):
+            policy.add_request(
+                request(f"r{i}", float(i), prompt=16 * (i + 1), max_tokens=cap), float(i)
+            )
+        serve(policy, "r1", 12, 3.0)
+        orders.append(list(policy.iter_ranked()))
+    assert orders[0] == orders[1]
+
+
+def test_finished_lengths_are_learned_and_aborts_are_not():
+    policy = GittinsPolicy(cost_model=COST, refit_every=1)
+    for i in range(3):
+        policy.add_request(request(f"r{i}", 0.0), 0.0)
+    policy.remove_request("r0", num_output_tokens=40)
+    policy.remove_request("r1")  # aborted: no length
+    assert policy.num_observed_lengths == 1
+    policy.remove_request("missing", num_output_tokens=3)  # unknown ids are ignored
+    assert policy.num_observed_lengths == 1 and len(policy) == 1
+
+
+def test_a_long_prompt_waits_behind_short_ones_of_the_same_distribution():
+    policy = learned_policy([20] * 100)
+    policy.add_request(request("long-prompt", 0.0, prompt=4000), 0.0)
+    policy.add_request(request("short-prompt", 1.0, prompt=10), 1.0)
+    assert list(policy.iter_ranked()) == ["short-prompt", "long-prompt"]
+
+
+def test_starved_request_is_promoted_and_served_its_quantum_first():
+    policy = learned_policy(
+        [8] * 90 + [400] * 10, starvation_threshold_s=1.0, promotion_quantum_s=0.005
+    )
+    policy.add_request(request("long", 0.0), 0.0)
+    serve(policy, "long", 30, 0.0)
+    for i in range(3):
+        policy.add_request(request(f"s{i}", 0.5), 0.5)
+    assert list(policy.iter_ranked())[-1] == "long"
+    policy.end_step(1.2)  # "long" idle since 0.0: promoted above every index
+    assert next(policy.iter_ranked()) == "long" and policy.num_promotions == 1
+    policy.end_step(1.3)  # promotion lasts until it is served its quantum
+    assert next(policy.iter_ranked()) == "long"
+    computed = 16 + 30
+    for _ in range(5):  # 5 decode steps ~ 5 ms of standalone service
+        policy.on_scheduled("long", 1, computed, 1.4)
+        computed += 1
+        policy.end_step(1.4)
+    assert list(policy.iter_ranked())[-1] == "long"
+    policy.check_invariants()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "run", "finish", "abort", "step"]),
+            st.integers(0, 7),
+            st.integers(1, 40),
+        ),
+        max_size=80,
+    )
+)
+def test_invariants_hold_under_random_workloads(ops):
+    policy = GittinsPolicy(
+        cost_model=COST,
+        max_len=256,
+        refit_every=3,
+        starvation_threshold_s=0.05,
+        promotion_quantum_s=0.002,
+    )
+    computed: dict[str, int] = {}
+    now = 0.0
+    for op, k, n in ops:
+        rid = f"r{k}"
+        now += 0.01
+        if op == "add" and rid not in policy:
+            policy.add_request(request(rid, now, prompt=n * 8), now)
+            computed[rid] = 0
+        elif op == "run" and rid in policy:
+            policy.on_scheduled(rid, n, computed[rid], now)
+            computed[rid] += n
+        elif op in ("finish", "abort") and rid in policy:
+            policy.remove_request(rid, num_output_tokens=n if op == "finish" else None)
+        else:
+            policy.end_step(now)
+        policy.check_invariants()
+    assert sorted(policy.iter_ranked()) == sorted(r for r in computed if r in policy)
+    assert all(math.isfinite(policy.index_of(r)) for r in policy.iter_ranked())
+
+
+def test_built_by_name_from_the_scheduler_settings():
+    policy = make_policy(MLFQConfig(policy="gittins", starvation_threshold_s=3.0), COST)
+    assert isinstance(policy, GittinsPolicy) and policy.starvation_threshold_s == 3.0
