@@ -1,12 +1,21 @@
-"""The main job: serve a model with the MLFQ scheduler and replay ShareGPT.
+"""The main job: what the plugin buys, stock vLLM against vllm-esp, side by side.
 
-    python -m vllm_esp.demo [--model PATH] [--scheduler mlfq] [--num-requests 100] [--rate 1.5]
+    python -m vllm_esp.demo [--model PATH] [--schedulers fcfs,gittins] [--rounds 1]
+                            [--trace mixed|sharegpt] [--num-requests 250] [--rate 5]
 
-Starts ``vllm-esp serve MODEL --scheduler ...`` (vLLM's own OpenAI server,
-with the plugin's flag), replays a seeded ShareGPT trace against it over
-HTTP in real time (Poisson arrivals, streamed completions so the time to
-the first token is measured), prints a JCT summary and the scheduler's
-queue state from ``/metrics``, and stops the server.
+Serves the model with each scheduler in turn (``vllm-esp serve MODEL
+--scheduler NAME``: vLLM's own OpenAI server with the plugin's flag),
+replays the same seeded trace against it over HTTP in real time (Poisson
+arrivals, streamed completions, so the time to the first token is what a
+client sees), and prints per request class the mean and p99 end-to-end
+latency and the mean time to first token, with each scheduler's ratio to the
+first one (stock ``fcfs``). The default trace mixes short requests (8-48
+output tokens) with 10% long ones (400 tokens): where short requests wait
+behind long ones under FCFS.
+
+This machine's speed drifts, so the schedulers alternate in rounds
+(A B, then B A, ...), ratios are paired within a round, and a fixed CPU
+speed probe is printed beside every replay.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from vllm_esp.core.choices import DEFAULT_SCHEDULER
+from vllm_esp.data.trace import TraceRequest
 
 #: Engine settings of the demo server: a batch-limited regime where the
 #: scheduling order matters on a 2-core machine.
@@ -113,7 +126,7 @@ def stream_one(
     return (ttft if ttft is not None else jct), jct, n
 
 
-def replay(base: str, model: str, trace) -> list[tuple[float, float, int]]:
+def replay(base: str, model: str, trace: list[TraceRequest]) -> list[tuple[float, float, int]]:
     results: list[tuple[float, float, int] | None] = [None] * len(trace)
     threads = []
     t0 = time.perf_counter()
@@ -139,6 +152,79 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+def speed_probe() -> float:
+    """Seconds for a fixed pure-Python workload: the machine's speed now."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i * i % 7
+    return time.perf_counter() - start
+
+
+def class_of(request: TraceRequest) -> str:
+    return "long" if request.source.endswith("long") else "short"
+
+
+def summarize(
+    trace: list[TraceRequest], results: list[tuple[float, float, int]]
+) -> dict[str, dict[str, float]]:
+    """Per class (``all``, ``short``, ``long``): mean/p99 E2E, mean TTFT, n."""
+    out: dict[str, dict[str, float]] = {}
+    for name in ("all", "short", "long"):
+        rows = [r for req, r in zip(trace, results) if name == "all" or class_of(req) == name]
+        if not rows:
+            continue
+        e2e = [r[1] for r in rows]
+        out[name] = {
+            "mean_e2e_s": statistics.mean(e2e),
+            "p99_e2e_s": percentile(e2e, 99),
+            "mean_ttft_s": statistics.mean(r[0] for r in rows),
+            "n": len(rows),
+        }
+    return out
+
+
+def run_one(model: str, scheduler: str, port: int, trace: list[TraceRequest]) -> dict[str, Any]:
+    base = f"http://127.0.0.1:{port}"
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-esp-demo-{scheduler}-{port}.log"
+    proc = start_server(model, scheduler, port, log_path)
+    try:
+        wait_healthy(proc, base, log_path)
+        stream_one(base, model, list(trace[0].prompt_token_ids or ()), 4)  # warm-up
+        probe = speed_probe()
+        t0 = time.perf_counter()
+        results = replay(base, model, trace)
+        wall = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if len(results) != len(trace):
+        raise RuntimeError(
+            f"{scheduler}: {len(trace) - len(results)} requests did not finish "
+            f"(server log: {log_path})"
+        )
+    return {"classes": summarize(trace, results), "wall_s": wall, "speed_probe_s": probe}
+
+
+def print_round(index: int, runs: dict[str, dict[str, Any]], baseline: str) -> None:
+    print(f"\n== round {index + 1} (order: {', '.join(runs)})")
+    print(
+        f"{'scheduler':10s} {'class':6s} {'n':>4s} {'mean E2E':>9s} {'p99 E2E':>9s} "
+        f"{'mean TTFT':>10s} {'E2E vs ' + baseline:>14s} {'probe':>7s}"
+    )
+    for scheduler, run in runs.items():
+        for name, c in run["classes"].items():
+            ratio = c["mean_e2e_s"] / runs[baseline]["classes"][name]["mean_e2e_s"]
+            print(
+                f"{scheduler:10s} {name:6s} {c['n']:4d} {c['mean_e2e_s']:8.2f}s "
+                f"{c['p99_e2e_s']:8.2f}s {c['mean_ttft_s']:9.3f}s {ratio:13.2f}x "
+                f"{run['speed_probe_s']:6.2f}s"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,72 +232,62 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="model folder (default: the built default preset)"
     )
-    parser.add_argument("--scheduler", default="mlfq")
-    parser.add_argument("--num-requests", type=int, default=100)
     parser.add_argument(
-        "--rate",
-        type=float,
-        default=1.5,
-        help="Poisson arrival rate (requests/s); ~1.3/s saturates 2 cores",
+        "--schedulers",
+        default=f"fcfs,{DEFAULT_SCHEDULER}",
+        help="comma-separated; the first is the baseline of the ratios",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds; the order reverses every round"
+    )
+    parser.add_argument("--trace", choices=("mixed", "sharegpt"), default="mixed")
+    parser.add_argument("--num-requests", type=int, default=250)
+    parser.add_argument("--rate", type=float, default=5.0, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
 
-    import requests
     from transformers import AutoTokenizer
 
-    from vllm_esp.data.trace import make_sharegpt_trace
+    from vllm_esp.data.trace import make_mixed_trace, make_sharegpt_trace
     from vllm_esp.models import build_model
 
+    schedulers = [name.strip() for name in args.schedulers.split(",") if name.strip()]
     model = args.model or str(build_model("default"))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    trace = make_sharegpt_trace(
-        tokenizer,
-        args.num_requests,
-        args.rate,
-        args.seed,
-        max_prompt_len=1024,
-        max_output_len=256,
-        max_model_len=2048,
-    )
-    base = f"http://127.0.0.1:{args.port}"
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-esp-demo-{args.port}.log"
-    print(f"starting `vllm-esp serve {model} --scheduler {args.scheduler}` (log: {log_path})")
-    proc = start_server(model, args.scheduler, args.port, log_path)
-    try:
-        wait_healthy(proc, base, log_path)
-        print(f"replaying {len(trace)} ShareGPT requests at {args.rate}/s (seed {args.seed})...")
-        t0 = time.perf_counter()
-        results = replay(base, model, trace)
-        wall = time.perf_counter() - t0
-        metrics = requests.get(f"{base}/metrics", timeout=10).text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    ttfts = [r[0] for r in results]
-    jcts = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    print(f"\n== {args.scheduler}: {len(results)}/{len(trace)} requests finished in {wall:.1f} s")
+    if args.trace == "mixed":
+        trace = make_mixed_trace(tokenizer, args.num_requests, args.rate, args.seed)
+    else:
+        trace = make_sharegpt_trace(
+            tokenizer,
+            args.num_requests,
+            args.rate,
+            args.seed,
+            max_prompt_len=1024,
+            max_output_len=256,
+            max_model_len=2048,
+        )
     print(
-        f"JCT  mean {statistics.mean(jcts):.2f} s  p50 {percentile(jcts, 50):.2f} s  "
-        f"p99 {percentile(jcts, 99):.2f} s"
+        f"{args.trace} trace: {len(trace)} requests at {args.rate}/s (seed {args.seed}); "
+        f"schedulers {schedulers}, {args.rounds} round(s), server flags: {' '.join(SERVER_FLAGS)}"
     )
-    print(f"TTFT mean {statistics.mean(ttfts):.2f} s  p99 {percentile(ttfts, 99):.2f} s")
-    print(f"throughput {tokens / wall:.1f} output tokens/s")
-    wanted = (
-        "vllm_esp:mlfq_demotions_total",
-        "vllm_esp:mlfq_promotions_total",
-        "vllm_esp:mlfq_rank_preemptions_total",
-        "vllm:num_preemptions_total",
-    )
-    for line in metrics.splitlines():
-        if line.startswith(wanted):
-            print("  " + line)
+    rounds = []
+    for index in range(args.rounds):
+        order = schedulers if index % 2 == 0 else schedulers[::-1]
+        runs = {}
+        for scheduler in order:
+            print(f"  serving with --scheduler {scheduler} ...", flush=True)
+            runs[scheduler] = run_one(model, scheduler, args.port, trace)
+        print_round(index, runs, schedulers[0])
+        rounds.append(runs)
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps(
+                {"trace": args.trace, "rate": args.rate, "seed": args.seed, "rounds": rounds},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ SCHEDULER_CHOICES: dict[str, SchedulerChoice] = {
 }
 
 
+#: What ``vllm_esp.scheduler_args()`` and the demo use when no name is given.
+DEFAULT_SCHEDULER = "gittins"
+
+
 def get_scheduler_choice(name: str) -> SchedulerChoice:
     try:
         return SCHEDULER_CHOICES[name]

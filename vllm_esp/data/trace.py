@@ -223,6 +223,63 @@ def make_sharegpt_trace(
     return out
 
 
+
+def make_mixed_trace(
+    tokenizer: TokenizerLike,
+    num_requests: int,
+    rate_rps: float,
+    seed: int,
+    long_fraction: float = 0.1,
+    short_output_range: tuple[int, int] = (8, 48),
+    long_output_len: int = 400,
+    prompt_words_range: tuple[int, int] = (20, 200),
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> list[TraceRequest]:
+    """Short requests mixed with long ones: where short requests wait behind
+    long ones under FCFS. SYNTHETIC output lengths, real ShareGPT prompts.
+
+    Every request's prompt is the first ``prompt_words_range`` words (uniform)
+    of a ShareGPT prompt; a fraction ``long_fraction`` of the requests are
+    *long* (``long_output_len`` output tokens), the others *short* (output
+    uniform in ``short_output_range``, inclusive). ``source`` is
+    ``"synthetic-mixed-short"`` or ``"synthetic-mixed-long"``.
+    """
+    if not 0 <= long_fraction <= 1:
+        raise ValueError("need 0 <= long_fraction <= 1")
+    lo, hi = short_output_range
+    if not 1 <= lo <= hi or long_output_len < 1:
+        raise ValueError("output lengths must be >= 1 and the short range ordered")
+    source = list(pairs) if pairs is not None else load_sharegpt_pairs()
+    order_rng, arrival_rng, length_rng = _streams(seed, 3)
+    arrivals = poisson_arrivals(num_requests, rate_rps, arrival_rng)
+    order = order_rng.permutation(len(source))
+    out: list[TraceRequest] = []
+    for idx in order:
+        if len(out) == num_requests:
+            break
+        words = source[int(idx)][0].split()
+        num_words = int(length_rng.integers(prompt_words_range[0], prompt_words_range[1] + 1))
+        if len(words) < num_words:
+            continue
+        ids = tuple(tokenizer.encode(" ".join(words[:num_words]), add_special_tokens=True))
+        is_long = bool(length_rng.random() < long_fraction)
+        output_len = long_output_len if is_long else int(length_rng.integers(lo, hi + 1))
+        i = len(out)
+        out.append(
+            TraceRequest(
+                request_id=f"mixed-{i:06d}",
+                arrival_s=float(arrivals[i]),
+                prompt_len=len(ids),
+                output_len=output_len,
+                prompt_token_ids=ids,
+                prompt_text=tokenizer.decode(ids, skip_special_tokens=True),
+                source="synthetic-mixed-long" if is_long else "synthetic-mixed-short",
+            )
+        )
+    if len(out) < num_requests:
+        raise ValueError(f"only {len(out)} prompts are long enough; asked for {num_requests}")
+    return out
+
 @dataclass(frozen=True, slots=True)
 class LongContextProfile:
     """Published input-length range of a long-context benchmark, used to
