@@ -55,6 +55,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("gittins (learned lengths)", "gittins", {}),
     ("mlfq default (K=2)", "mlfq", {}),
     ("mlfq K=2, Q0=32 steps", "mlfq", {"auto_quantum_decode_steps": 32}),
+    ("mlfq K=2, demote by value", "mlfq", {"demote_by_value": True}),
     ("mlfq K=4, ratio 8", "mlfq", {"num_levels": 4, "quantum_ratio": 8.0}),
     ("mlfq FastServe-like K=8, ratio 2", "mlfq", {"num_levels": 8}),
     ("mlfq K=8, no promotion", "mlfq", {"num_levels": 8, "starvation_threshold_s": 0.0}),

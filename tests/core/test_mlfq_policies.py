@@ -443,3 +443,77 @@ def test_make_policy_builds_each_registered_policy(name: str, cls: type) -> None
     assert ranked(policy) == ["r"]
     if isinstance(policy, SRPTOraclePolicy):
         assert policy.cost_model is UNIT
+
+
+# ---------------------------------------------------------- demotion by value
+def value_mlfq(lengths: list[int]) -> MLFQPolicy:
+    """MLFQ that demotes by value, having learned ``lengths`` (prompt 10)."""
+    policy = MLFQPolicy(
+        num_levels=4,
+        base_quantum_s=4e-3,
+        quantum_ratio=2.0,
+        cost_model=UNIT,
+        demote_by_value=True,
+        refit_every=1,
+    )
+    for i, length in enumerate(lengths):
+        policy.add_request(info(f"done{i}", 0.0), 0.0)
+        policy.remove_request(f"done{i}", num_output_tokens=length)
+    policy.end_step(0.0)  # refit
+    return policy
+
+
+def decode(policy: MLFQPolicy, rid: str, num_tokens: int, now: float = 0.0) -> None:
+    """Prefill (10 tokens) then ``num_tokens - 1`` decodes, a step each."""
+    policy.on_scheduled(rid, 10, 0, now)
+    policy.end_step(now)
+    for k in range(num_tokens - 1):
+        policy.on_scheduled(rid, 1, 10 + k, now)
+        policy.end_step(now)
+
+
+def test_value_demotion_keeps_a_request_that_is_the_better_bet() -> None:
+    # Uniform lengths (increasing hazard): a request that has run is expected
+    # to need fewer tokens than a fresh one, so it keeps its level (FCFS-like).
+    policy = value_mlfq(list(range(1, 201)))
+    policy.add_request(info("a", 1.0), 1.0)
+    decode(policy, "a", 40)  # ~40 ms: far past the 4 ms quantum of level 0
+    assert policy.level_of("a") == 0
+    assert policy.num_demotions == 0 and policy.num_demotions_declined > 0
+
+
+def test_value_demotion_demotes_a_request_past_the_short_mode() -> None:
+    # 9 short (8 tokens) : 1 long (400): past 8 tokens a request is probably
+    # long, a worse bet than a fresh one: demoted as plain MLFQ would.
+    policy = value_mlfq([8] * 90 + [400] * 10)
+    policy.add_request(info("a", 1.0), 1.0)
+    decode(policy, "a", 6)
+    assert policy.level_of("a") == 0  # still in the short mode: kept
+    decode_more = 30
+    for k in range(decode_more):
+        policy.on_scheduled("a", 1, 15 + k, 0.0)
+        policy.end_step(0.0)
+    assert policy.level_of("a") > 0 and policy.num_demotions > 0
+
+
+def test_value_demotion_without_data_is_plain_mlfq() -> None:
+    # The memoryless prior expects the same of every age: demote as usual.
+    policy = MLFQPolicy(
+        num_levels=4, base_quantum_s=4e-3, quantum_ratio=2.0, cost_model=UNIT, demote_by_value=True
+    )
+    plain = mlfq()
+    for p in (policy, plain):
+        p.add_request(info("a", 1.0), 1.0)
+        decode(p, "a", 20)
+    assert policy.level_of("a") == plain.level_of("a") > 0
+
+
+def test_aborted_requests_do_not_teach_value_demotion() -> None:
+    policy = value_mlfq([])
+    for i in range(50):
+        policy.add_request(info(f"x{i}", 0.0), 0.0)
+        policy.remove_request(f"x{i}")  # aborted
+    policy.end_step(0.0)
+    policy.add_request(info("a", 1.0), 1.0)
+    decode(policy, "a", 20)
+    assert policy.level_of("a") > 0  # still the memoryless prior

@@ -132,3 +132,10 @@ def test_vllm_esp_console_script_resolves_the_cpu_version():
     assert _version("vllm") == expected
     with pytest.raises(metadata.PackageNotFoundError):
         _version("no-such-distribution-xyz")
+
+
+def test_scheduler_args_default_is_the_default_scheduler():
+    from vllm_esp.core.choices import DEFAULT_SCHEDULER
+
+    assert vllm_esp.scheduler_args() == vllm_esp.scheduler_args(DEFAULT_SCHEDULER)
+    assert vllm_esp.scheduler_args()["additional_config"]["mlfq"]["policy"] == "gittins"

@@ -223,7 +223,6 @@ def make_sharegpt_trace(
     return out
 
 
-
 def make_mixed_trace(
     tokenizer: TokenizerLike,
     num_requests: int,
@@ -279,6 +278,7 @@ def make_mixed_trace(
     if len(out) < num_requests:
         raise ValueError(f"only {len(out)} prompts are long enough; asked for {num_requests}")
     return out
+
 
 @dataclass(frozen=True, slots=True)
 class LongContextProfile:

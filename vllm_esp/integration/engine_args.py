@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 from vllm_esp.core.choices import (
+    DEFAULT_SCHEDULER,
     ESP_EXECUTOR_CLS,
     MLFQ_SCHEDULER_CLS,
     SCHEDULER_CHOICES,
@@ -55,13 +56,14 @@ def swap_kv_transfer_config():
 
 
 def scheduler_args(
-    name: str = "mlfq",
+    name: str | None = None,
     additional_config: dict[str, Any] | None = None,
     swap: dict[str, Any] | None = None,
     esp: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Engine keyword arguments that select scheduler ``name``.
+    """Engine keyword arguments that select scheduler ``name`` (default:
+    ``DEFAULT_SCHEDULER`` of ``vllm_esp.core.choices``).
 
     >>> from vllm import LLM
     >>> llm = LLM(model=path, **scheduler_args("mlfq", base_quantum_ms=20))
@@ -76,6 +78,7 @@ def scheduler_args(
     >>> llm = LLM(model=path, enforce_eager=True,
     ...           **scheduler_args("esp", esp={"num_instances": 2}))
     """
+    name = name or DEFAULT_SCHEDULER
     choice = get_scheduler_choice(name)
     merged = dict(additional_config or {})
     if swap is not None and not (choice.host_swap or choice.esp):

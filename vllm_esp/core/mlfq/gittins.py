@@ -98,6 +98,18 @@ def gittins_index(
     return best
 
 
+def mean_residual_table(survival: Sequence[float], sums: Sequence[float]) -> list[float]:
+    """``E[S - g_i | S > g_i]`` at every grid point: the tokens a request
+    that has produced ``g_i`` is still expected to need."""
+    out = [0.0] * len(survival)
+    tail = 0.0
+    for i in range(len(survival) - 1, -1, -1):
+        if i < len(sums):
+            tail += sums[i]
+        out[i] = tail / survival[i] if survival[i] > 0 else 0.0
+    return out
+
+
 def gittins_table(survival: Sequence[float], sums: Sequence[float]) -> list[float]:
     """``G`` at every grid point (no prefill left), O(n^2) in the grid size."""
     return [gittins_index(i, survival, sums) for i in range(len(survival))]

@@ -37,6 +37,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
+from vllm_esp.core.mlfq.gittins import (
+    LengthDistribution,
+    length_grid,
+    mean_residual_table,
+    segment_sums,
+)
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
 
 if TYPE_CHECKING:
@@ -53,6 +59,8 @@ class _MLFQState:
     attained_s: float = 0.0
     #: True once the request has been charged at least once.
     has_run: bool = False
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
 
 
 class MLFQPolicy(RankingPolicy):
@@ -76,6 +84,7 @@ class MLFQPolicy(RankingPolicy):
             cost_model=cost_model,
             skip_join=settings.skip_join,
             starvation_threshold_s=settings.starvation_threshold_s,
+            demote_by_value=settings.demote_by_value,
         )
 
     def __init__(
@@ -87,6 +96,8 @@ class MLFQPolicy(RankingPolicy):
         cost_model: StepCostModel,
         skip_join: bool = True,
         starvation_threshold_s: float = 0.0,
+        demote_by_value: bool = False,
+        refit_every: int = 16,
     ) -> None:
         if num_levels < 1:
             raise ValueError("num_levels must be >= 1")
@@ -111,6 +122,15 @@ class MLFQPolicy(RankingPolicy):
         self._seq = 0
         self.num_demotions = 0
         self.num_promotions = 0
+        # Demotion by value: the output lengths of finished requests, and
+        # from them the tokens a request is still expected to need.
+        self.demote_by_value = demote_by_value
+        self.refit_every = refit_every
+        self._lengths = LengthDistribution(length_grid(8192), prior_weight=8.0)
+        self._finished_since_fit = 0
+        self._residual: list[float] = []
+        self._refit_lengths()
+        self.num_demotions_declined = 0
 
     # ------------------------------------------------------------ placement
     def join_level(self, num_prompt_tokens: int, num_cached_tokens: int = 0) -> int:
@@ -129,7 +149,9 @@ class MLFQPolicy(RankingPolicy):
         level = self.join_level(info.num_prompt_tokens, info.num_cached_tokens)
         key = (info.arrival_time, self._seq, info.request_id)
         self._seq += 1
-        self._states[info.request_id] = _MLFQState(level=level, key=key)
+        self._states[info.request_id] = _MLFQState(
+            level=level, key=key, num_prompt_tokens=info.num_prompt_tokens
+        )
         bisect.insort(self._levels[level], key)
         # The starvation clock starts at arrival (never at 0).
         self._idle_since[info.request_id] = min(info.arrival_time, now)
@@ -140,6 +162,28 @@ class MLFQPolicy(RankingPolicy):
             return
         self._remove_key(state.level, state.key)
         self._idle_since.pop(request_id, None)
+        if num_output_tokens is not None:
+            self._lengths.observe(num_output_tokens)
+            self._finished_since_fit += 1
+
+    def _refit_lengths(self) -> None:
+        survival = self._lengths.survival()
+        self._residual = mean_residual_table(survival, segment_sums(self._lengths.grid, survival))
+        self._finished_since_fit = 0
+
+    def worth_demoting(self, request_id: str) -> bool:
+        """Demotion puts a request behind newcomers; with ``demote_by_value``
+        that is done only once it is expected to need at least as many more
+        tokens as a fresh request (the length distribution learned from
+        finished requests). On lengths with an increasing hazard (ShareGPT's
+        replies) a request that has run is the better bet and keeps its
+        level, as under FCFS; past the short mode of short/long traffic it is
+        not, and goes down as MLFQ intends."""
+        if not self.demote_by_value:
+            return True
+        state = self._states[request_id]
+        i = bisect.bisect_right(self._lengths.grid, state.num_output_tokens) - 1
+        return self._residual[i] >= 0.999 * self._residual[0]
 
     def _remove_key(self, level: int, key: _SortKey) -> None:
         queue = self._levels[level]
@@ -171,20 +215,27 @@ class MLFQPolicy(RankingPolicy):
             return
         state.attained_s += self.cost_model.chunk_time(num_new_tokens, num_computed_tokens)
         state.has_run = True
+        end = num_computed_tokens + num_new_tokens
+        state.num_output_tokens = max(0, end - state.num_prompt_tokens + 1)
         self._charged.append(request_id)
         # Served now: restart its starvation clock (move to the fresh end).
         self._idle_since[request_id] = now
         self._idle_since.move_to_end(request_id)
 
     def end_step(self, now: float) -> None:
+        if self._finished_since_fit >= self.refit_every:
+            self._refit_lengths()
         # Demotion: at most one level per step, counter restarts.
         for request_id in self._charged:
             state = self._states.get(request_id)
             if state is None or state.level == self.num_levels - 1:
                 continue
             if state.attained_s >= self.quanta_s[state.level]:
-                self._move(request_id, state, state.level + 1)
-                self.num_demotions += 1
+                if self.worth_demoting(request_id):
+                    self._move(request_id, state, state.level + 1)
+                    self.num_demotions += 1
+                else:
+                    self.num_demotions_declined += 1
         self._charged.clear()
 
         if self.starvation_threshold_s <= 0:
