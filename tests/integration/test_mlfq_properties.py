@@ -154,8 +154,12 @@ def test_random_workloads_finish_once_and_conserve_blocks(
     assert len(s.rank_policy) == 0
     # Starvation bound: a request idle for STARVATION_S is promoted to level
     # 0, where it waits at most for the older level-0 requests, each of
-    # which leaves level 0 within its quantum (4 steps) or finishes.
-    bound = STARVATION_S + STEP_S * (len(workload) + 1) * 5
+    # which leaves level 0 within its quantum (4 steps) or finishes, and,
+    # when it needs memory, for residents to free it (by value it does not
+    # preempt them; it ranks first for every block freed): at most the
+    # work the others still have, their outputs and prefill chunks.
+    work_steps = sum(a.num_output_tokens + -(-a.num_prompt_tokens // 256) for a in workload)
+    bound = STARVATION_S + STEP_S * ((len(workload) + 1) * 5 + work_steps)
     assert max(max_wait.values(), default=0.0) <= bound
 
 
@@ -191,3 +195,54 @@ def test_promotion_bounds_starvation_independently_of_the_stream(
     # On: the threshold plus at most ~10 level-0 requests ahead, each of
     # which leaves level 0 within its 4-step quantum, for any stream length.
     assert wait_on["r0"] <= 0.005 + 10 * 4 * STEP_S
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    workload=arrivals,
+    max_num_seqs=st.integers(1, 6),
+    policy=st.sampled_from(["mlfq", "gittins"]),
+)
+def test_work_conserving_with_memory_to_spare(
+    config_model_dir, calibration_file, workload, max_num_seqs, policy
+):
+    """With memory to spare, every step runs min(max_num_seqs, unfinished)
+    requests or spends the whole token budget, as stock vLLM would: pausing
+    and ranking never leave a slot idle while a request could use it."""
+    budget = 256
+    clock = Clock()
+    s = create_scheduler(
+        config_model_dir,
+        num_blocks=4000,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        additional_config={
+            "mlfq": {
+                "policy": policy,
+                "calibration_file": calibration_file,
+                "starvation_threshold_s": STARVATION_S,
+            }
+        },
+        clock=clock,
+    )
+    pending = sorted(enumerate(workload), key=lambda x: x[1].step)
+    for step_index in range(4000):
+        clock.t = step_index * STEP_S
+        while pending and pending[0][1].step <= step_index:
+            i, a = pending.pop(0)
+            s.add_request(make_request(f"r{i}", a.num_prompt_tokens, a.num_output_tokens))
+        if not pending and not s.has_requests():
+            break
+        num_unfinished = s.get_num_unfinished_requests()
+        out, _ = step(s)
+        num_run = len(out.num_scheduled_tokens)
+        full = out.total_num_scheduled_tokens >= budget
+        assert num_run == min(max_num_seqs, num_unfinished) or full, (
+            step_index,
+            num_run,
+            num_unfinished,
+            s.last_plan,
+        )
+    else:
+        raise AssertionError("workload did not drain")

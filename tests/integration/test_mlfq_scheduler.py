@@ -151,7 +151,14 @@ def test_rank_preempts_at_max_num_seqs_and_keeps_kv(config_model_dir, calibratio
 
 def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, calibration_file):
     # 40 blocks of 16 tokens; each long request holds 32 blocks after prefill.
-    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    # By rank alone (FastServe's rule; the value rule is tested below).
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=4,
+        mlfq={"preempt_by_value": False},
+    )
     s.add_request(make_request("long", 500, 50))  # 550 tokens fit 35 blocks
     step(s)
     assert s.requests["long"].num_computed_tokens == 500
@@ -163,6 +170,59 @@ def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, ca
     assert s.num_rank_preemptions == 1
     assert "long" in out.preempted_req_ids
     run_until_done(s)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_preemption_by_value_weighs_recompute(config_model_dir, calibration_file, learned):
+    """The same memory pressure as above, with the value rule (default).
+    With no finished requests yet, every request expects the same remaining
+    output, so recomputing "long" buys nothing and "short" waits; once
+    the lengths of finished requests say a request that has run past the
+    short ones is expected to need far more, preempting it pays."""
+    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    if learned:
+        for i in range(200):
+            s.output_lengths.observe(3 if i % 10 else 400)
+        s.output_lengths.refit()
+    s.add_request(make_request("long", 500, 50))
+    step(s)
+    for _ in range(10):  # "long" decodes past the short requests' lengths
+        step(s)
+    s.add_request(make_request("short", 200, 2))
+    out, _ = step(s)
+    long_req = s.requests["long"]
+    if learned:
+        assert "short" in out.num_scheduled_tokens and "long" in out.preempted_req_ids
+    else:
+        assert "short" in s.last_plan.skip and not out.preempted_req_ids
+        assert long_req.status == RequestStatus.RUNNING and long_req.num_preemptions == 0
+    run_until_done(s)
+    # Recompute happens only where the rule judged it worth it.
+    assert (s.num_recomputed_tokens > 0) == learned
+    assert_all_blocks_free(s)
+
+
+def test_paused_residents_are_bounded(config_model_dir, calibration_file):
+    """Newcomers that outrank the residents pause them, but at most
+    ``max_paused_requests`` residents sit paused; the rest wait holding
+    nothing."""
+    s = make(
+        config_model_dir,
+        calibration_file,
+        max_num_seqs=2,
+        mlfq={"max_paused_requests": 1, "num_levels": 2},
+    )
+    for i in range(6):
+        s.add_request(make_request(f"old{i}", 64, 200))
+        for _ in range(3):
+            step(s)  # each runs a little, is demoted, then the next arrives
+    for _ in range(5):
+        step(s)
+        num_residents = len(s.running)
+        assert num_residents <= 2 + 1
+        assert len(s.last_plan.pause) <= 1
+    run_until_done(s)
+    assert_all_blocks_free(s)
 
 
 def test_no_head_of_line_blocking_on_memory(config_model_dir, calibration_file):
@@ -194,7 +254,13 @@ def test_no_head_of_line_blocking_on_token_budget(config_model_dir, calibration_
 
 @pytest.mark.parametrize("where", ["waiting", "running", "paused", "preempted", "finished"])
 def test_finish_and_abort_in_every_state(config_model_dir, calibration_file, where):
-    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=1)
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=1,
+        mlfq={"preempt_by_value": False},  # rank preemption makes "preempted"
+    )
     total_free = s.kv_cache_manager.block_pool.get_num_free_blocks()
     s.add_request(make_request("long", 500, 50))
     step(s)
@@ -343,7 +409,13 @@ def test_async_rank_pause_keeps_kv(config_model_dir, calibration_file):
 
 def test_async_rank_preemption_under_memory_pressure(config_model_dir, calibration_file):
     # 40 blocks of 16 tokens: "long" holds 32 after its prefill, "short" needs 13.
-    s = make_async(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    s = make_async(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=4,
+        mlfq={"preempt_by_value": False},
+    )
     long_req, short = make_request("long", 500, 50), make_request("short", 200, 2)
     s.add_request(long_req)
     driver = AsyncDriver(s)
@@ -368,3 +440,38 @@ def test_stats_export_levels_and_counters(config_model_dir, calibration_file):
     assert extra["vllm_esp:queue_level_0"] == 1 and extra["vllm_esp:queue_level_3"] == 1
     assert extra["vllm_esp:rank_preemptions_total"] == 0
     assert stats.num_waiting_reqs == 2
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 2])
+def test_tiny_kv_with_fast_promotion_does_not_thrash_on_recompute(
+    config_model_dir, calibration_file, max_num_seqs
+):
+    """40 blocks, six prompts that do not all fit, promotion after 5 steps:
+    by rank alone promoted requests free each other's KV in turn (tens of
+    thousands of recomputed tokens for ~1,800 of work); by value they wait
+    for memory, ranked first, and recompute almost nothing."""
+    recomputed = {}
+    for by_value in (False, True):
+        clock = FakeClock()
+        s = make(
+            config_model_dir,
+            calibration_file,
+            clock=clock,
+            num_blocks=41,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=256,
+            mlfq={"starvation_threshold_s": 0.02, "preempt_by_value": by_value},
+        )
+        for i in range(6):
+            s.add_request(make_request(f"r{i}", 150 + 50 * i, 30))
+        for _ in range(5000):
+            if not s.has_requests():
+                break
+            clock.t += 0.004
+            step(s)
+            s.check_invariants()
+        assert not s.has_requests()
+        assert_all_blocks_free(s)
+        recomputed[by_value] = s.num_recomputed_tokens
+    assert recomputed[False] > 10_000
+    assert recomputed[True] < 1_000

@@ -78,6 +78,9 @@ def make(
         "base_quantum_ms": 4.0,
         "calibration_file": calibration_file,
         "starvation_threshold_s": 0.0,
+        # These tests drive the swap mechanics, so preemption goes by rank
+        # (the value rule is tested in test_mlfq_scheduler).
+        "preempt_by_value": False,
     }
     mlfq_settings.update(mlfq or {})
     vllm_config = VllmConfig(

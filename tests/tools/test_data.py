@@ -80,10 +80,10 @@ def test_reader_recovers_every_whole_conversation() -> None:
 
 
 def test_pairs_are_first_human_gpt_exchange_in_file_order() -> None:
-    pairs = load_sharegpt_pairs()
+    pairs = load_sharegpt_pairs(split="all")
     assert len(pairs) == SHAREGPT_PAIRS
-    assert pairs == load_sharegpt_pairs()
-    assert load_sharegpt_pairs(5) == pairs[:5]
+    assert pairs == load_sharegpt_pairs(split="all")
+    assert load_sharegpt_pairs(5, split="all") == pairs[:5]
     first = next(iter_conversations())
     assert pairs[0] == (first.turns[0].text, first.turns[1].text)
     assert all(p.strip() and c.strip() for p, c in pairs)

@@ -12,21 +12,30 @@ sliding text buffer, which
   finishes decoding before end-of-file and is dropped.
 
 Everything here is deterministic: conversations come out in file order.
+
+The prompt/reply pairs come in two disjoint splits (:func:`split_of`): a
+quarter of the prompts train the output-length predictor
+(``vllm_esp.integration.predictor``); traces and benchmarks draw from the
+rest, so no request they send was seen with its reply length in training.
 """
 
 from __future__ import annotations
 
 import codecs
 import functools
+import hashlib
 import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 __all__ = [
+    "SPLITS",
+    "TRAIN_FRACTION",
     "Conversation",
+    "Split",
     "Turn",
     "conversation_from_json",
     "iter_conversations",
@@ -34,6 +43,7 @@ __all__ = [
     "iter_training_text",
     "load_sharegpt_pairs",
     "sharegpt_path",
+    "split_of",
 ]
 
 # Largest single array element we are willing to buffer. The biggest
@@ -45,6 +55,13 @@ _MAX_ELEMENT_CHARS = 32 << 20
 _CHUNK_BYTES = 1 << 20
 
 _WHITESPACE = " \t\n\r"
+
+#: ``"serve"``: what traces and benchmarks use; ``"train"``: held out for
+#: the output-length predictor; ``"all"``: both.
+Split = Literal["serve", "train", "all"]
+SPLITS: tuple[Split, ...] = ("serve", "train", "all")
+#: Share of the prompts in the ``"train"`` split.
+TRAIN_FRACTION = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +263,18 @@ def iter_conversations(path: str | Path | None = None) -> Iterator[Conversation]
                 yield conv
 
 
+def split_of(prompt: str) -> Split:
+    """The split a prompt belongs to: ``"train"`` for a stable
+    :data:`TRAIN_FRACTION` of prompts, else ``"serve"``.
+
+    Keyed by the prompt text (stripped), not the conversation id: ShareGPT
+    repeats prompts across conversations ("continue" over 200 times), and a
+    prompt on both sides would let the predictor be scored on what it
+    memorised."""
+    digest = hashlib.sha256(prompt.strip().encode("utf-8")).digest()
+    return "train" if int.from_bytes(digest[:8], "big") < TRAIN_FRACTION * 2**64 else "serve"
+
+
 @functools.lru_cache(maxsize=4)
 def _all_pairs(path: str | None) -> tuple[tuple[str, str], ...]:
     # Parsing the 125 MB file takes a few seconds; traces and tokenizer
@@ -258,9 +287,18 @@ def _all_pairs(path: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+@functools.lru_cache(maxsize=8)
+def _split_pairs(path: str | None, split: Split) -> tuple[tuple[str, str], ...]:
+    pairs = _all_pairs(path)
+    if split == "all":
+        return pairs
+    return tuple(pair for pair in pairs if split_of(pair[0]) == split)
+
+
 def load_sharegpt_pairs(
     max_pairs: int | None = None,
     path: str | Path | None = None,
+    split: Split = "serve",
 ) -> list[tuple[str, str]]:
     """``(prompt_text, completion_text)`` pairs, one per conversation: its
     first adjacent human -> gpt exchange with both sides non-blank.
@@ -270,8 +308,12 @@ def load_sharegpt_pairs(
     Args:
         max_pairs: return at most this many (the first ones); ``None`` = all.
         path: alternative ShareGPT-format JSON file; ``None`` = shipped file.
+        split: ``"serve"`` (traces and benchmarks), ``"train"`` (the
+            output-length predictor only) or ``"all"``; see :func:`split_of`.
     """
-    pairs = _all_pairs(str(path) if path is not None else None)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    pairs = _split_pairs(str(path) if path is not None else None, split)
     if max_pairs is not None:
         if max_pairs < 0:
             raise ValueError("max_pairs must be >= 0")

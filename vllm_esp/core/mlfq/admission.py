@@ -22,7 +22,13 @@ work::
 
 Residents that lose their slot keep their KV blocks ("pause"): resuming
 them costs nothing. Their blocks are reclaimed ("preempt", lowest rank
-first) only when a higher-ranked request needs the memory.
+first) only when a higher-ranked request needs the memory, and, with
+``preempt_by_value``, only from victims worth preempting for a newcomer
+(``vllm_esp.core.mlfq.value``: the victim's expected remaining service
+exceeds the newcomer's by more than what preemption costs it). A
+resident that must grow preempts by rank. With ``num_resident_room`` the
+residents are bounded: a newcomer past the bound needs a victim worth
+preempting (a starved one: any lower-ranked victim), or it waits (skip).
 
 With host KV swap (``mlfq-swap``) three more rules apply, all on the same
 plain numbers:
@@ -62,11 +68,14 @@ One plan is one ``_StepPlanner`` spending a ``StepBudget`` on ``Candidate``s
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vllm_esp.core.mlfq.budget import Candidate, StepBudget
+from vllm_esp.core.mlfq.value import worth_preempting
 
 __all__ = ["AdmissionPlan", "Candidate", "StepBudget", "plan_admission"]
 
@@ -78,13 +87,22 @@ class AdmissionPlan:
     order their victims are chosen in."""
 
     run: tuple[str, ...]
-    pause: tuple[str, ...]
     preempt: tuple[str, ...]
     skip: tuple[str, ...]
     #: Paused residents moved to host to restore the free-block reserve.
     offload: tuple[str, ...] = ()
     #: Swapped requests loaded back ahead of their turn.
     prefetch: tuple[str, ...] = ()
+    #: The residents, in the order ``pause`` lists them (see ``pause``).
+    resident_ids: Iterable[str] = field(default=(), repr=False, compare=False)
+
+    @functools.cached_property
+    def pause(self) -> tuple[str, ...]:
+        """Residents neither run nor evicted: they keep their KV and sit
+        out. Computed on first use: with thousands of residents, listing
+        them is a pass the scheduler's hot path does not need."""
+        decided = set(self.run).union(self.preempt, self.offload)
+        return tuple(r for r in self.resident_ids if r not in decided)
 
 
 def plan_admission(
@@ -100,6 +118,8 @@ def plan_admission(
     num_host_free_blocks: int = 0,
     num_prefetch: int = 0,
     prefetch_window: int = 0,
+    preempt_by_value: bool = False,
+    num_resident_room: int | None = None,
 ) -> AdmissionPlan:
     """Walk ``ranked`` best first and fill the step.
 
@@ -111,11 +131,16 @@ def plan_admission(
     the costliest part of a plan, and most steps never need it (no memory
     to reclaim, no reserve to restore). ``resident_ids`` then names the
     residents for ``AdmissionPlan.pause`` without building the list.
-    The keyword arguments from ``num_reserve_blocks`` on are the host-swap
-    rules of the module docstring; their defaults turn them off.
+    ``num_reserve_blocks`` to ``prefetch_window`` are the host-swap rules of
+    the module docstring; ``preempt_by_value`` and ``num_resident_room``
+    the value and bound rules. Their defaults turn them off.
     """
     budget = StepBudget(num_slots, token_budget, num_free_blocks, num_host_free_blocks)
-    planner = _StepPlanner(budget, _LazyResidents(residents_low_to_high), chunked_prefill)
+    if num_resident_room is not None:
+        budget.num_resident_room = num_resident_room
+    planner = _StepPlanner(
+        budget, _LazyResidents(residents_low_to_high), chunked_prefill, preempt_by_value
+    )
     ranked = iter(ranked)
     first_after_cut = planner.walk(ranked)
     planner.restore_reserve(num_reserve_blocks)
@@ -150,6 +175,7 @@ class _StepPlanner:
     budget: StepBudget
     residents: _LazyResidents
     chunked_prefill: bool
+    preempt_by_value: bool = False
     run: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
@@ -163,6 +189,8 @@ class _StepPlanner:
     #: resident list is built. Lets a request that cannot fit even after
     #: every eviction be skipped in O(1) instead of a scan of the victims.
     _reclaimable: int | None = None
+    #: ``_max_victim_margin``'s cache.
+    _victim_margin: float | None = None
 
     # ------------------------------------------------------------------ walk
     def walk(self, ranked: Iterator[Candidate]) -> Candidate | None:
@@ -182,54 +210,113 @@ class _StepPlanner:
         return None
 
     def try_add_one(self, cand: Candidate) -> bool:
-        """Run ``cand`` if it fits, reclaiming memory from lower-ranked
-        residents as needed; else skip it (waiting: no head-of-line
-        blocking) or leave it out (resident). False: no newcomer can fit
-        any more."""
+        """Run ``cand`` if it fits, reclaiming memory (and resident room)
+        from lower-ranked residents as needed; else skip it (waiting: no
+        head-of-line blocking) or leave it out (resident). False: no
+        newcomer can fit any more."""
         budget = self.budget
         if cand.num_new_tokens > budget.token_budget and not self.chunked_prefill:
-            self.skip.append(cand.request_id)  # would not fit the budget: no HoL
+            # Would not fit the rest of the budget: no HoL; a resident is
+            # left out (paused) this step.
+            self._leave_out_of_step(cand)
             return True
         num_tokens = budget.num_tokens_for(cand)
         num_blocks = cand.num_blocks_for(num_tokens)
         # No reserve here: a newcomer that fits is admitted, and
         # restore_reserve offloads paused residents to get it back.
         num_required = max(num_blocks, cand.num_admission_blocks)
-        if not budget.can_allocate(num_required) and not self._reclaim(cand, num_required):
+        needs_room = not budget.has_room(cand)
+        if (needs_room or not budget.can_allocate(num_required)) and not self._reclaim(
+            cand, num_required, needs_room
+        ):
             return self._leave_out(cand)
-        budget.allocate(num_tokens, num_blocks)
+        budget.allocate(cand, num_tokens, num_blocks)
         self.run.append(cand.request_id)
         self._take(cand)
         return True
 
-    def _reclaim(self, cand: Candidate, num_required: int) -> bool:
-        """Preempt the lowest-ranked residents not taken yet until
-        ``num_required`` blocks are free. False (nothing preempted) if even
-        every one of them would not free enough."""
+    def _reclaim(self, cand: Candidate, num_required: int, needs_room: bool) -> bool:
+        """Preempt lowest-ranked residents not taken yet, among those worth
+        preempting for ``cand``, until ``num_required`` blocks are free (and
+        one resident's room, if ``needs_room``). False, with nothing
+        preempted, if they cannot."""
         num_own = cand.num_held_blocks if cand.resident else 0
         if self.budget.num_free_blocks + self._num_reclaimable() - num_own < num_required:
             return False
-        residents = self.residents.get()
-        i = self._victim_index
-        while not self.budget.can_allocate(num_required) and i < len(residents):
-            victim = residents[i]
-            i += 1
-            if victim.request_id in self.taken or victim.request_id == cand.request_id:
-                continue
+        victims = self._victims_for(cand, num_required, needs_room)
+        if victims is None:
+            return False
+        for victim in victims:
             self._evict(victim, self.preempt)
-        self._victim_index = i
         return True
 
+    def _victims_for(
+        self, cand: Candidate, num_required: int, needs_room: bool
+    ) -> list[Candidate] | None:
+        """The victims ``_reclaim`` would preempt, lowest rank first; None
+        if every worthwhile one together does not free enough."""
+        by_value = self._by_value(cand, needs_room)
+        if by_value and cand.remaining_s >= self._max_victim_margin():
+            return None  # no resident is worth preempting for it: O(1)
+        residents = self.residents.get()
+        while self._victim_index < len(residents) and (
+            residents[self._victim_index].request_id in self.taken
+        ):
+            self._victim_index += 1
+        num_free = self.budget.num_free_blocks
+        victims: list[Candidate] = []
+        for victim in itertools.islice(residents, self._victim_index, None):
+            if num_free >= num_required and (victims or not needs_room):
+                break
+            if victim.request_id in self.taken or victim.request_id == cand.request_id:
+                continue
+            if not by_value or worth_preempting(
+                victim.remaining_s, victim.preempt_cost_s, cand.remaining_s
+            ):
+                victims.append(victim)
+                num_free += victim.num_held_blocks
+        if num_free < num_required or (needs_room and not victims):
+            return None
+        return victims
+
+    def _by_value(self, cand: Candidate, needs_room: bool) -> bool:
+        """Whether the value rule picks ``cand``'s victims. Not for a
+        resident that must grow: vLLM's own memory preemption would free
+        a lower-ranked one too. Not for a starved request that needs room
+        under the residents bound: it would wait behind the bound forever.
+        A starved request that needs memory waits for it by value: it
+        ranks first for every block freed, and preempting by rank there
+        makes starved requests recompute each other in turn."""
+        if not self.preempt_by_value or cand.resident:
+            return False
+        return not (cand.starved and needs_room)
+
+    def _max_victim_margin(self) -> float:
+        """An upper bound on ``remaining_s - preempt_cost_s`` over the
+        residents not taken yet (computed once: taking only lowers it)."""
+        if self._victim_margin is None:
+            self._victim_margin = max(
+                (v.remaining_s - v.preempt_cost_s for v in self.residents.get()),
+                default=-math.inf,
+            )
+        return self._victim_margin
+
     def _leave_out(self, cand: Candidate) -> bool:
-        """``cand`` cannot fit even if every lower-ranked resident went.
-        False: nothing is free or reclaimable, so no newcomer can fit."""
+        """``cand`` cannot fit even if every lower-ranked resident worth
+        preempting went. False: nothing is free or reclaimable, so no
+        newcomer can fit."""
+        self._leave_out_of_step(cand)
         if cand.resident:
-            # A resident that cannot grow is left out (paused); vLLM's own
-            # pass would preempt it anyway.
-            self._take(cand)
             return True
-        self.skip.append(cand.request_id)
         return self.budget.num_free_blocks + self._num_reclaimable() >= 1
+
+    def _leave_out_of_step(self, cand: Candidate) -> None:
+        if cand.resident:
+            # A resident that cannot run is left out (paused); vLLM's own
+            # pass would preempt one that cannot grow anyway.
+            self._take(cand)
+        else:
+            self.skip.append(cand.request_id)
 
     def _fill_with_residents(self) -> None:
         """Fill the remaining slots with untaken residents, best first, that
@@ -244,7 +331,7 @@ class _StepPlanner:
             num_blocks = cand.num_blocks_for(num_tokens)
             self._take(cand)
             if budget.can_allocate(num_blocks):
-                budget.allocate(num_tokens, num_blocks)
+                budget.allocate(cand, num_tokens, num_blocks)
                 self.run.append(cand.request_id)
 
     def _num_reclaimable(self) -> int:
@@ -307,13 +394,11 @@ class _StepPlanner:
     # ------------------------------------------------------------------ plan
     def plan(self, resident_ids: Iterable[str] | None) -> AdmissionPlan:
         """The plan; every resident neither run nor evicted is paused."""
-        run_or_evicted = set(self.run).union(self.preempt, self.offload)
         if resident_ids is None:
             resident_ids = [c.request_id for c in reversed(self.residents.get())]
-        pause = tuple(r for r in resident_ids if r not in run_or_evicted)
         return AdmissionPlan(
             run=tuple(self.run),
-            pause=pause,
+            resident_ids=resident_ids,
             preempt=tuple(self.preempt),
             skip=tuple(self.skip),
             offload=tuple(self.offload),

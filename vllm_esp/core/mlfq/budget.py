@@ -4,18 +4,27 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Candidate:
-    """One request as the planner sees it this step (plain numbers)."""
+class Candidate(NamedTuple):
+    """One request as the planner sees it this step (plain numbers).
+
+    Immutable; a ``NamedTuple`` rather than a frozen dataclass because the
+    scheduler builds one per ranked request per step, and a frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs
+    several times more. Build it with keywords; ``_replace`` copies."""
 
     request_id: str
     #: Holds KV blocks now (a running or paused request).
     resident: bool
     #: Tokens it would compute this step if nothing capped it.
     num_new_tokens: int
+    #: Tokens per KV block.
+    block_size: int
     #: Tokens whose KV it has before this step; new blocks start past them.
     num_computed_tokens: int = 0
     #: Blocks ``num_blocks_for`` counts as allocated already: those of the
@@ -26,8 +35,6 @@ class Candidate:
     #: caching a victim's blocks shared with other requests stay allocated,
     #: so this can be less than ``num_allocated_blocks``.
     num_held_blocks: int = 0
-    #: Tokens per KV block.
-    block_size: int
     #: Slots vLLM allocates past the new tokens (speculative decoding).
     num_lookahead_tokens: int = 0
     #: Free blocks required to be *admitted* at all (vLLM checks that a
@@ -40,6 +47,14 @@ class Candidate:
     #: Host slots needed to offload this resident (0 if its host copy
     #: exists already, e.g. a prefetched request).
     num_offload_host_blocks: int = 0
+    #: Expected remaining service in standalone seconds (prefill still to
+    #: do plus expected remaining output); inf: unknown.
+    remaining_s: float = math.inf
+    #: What evicting this resident costs it in standalone seconds
+    #: (recomputing its KV, or moving it to host and back).
+    preempt_cost_s: float = 0.0
+    #: Promoted for starvation: preempts by rank, not by value.
+    starved: bool = False
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """New blocks it needs to compute ``num_tokens`` tokens this step."""
@@ -58,6 +73,9 @@ class StepBudget:
     token_budget: int
     num_free_blocks: int
     num_host_free_blocks: int = 0
+    #: Newcomers that may still become residents (running or paused)
+    #: before the bound on residents is reached; eviction gives one back.
+    num_resident_room: int = sys.maxsize
 
     def is_full(self) -> bool:
         return self.num_slots <= 0 or self.token_budget <= 0
@@ -69,23 +87,34 @@ class StepBudget:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
 
-    def allocate(self, num_tokens: int, num_blocks: int) -> None:
-        """Give one request a slot, ``num_tokens`` tokens and ``num_blocks`` blocks."""
+    def has_room(self, cand: Candidate) -> bool:
+        """``cand`` is a resident already, or there is room for one more."""
+        return cand.resident or self.num_resident_room > 0
+
+    def allocate(self, cand: Candidate, num_tokens: int, num_blocks: int) -> None:
+        """Give ``cand`` a slot, ``num_tokens`` tokens and ``num_blocks`` blocks."""
         self.num_slots -= 1
         self.token_budget -= num_tokens
         self.num_free_blocks -= num_blocks
+        if not cand.resident:
+            self.num_resident_room -= 1
 
     def deallocate(self, victim: Candidate) -> None:
-        """Take back an evicted resident's blocks; its KV takes host slots."""
+        """Take back an evicted resident's blocks and room; its KV takes
+        host slots."""
         self.num_free_blocks += victim.num_held_blocks
         self.num_host_free_blocks -= victim.num_offload_host_blocks
+        self.num_resident_room += 1
 
     def can_offload(self, victim: Candidate) -> bool:
         return victim.num_offload_host_blocks <= self.num_host_free_blocks
 
     def can_prefetch(self, cand: Candidate, num_reserve_blocks: int) -> bool:
-        """Its KV fits and leaves the reserve free."""
+        """Its KV fits and leaves the reserve free, and it has room."""
+        if self.num_resident_room <= 0:
+            return False
         return self.num_free_blocks - cand.num_prefetch_blocks >= num_reserve_blocks
 
     def prefetch(self, cand: Candidate) -> None:
         self.num_free_blocks -= cand.num_prefetch_blocks
+        self.num_resident_room -= 1

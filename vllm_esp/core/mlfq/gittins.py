@@ -29,10 +29,15 @@ Cheap at schedule time:
   their ``P``, once per charge).
 * The distribution is learned online from finished requests (never from
   ``max_tokens``: that would be clairvoyant in ``ignore_eos`` traces), one
-  histogram per prompt-length bucket, falling back to all requests while a
-  bucket has few samples; a memoryless prior (equal indices: arrival order,
-  as stock vLLM) fills in until enough have finished. Tables are rebuilt
-  every ``refit_every`` finishes, then every request is re-keyed.
+  histogram per prompt-length bucket, or per predicted-length bucket for
+  requests that carry an output-length predictor's guess
+  (``RequestInfo.predicted_output_tokens``), falling back to all requests
+  while a bucket has few samples; a memoryless prior (equal indices:
+  arrival order, as stock vLLM) fills in until enough have finished. The
+  prediction only picks the histogram: what the bucket's requests really
+  produced sets the index, so a biased or uninformative predictor costs
+  slower learning, not a wrong order. Tables are rebuilt every
+  ``refit_every`` finishes, then every request is re-keyed.
 * A request not served for ``starvation_threshold_s`` is promoted above
   every index until it has been served ``promotion_quantum_s`` of
   standalone time (promoted requests in promotion order): a bound on
@@ -56,6 +61,15 @@ if TYPE_CHECKING:
 
 #: Prompt-length bucket edges (tokens): requests condition on their bucket.
 PROMPT_BUCKETS: tuple[int, ...] = (64, 256, 1024)
+#: Predicted-output-length bucket edges (tokens), used instead of the prompt
+#: buckets when a request carries a prediction. Few buckets: each must see
+#: ``min_bucket_samples`` finishes before it stops borrowing the pooled table.
+PREDICTED_BUCKETS: tuple[int, ...] = (128, 256, 512)
+#: Histogram indices: 0 pools every request, then the prompt buckets, then
+#: the predicted-length buckets.
+_FIRST_PROMPT_DIST = 1
+_FIRST_PREDICTED_DIST = _FIRST_PROMPT_DIST + len(PROMPT_BUCKETS) + 1
+_NUM_DISTS = _FIRST_PREDICTED_DIST + len(PREDICTED_BUCKETS) + 1
 #: Indices within this ratio of each other rank equal (then by arrival): an
 #: empirical table is noisy, and reordering on noise only pauses running
 #: requests for newcomers that are not really better.
@@ -188,10 +202,7 @@ class GittinsPolicy(RankingPolicy):
         self.refit_every = refit_every
         self.starvation_threshold_s = starvation_threshold_s
         self.promotion_quantum_s = promotion_quantum_s
-        # Index 0: every request; 1 + b: prompt bucket b.
-        self._dists = [
-            LengthDistribution(self.grid, prior_weight) for _ in range(len(PROMPT_BUCKETS) + 2)
-        ]
+        self._dists = [LengthDistribution(self.grid, prior_weight) for _ in range(_NUM_DISTS)]
         self._survival: list[list[float]] = []
         self._sums: list[list[float]] = []
         self._tables: list[list[float]] = []
@@ -207,11 +218,15 @@ class GittinsPolicy(RankingPolicy):
 
     # ------------------------------------------------------------ distribution
     def _refit(self) -> None:
-        pooled = self._dists[0]
         self._survival, self._sums, self._tables = [], [], []
-        for dist in self._dists:
-            source = dist if dist.num_samples >= self.min_bucket_samples else pooled
-            survival = source.survival()
+        for b, dist in enumerate(self._dists):
+            if b > 0 and dist.num_samples < self.min_bucket_samples:
+                # Too few samples: share the pooled tables (index 0, built first).
+                self._survival.append(self._survival[0])
+                self._sums.append(self._sums[0])
+                self._tables.append(self._tables[0])
+                continue
+            survival = dist.survival()
             sums = segment_sums(self.grid, survival)
             self._survival.append(survival)
             self._sums.append(sums)
@@ -219,10 +234,19 @@ class GittinsPolicy(RankingPolicy):
         self._finished_since_fit = 0
         self.num_refits += 1
 
-    def observe_length(self, num_prompt_tokens: int, num_output_tokens: int) -> None:
-        """Learn from a finished request (its true output length)."""
+    def observe_length(
+        self,
+        num_prompt_tokens: int,
+        num_output_tokens: int,
+        predicted_output_tokens: int | None = None,
+    ) -> None:
+        """Learn from a finished request (its true output length), in the
+        bucket it ranked by."""
+        self._observe(self._bucket(num_prompt_tokens, predicted_output_tokens), num_output_tokens)
+
+    def _observe(self, bucket: int, num_output_tokens: int) -> None:
         self._dists[0].observe(num_output_tokens)
-        self._dists[self._bucket(num_prompt_tokens)].observe(num_output_tokens)
+        self._dists[bucket].observe(num_output_tokens)
         self._finished_since_fit += 1
 
     @property
@@ -231,8 +255,18 @@ class GittinsPolicy(RankingPolicy):
         return self._dists[0].num_samples
 
     @staticmethod
-    def _bucket(num_prompt_tokens: int) -> int:
-        return 1 + bisect.bisect_right(PROMPT_BUCKETS, num_prompt_tokens)
+    def _bucket(num_prompt_tokens: int, predicted_output_tokens: int | None = None) -> int:
+        """The histogram a request ranks by: its predicted-length bucket
+        when it has a prediction, else its prompt-length bucket."""
+        if predicted_output_tokens is not None:
+            return _FIRST_PREDICTED_DIST + bisect.bisect_right(
+                PREDICTED_BUCKETS, predicted_output_tokens
+            )
+        return _FIRST_PROMPT_DIST + bisect.bisect_right(PROMPT_BUCKETS, num_prompt_tokens)
+
+    def bucket_of(self, request_id: str) -> int:
+        """The histogram index a tracked request ranks by (0 pools all)."""
+        return self._states[request_id].bucket
 
     def index_of(self, request_id: str) -> float:
         """The request's current Gittins index (larger = served first)."""
@@ -267,7 +301,7 @@ class GittinsPolicy(RankingPolicy):
         if info.request_id in self._states:
             raise ValueError(f"request {info.request_id!r} is already tracked")
         state = _GittinsState(
-            bucket=self._bucket(info.num_prompt_tokens),
+            bucket=self._bucket(info.num_prompt_tokens, info.predicted_output_tokens),
             num_prompt_tokens=info.num_prompt_tokens,
             num_prefill_tokens_left=info.num_prompt_tokens - info.num_cached_tokens,
         )
@@ -286,7 +320,7 @@ class GittinsPolicy(RankingPolicy):
         self._idle_since.pop(request_id, None)
         self._charged.discard(request_id)
         if num_output_tokens is not None:
-            self.observe_length(state.num_prompt_tokens, num_output_tokens)
+            self._observe(state.bucket, num_output_tokens)
 
     def on_scheduled(
         self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float
@@ -356,6 +390,9 @@ class GittinsPolicy(RankingPolicy):
 
     def rank_key(self, request_id: str) -> tuple:
         return self._states[request_id].key
+
+    def is_starved(self, request_id: str) -> bool:
+        return self._states[request_id].promoted_served_s is not None
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._states

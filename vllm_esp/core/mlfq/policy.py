@@ -33,7 +33,9 @@ class RequestInfo:
 
     ``num_cached_tokens`` is the prefix-cache hit known at arrival (0 when
     unknown); ``max_tokens`` is the output cap, which only the SRPT oracle
-    may read as the true output length (benchmarks set ``ignore_eos``).
+    may read as the true output length (benchmarks set ``ignore_eos``);
+    ``predicted_output_tokens`` is an output-length predictor's guess from
+    the prompt (None without one), which ``gittins`` conditions on.
     """
 
     request_id: str
@@ -41,6 +43,7 @@ class RequestInfo:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     max_tokens: int | None = None
+    predicted_output_tokens: int | None = None
 
 
 @dataclass
@@ -110,6 +113,12 @@ class RankingPolicy(abc.ABC):
     def level_of(self, request_id: str) -> int:
         """The queue level of a request (0 for single-queue policies)."""
         return 0
+
+    def is_starved(self, request_id: str) -> bool:
+        """Promoted for starvation and not served since: past a bound on
+        residents the planner makes room for it by rank, whatever the value
+        rule says, so it cannot wait behind the bound forever."""
+        return False
 
     def stats(self) -> PolicyStats:
         return PolicyStats(num_requests_per_level=[len(self)])

@@ -37,13 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
-from vllm_esp.core.mlfq.gittins import (
-    LengthDistribution,
-    length_grid,
-    mean_residual_table,
-    segment_sums,
-)
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
+from vllm_esp.core.mlfq.value import OutputLengthModel
 
 if TYPE_CHECKING:
     from vllm_esp.core.mlfq.config import MLFQConfig
@@ -61,6 +56,8 @@ class _MLFQState:
     has_run: bool = False
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    #: Promoted for starvation and not served since.
+    starved: bool = False
 
 
 class MLFQPolicy(RankingPolicy):
@@ -125,11 +122,7 @@ class MLFQPolicy(RankingPolicy):
         # Demotion by value: the output lengths of finished requests, and
         # from them the tokens a request is still expected to need.
         self.demote_by_value = demote_by_value
-        self.refit_every = refit_every
-        self._lengths = LengthDistribution(length_grid(8192), prior_weight=8.0)
-        self._finished_since_fit = 0
-        self._residual: list[float] = []
-        self._refit_lengths()
+        self._lengths = OutputLengthModel(refit_every=refit_every)
         self.num_demotions_declined = 0
 
     # ------------------------------------------------------------ placement
@@ -164,12 +157,6 @@ class MLFQPolicy(RankingPolicy):
         self._idle_since.pop(request_id, None)
         if num_output_tokens is not None:
             self._lengths.observe(num_output_tokens)
-            self._finished_since_fit += 1
-
-    def _refit_lengths(self) -> None:
-        survival = self._lengths.survival()
-        self._residual = mean_residual_table(survival, segment_sums(self._lengths.grid, survival))
-        self._finished_since_fit = 0
 
     def worth_demoting(self, request_id: str) -> bool:
         """Demotion puts a request behind newcomers; with ``demote_by_value``
@@ -182,8 +169,9 @@ class MLFQPolicy(RankingPolicy):
         if not self.demote_by_value:
             return True
         state = self._states[request_id]
-        i = bisect.bisect_right(self._lengths.grid, state.num_output_tokens) - 1
-        return self._residual[i] >= 0.999 * self._residual[0]
+        lengths = self._lengths
+        remaining = lengths.expected_remaining_tokens(state.num_output_tokens)
+        return remaining >= 0.999 * lengths.expected_remaining_tokens(0)
 
     def _remove_key(self, level: int, key: _SortKey) -> None:
         queue = self._levels[level]
@@ -218,13 +206,13 @@ class MLFQPolicy(RankingPolicy):
         end = num_computed_tokens + num_new_tokens
         state.num_output_tokens = max(0, end - state.num_prompt_tokens + 1)
         self._charged.append(request_id)
+        state.starved = False
         # Served now: restart its starvation clock (move to the fresh end).
         self._idle_since[request_id] = now
         self._idle_since.move_to_end(request_id)
 
     def end_step(self, now: float) -> None:
-        if self._finished_since_fit >= self.refit_every:
-            self._refit_lengths()
+        self._lengths.maybe_refit()
         # Demotion: at most one level per step, counter restarts.
         for request_id in self._charged:
             state = self._states.get(request_id)
@@ -255,6 +243,7 @@ class MLFQPolicy(RankingPolicy):
                 # overtake it again (a real starvation bound).
                 self._move(request_id, state, 0, new_time=now)
                 self.num_promotions += 1
+            state.starved = True
             # Restart its clock either way, so a starved level-0 request is
             # not rescanned every step (it already has the top priority).
             self._idle_since.move_to_end(request_id)
@@ -272,6 +261,9 @@ class MLFQPolicy(RankingPolicy):
 
     def level_of(self, request_id: str) -> int:
         return self._states[request_id].level
+
+    def is_starved(self, request_id: str) -> bool:
+        return self._states[request_id].starved
 
     def attained_s(self, request_id: str) -> float:
         return self._states[request_id].attained_s

@@ -13,12 +13,12 @@ limits, and returns the planner's ``AdmissionPlan``::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_esp.core.mlfq.admission import AdmissionPlan, Candidate, plan_admission
+from vllm_esp.core.mlfq.value import expected_remaining_s
 from vllm_esp.integration.mlfq.swap_support import HostSwapMixin
 
 _SCHEDULABLE = (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.RUNNING)
@@ -41,7 +41,8 @@ class PlanningMixin(HostSwapMixin):
             # restored: sorting every resident each step is what would make
             # the planner slow with thousands of requests in the system.
             lambda: self._victims_low_to_high(residents),
-            resident_ids=[r.request_id for r in residents],
+            # Iterated only if the plan's pause list is asked for.
+            resident_ids=(r.request_id for r in residents),
             num_free_blocks=self._num_free_blocks(),
             num_slots=self._num_slots(),
             token_budget=self.max_num_scheduled_tokens,
@@ -50,7 +51,17 @@ class PlanningMixin(HostSwapMixin):
             num_host_free_blocks=limits.num_host_free_blocks,
             num_prefetch=limits.num_prefetch,
             prefetch_window=limits.prefetch_window,
+            preempt_by_value=self.mlfq_config.preempt_by_value,
+            num_resident_room=self._num_resident_room(len(residents)),
         )
+
+    def _num_resident_room(self, num_residents: int) -> int | None:
+        """Newcomers that may still hold KV before the paused bound binds
+        (None: no bound)."""
+        max_paused = self.mlfq_config.max_paused_requests
+        if max_paused is None:
+            return None
+        return self.max_num_running_reqs + max_paused - num_residents
 
     def _num_slots(self) -> int:
         num_slots = min(self.max_num_running_reqs, self.max_num_active_reqs)
@@ -96,13 +107,35 @@ class PlanningMixin(HostSwapMixin):
         return self._waiting_candidate(request)
 
     def _victim(self, request: Request) -> Candidate:
-        """``_candidate`` as an eviction victim: with prefix caching,
-        evicting it frees only its exclusive blocks (its growth is still
-        counted against all of its computed blocks)."""
+        """``_candidate`` as an eviction victim, with what evicting it costs:
+        with prefix caching, evicting it frees only its exclusive blocks
+        (its growth is still counted against all of its computed blocks)."""
         cand = self._candidate(request)
-        if request.status != RequestStatus.RUNNING or not self.cache_config.enable_prefix_caching:
-            return cand
-        return dataclasses.replace(cand, num_held_blocks=self._num_exclusive_blocks(request))
+        num_held = cand.num_held_blocks
+        if request.status == RequestStatus.RUNNING and self.cache_config.enable_prefix_caching:
+            num_held = self._num_exclusive_blocks(request)
+        return cand._replace(
+            num_held_blocks=num_held,
+            remaining_s=self._remaining_s(request),
+            preempt_cost_s=self._preempt_cost_s(request, cand),
+        )
+
+    def _remaining_s(self, request: Request) -> float:
+        """Expected remaining service (``vllm_esp.core.mlfq.value``)."""
+        return expected_remaining_s(
+            self.cost_model,
+            self.output_lengths,
+            num_tokens=request.num_tokens,
+            num_computed_tokens=request.num_computed_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    def _preempt_cost_s(self, request: Request, cand: Candidate) -> float:
+        """What evicting a resident costs it: the host round trip of its
+        blocks if the host takes them, else recomputing its KV."""
+        if self.swap is not None and cand.num_offload_host_blocks <= self._num_host_free_blocks():
+            return self._swap_round_trip_s(cand.num_offload_host_blocks)
+        return self.cost_model.prefill_time(request.num_computed_tokens)
 
     def _resident_candidate(self, request: Request, *, prefetched: bool) -> Candidate:
         """A running request, or a loaded prefetch (whose block table holds
@@ -150,6 +183,8 @@ class PlanningMixin(HostSwapMixin):
             num_lookahead_tokens=self.num_lookahead_tokens,
             num_admission_blocks=num_admission,
             num_prefetch_blocks=num_prefetch,
+            remaining_s=self._remaining_s(request),
+            starved=self.rank_policy.is_starved(request.request_id),
         )
 
     def _capped_new_tokens(self, num_new_tokens: int) -> int:

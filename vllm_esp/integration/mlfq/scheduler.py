@@ -56,6 +56,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_esp.core.mlfq import RequestInfo, make_policy
 from vllm_esp.core.mlfq.admission import AdmissionPlan
 from vllm_esp.core.mlfq.config import MLFQConfig
+from vllm_esp.core.mlfq.value import OutputLengthModel
 from vllm_esp.integration.cost_model import load_cost_model
 
 # STATS_PREFIX: the keys this scheduler adds to
@@ -63,6 +64,7 @@ from vllm_esp.integration.cost_model import load_cost_model
 from vllm_esp.integration.metrics import STATS_PREFIX
 from vllm_esp.integration.mlfq.planning import PlanningMixin
 from vllm_esp.integration.mlfq.queue import IndexedRequestQueue
+from vllm_esp.integration.predictor import load_output_predictor
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's handlers
 
@@ -99,11 +101,20 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         self.mlfq_config = MLFQConfig.from_additional_config(self.vllm_config.additional_config)
         self.cost_model = load_cost_model(self.mlfq_config, self.vllm_config)
         self.rank_policy = make_policy(self.mlfq_config, self.cost_model)
+        # The served tokenizer's output-length predictor (None when off); a
+        # configured one that is missing fails here, at start-up.
+        self.output_predictor = load_output_predictor(
+            self.mlfq_config, self.vllm_config.model_config.tokenizer
+        )
+        # Finished requests' output lengths: what preemption by value
+        # expects a request still to need (vllm_esp.core.mlfq.value).
+        self.output_lengths = OutputLengthModel()
         self._clock = clock
         # The ranked policy owns the order; vLLM's queue only holds members.
         self.waiting = IndexedRequestQueue(self.waiting)
         self.num_rank_preemptions = 0
         self.num_paused_steps = 0
+        self.num_paused_last_step = 0
         self.last_plan: AdmissionPlan | None = None
         # Recompute accounting: the most tokens each request ever had
         # computed (updated when scheduled, so it holds under async
@@ -131,6 +142,9 @@ class MLFQScheduler(Scheduler, PlanningMixin):
             return
         # Prefix-cache aware skip-join: only the uncached tail costs time.
         _, num_cached, _ = self.kv_cache_manager.get_computed_blocks(request)
+        predicted = None
+        if self.output_predictor is not None and request.prompt_token_ids is not None:
+            predicted = self.output_predictor.predict_tokens(request.prompt_token_ids)
         now = self._clock()
         self.rank_policy.add_request(
             RequestInfo(
@@ -139,6 +153,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=num_cached,
                 max_tokens=request.max_tokens,
+                predicted_output_tokens=predicted,
             ),
             now,
         )
@@ -153,6 +168,8 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         self.rank_policy.remove_request(
             request.request_id, request.num_output_tokens if finished else None
         )
+        if finished:
+            self.output_lengths.observe(request.num_output_tokens)
         self._computed_high_water.pop(request.request_id, None)
         return super()._free_request(request, delay_free_blocks=delay_free_blocks)
 
@@ -180,12 +197,15 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         now = self._clock()
         if self.swap is not None:
             self._promote_loaded_prefetches()
+        self.output_lengths.maybe_refit()
         plan = self._plan()
         self.last_plan = plan
         self._evict_planned(plan, now)
-        paused = [
-            self.requests[r] for r in plan.pause if self.requests[r].status == RequestStatus.RUNNING
-        ]
+        # The running residents the plan leaves out (evicted ones left
+        # self.running already): one pass, not plan.pause's.
+        run = set(plan.run)
+        paused = [r for r in self.running if r.request_id not in run]
+        self.num_paused_last_step = len(paused)
         self.num_paused_steps += len(paused)
         step = self._narrow_queues_to_plan(plan)
         output = self._schedule_narrowed(step, paused, throttle_prefills)
@@ -310,7 +330,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         out[f"{STATS_PREFIX}demotions_total"] = stats.num_demotions
         out[f"{STATS_PREFIX}promotions_total"] = stats.num_promotions
         out[f"{STATS_PREFIX}rank_preemptions_total"] = self.num_rank_preemptions
-        out[f"{STATS_PREFIX}paused_reqs"] = len(self.last_plan.pause) if self.last_plan else 0
+        out[f"{STATS_PREFIX}paused_reqs"] = self.num_paused_last_step
         out[f"{STATS_PREFIX}recomputed_tokens_total"] = self.num_recomputed_tokens
         out.update(self._swap_stats())
         return out
