@@ -60,6 +60,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("gittins + output predictor", "gittins", {"output_predictor": "default"}),
     ("mlfq default (K=2)", "mlfq", {}),
     ("mlfq K=2, Q0=32 steps", "mlfq", {"auto_quantum_decode_steps": 32}),
+    ("mlfq K=2, Q0=64 steps", "mlfq", {"auto_quantum_decode_steps": 64}),
     ("mlfq K=2, demote by value", "mlfq", {"demote_by_value": True}),
     ("mlfq K=4, ratio 8", "mlfq", {"num_levels": 4, "quantum_ratio": 8.0}),
     ("mlfq FastServe-like K=8, ratio 2", "mlfq", {"num_levels": 8}),

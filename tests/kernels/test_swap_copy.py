@@ -170,6 +170,89 @@ def test_measure_reports_both_directions_and_a_reference():
         engine.measure(num_blocks=9)
 
 
+# -------------------------------------------------- between engines (ESP instances)
+def esp_layout(block_size: int = BLOCK_SIZE, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """An ESP instance's pool units: the int64 per-slot positions of its
+    ``PagedKVCache`` wrappers and vLLM's CPU layer tensors (positions first:
+    an odd block size makes the packed rows after them need alignment)."""
+    caches = {"positions": torch.randint(0, 2**40, (NUM_BLOCKS * block_size,))}
+    for i in range(2):
+        caches[f"kv.{i}"] = random_bits((NUM_BLOCKS, KV_HEADS, block_size, 2 * HEAD), dtype)
+    return caches
+
+
+def block_rows(t: torch.Tensor, blocks) -> torch.Tensor:
+    return t.view(NUM_BLOCKS, -1)[list(blocks)]
+
+
+@pytest.mark.parametrize("block_size", [BLOCK_SIZE, 3])  # 3: 24-byte position rows
+def test_slots_read_on_one_engine_land_in_blocks_of_another(block_size):
+    sender_caches = esp_layout(block_size)
+    originals = {k: v.clone() for k, v in sender_caches.items()}
+    receiver_caches = {k: torch.zeros_like(v) for k, v in sender_caches.items()}
+    sender = SwapCopyEngine(sender_caches, NUM_BLOCKS, num_host_blocks=16)
+    receiver = SwapCopyEngine(receiver_caches, NUM_BLOCKS, num_host_blocks=16)
+    assert len(sender.units) == 3  # two layers and the positions
+    sender.swap_out(
+        [BlockCopy("a", (5, 2, 9), (0, 1, 2)), BlockCopy("b", (11,), (7,))],
+        blocks_reused_now=True,
+    )
+    for t in sender_caches.values():
+        t.zero_()  # the slots, not the device blocks, must carry the data
+    # Slots out of order and not contiguous, as a resumed request's may be.
+    packed = sender.read_slots([7, 0, 2])
+    assert packed.dtype == torch.uint8 and packed.numel() == sender.packed_bytes(3)
+    receiver.write_blocks([20, 13, 1], packed)
+    for name, t in receiver_caches.items():
+        assert same_bits(block_rows(t, [20, 13, 1]), block_rows(originals[name], [11, 5, 9])), name
+        untouched = [b for b in range(NUM_BLOCKS) if b not in (20, 13, 1)]
+        assert not block_rows(t, untouched).view(torch.uint8).any(), name
+
+
+def test_packed_buffers_are_one_op_per_unit_each_side(monkeypatch):
+    caches = esp_layout()
+    engine = SwapCopyEngine(caches, NUM_BLOCKS, num_host_blocks=16)
+    engine.swap_out([BlockCopy("a", tuple(range(8)), tuple(range(8)))], blocks_reused_now=True)
+    calls = {"index_select": 0, "index_copy_": 0}
+    real_select, real_copy = torch.index_select, torch.Tensor.index_copy_
+
+    def select(*args, **kwargs):
+        calls["index_select"] += 1
+        return real_select(*args, **kwargs)
+
+    def copy(self, *args, **kwargs):
+        calls["index_copy_"] += 1
+        return real_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", select)
+    monkeypatch.setattr(torch.Tensor, "index_copy_", copy)
+    packed = engine.read_slots([6, 1, 3, 0, 7])  # five blocks, four host runs
+    engine.write_blocks([10, 11, 12, 13, 14], packed)
+    assert calls == {"index_select": 3, "index_copy_": 3}
+
+
+def test_a_reused_slot_reads_back_its_latest_block():
+    caches = esp_layout()
+    originals = {k: v.clone() for k, v in caches.items()}
+    engine = SwapCopyEngine(caches, NUM_BLOCKS, num_host_blocks=4)
+    engine.swap_out([BlockCopy("a", (3, 4), (0, 1))], blocks_reused_now=True)
+    engine.swap_in([BlockCopy("a", (8, 9), (0, 1))])  # the book frees slots 0, 1
+    engine.swap_out([BlockCopy("b", (6, 7), (0, 1))], blocks_reused_now=True)
+    engine.write_blocks([20, 21], engine.read_slots([0, 1]))
+    for name, t in caches.items():
+        assert same_bits(block_rows(t, [8, 9]), block_rows(originals[name], [3, 4])), name
+        assert same_bits(block_rows(t, [20, 21]), block_rows(originals[name], [6, 7])), name
+
+
+def test_write_blocks_refuses_a_buffer_of_another_size():
+    engine = SwapCopyEngine(esp_layout(), NUM_BLOCKS, num_host_blocks=4)
+    packed = engine.read_slots([0, 1])
+    with pytest.raises(ValueError, match="does not hold 3 blocks"):
+        engine.write_blocks([5, 6, 7], packed)
+    with pytest.raises(ValueError, match="does not hold 2 blocks"):
+        engine.write_blocks([5, 6], packed.view(torch.int16))
+
+
 # -------------------------------------------------- connector, worker role
 def make_connector(model_dir, role, num_blocks=NUM_BLOCKS, host_blocks=16, dtype=torch.bfloat16):
     from vllm.config import CacheConfig, ModelConfig, VllmConfig

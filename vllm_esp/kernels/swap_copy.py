@@ -1,7 +1,8 @@
 """Worker side of the host KV swap: coarse copies between the engine's
-paged KV cache and a host pool. The only torch code of the host swap: the
-slot bookkeeping is ``vllm_esp/core/swap/book.py``, the vLLM connector
-``vllm_esp/integration/swap/connector.py``.
+paged KV cache and a host pool. The host-swap copies of both the vLLM
+connector (``vllm_esp/integration/swap/connector.py``) and the ESP instances
+(``vllm_esp/integration/esp/host_swap.py``); the slot bookkeeping is
+``vllm_esp/core/swap/book.py``.
 
 Layout
 ------
@@ -41,6 +42,17 @@ for a swap-out's event before it may write a freed block (same step if the
 scheduler says a freed block is reused now, else at the next step) and for
 a swap-in's event before the forward. Prefetches are only recorded; the
 request runs after ``event.query()`` says they landed. CPU: synchronous.
+
+Between engines
+---------------
+ESP instances (``vllm_esp/integration/esp/host_swap.py``) each hold a pool
+like this one, and a slot swapped out on one instance may be loaded on
+another. :meth:`SwapCopyEngine.read_slots` packs the host rows of some
+slots, unit after unit, into one flat ``uint8`` buffer (each unit's rows
+start on a 16-byte boundary, so they keep their wide element type), and
+the receiving engine, built over caches of the same shapes, scatters that
+buffer into its device blocks with :meth:`SwapCopyEngine.write_blocks`:
+one op per unit each side, one tensor on the wire.
 """
 
 from __future__ import annotations
@@ -101,6 +113,14 @@ def _row_view(unit: torch.Tensor, num_rows: int) -> torch.Tensor | None:
 #: A host run (first slot, number of blocks) and its device index tensor
 #: per ``rows_per_block`` (see :class:`~vllm_esp.core.swap.book.HostRun`).
 _Run = tuple[int, int, dict[int, torch.Tensor]]
+
+#: Alignment of each unit's rows in a packed buffer: the widest row element
+#: (``complex128``) may view them in place.
+_PACK_ALIGN = 16
+
+
+def _aligned(num_bytes: int) -> int:
+    return -(-num_bytes // _PACK_ALIGN) * _PACK_ALIGN
 
 
 @dataclass
@@ -180,22 +200,23 @@ class SwapCopyEngine:
         return _Unit(rows, host, per_block)
 
     # ------------------------------------------------------------ indices
-    def _index(self, blocks: Sequence[int], per_block: int) -> torch.Tensor:
+    def _index(self, blocks: Sequence[int], per_block: int, on_device: bool) -> torch.Tensor:
         # numpy + from_numpy: ~3x cheaper than torch.tensor(list), which
         # matters for the small copies of short requests.
         ids = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
         if per_block > 1:
             ids = np.add.outer(ids * per_block, np.arange(per_block, dtype=np.int64)).ravel()
         index = torch.from_numpy(ids)
-        return index.to(self.device) if self.is_cuda else index
+        return index.to(self.device) if on_device and self.is_cuda else index
+
+    def _indices(self, blocks: Sequence[int], on_device: bool = True) -> dict[int, torch.Tensor]:
+        """Row indices of ``blocks`` (device blocks, or host slots with
+        ``on_device=False``) per ``rows_per_block``."""
+        return {r: self._index(blocks, r, on_device) for r in self._ratios}
 
     def _runs(self, copies: Sequence[BlockCopy]) -> list[_Run]:
         return [
-            (
-                run.host_start,
-                len(run.device_blocks),
-                {r: self._index(run.device_blocks, r) for r in self._ratios},
-            )
+            (run.host_start, len(run.device_blocks), self._indices(run.device_blocks))
             for run in host_runs(copies)
         ]
 
@@ -228,6 +249,7 @@ class SwapCopyEngine:
             (self._copy_out if direction == "out" else self._copy_in)(runs)
             self._seconds[direction] += time.perf_counter() - start
             return None
+        self._collect_timings()  # bounded for owners that never take_seconds
         begin = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
@@ -290,9 +312,8 @@ class SwapCopyEngine:
         self._prefetches = pending
         return done
 
-    def take_seconds(self) -> dict[str, float]:
-        """Copy time per direction ("out", "in") since the last call (CUDA:
-        of the copies that have completed)."""
+    def _collect_timings(self) -> None:
+        """Add the times of completed CUDA copies to the totals."""
         pending = []
         for direction, begin, end in self._timings:
             if end.query():
@@ -300,12 +321,59 @@ class SwapCopyEngine:
             else:
                 pending.append((direction, begin, end))
         self._timings = pending
+
+    def take_seconds(self) -> dict[str, float]:
+        """Copy time per direction ("out", "in") since the last call (CUDA:
+        of the copies that have completed)."""
+        self._collect_timings()
         out, self._seconds = self._seconds, {"out": 0.0, "in": 0.0}
         return out
 
     def synchronize(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
+
+    # ------------------------------------------------------ between engines
+    def packed_bytes(self, num_blocks: int) -> int:
+        """Size of a :meth:`read_slots` buffer of ``num_blocks`` blocks."""
+        return sum(_aligned(num_blocks * u.block_bytes) for u in self.units)
+
+    def _segments(self, packed: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
+        """Each unit's rows of ``num_blocks`` blocks inside ``packed``, in the
+        unit's host row shape and element type (views, no copy)."""
+        if packed.dtype != torch.uint8 or packed.numel() != self.packed_bytes(num_blocks):
+            raise ValueError(
+                f"packed buffer {packed.dtype} [{packed.numel()}] does not hold "
+                f"{num_blocks} blocks of this engine ({self.packed_bytes(num_blocks)} bytes)"
+            )
+        views, offset = [], 0
+        for u in self.units:
+            num_bytes = num_blocks * u.block_bytes
+            rows = packed[offset : offset + num_bytes].view(u.host.dtype)
+            views.append(rows.view(num_blocks * u.rows_per_block, *u.host.shape[1:]))
+            offset += _aligned(num_bytes)
+        return views
+
+    def read_slots(self, slots: Sequence[int]) -> torch.Tensor:
+        """The host rows of ``slots``, in order, packed into one flat
+        ``uint8`` host tensor (pinned on CUDA) for :meth:`write_blocks` of
+        an engine over caches of the same shapes."""
+        self.synchronize()  # CUDA: swap-outs in flight may still write these rows
+        packed = torch.empty(
+            self.packed_bytes(len(slots)), dtype=torch.uint8, pin_memory=self.is_cuda
+        )
+        index = self._indices(slots, on_device=False)
+        for u, rows in zip(self.units, self._segments(packed, len(slots)), strict=True):
+            torch.index_select(u.host, 0, index[u.rows_per_block], out=rows)
+        return packed
+
+    def write_blocks(self, device_blocks: Sequence[int], packed: torch.Tensor) -> None:
+        """Scatter a :meth:`read_slots` buffer (on the host or this engine's
+        device) into ``device_blocks``, in order, on the current stream."""
+        views = self._segments(packed.to(self.device, non_blocking=True), len(device_blocks))
+        index = self._indices(device_blocks)
+        for u, rows in zip(self.units, views, strict=True):
+            u.device.index_copy_(0, index[u.rows_per_block], rows)
 
     # ----------------------------------------------------------- benchmark
     def measure(self, num_blocks: int, repeats: int = 5) -> dict[str, float]:

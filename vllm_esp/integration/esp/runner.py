@@ -109,8 +109,9 @@ class ESPStepRunner:
                 sampled[req_id] = sample_one(row_logits, spec, num_out)
         return sampled, prefetched
 
-    def _host_swap(self, plan: ESPStepPlan):
+    def _host_swap(self, plan: ESPStepPlan) -> InstanceHostSwap:
         if self.host_swap is None:
+            from vllm_esp.core.swap.config import SwapConfig
             from vllm_esp.integration.esp.host_swap import InstanceHostSwap
 
             self.host_swap = InstanceHostSwap(
@@ -118,7 +119,8 @@ class ESPStepRunner:
                 self.group,
                 self.instance,
                 plan.blocks_per_instance,
-                plan.block_size,
+                # The connector's settings, as its book sizes the slots.
+                SwapConfig.from_additional_config(self.vllm_config.additional_config),
             )
         return self.host_swap
 
