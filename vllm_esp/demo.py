@@ -26,13 +26,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from vllm_esp.core.choices import DEFAULT_SCHEDULER
 from vllm_esp.data.trace import TraceRequest
+from vllm_esp.harness.client import replay, speed_probe, stream_one, wait_healthy
 
 #: Engine settings of the demo server: a batch-limited regime where the
 #: scheduling order matters on a 2-core machine.
@@ -73,92 +73,10 @@ def start_server(model: str, scheduler: str, port: int, log_path: Path) -> subpr
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
-def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: float = 600) -> None:
-    import requests
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode}; log:\n" + log_path.read_text()[-4000:]
-            )
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server not healthy after {timeout_s} s (log: {log_path})")
-
-
-def stream_one(
-    base: str, model: str, prompt_ids: list[int], max_tokens: int
-) -> tuple[float, float, int]:
-    """Returns (ttft_s, jct_s, num_tokens) measured from the send time."""
-    import requests
-
-    start = time.perf_counter()
-    ttft = None
-    n = 0
-    with requests.post(
-        f"{base}/v1/completions",
-        stream=True,
-        timeout=3600,
-        json={
-            "model": model,
-            "prompt": prompt_ids,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "stream": True,
-        },
-    ) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0].get("text") is not None:
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                n += 1
-    jct = time.perf_counter() - start
-    return (ttft if ttft is not None else jct), jct, n
-
-
-def replay(base: str, model: str, trace: list[TraceRequest]) -> list[tuple[float, float, int]]:
-    results: list[tuple[float, float, int] | None] = [None] * len(trace)
-    threads = []
-    t0 = time.perf_counter()
-
-    def run(i, req):
-        results[i] = stream_one(base, model, list(req.prompt_token_ids), req.output_len)
-
-    for i, req in enumerate(trace):
-        delay = req.arrival_s - (time.perf_counter() - t0)
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=run, args=(i, req), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
-    return [r for r in results if r is not None]
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
-
-
-def speed_probe() -> float:
-    """Seconds for a fixed pure-Python workload: the machine's speed now."""
-    start = time.perf_counter()
-    total = 0
-    for i in range(2_000_000):
-        total += i * i % 7
-    return time.perf_counter() - start
 
 
 def class_of(request: TraceRequest) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +48,9 @@ __all__ = [
     "TraceRequest",
     "load_trace",
     "load_trace_meta",
+    "make_heavy_tail_trace",
+    "make_long_prompt_trace",
+    "make_mixed_trace",
     "make_sharegpt_trace",
     "make_synthetic_long_trace",
     "poisson_arrivals",
@@ -278,6 +281,151 @@ def make_mixed_trace(
     if len(out) < num_requests:
         raise ValueError(f"only {len(out)} prompts are long enough; asked for {num_requests}")
     return out
+
+
+def make_heavy_tail_trace(
+    tokenizer: TokenizerLike,
+    num_requests: int,
+    rate_rps: float,
+    seed: int,
+    pareto_shape: float = 1.1,
+    min_output_len: int = 16,
+    max_output_len: int = 1024,
+    max_prompt_len: int = 1024,
+    max_model_len: int = 2048,
+    scale: float = 0.5,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> list[TraceRequest]:
+    """ShareGPT prompts with heavy-tailed output lengths: most replies are
+    short, a few are very long (a decreasing hazard rate, where serving the
+    least-attended request first pays). SYNTHETIC output lengths, real
+    ShareGPT prompts and arrivals as :func:`make_sharegpt_trace` with the same
+    arguments.
+
+    Output lengths are Pareto: ``o = round(min_output_len * X)`` with ``X``
+    classical Pareto of shape ``pareto_shape`` and minimum 1 (``P(X > x) =
+    x ** -pareto_shape``), clipped to ``[min_output_len, min(max_output_len,
+    max_model_len - prompt_len)]``. ``source`` is ``"synthetic-heavy-tail"``.
+    """
+    if pareto_shape <= 0 or not 1 <= min_output_len <= max_output_len:
+        raise ValueError("need pareto_shape > 0 and 1 <= min_output_len <= max_output_len")
+    base = make_sharegpt_trace(
+        tokenizer,
+        num_requests,
+        rate_rps,
+        seed,
+        max_prompt_len=max_prompt_len,
+        max_output_len=max_output_len,
+        max_model_len=max_model_len,
+        scale=scale,
+        pairs=pairs,
+    )
+    # Stream 2: streams 0 and 1 are the conversation order and the arrivals.
+    length_rng = _streams(seed, 3)[2]
+    draws = min_output_len * (length_rng.pareto(pareto_shape, size=len(base)) + 1.0)
+    out = []
+    for i, (req, x) in enumerate(zip(base, draws)):
+        cap = min(max_output_len, max_model_len - req.prompt_len)
+        output_len = max(1, min(max(round(float(x)), min_output_len), cap))
+        out.append(
+            replace(
+                req,
+                request_id=f"heavytail-{i:06d}",
+                output_len=output_len,
+                source="synthetic-heavy-tail",
+            )
+        )
+    return out
+
+
+def make_long_prompt_trace(
+    tokenizer: TokenizerLike,
+    num_requests: int,
+    rate_rps: float,
+    seed: int,
+    long_fraction: float = 0.2,
+    long_prompt_range: tuple[int, int] = (1000, 1800),
+    short_prompt_words_range: tuple[int, int] = (10, 100),
+    max_short_prompt_len: int = 256,
+    output_range: tuple[int, int] = (16, 96),
+    max_model_len: int = 2048,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> list[TraceRequest]:
+    """Long prompts among short ones: where a request's prefill, not its
+    output, is what others wait behind (skip-join's case). SYNTHETIC lengths.
+
+    Exactly ``round(long_fraction * num_requests)`` requests, at seeded
+    random positions, are *long* (a fixed count keeps both classes populated
+    in short traces): a prompt of ``long_prompt_range`` tokens (uniform,
+    inclusive; BOS plus a slice of real ShareGPT text at a seeded offset). The
+    others are *short*: the first ``short_prompt_words_range`` words (uniform)
+    of a ShareGPT prompt, as in :func:`make_mixed_trace`, cut to
+    ``max_short_prompt_len`` tokens. Both classes draw their output length uniformly
+    from ``output_range`` (inclusive), so they differ only by prompt.
+    ``source`` is ``"synthetic-long-prompts-long"`` or
+    ``"synthetic-long-prompts-short"``; arrivals are Poisson of rate
+    ``rate_rps`` (``math.inf``: a burst).
+    """
+    p_lo, p_hi = long_prompt_range
+    o_lo, o_hi = output_range
+    if not 0 <= long_fraction <= 1:
+        raise ValueError("need 0 <= long_fraction <= 1")
+    if not 1 <= p_lo <= p_hi or not 1 <= o_lo <= o_hi:
+        raise ValueError("prompt and output ranges must be ordered and >= 1")
+    if not 1 <= max_short_prompt_len < p_lo:
+        raise ValueError("need 1 <= max_short_prompt_len < the shortest long prompt")
+    if p_hi + o_hi > max_model_len:
+        raise ValueError("the longest prompt plus the longest output exceeds max_model_len")
+    source = list(pairs) if pairs is not None else load_sharegpt_pairs()
+    order_rng, arrival_rng, length_rng, offset_rng = _streams(seed, 4)
+    arrivals = poisson_arrivals(num_requests, rate_rps, arrival_rng)
+    order = iter(order_rng.permutation(len(source)))
+    pool = _token_pool(tokenizer, 8 * p_hi)
+    bos = _bos_prefix(tokenizer)
+    long_positions = set(
+        order_rng.permutation(num_requests)[: round(long_fraction * num_requests)].tolist()
+    )
+    out: list[TraceRequest] = []
+    for i in range(num_requests):
+        is_long = i in long_positions
+        output_len = int(length_rng.integers(o_lo, o_hi + 1))
+        if is_long:
+            length = int(length_rng.integers(p_lo, p_hi + 1))
+            start = int(offset_rng.integers(0, len(pool)))
+            idx: np.ndarray = (start + np.arange(length - len(bos))) % len(pool)
+            ids = tuple(bos + [int(t) for t in pool[idx]])
+        else:
+            ids = _short_prompt(tokenizer, source, order, length_rng, short_prompt_words_range)
+            ids = ids[:max_short_prompt_len]
+        out.append(
+            TraceRequest(
+                request_id=f"longprompt-{i:06d}",
+                arrival_s=float(arrivals[i]),
+                prompt_len=len(ids),
+                output_len=output_len,
+                prompt_token_ids=ids,
+                prompt_text=tokenizer.decode(ids, skip_special_tokens=True),
+                source=f"synthetic-long-prompts-{'long' if is_long else 'short'}",
+            )
+        )
+    return out
+
+
+def _short_prompt(
+    tokenizer: TokenizerLike,
+    source: Sequence[tuple[str, str]],
+    order: Iterator[Any],
+    rng: np.random.Generator,
+    words_range: tuple[int, int],
+) -> tuple[int, ...]:
+    """The first ``words_range`` words (uniform) of the next ShareGPT prompt
+    in ``order`` that has that many."""
+    num_words = int(rng.integers(words_range[0], words_range[1] + 1))
+    for idx in order:
+        words = source[int(idx)][0].split()
+        if len(words) >= num_words:
+            return tuple(tokenizer.encode(" ".join(words[:num_words]), add_special_tokens=True))
+    raise ValueError(f"ran out of ShareGPT prompts with {num_words} words")
 
 
 @dataclass(frozen=True, slots=True)
