@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         "block_size": BLOCK_SIZE,
         "torch_threads_per_instance": 1,
         "backend": "gloo",
-        "attention_backend": "torch (vllm_esp.kernels.attention, auto on CPU)",
+        "attention_backend": "cpu (vllm_esp.kernels.attention.cpu_fused, auto on CPU)",
         "reps": reps,
         "quick": args.quick,
         "bytes_counted": "payload handed to isend (K, V in fp32 plus the int64 position "

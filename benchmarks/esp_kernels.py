@@ -3,6 +3,7 @@
 Times, per shape, the partial-attention-with-LSE paths against dense SDPA:
 
 * ``torch``   -- the chunked online-softmax reference (``backend="torch"``)
+* ``cpu``     -- the fused CPU kernel (``backend="cpu"``, CPU only)
 * ``triton``  -- the Triton kernels (CUDA only; the CPU interpreter is far
   too slow to time)
 * ``sdpa``    -- ``torch.nn.functional.scaled_dot_product_attention`` on the
@@ -11,25 +12,39 @@ Times, per shape, the partial-attention-with-LSE paths against dense SDPA:
   layout (CPU_ATTN on CPU, FLASH on CUDA)
 * ``merge-*`` -- merging ``--num-shards`` partials
 
+With ``--vs-vllm`` (CPU) it instead times the fused CPU kernel
+(``backend="cpu"``, the default there) against vLLM's own CPU attention op
+(``torch.ops._C.cpu_attention_with_kv_cache``, what ``CPU_ATTN`` runs) on one
+paged cache in vLLM's layout and ISA, whole KV local: prefill of one sequence
+(2048 and 4096 tokens, causal), a chunked-prefill step (the last 512 of 4096
+tokens) and decode (16 sequences x 1 query over 2048 keys), for the default model's heads and a realistic 32/8 x 128. Rounds
+alternate the two (the order flips every round) and each round gives a
+paired ratio, since shared machines drift in speed within minutes.
+
 Usage::
 
     python benchmarks/esp_kernels.py                      # default shapes
     python benchmarks/esp_kernels.py --context 32768 --queries 1 --dtype bfloat16
+    python -m benchmarks.esp_kernels --vs-vllm --threads 1 2 --out /tmp/esp_kernels_cpu.json
 
-On CPU only the torch and SDPA paths run. Keep CPU runs small on shared hosts.
+On CPU the torch, cpu and SDPA paths run. Keep CPU runs small on shared hosts.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
 from vllm_esp.kernels.attention import (
+    Backend,
     KVLayout,
     PagedKVCache,
     attention_with_lse,
@@ -91,12 +106,12 @@ def bench_shape(
     k_pos = torch.arange(shape.context_len, device=device)
     q_pos = k_pos[-shape.num_queries :]
     scale = shape.head_size**-0.5
-    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    backends: list[Backend] = ["torch", "triton" if device.type == "cuda" else "cpu"]
     results: dict[str, float] = {}
 
     for backend in backends:
         results[backend] = time_ms(
-            lambda b=backend: attention_with_lse(q, k, v, q_pos, k_pos, scale, backend=b),
+            partial(attention_with_lse, q, k, v, q_pos, k_pos, scale, backend=backend),
             device,
             warmup,
             iters,
@@ -127,8 +142,16 @@ def bench_shape(
     kv_lens = torch.tensor([shape.context_len], dtype=torch.int32, device=device)
     for backend in backends:
         results[f"paged-{backend}"] = time_ms(
-            lambda b=backend: paged_attention_with_lse(
-                q, cu_q, q_pos, cache, block_table[None], kv_lens, scale, backend=b
+            partial(
+                paged_attention_with_lse,
+                q,
+                cu_q,
+                q_pos,
+                cache,
+                block_table[None],
+                kv_lens,
+                scale,
+                backend=backend,
             ),
             device,
             warmup,
@@ -139,9 +162,245 @@ def bench_shape(
     outs, lses = [out] * num_shards, [lse] * num_shards
     for backend in backends:
         results[f"merge-{backend}"] = time_ms(
-            lambda b=backend: merge_attention_states(outs, lses, backend=b), device, warmup, iters
+            partial(merge_attention_states, outs, lses, backend=backend), device, warmup, iters
         )
     return results
+
+
+# --------------------------------------------------------------------------- vs vLLM (CPU)
+
+#: Head configurations: the ``default`` preset's model and a realistic one.
+VLLM_HEADS = {"default_model": (8, 4, 64), "realistic": (32, 8, 128)}
+#: (name, num_seqs, query_len, context_len); queries are the last tokens.
+VLLM_SHAPES = (
+    ("prefill_2048", 1, 2048, 2048),
+    ("prefill_4096", 1, 4096, 4096),
+    ("chunk_512_of_4096", 1, 512, 4096),
+    ("decode_16x2048", 16, 1, 2048),
+)
+#: The issue's headline: a long prompt's prefill on the default model, one core.
+HEADLINE = ("default_model", "prefill_4096", 1)
+
+
+@dataclass
+class PagedProblem:
+    """One batch over one layer's paged cache, shared by both kernels."""
+
+    cache: PagedKVCache
+    isa: str
+    query: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_pos: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    num_heads: int
+    scale: float
+
+
+def build_paged_problem(
+    heads: tuple[int, int, int],
+    num_seqs: int,
+    query_len: int,
+    context_len: int,
+    dtype: torch.dtype,
+    block_size: int,
+    seed: int,
+) -> PagedProblem:
+    """Sequences in shuffled blocks of a cache in the layout and ISA vLLM picks here."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    num_heads, num_kv_heads, head_size = heads
+    isa = _get_attn_isa(dtype, block_size, head_size)
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = math.ceil(context_len / block_size)
+    num_blocks = num_seqs * blocks_per_seq + 1
+    cache = PagedKVCache.allocate(
+        num_blocks, block_size, num_kv_heads, head_size, dtype, "cpu", KVLayout.CPU, cpu_isa=isa
+    )
+    table = torch.randperm(num_blocks, generator=gen)[: num_seqs * blocks_per_seq]
+    table = table.view(num_seqs, blocks_per_seq).to(torch.int32)
+    for row in table:
+        kv = torch.randn(2, context_len, num_kv_heads, head_size, generator=gen).to(dtype)
+        cache.write(cache.slot_mapping(row, context_len), kv[0], kv[1], torch.arange(context_len))
+    query = torch.randn(num_seqs * query_len, num_heads, head_size, generator=gen).to(dtype)
+    return PagedProblem(
+        cache=cache,
+        isa=isa,
+        query=query,
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32) * query_len,
+        query_pos=torch.arange(context_len - query_len, context_len).repeat(num_seqs),
+        seq_lens=torch.full((num_seqs,), context_len, dtype=torch.int32),
+        block_table=table,
+        num_heads=num_heads,
+        scale=head_size**-0.5,
+    )
+
+
+def vllm_cpu_attention(problem: PagedProblem) -> Callable[[], torch.Tensor]:
+    """What ``CPUAttentionBackendImpl.forward`` runs for this batch, per layer."""
+    from vllm import _custom_ops as ops
+
+    cache = problem.cache
+    num_blocks, num_kv_heads, block_size, two_d = cache.kv_cache.shape
+    key_cache, value_cache = cache.kv_cache.view(
+        num_blocks, num_kv_heads, 2 * block_size, two_d // 2
+    ).chunk(2, dim=2)
+    output = torch.empty_like(problem.query)
+    # Built once per step in the engine and shared by every layer: not timed.
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=problem.seq_lens.shape[0],
+        num_heads=problem.num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=two_d // 2,
+        seq_lens=problem.seq_lens,
+        dtype=problem.query.dtype,
+        query_start_loc=problem.query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=problem.isa,
+        enable_kv_split=False,
+    )
+
+    def run() -> torch.Tensor:
+        ops.cpu_attention_with_kv_cache(
+            query=problem.query,
+            key_cache=key_cache,
+            value_cache=value_cache,
+            output=output,
+            query_start_loc=problem.query_start_loc,
+            seq_lens=problem.seq_lens,
+            scale=problem.scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=problem.block_table,
+            softcap=0.0,
+            scheduler_metadata=metadata,
+            s_aux=None,
+        )
+        return output
+
+    return run
+
+
+def esp_cpu_attention(problem: PagedProblem) -> Callable[[], torch.Tensor]:
+    """The fused partial-attention kernel (with LSE) on the same cache and batch."""
+
+    def run() -> torch.Tensor:
+        out, _lse = paged_attention_with_lse(
+            problem.query,
+            problem.query_start_loc,
+            problem.query_pos,
+            problem.cache,
+            problem.block_table,
+            problem.seq_lens,
+            problem.scale,
+            backend="cpu",
+        )
+        return out
+
+    return run
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_rounds(
+    esp: Callable[[], object], vllm: Callable[[], object], rounds: int, iters: int
+) -> dict[str, Any]:
+    """Interleave the two kernels call by call (who goes first alternates);
+    each round's ratio is the ratio of its two medians."""
+    esp()
+    vllm()  # warm-up: first-call allocations and oneDNN kernel selection
+    esp_s: list[float] = []
+    vllm_s: list[float] = []
+    ratios = []
+    for r in range(rounds):
+        round_esp, round_vllm = [], []
+        for i in range(iters):
+            if (r + i) % 2 == 0:
+                round_esp.append(_seconds(esp))
+                round_vllm.append(_seconds(vllm))
+            else:
+                round_vllm.append(_seconds(vllm))
+                round_esp.append(_seconds(esp))
+        esp_s.extend(round_esp)
+        vllm_s.extend(round_vllm)
+        ratios.append(statistics.median(round_esp) / statistics.median(round_vllm))
+    return {
+        "kernel": {"esp_s": statistics.median(esp_s), "vllm_s": statistics.median(vllm_s)},
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+    }
+
+
+def bench_vs_vllm(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (threads, heads, shape) pair: the fused kernel vs vLLM's CPU attention."""
+    from benchmarks.common import finish_metadata, run_metadata
+
+    meta = run_metadata(seed=args.seed)
+    if hasattr(torch.cpu, "_init_amx"):
+        # vLLM's AMX kernel assumes the process already has the AMX tile
+        # permission (the engine's oneDNN GEMMs request it); ask for it here.
+        torch.cpu._init_amx()
+    dtype = _DTYPES[args.dtype]
+    results = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for heads_name, heads in VLLM_HEADS.items():
+            for shape_name, num_seqs, query_len, context_len in VLLM_SHAPES:
+                problem = build_paged_problem(
+                    heads, num_seqs, query_len, context_len, dtype, args.block_size, args.seed
+                )
+                esp, vllm = esp_cpu_attention(problem), vllm_cpu_attention(problem)
+                max_abs_diff = (esp().float() - vllm().float()).abs().max().item()
+                row = {
+                    "threads": threads,
+                    "heads": heads_name,
+                    "num_heads": heads[0],
+                    "num_kv_heads": heads[1],
+                    "head_size": heads[2],
+                    "shape": shape_name,
+                    "num_seqs": num_seqs,
+                    "query_len": query_len,
+                    "context_len": context_len,
+                    "isa": problem.isa,
+                    "max_abs_diff": max_abs_diff,
+                    **paired_rounds(esp, vllm, args.rounds, args.iters),
+                }
+                results.append(row)
+                print(
+                    f"threads={threads} {heads_name:13s} {shape_name:15s} isa={problem.isa} "
+                    f"esp={row['kernel']['esp_s'] * 1e3:9.2f} ms "
+                    f"vllm={row['kernel']['vllm_s'] * 1e3:9.2f} ms ratio={row['ratio']:.2f} "
+                    f"(rounds {', '.join(f'{x:.2f}' for x in row['round_ratios'])}) "
+                    f"max|diff|={max_abs_diff:.2g}",
+                    flush=True,
+                )
+    headline = (
+        next(r for r in results if (r["heads"], r["shape"], r["threads"]) == HEADLINE)
+        if HEADLINE[2] in args.threads
+        else results[0]
+    )
+    return {
+        "metadata": finish_metadata(meta),
+        "dtype": args.dtype,
+        "block_size": args.block_size,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "target_ratio": 1.3,
+        "kernel": {
+            **headline["kernel"],
+            "ratio": headline["ratio"],
+            "shape": headline["shape"],
+            "heads": headline["heads"],
+            "threads": headline["threads"],
+        },
+        "shapes": results,
+    }
 
 
 def main() -> None:
@@ -158,7 +417,21 @@ def main() -> None:
     parser.add_argument("--num-shards", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument(
+        "--vs-vllm", action="store_true", help="fused CPU kernel vs vLLM's CPU attention"
+    )
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON file for --vs-vllm results")
     args = parser.parse_args()
+    if args.vs_vllm:
+        result = bench_vs_vllm(args)
+        if args.out:
+            from benchmarks.common import write_json
+
+            write_json(args.out, result)
+        return
 
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]

@@ -194,4 +194,5 @@ def test_triton_on_cpu_without_interpreter_is_refused(
     monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         api._resolve_backend("triton", torch.device("cpu"))
-    assert api._resolve_backend("auto", torch.device("cpu")) == "torch"
+    # auto never picks the interpreter on CPU: it picks the fused CPU kernel.
+    assert api._resolve_backend("auto", torch.device("cpu")) == "cpu"

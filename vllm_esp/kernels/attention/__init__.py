@@ -6,7 +6,8 @@ exact LSE merge of partials. ESP's striped ring prefill and multi-master
 decode are compositions of these three operations (see ``api``).
 
 Modules: ``layout`` (where vLLM backends put K/V), ``paged_cache``
-(``PagedKVCache``), ``torch_ref`` (reference path), ``triton_kernels``
+(``PagedKVCache``), ``torch_ref`` (reference path), ``cpu_fused`` (the
+default on CPU: torch's fused flash-attention-for-CPU kernel), ``triton_kernels``
 (imported lazily; GPU, or CPU under ``TRITON_INTERPRET=1``), ``api``.
 """
 

@@ -13,13 +13,15 @@ Exactness of the merge relies on each partial being *normalised over its own
 visible keys* with ``lse = log(sum(exp(score)))`` in natural log, and on empty
 partials reporting ``lse = -inf`` (LoongServe leaves them uninitialised).
 
-Backends: ``"torch"`` (reference, any device), ``"triton"`` (GPU, or CPU under
-``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, torch otherwise). On
-CUDA, xformers' ``memory_efficient_attention`` family can also return the LSE
-(``xformers.ops.fmha.memory_efficient_attention_partial`` / ``merge_attentions``)
-and could serve the dense contiguous case; we keep our own kernels because
-ESP needs per-token global positions as the mask and vLLM's paged layouts,
-which xformers does not take (and xformers is not installable on CPU here).
+Backends: ``"torch"`` (reference, any device), ``"cpu"`` (fused: torch's
+flash-attention-for-CPU kernel, see ``cpu_fused``), ``"triton"`` (GPU, or CPU
+under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, cpu on CPU, torch
+otherwise). On CUDA, xformers' ``memory_efficient_attention`` family can also
+return the LSE (``xformers.ops.fmha.memory_efficient_attention_partial`` /
+``merge_attentions``) and could serve the dense contiguous case; we keep our
+own kernels because ESP needs per-token global positions as the mask and
+vLLM's paged layouts, which xformers does not take (and xformers is not
+installable on CPU here).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from typing import Literal
 
 import torch
 
+from vllm_esp.kernels.attention.cpu_fused import (
+    attention_with_lse_cpu,
+    fused_cpu_available,
+    paged_attention_with_lse_cpu,
+)
 from vllm_esp.kernels.attention.paged_cache import PagedKVCache
 from vllm_esp.kernels.attention.torch_ref import (
     attention_with_lse_torch,
@@ -40,7 +47,7 @@ from vllm_esp.kernels.attention.torch_ref import (
 
 __all__ = ["Backend", "attention_with_lse", "merge_attention_states", "paged_attention_with_lse"]
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "cpu", "triton"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,10 +59,19 @@ def _triton_kernels() -> ModuleType:
     return triton_kernels
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     if backend == "torch":
         return "torch"
+    if backend == "cpu":
+        if device.type != "cpu" or not fused_cpu_available(dtype):
+            raise RuntimeError(
+                f"backend='cpu' needs CPU tensors and torch's flash-attention-for-CPU "
+                f"kernel for {dtype}; got {device.type}"
+            )
+        return "cpu"
     if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if fused_cpu_available(dtype) else "torch"
         if device.type != "cuda":
             return "torch"
         try:
@@ -71,7 +87,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 "TRITON_INTERPRET=1 before vllm_esp.kernels.attention.triton_kernels is imported"
             )
         return "triton"
-    raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'torch' or 'triton'")
+    raise ValueError(
+        f"unknown attention backend {backend!r}; use 'auto', 'torch', 'cpu' or 'triton'"
+    )
 
 
 def _check_heads(q: torch.Tensor, num_kv_heads: int, head_size: int) -> None:
@@ -136,7 +154,7 @@ def attention_with_lse(
             segment ``i`` attends only k segment ``i``. Both ``None`` means a
             single sequence. Query rows at or past ``cu_seqlens_q[-1]`` are
             padding and come back as out 0, lse -inf.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         ``out [Tq, Hq, D]`` in ``q.dtype``, normalised over the visible keys,
@@ -169,10 +187,13 @@ def attention_with_lse(
     q, k, v = _as_rows(q), _as_rows(k), _as_rows(v)
     q_pos = q_pos.to(torch.int64).contiguous()
     k_pos = k_pos.to(torch.int64).contiguous()
-    if _resolve_backend(backend, q.device) == "triton":
+    resolved = _resolve_backend(backend, q.device, q.dtype)
+    if resolved == "triton":
         return _triton_kernels().varlen_attention_with_lse_triton(
             q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k
         )
+    if resolved == "cpu":
+        return attention_with_lse_cpu(q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k)
     return attention_with_lse_torch(q, k, v, q_pos, k_pos, scale, cu_seqlens_q, cu_seqlens_k)
 
 
@@ -220,8 +241,13 @@ def paged_attention_with_lse(
     q_pos = q_pos.to(torch.int64).contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
     kv_lens = kv_lens.to(torch.int32).contiguous()
-    if _resolve_backend(backend, q.device) == "triton":
+    resolved = _resolve_backend(backend, q.device, q.dtype)
+    if resolved == "triton":
         return _triton_kernels().paged_attention_with_lse_triton(
+            q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens, scale
+        )
+    if resolved == "cpu":
+        return paged_attention_with_lse_cpu(
             q, cu_seqlens_q, q_pos, cache, block_tables, kv_lens, scale
         )
     return paged_attention_with_lse_torch(
@@ -239,7 +265,8 @@ def merge_attention_states(
         lses: N tensors ``[T, H]`` (natural log). -inf marks an empty partial,
             whose ``out`` is ignored (it may be garbage); NaN and +inf are
             treated the same way.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"`` (the torch merge) or
+            ``"triton"``.
 
     Returns:
         ``(out [T, H, D]`` in ``outs[0].dtype``, ``lse [T, H]`` float32). Where
@@ -258,6 +285,6 @@ def merge_attention_states(
             raise ValueError("every partial must be out [T, H, D] and lse [T, H] of one shape")
         if out.device != outs[0].device or lse.device != outs[0].device:
             raise ValueError("all partials must be on one device")
-    if _resolve_backend(backend, outs[0].device) == "triton":
+    if _resolve_backend(backend, outs[0].device, outs[0].dtype) == "triton":
         return _triton_kernels().merge_attention_states_triton(outs, lses)
     return merge_attention_states_torch(outs, lses)
