@@ -1,6 +1,7 @@
 """SIMULATED JCT of scheduling policies: the real schedulers, simulated time.
 
     python -m benchmarks.sim_jct [--rate 3.45] [--max-num-seqs 8] --out FILE.json
+    python -m benchmarks.sim_jct --from-suite SUITE.json [--traces NAME,...] --out FILE.json
 
 Each policy is the real scheduler object (stock vLLM ``Scheduler`` for
 ``fcfs``; ``MLFQScheduler`` with the ``mlfq``/``srpt`` policies and any
@@ -14,8 +15,18 @@ clock is simulated. A step lasts
 with defaults measured on the default preset on this machine class
 (``python -m vllm_esp.models.measure``: 9.3 ms at batch 1, 12.8 ms at 16;
 16 x 128-token prefills in 0.22 s). The same seeded ShareGPT trace as
-``benchmarks.jct`` is used, so a simulated result can be checked against a
-real one (``--check FILE`` prints both). Results are labelled SIMULATED.
+``benchmarks.jct`` is used. Results are labelled SIMULATED.
+
+``--from-suite`` checks the simulator against the real server: it rebuilds
+each trace of a ``benchmarks.serve_suite`` result (lengths and classes from
+its JSON, Poisson arrivals redrawn from its seed at the trace's rate; by
+default the ShareGPT Poisson traces and the mixed one), simulates every
+policy the suite ran with the suite's engine (its server flags, the KV cache
+its servers logged, vLLM-CPU's 128-token blocks) and reports simulated mean
+JCT against the real mean E2E per trace and policy. The step model runs as
+given and scaled by one speed factor per trace family, calibrated on the
+suite's fcfs bursts (median real makespan over simulated): the machine's
+speed drifts, the shape of the step model is what is being tested.
 
 ``mlfq-swap`` is the real ``MLFQScheduler`` with the real scheduler half of
 ``HostSwapConnector`` (vLLM builds it from ``kv_transfer_config``); the
@@ -92,10 +103,12 @@ def simulate(
     t_prefill: float,
     kv_tokens: int,
     block_size: int = 32,
+    max_num_batched_tokens: int = 2048,
+    max_model_len: int = 2048,
     kv_bytes_per_token: int = 6144,
     swap_bytes_per_s: float = 22e9,
     prefix_caching: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from vllm_esp.integration.engine_args import swap_kv_transfer_config
@@ -121,8 +134,8 @@ def simulate(
     s = sched_harness.create_scheduler(
         model_dir,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=2048,
-        max_model_len=2048,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
         num_blocks=kv_tokens // block_size,
         block_size=block_size,
         enable_prefix_caching=prefix_caching,
@@ -185,6 +198,7 @@ def simulate(
             for name, values in sorted(per_class.items())
         },
         "num_requests_finished": len(done),
+        "makespan_s": max(done.values(), default=0.0),
         "recomputed_tokens": getattr(s, "num_recomputed_tokens", None),
         "copied_blocks": num_copied_blocks if swap else None,
         "mean_jct_s": statistics.mean(jct),
@@ -234,8 +248,36 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="tokenizer folder (default: the default preset)"
     )
+    parser.add_argument(
+        "--from-suite",
+        default=None,
+        metavar="FILE.json",
+        help="simulate a benchmarks.serve_suite result's traces and engine; compare with it",
+    )
+    parser.add_argument(
+        "--traces",
+        default="",
+        help="with --from-suite: comma-separated trace names (default: sharegpt Poisson, mixed)",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=("burst", "none"),
+        default="burst",
+        help="with --from-suite: scale the step model to the suite's fcfs burst makespan",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="with --from-suite: KV block size (default: the server flag, else 128 as vLLM-CPU)",
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    if args.from_suite:
+        from benchmarks.sim_vs_real import run_from_suite
+
+        run_from_suite(args)
+        return
 
     from transformers import AutoTokenizer
 
