@@ -30,6 +30,7 @@ import argparse
 import cProfile
 import gc
 import io
+import json
 import pstats
 import statistics
 import sys
@@ -93,7 +94,7 @@ class RequestStream:
         )
 
 
-def build(kind: str, model_dir: str):
+def build(kind: str, model_dir: str, mlfq_settings: dict[str, Any] | None = None):
     """A fresh scheduler: ``stock`` (vLLM ``Scheduler``) or ``mlfq``."""
     common = dict(
         max_num_seqs=MAX_NUM_SEQS,
@@ -108,7 +109,7 @@ def build(kind: str, model_dir: str):
         return sched_harness.create_scheduler(model_dir, scheduler_cls=Scheduler, **common)
     if kind == "mlfq":
         # The same additional_config the engine gets from scheduler_args().
-        extra = scheduler_args("mlfq")["additional_config"]
+        extra = scheduler_args("mlfq", **(mlfq_settings or {}))["additional_config"]
         return sched_harness.create_scheduler(
             model_dir, scheduler_cls=MLFQScheduler, additional_config=extra, **common
         )
@@ -123,9 +124,10 @@ def run_one(
     steps: int,
     seed: int,
     profiler: cProfile.Profile | None = None,
+    mlfq_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keep ``num_requests`` in the system; time ``steps`` steps after ``warmup``."""
-    scheduler = build(kind, model_dir)
+    scheduler = build(kind, model_dir, mlfq_settings)
     stream = RequestStream(seed)
     for _ in range(num_requests):
         scheduler.add_request(stream.next())
@@ -247,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="A B, B A, ... per size (paired ratios)"
     )
     parser.add_argument(
+        "--mlfq-config",
+        type=json.loads,
+        default=None,
+        help="MLFQ settings for the mlfq scheduler, e.g. '{\"max_paused_requests\": 256}'",
+    )
+    parser.add_argument(
         "--steps", type=int, default=None, help="measured steps (default 300; 60 with --quick)"
     )
     parser.add_argument(
@@ -275,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = ("stock", "mlfq") if round_index % 2 == 0 else ("mlfq", "stock")
                 per_kind = {}
                 for kind in kinds:
-                    r = run_one(kind, model_dir, n, warmup, steps, args.seed)
+                    r = run_one(
+                        kind, model_dir, n, warmup, steps, args.seed, None, args.mlfq_config
+                    )
                     r["round"] = round_index
                     per_kind[kind] = r
                     results.append(r)
@@ -308,7 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             profiles = {}
             for n in args.sizes:
                 profiler = cProfile.Profile()
-                run_one("mlfq", model_dir, n, warmup, min(steps, 100), args.seed, profiler)
+                run_one(
+                    "mlfq",
+                    model_dir,
+                    n,
+                    warmup,
+                    min(steps, 100),
+                    args.seed,
+                    profiler,
+                    args.mlfq_config,
+                )
                 profiles[str(n)] = profile_summary(profiler)
                 print(
                     f"--- cProfile, MLFQ, N={n}, {min(steps, 100)} steps\n{profiles[str(n)]['text']}"
@@ -334,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": warmup,
             "sizes": args.sizes,
             "rounds": args.rounds,
+            "mlfq_config": args.mlfq_config,
             "quick": args.quick,
         },
         "target": "mean_step_mlfq_over_stock <= 1.1",
