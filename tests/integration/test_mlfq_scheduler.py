@@ -174,12 +174,18 @@ def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, ca
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_preemption_by_value_weighs_recompute(config_model_dir, calibration_file, learned):
-    """The same memory pressure as above, with the value rule (default).
+    """The same memory pressure as above, with the value rule.
     With no finished requests yet, every request expects the same remaining
     output, so recomputing "long" buys nothing and "short" waits; once
     the lengths of finished requests say a request that has run past the
     short ones is expected to need far more, preempting it pays."""
-    s = make(config_model_dir, calibration_file, num_blocks=41, max_num_seqs=4)
+    s = make(
+        config_model_dir,
+        calibration_file,
+        num_blocks=41,
+        max_num_seqs=4,
+        mlfq={"preempt_by_value": True},
+    )
     if learned:
         for i in range(200):
             s.output_lengths.observe(3 if i % 10 else 400)
@@ -210,7 +216,7 @@ def test_paused_residents_are_bounded(config_model_dir, calibration_file):
         config_model_dir,
         calibration_file,
         max_num_seqs=2,
-        mlfq={"max_paused_requests": 1, "num_levels": 2},
+        mlfq={"max_paused_requests": 1, "num_levels": 2, "preempt_by_value": True},
     )
     for i in range(6):
         s.add_request(make_request(f"old{i}", 64, 200))

@@ -69,8 +69,14 @@ class MLFQConfig(Settings):
     #: newcomer's by more than what preemption costs the victim (recompute,
     #: or the host round trip), all from the cost model and the output
     #: lengths of finished requests (``vllm_esp/core/mlfq/value.py``).
-    #: False = by rank alone (FastServe's rule).
-    preempt_by_value: bool = True
+    #: Off by default (by rank, FastServe's rule): the exchange argument
+    #: prices a victim as if it would run now, but most victims are paused
+    #: residents that would not, so over HTTP on the demo's mixed trace it
+    #: kept newcomers waiting behind paused KV (mlfq 3.38x fcfs's mean E2E
+    #: with it, 1.25x without, paired runs of ``vllm_esp.demo``). It does
+    #: stop recompute thrash on a tiny cache with fast promotion
+    #: (``test_tiny_kv_with_fast_promotion_does_not_thrash_on_recompute``).
+    preempt_by_value: bool = False
     #: Most requests that hold KV without running (paused residents);
     #: ``None`` = no bound but memory: paused residents are the first
     #: victims when a request worth it needs their blocks. With a bound, a
