@@ -69,12 +69,11 @@ class MLFQConfig(Settings):
     #: newcomer's by more than what preemption costs the victim (recompute,
     #: or the host round trip), all from the cost model and the output
     #: lengths of finished requests (``vllm_esp/core/mlfq/value.py``).
-    #: Off by default (by rank, FastServe's rule): the exchange argument
-    #: prices a victim as if it would run now, but most victims are paused
-    #: residents that would not, so over HTTP on the demo's mixed trace it
-    #: kept newcomers waiting behind paused KV (mlfq 3.38x fcfs's mean E2E
-    #: with it, 1.25x without, paired runs of ``vllm_esp.demo``). It does
-    #: stop recompute thrash on a tiny cache with fast promotion
+    #: Off by default (by rank, FastServe's rule) until it is shown to pay
+    #: over HTTP: two demo runs minutes apart gave mlfq 3.38x fcfs's mean
+    #: E2E with it and 1.25x without, but at different machine speeds, and
+    #: the code without the rule measured 2.56x the same day. It does stop
+    #: recompute thrash on a tiny cache with fast promotion
     #: (``test_tiny_kv_with_fast_promotion_does_not_thrash_on_recompute``).
     preempt_by_value: bool = False
     #: Most requests that hold KV without running (paused residents);
