@@ -45,7 +45,7 @@ import torch
 
 from vllm_esp.kernels.attention.layout import BlockAddressing, KVLayout, layer_addressing
 from vllm_esp.kernels.attention.paged_cache import PagedKVCache
-from vllm_esp.kernels.attention.torch_ref import merge_attention_states_torch
+from vllm_esp.kernels.attention.torch_ref import empty_partial, merge_attention_states_torch
 
 __all__ = [
     "attention_with_lse_cpu",
@@ -72,12 +72,6 @@ def fused_cpu_available(dtype: torch.dtype) -> bool:
 
 
 # ----------------------------------------------------------------------- kernel call
-
-
-def _empty(q: torch.Tensor) -> Partial:
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
 
 
 def _flash(
@@ -111,7 +105,7 @@ def _assemble(q: torch.Tensor, pieces: list[tuple[int, int, Partial]]) -> Partia
     if len(pieces) == 1 and pieces[0][:2] == (0, q.shape[0]):
         out, lse = pieces[0][2]
         return out if out.is_contiguous() else out.contiguous(), lse
-    out, lse = _empty(q)
+    out, lse = empty_partial(q)
     for start, end, (piece_out, piece_lse) in pieces:
         out[start:end] = piece_out
         lse[start:end] = piece_lse
@@ -172,7 +166,7 @@ def _attend_diagonal(
     num_queries, num_keys = q.shape[0], k_heads.shape[1]
     first_row = max(0, -offset)  # rows before it precede every key
     if first_row >= num_queries:
-        return _empty(q)
+        return empty_partial(q)
     rows, offset = q[first_row:], offset + first_row
     if rows.shape[0] == 1 or offset >= num_keys - 1:
         # One row, or every row sees every key (decode): keys 0..offset.
@@ -238,7 +232,7 @@ def _attend(
 ) -> Partial:
     """One sequence: ``q [nq, Hq, D]`` over head-major ``k/v [Hkv, nk, D]``."""
     if q.shape[0] == 0 or k_heads.shape[1] == 0:
-        return _empty(q)
+        return empty_partial(q)
     offset = _diagonal_offset(q_pos, k_pos)
     if offset is not None:
         return _attend_diagonal(q, k_heads, v_heads, scale, offset)

@@ -139,7 +139,9 @@ def _paged_chunks(cache: PagedKVCache, slots: torch.Tensor) -> Iterator[KeyChunk
         yield cache.gather_slots(slots[start : start + _MAX_KEY_CHUNK])
 
 
-def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial of no keys for ``q``'s rows: output 0, LSE -inf (what
+    the LSE merge ignores). Every backend starts from it."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     return out, lse
@@ -156,7 +158,7 @@ def attention_with_lse_torch(
     cu_seqlens_k: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch varlen partial attention; see ``api.attention_with_lse`` for the contract."""
-    out, lse = _empty_result(q)
+    out, lse = empty_partial(q)
     q_bounds = cu_seqlens_q.tolist()
     k_bounds = cu_seqlens_k.tolist()
     num_kv_heads = k.shape[1]
@@ -187,7 +189,7 @@ def paged_attention_with_lse_torch(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch paged partial attention; see ``api.paged_attention_with_lse``."""
-    out, lse = _empty_result(q)
+    out, lse = empty_partial(q)
     q_bounds = cu_seqlens_q.tolist()
     seq_kv_lens = kv_lens.tolist()
     for seq_idx, kv_len in enumerate(seq_kv_lens):

@@ -42,6 +42,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from vllm_esp.kernels.attention.paged_cache import PagedKVCache
+from vllm_esp.kernels.attention.torch_ref import empty_partial
 
 __all__ = [
     "INTERPRETED",
@@ -465,13 +466,6 @@ def _launch_config(
     return num_seqs, max_seqlen_q, block_m, scale * _LOG2_E, meta
 
 
-def _alloc_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Padding rows past cu_seqlens_q[-1] are never visited: pre-fill them.
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
-
-
 def varlen_attention_with_lse_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -483,7 +477,7 @@ def varlen_attention_with_lse_triton(
     cu_seqlens_k: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton varlen partial attention; inputs validated by ``api.attention_with_lse``."""
-    out, lse = _alloc_outputs(q)
+    out, lse = empty_partial(q)  # rows past cu_seqlens_q[-1] are never visited
     num_seqs, max_seqlen_q, block_m, qk_scale, meta = _launch_config(q, cu_seqlens_q, scale)
     if max_seqlen_q == 0 or k.shape[0] == 0:
         return out, lse
@@ -524,7 +518,7 @@ def paged_attention_with_lse_triton(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton paged partial attention; inputs validated by ``api.paged_attention_with_lse``."""
-    out, lse = _alloc_outputs(q)
+    out, lse = empty_partial(q)  # rows past cu_seqlens_q[-1] are never visited
     num_seqs, max_seqlen_q, block_m, qk_scale, meta = _launch_config(q, cu_seqlens_q, scale)
     if max_seqlen_q == 0:
         return out, lse
