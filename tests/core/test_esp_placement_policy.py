@@ -167,9 +167,11 @@ def test_threshold_from_settings_reads_its_settings() -> None:
     assert (p.num_instances, p.prefill_target_s, p.max_prefill_instances) == (4, 0.0625, 3)
     assert (p.decode_scale_up_batch, p.migrate_blocks_per_step) == (5, 2)
     assert p.prefill_storage == "stripe" and p.consolidates
-    # The cost model it was given is the one it asks.
+    # The cost model it was given is the one it asks: first for a decode
+    # step (the auto hostage bound, 4 of them), then for the chunks.
+    assert p.max_decode_stall_s == 4 * fake(1, 0)
     assert [p.prefill_dop(t, 0) for t in (64, 65, 5000)] == [1, 2, 3]
-    assert fake.calls == [(64, 0), (65, 0), (5000, 0)]
+    assert fake.calls == [(1, 0), (1, 0), (64, 0), (65, 0), (5000, 0)]
     placed = p.place(view(prompt=150, new=150), loads(5, 40, 30, 40))
     assert placed.storage == StoragePlacement((1, 2, 3), stripe=True)
     assert p.consolidate(

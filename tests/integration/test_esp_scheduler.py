@@ -9,7 +9,9 @@ the block tables, and that any registered ``ElasticPolicy`` drives them.
 
 Cost model (``calibration_file`` fixture): 1 ms + 0.01 ms per token; a
 ``prefill_target_ms`` of 0.001 therefore forces the largest DoP and the
-default 250 ms keeps every prefill on one instance.
+default 250 ms keeps every prefill on one instance. The auto hostage bound
+is 4 decode steps, 4.04 ms: a chunk of up to 708 tokens on two instances,
+more than these tests' token budgets, so only the hostage tests set one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from vllm.v1.request import RequestStatus
 
+from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.esp.config import ESPConfig
 from vllm_esp.core.esp.placement import (
     ELASTIC_POLICIES,
@@ -32,6 +35,7 @@ from vllm_esp.core.esp.placement import (
     RequestPlacementView,
     StepPlacement,
     StoragePlacement,
+    bounded_prefill_chunk,
 )
 from vllm_esp.core.esp.step_plan import ESPStepPlan, instance_of, local_batch
 from vllm_esp.harness.scheduler import create_scheduler, fake_output, make_request
@@ -359,6 +363,97 @@ def test_consolidation_never_moves_a_shared_prefix_block(config_model_dir, calib
     check_blocks(s)
 
 
+# ------------------------------------------------------------------ hostage bound
+def long_prompt_chunks(s, rid: str = "long") -> list[tuple[int, int, tuple[int, ...], int]]:
+    """(start, tokens, compute, decodes in the step) of each chunk of ``rid``."""
+    chunks = []
+    while s.requests[rid].num_computed_tokens < s.requests[rid].num_prompt_tokens:
+        _, plan, _ = esp_step(s)
+        s.check_invariants()
+        (r,) = [r for r in plan.requests if r.req_id == rid]
+        decodes = sum(1 for q in plan.requests if q.req_id != rid and len(q.token_ids) == 1)
+        chunks.append((r.start, len(r.token_ids), r.compute, decodes))
+    return chunks
+
+
+@pytest.mark.parametrize("bound_ms", [1.5, 0])
+def test_a_long_prompt_is_chunked_under_the_bound_while_short_requests_decode(
+    config_model_dir, calibration_file, bound_ms
+):
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=200,
+        max_num_batched_tokens=1024,
+        esp={"max_decode_stall_ms": bound_ms},
+    )
+    s.add_request(make_request("s0", 20, 30))
+    s.add_request(make_request("s1", 20, 30))
+    esp_step(s)  # both prefill, then decode
+    s.add_request(make_request("long", 600, 2))
+    chunks = long_prompt_chunks(s)
+    if bound_ms:
+        # 1 ms + 200 x 0.01 ms = 3 ms on two instances: 1.5 ms each, the
+        # bound; both short requests decode in every one of those steps.
+        assert chunks == [(0, 200, (0, 1), 2), (200, 200, (0, 1), 2), (400, 200, (0, 1), 2)]
+        assert s.last_esp_plan.max_decode_stall_s == 0.0015
+        assert s.last_esp_plan.num_waiting_decodes == 2
+    else:
+        # No bound: one 600-token chunk (7 ms) on one instance holds both
+        # decodes for its whole step.
+        assert chunks == [(0, 600, chunks[0][2], 2)] and len(chunks[0][2]) == 1
+        assert s.last_esp_plan.max_decode_stall_s is None
+    run(s)
+    assert_all_free(s)
+
+
+def test_a_long_prompt_alone_is_not_chunked(config_model_dir, calibration_file):
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=200,
+        max_num_batched_tokens=1024,
+        esp={"max_decode_stall_ms": 1.5},
+    )
+    s.add_request(make_request("long", 600, 2))
+    # No decode waits: the whole prompt in one step, on one instance (7 ms
+    # is within the 250 ms DoP target).
+    ((start, num_tokens, compute, decodes),) = long_prompt_chunks(s)
+    assert (start, num_tokens, len(compute), decodes) == (0, 600, 1, 0)
+    assert s.last_esp_plan.num_waiting_decodes == 0
+    run(s)
+    assert_all_free(s)
+
+
+def test_a_prefix_hit_is_cut_by_the_cost_of_its_own_context(config_model_dir, tmp_path):
+    # With an attention term the bound buys fewer tokens after a long
+    # context: the cut and the DoP must both see the prefix-cache hit.
+    model = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=1e-7, source="calibrated")
+    model.save(tmp_path / "attention.json")
+    s = make_esp(
+        config_model_dir,
+        str(tmp_path / "attention.json"),
+        num_blocks=300,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=True,
+        esp={"max_decode_stall_ms": 3.0},
+    )
+    prompt = [1 + (i * 7) % 997 for i in range(1100)]
+    s.add_request(make_request("a", 1100, 40, prompt_token_ids=prompt))
+    esp_step(s)  # a alone: one chunk; then a decodes
+    s.add_request(make_request("b", 1300, 2, prompt_token_ids=prompt[:1008] + [5] * 292))
+    chunks = long_prompt_chunks(s, "b")
+    # b starts after its 63 cached blocks; 44 tokens after 1008 cost
+    # 1 + 0.44 + 0.0001 x 44 x (1008 + 22.5) = 5.97 ms: 3 ms on each of two.
+    expected = bounded_prefill_chunk(model.chunk_time, 292, 1008, max_dop=2, max_stall_s=3e-3)
+    assert expected == 44
+    assert chunks[0] == (1008, 44, (0, 1), 1)
+    # At an empty context the same 44 tokens fit on one instance (1.54 ms):
+    # a DoP taken without the hit would break the bound.
+    assert model.chunk_time(44, 0) <= 3e-3 < model.chunk_time(44, 1008) / 1
+    run(s)
+
+
 # ------------------------------------------------------------------ random workloads
 @dataclass(frozen=True)
 class Arrival:
@@ -387,6 +482,9 @@ esp_settings = st.fixed_dictionaries(
         "prefill_storage": st.sampled_from(["fewest", "stripe"]),
         "decode_scale_up_batch": st.sampled_from([0, 1, 64]),
         "migrate_blocks_per_step": st.sampled_from([0, 1, 4]),
+        # Random bounds, from cutting most chunks (0.5 ms) to off (0); every
+        # step's plan is checked against it (check_invariants).
+        "max_decode_stall_ms": st.sampled_from([None, 0, 0.5, 1.5, 3.0]),
     }
 )
 

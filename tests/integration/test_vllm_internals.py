@@ -226,6 +226,22 @@ def test_scheduler_methods_we_override_or_call() -> None:
     )
 
 
+def test_prefill_chunk_hook_the_hostage_bound_uses() -> None:
+    """ESPScheduler caps prefill chunks in ``_reserve_prefill_lookahead``,
+    the last place vLLM trims a chunk before ``allocate_slots``, on both the
+    running and the waiting path of ``schedule()``."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    user = ESP_SCHEDULER
+    expect_params(
+        Scheduler._reserve_prefill_lookahead,
+        ["self", "request", "num_computed_tokens", "num_new_tokens"],
+        user,
+    )
+    num_calls = inspect.getsource(Scheduler.schedule).count("self._reserve_prefill_lookahead(")
+    expect(num_calls == 2, f"schedule() calls _reserve_prefill_lookahead {num_calls}x, not 2", user)
+
+
 def test_our_scheduler_overrides_match_vllms() -> None:
     """Every method of MLFQScheduler / ESPScheduler that shares a name with a
     vLLM scheduler method takes vLLM's parameters. MLFQAsyncScheduler puts

@@ -11,17 +11,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_esp.core.esp.placement import ELASTIC_POLICIES
+from vllm_esp.core.esp.placement import ELASTIC_POLICIES, PrefillTime
 from vllm_esp.core.settings import Settings, is_int, is_number
 
 ESP_CONFIG_KEY = "esp"
 BACKENDS = ("mp", "ray")
 PREFILL_STORAGE = ("fewest", "stripe")
+#: ``max_decode_stall_ms`` auto: this many one-request decode steps.
+DECODE_STALL_STEPS = 4
 
 
 @dataclass(frozen=True)
 class ESPConfig(Settings):
-    """Elastic sequence parallelism across ``num_instances`` model replicas."""
+    """Elastic sequence parallelism across ``num_instances`` model replicas.
+
+    **The hostage bound** (``max_decode_stall_ms``). An ESP step is one
+    synchronous step across the instances, so every decode in it, on any
+    instance, waits for the step's prefill chunks layer by layer. While
+    decodes are resident (scheduled in the step or paused), each prefill
+    chunk is cut so that its estimated time (cost model) at its DoP is
+    within the bound, and its DoP is the fewest instances whose share is
+    within ``min(prefill_target_ms, bound)``: the chunk and the DoP both
+    come from the cost model against the bound. With no decode resident a
+    chunk is as large as vLLM's token budget allows. A one-token chunk
+    always runs (it costs what a decode of the same context costs), so a
+    prefill never stops. The bound is per chunk: two prefills in one step
+    each keep to it.
+
+    The auto default (null) is ``DECODE_STALL_STEPS`` = 4 times the cost
+    model's one-request decode step, ``decode_time(0)``: a decode that
+    shares a step with a prefill chunk waits for it at most as long as 4
+    decode steps take, so its time per output token stays within about 5x
+    of decoding alone, on whatever machine the cost model describes. Four,
+    not one: every chunk pays the fixed per-step cost again, and a bound of
+    at least 4 times that cost keeps at least three quarters of every
+    bounded chunk's time for the prompt's own tokens.
+    """
 
     label = "ESP"
     key = ESP_CONFIG_KEY
@@ -54,6 +79,11 @@ class ESPConfig(Settings):
     decode_scale_up_batch: int = 64
     #: Blocks a decoding request may migrate per step to consolidate (0 = off).
     migrate_blocks_per_step: int = 4
+    #: The hostage bound: the longest (ms) a step may make resident decodes
+    #: wait for one prefill chunk (its estimated time at its DoP). null =
+    #: auto, ``DECODE_STALL_STEPS`` one-request decode steps of the cost
+    #: model (see the class docstring); 0 = no bound.
+    max_decode_stall_ms: float | None = None
     #: CPU only: core list per instance for OpenMP binding, e.g. ["0", "1"]
     #: (None: split the allowed cores evenly).
     cpu_binds: tuple[str, ...] | None = None
@@ -80,6 +110,12 @@ class ESPConfig(Settings):
             raise bad("decode_scale_up_batch", "must be an integer >= 0")
         if not (is_int(self.migrate_blocks_per_step) and self.migrate_blocks_per_step >= 0):
             raise bad("migrate_blocks_per_step", "must be an integer >= 0 (0 disables)")
+        if self.max_decode_stall_ms is not None and not (
+            is_number(self.max_decode_stall_ms) and self.max_decode_stall_ms >= 0
+        ):
+            raise bad(
+                "max_decode_stall_ms", "must be a number of milliseconds >= 0 (0: off) or null"
+            )
         if self.cpu_binds is not None:
             binds = self.cpu_binds
             if not (isinstance(binds, (list, tuple)) and all(isinstance(b, str) for b in binds)):
@@ -87,6 +123,14 @@ class ESPConfig(Settings):
             if len(binds) != self.num_instances:
                 raise bad("cpu_binds", f"needs one entry per instance ({self.num_instances})")
             object.__setattr__(self, "cpu_binds", tuple(binds))
+
+    def decode_stall_s(self, prefill_time: PrefillTime) -> float | None:
+        """The hostage bound in seconds for this cost model (None: no bound)."""
+        if self.max_decode_stall_ms is None:
+            return DECODE_STALL_STEPS * prefill_time(1, 0)
+        if self.max_decode_stall_ms == 0:
+            return None
+        return self.max_decode_stall_ms / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

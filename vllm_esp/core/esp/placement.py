@@ -14,6 +14,11 @@ same interface):
 * **prefill DoP**: the fewest instances whose share of the chunk's
   estimated time (cost model) is within ``prefill_target_s``, capped by
   ``max_prefill_instances``; the instances with the most free blocks.
+* **the hostage bound**: while decodes are resident, a prefill chunk is
+  cut to the largest one whose share at its DoP is within
+  ``max_decode_stall_s`` (:func:`bounded_prefill_chunk`), and the DoP
+  target becomes ``min(prefill_target_s, max_decode_stall_s)``; the step
+  is synchronous across instances, so every decode waits for the chunk.
 * **scale-down**: the chunk's KV is *stored* on the fewest instances that
   hold the whole prompt (most free first), while it is *computed* on the
   DoP instances; tokens computed elsewhere are shipped to their storage
@@ -54,6 +59,8 @@ __all__ = [
     "StepPlacement",
     "StoragePlacement",
     "ThresholdElasticPolicy",
+    "bounded_prefill_chunk",
+    "decodes_waiting",
     "make_elastic_policy",
 ]
 
@@ -132,6 +139,10 @@ class ElasticPolicy(ABC):
     """Interface of elastic placement policies; see the module docstring."""
 
     name: ClassVar[str] = ""
+    #: The hostage bound the policy keeps (s): while decodes are resident,
+    #: no prefill chunk of more than one token has an estimated share above
+    #: it at its DoP (``ESPStepPlan.check_invariants``). None: no bound.
+    max_decode_stall_s: float | None = None
 
     @classmethod
     @abstractmethod
@@ -144,6 +155,12 @@ class ElasticPolicy(ABC):
     @abstractmethod
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
         """Compute and storage instances for ``request`` in this step."""
+
+    def max_prefill_tokens(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> int:
+        """Most of ``request.num_new_tokens`` it may compute in this step
+        (asked before :meth:`place`, which then sees the cut chunk); by
+        default, all of them."""
+        return request.num_new_tokens
 
     @property
     def consolidates(self) -> bool:
@@ -176,6 +193,7 @@ class ThresholdElasticPolicy(ElasticPolicy):
         decode_scale_up_batch: int = 64,
         migrate_blocks_per_step: int = 0,
         prefill_storage: str = "fewest",
+        max_decode_stall_s: float | None = None,
     ) -> None:
         if num_instances < 1:
             raise ValueError("num_instances must be >= 1")
@@ -188,6 +206,9 @@ class ThresholdElasticPolicy(ElasticPolicy):
         if prefill_storage not in ("fewest", "stripe"):
             raise ValueError(f"unknown prefill_storage {prefill_storage!r}")
         self.prefill_storage = prefill_storage
+        if max_decode_stall_s is not None and not max_decode_stall_s > 0:
+            raise ValueError(f"max_decode_stall_s must be > 0 or None, got {max_decode_stall_s!r}")
+        self.max_decode_stall_s = max_decode_stall_s
 
     @classmethod
     def from_settings(
@@ -201,6 +222,7 @@ class ThresholdElasticPolicy(ElasticPolicy):
             decode_scale_up_batch=settings.decode_scale_up_batch,
             migrate_blocks_per_step=settings.migrate_blocks_per_step,
             prefill_storage=settings.prefill_storage,
+            max_decode_stall_s=settings.decode_stall_s(prefill_time),
         )
 
     @property
@@ -208,19 +230,41 @@ class ThresholdElasticPolicy(ElasticPolicy):
         return self.migrate_blocks_per_step > 0
 
     # ------------------------------------------------------------------ prefill
-    def prefill_dop(self, num_new_tokens: int, num_computed_tokens: int) -> int:
-        """Fewest instances that bring the chunk's time within the target."""
+    def prefill_dop(
+        self, num_new_tokens: int, num_computed_tokens: int, decodes_wait: bool = False
+    ) -> int:
+        """Fewest instances that bring the chunk's time within the target
+        (within the hostage bound too while decodes wait)."""
         estimate = self.prefill_time(num_new_tokens, num_computed_tokens)
-        if self.prefill_target_s <= 0:
+        target = self.prefill_target_s
+        if decodes_wait and self.max_decode_stall_s is not None:
+            target = min(target, self.max_decode_stall_s)
+        if target <= 0:
             return self.max_prefill_instances
-        dop = max(1, math.ceil(estimate / self.prefill_target_s))
+        dop = max(1, math.ceil(estimate / target))
         # No instance gets less than one token.
         return max(1, min(dop, self.max_prefill_instances, num_new_tokens))
+
+    def max_prefill_tokens(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> int:
+        if self.max_decode_stall_s is None or not decodes_waiting(loads):
+            return request.num_new_tokens
+        # Only a chunk that starts inside the prompt is spread (place());
+        # recomputing output tokens of a resumed request runs on one instance.
+        max_dop = self.max_prefill_instances if request.is_prefill else 1
+        return bounded_prefill_chunk(
+            self.prefill_time,
+            request.num_new_tokens,
+            request.num_computed_tokens,
+            max_dop=max_dop,
+            max_stall_s=self.max_decode_stall_s,
+        )
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
         by_free = sorted(loads, key=lambda load: (-load.num_free_blocks, load.instance))
         if request.is_prefill:
-            dop = self.prefill_dop(request.num_new_tokens, request.num_computed_tokens)
+            dop = self.prefill_dop(
+                request.num_new_tokens, request.num_computed_tokens, decodes_waiting(loads)
+            )
             compute = tuple(sorted(load.instance for load in by_free[:dop]))
             if self.prefill_storage == "stripe":
                 return StepPlacement(compute, StoragePlacement(compute, stripe=True), "prefill")
@@ -283,6 +327,49 @@ class ThresholdElasticPolicy(ElasticPolicy):
         if count <= 0:
             return None
         return Consolidation(src, dst, count)
+
+
+def decodes_waiting(loads: list[InstanceLoad]) -> bool:
+    """Whether any decode is resident (scheduled in the step or paused): each
+    waits for every prefill chunk of the step, on whichever instances."""
+    return any(load.num_decodes > 0 for load in loads)
+
+
+def bounded_prefill_chunk(
+    prefill_time: PrefillTime,
+    num_new_tokens: int,
+    num_computed_tokens: int,
+    *,
+    max_dop: int,
+    max_stall_s: float,
+) -> int:
+    """The largest chunk of at most ``num_new_tokens`` whose estimated time,
+    shared by its DoP, is within ``max_stall_s``; never under one token.
+
+    A chunk of ``q`` tokens fits iff ``prefill_time(q, k) <= min(q, max_dop)
+    * max_stall_s``: the fewest instances whose share is within the bound
+    (at most ``max_dop``, at most one per token) then exist. From ``max_dop``
+    tokens on the budget is fixed and the time grows with ``q``, so a
+    bisection finds the largest fit; below it each token adds an instance
+    to the budget, so the few candidates are tried one by one.
+    """
+
+    def fits(q: int) -> bool:
+        return prefill_time(q, num_computed_tokens) <= min(q, max_dop) * max_stall_s
+
+    if num_new_tokens <= 1 or fits(num_new_tokens):
+        return num_new_tokens
+    lo = min(max_dop, num_new_tokens)
+    if fits(lo):
+        hi = num_new_tokens  # does not fit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return next((q for q in range(lo - 1, 1, -1) if fits(q)), 1)
 
 
 def _free_of(by_free: list[InstanceLoad], instance: int) -> int:

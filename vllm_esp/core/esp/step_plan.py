@@ -21,11 +21,17 @@ to every instance holding KV of its request, each returns a partial
 ``(out, lse)`` over its local blocks, and the query's instance merges them.
 :func:`local_batch` turns the plan into exactly what one instance does, and
 two instances derive matching send/receive counts from the same plan.
+
+The plan also carries the hostage bound it was made under:
+:meth:`ESPStepPlan.check_invariants` asserts that while decodes wait, no
+prefill chunk's estimated time, shared by its compute instances, exceeds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from vllm_esp.core.esp.placement import PrefillTime
 
 __all__ = [
     "BlockMove",
@@ -119,6 +125,11 @@ class ESPStepPlan:
     moves: tuple[BlockMove, ...] = ()
     #: Requests finished or aborted since the last step (sampler state drop).
     finished_req_ids: tuple[str, ...] = ()
+    #: Decoding requests resident when the step was planned (scheduled in it
+    #: or paused): each waits for the whole step.
+    num_waiting_decodes: int = 0
+    #: The hostage bound the step was planned under (s; None: no bound).
+    max_decode_stall_s: float | None = None
 
     def storage_instance(self, req: RequestStep, position: int) -> int:
         return instance_of(req.block_ids[position // self.block_size], self.blocks_per_instance)
@@ -133,6 +144,27 @@ class ESPStepPlan:
     def instances_per_request(self) -> dict[str, int]:
         """Size of each request's group this step (KV holders plus compute)."""
         return {r.req_id: len(set(self.holders(r)) | set(r.compute)) for r in self.requests}
+
+    def stall_s(self, req: RequestStep, prefill_time: PrefillTime) -> float:
+        """Estimated time of ``req``'s step on each of its compute instances."""
+        return prefill_time(len(req.token_ids), req.start) / len(req.compute)
+
+    def check_invariants(self, prefill_time: PrefillTime) -> None:
+        """The hostage bound: while decodes wait, every chunk of more than one
+        token keeps its share within ``max_decode_stall_s`` (a one-token step
+        costs what a decode of that context costs, and always runs)."""
+        bound = self.max_decode_stall_s
+        if bound is None or self.num_waiting_decodes == 0:
+            return
+        for req in self.requests:
+            if len(req.token_ids) > 1:
+                stall = self.stall_s(req, prefill_time)
+                # The planner compared time <= dop * bound; allow its rounding.
+                assert stall <= bound * (1 + 1e-9), (
+                    f"step {self.step}: {req.req_id}'s chunk of {len(req.token_ids)} tokens "
+                    f"on {len(req.compute)} instance(s) makes {self.num_waiting_decodes} "
+                    f"decode(s) wait {stall * 1e3:.3f} ms > bound {bound * 1e3:.3f} ms"
+                )
 
 
 @dataclass

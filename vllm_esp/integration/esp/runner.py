@@ -72,16 +72,22 @@ class ESPStepRunner:
         from vllm.forward_context import set_forward_context
 
         prefetched: set[str] = set()
-        # Order matters: blocks swapped out may be reused this step (by a
-        # migration or a load), so they are read first.
+        # Order matters, and is the scheduler's order of planning:
+        # 1. swap-outs: blocks swapped out may be reused this step (by a
+        #    load or a migration), so they are read first;
+        # 2. loads (swap-ins, prefetches): vLLM's schedule() allocated and
+        #    planned them on the block tables of that moment;
+        # 3. migrations: planned after schedule(), on the tables with those
+        #    blocks, so a resumed request's freshly loaded block may be a
+        #    move's source (moving it before it is loaded copies stale KV).
         if swap is not None and swap.swap_out:
             self._host_swap(plan).swap_out(swap.swap_out)
-        if plan.moves:
-            self._apply_moves(plan)
         if swap is not None and (swap.swap_in or swap.prefetch):
             host = self._host_swap(plan)
             host.swap_in(swap.swap_in)
             prefetched = host.swap_in(swap.prefetch)
+        if plan.moves:
+            self._apply_moves(plan)
         if not plan.requests:
             return {}, prefetched
         batch = local_batch(plan, self.instance)

@@ -8,10 +8,14 @@ The ranking policy (MLFQ by default) still decides which requests run; an
 1. ``__init__`` swaps the block pool's free queue for
    :class:`~vllm_esp.integration.esp.free_queues.InstanceFreeQueues` (the engine's
    block space is the N instances' pools side by side).
-2. vLLM's ``schedule()`` calls ``kv_cache_manager.allocate_slots`` for
-   every request it schedules; the wrapper asks the elastic policy for the
-   request's placement and sets it on the free queues for that call, so
-   new blocks come from the chosen instances.
+2. vLLM's ``schedule()`` cuts each request's chunk last in
+   ``_reserve_prefill_lookahead``; the override lets the elastic policy cut
+   it further (the hostage bound: while decodes wait, no prefill chunk's
+   estimated time at its DoP exceeds ``ESPConfig.max_decode_stall_ms``).
+   It then calls ``kv_cache_manager.allocate_slots`` for every request it
+   schedules; the wrapper asks the elastic policy for the request's
+   placement and sets it on the free queues for that call, so new blocks
+   come from the chosen instances.
 3. After ``schedule()``, consolidating migrations are planned (and applied
    to vLLM's block tables), and the plan is attached to the
    ``SchedulerOutput`` as ``esp_plan``; the ESP executor, in the same
@@ -77,6 +81,9 @@ class ESPScheduler(MLFQScheduler):
       :class:`InstanceFreeQueues` (same methods, one queue per instance).
     * ``kv_cache_manager.allocate_slots``: wrapped on the instance to set
       the placement around each call.
+    * ``Scheduler._reserve_prefill_lookahead(request, num_computed_tokens,
+      num_new_tokens)``: overridden; vLLM's last cut of a chunk before
+      ``allocate_slots``, on both the running and the waiting path.
     * ``kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks``:
       read for placement views and plans; migrations rewrite entries.
     * ``block_pool.get_new_blocks`` / ``free_blocks``: migration destinations.
@@ -106,16 +113,20 @@ class ESPScheduler(MLFQScheduler):
         self._step_placement: dict[str, StepPlacement] = {}
         self._loads: list[InstanceLoad] = []
         self.num_esp_steps = 0
+        self.last_esp_plan: ESPStepPlan | None = None
         self.counters = ESPCounters()
         group = self.kv_cache_config.kv_cache_groups[0]
         #: Bytes of one block over all layers of one instance (migration cost).
         self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        bound = self.elastic.max_decode_stall_s
         logger.info(
-            "vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), placement=%s",
+            "vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), placement=%s, "
+            "max decode stall %s",
             self.num_instances,
             self.blocks_per_instance,
             self.block_size,
             self.esp_config.placement,
+            "off" if bound is None else f"{bound * 1e3:.2f} ms",
         )
 
     # ------------------------------------------------------------------ vLLM touchpoints
@@ -161,7 +172,13 @@ class ESPScheduler(MLFQScheduler):
     def _instance(self, block_id: int) -> int:
         return instance_of(block_id, self.blocks_per_instance)
 
-    def _view(self, request: Request, num_new_tokens: int) -> RequestPlacementView:
+    def _view(
+        self, request: Request, num_new_tokens: int, num_computed_tokens: int | None = None
+    ) -> RequestPlacementView:
+        """``num_computed_tokens``: where the chunk starts, when vLLM has not
+        set it on the request yet (a prefix-cache hit being admitted)."""
+        if num_computed_tokens is None:
+            num_computed_tokens = request.num_computed_tokens
         held = [0] * self.num_instances
         last = None
         for block in self._req_to_blocks.get(request.request_id, ()):
@@ -172,7 +189,7 @@ class ESPScheduler(MLFQScheduler):
         return RequestPlacementView(
             req_id=request.request_id,
             num_prompt_tokens=request.num_prompt_tokens,
-            num_computed_tokens=request.num_computed_tokens,
+            num_computed_tokens=num_computed_tokens,
             num_new_tokens=num_new_tokens,
             blocks_per_instance=tuple(held),
             last_block_instance=last,
@@ -200,10 +217,29 @@ class ESPScheduler(MLFQScheduler):
         ]
 
     # ------------------------------------------------------------------ allocation
+    def _reserve_prefill_lookahead(
+        self, request: Request, num_computed_tokens: int, num_new_tokens: int
+    ) -> int:
+        """vLLM's last cut of a chunk before ``allocate_slots``: the elastic
+        policy cuts a prefill chunk to the hostage bound here."""
+        num_new_tokens = super()._reserve_prefill_lookahead(
+            request, num_computed_tokens, num_new_tokens
+        )
+        if num_new_tokens <= 1:
+            return num_new_tokens
+        view = self._view(request, num_new_tokens, num_computed_tokens)
+        return self.elastic.max_prefill_tokens(view, self._current_loads())
+
     def _allocate_slots(
         self, request: Request, num_new_tokens: int, *args: Any, **kwargs: Any
     ) -> Any:
-        view = self._view(request, num_new_tokens)
+        # A waiting request's prefix-cache hit is not on the request yet.
+        start = (
+            request.num_computed_tokens
+            + kwargs.get("num_new_computed_tokens", 0)
+            + kwargs.get("num_external_computed_tokens", 0)
+        )
+        view = self._view(request, num_new_tokens, start)
         placement = self.elastic.place(view, self._current_loads())
         self.free_queues.placement = placement.storage
         try:
@@ -291,7 +327,10 @@ class ESPScheduler(MLFQScheduler):
             requests=tuple(steps),
             moves=tuple(moves),
             finished_req_ids=tuple(sorted(output.finished_req_ids)),
+            num_waiting_decodes=sum(load.num_decodes for load in self._loads),
+            max_decode_stall_s=self.elastic.max_decode_stall_s,
         )
+        self.last_esp_plan = plan
         self.num_esp_steps += 1
         for size in plan.instances_per_request().values():
             self.counters.num_request_instances += size
@@ -320,6 +359,12 @@ class ESPScheduler(MLFQScheduler):
             sample=sample,
             num_output_tokens=request.num_output_tokens,
         )
+
+    def check_invariants(self) -> None:
+        """MLFQ's checks plus the hostage bound on the last plan."""
+        super().check_invariants()
+        if self.last_esp_plan is not None:
+            self.last_esp_plan.check_invariants(self.cost_model.chunk_time)
 
     # ------------------------------------------------------------------ metrics
     def plugin_stats(self) -> dict[str, int]:
