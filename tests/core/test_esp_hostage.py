@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.esp.config import DECODE_STALL_STEPS, ESPConfig
+from vllm_esp.core.esp.cost_model import ESPCostModel
 from vllm_esp.core.esp.placement import (
     InstanceLoad,
     RequestPlacementView,
@@ -89,22 +90,31 @@ def test_a_bad_bound_is_refused_by_name(value: object) -> None:
         ESPConfig.from_dict({"max_decode_stall_ms": value})
 
 
+def _esp_cost(model: StepCostModel) -> ESPCostModel:
+    return ESPCostModel.from_step_cost(model, bytes_per_token=1024.0, bandwidth_bytes_per_s=1e9)
+
+
 def test_the_policy_reads_the_bound_from_the_settings() -> None:
     model = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=0.0)
     auto = ThresholdElasticPolicy.from_settings(
-        ESPConfig(num_instances=2), num_instances=2, prefill_time=model.chunk_time
+        ESPConfig(num_instances=2),
+        num_instances=2,
+        prefill_time=model.chunk_time,
+        esp_cost=_esp_cost(model),
     )
     assert auto.max_decode_stall_s == pytest.approx(4 * 1.01e-3)
     fixed = ThresholdElasticPolicy.from_settings(
         ESPConfig(num_instances=2, max_decode_stall_ms=3.0),
         num_instances=2,
         prefill_time=model.chunk_time,
+        esp_cost=_esp_cost(model),
     )
     assert fixed.max_decode_stall_s == 0.003
     off = ThresholdElasticPolicy.from_settings(
         ESPConfig(num_instances=2, max_decode_stall_ms=0),
         num_instances=2,
         prefill_time=model.chunk_time,
+        esp_cost=_esp_cost(model),
     )
     assert off.max_decode_stall_s is None
     with pytest.raises(ValueError, match="max_decode_stall_s"):

@@ -16,8 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_esp.core.esp.config import ESPConfig
+from vllm_esp.core.esp.cost_model import (
+    DecodeCoeffs,
+    ESPCostModel,
+    MigrationCoeffs,
+    PrefillCoeffs,
+)
 from vllm_esp.core.esp.placement import (
-    ELASTIC_POLICIES,
     Consolidation,
     ElasticPolicy,
     InstanceLoad,
@@ -26,9 +31,16 @@ from vllm_esp.core.esp.placement import (
     StepPlacement,
     StoragePlacement,
     ThresholdElasticPolicy,
-    make_elastic_policy,
 )
+from vllm_esp.core.esp.registry import ELASTIC_POLICIES, make_elastic_policy
 from vllm_esp.core.settings import SettingsError
+
+#: A cluster cost model for the factory (the threshold policy ignores it).
+ESP_COST = ESPCostModel(
+    prefill={1: PrefillCoeffs(0.01, 1e-4, 1e-8)},
+    decode=DecodeCoeffs(0.01, 1e-4, 1e-7),
+    migration=MigrationCoeffs(0.0, 1024.0, 1e9),
+)
 
 TARGET_S = 1 / 16
 
@@ -80,7 +92,12 @@ class PinnedPolicy(ElasticPolicy):
 
     @classmethod
     def from_settings(
-        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+        cls,
+        settings: ESPConfig,
+        *,
+        num_instances: int,
+        prefill_time: PrefillTime,
+        esp_cost: ESPCostModel,
     ) -> PinnedPolicy:
         return cls(min(settings.decode_scale_up_batch, num_instances - 1))
 
@@ -121,11 +138,14 @@ def test_a_registered_policy_is_built_by_name_and_driven_through_the_interface(
         patch.setitem(ELASTIC_POLICIES, GatherPolicy.name, GatherPolicy)
         # Registering the name is what makes it a valid setting.
         pinned_settings = ESPConfig(num_instances=3, placement="pinned", decode_scale_up_batch=1)
-        pinned = make_elastic_policy(pinned_settings, num_instances=3, prefill_time=linear_time())
+        pinned = make_elastic_policy(
+            pinned_settings, num_instances=3, prefill_time=linear_time(), esp_cost=ESP_COST
+        )
         gather = make_elastic_policy(
             ESPConfig(num_instances=3, placement="gather"),
             num_instances=3,
             prefill_time=linear_time(),
+            esp_cost=ESP_COST,
         )
     assert type(pinned) is PinnedPolicy and pinned.instance == 1  # read from the settings
     assert type(gather) is GatherPolicy and gather.instance == 2  # capped by num_instances
@@ -162,7 +182,7 @@ def test_threshold_from_settings_reads_its_settings() -> None:
         migrate_blocks_per_step=2,
         prefill_storage="stripe",
     )
-    p = make_elastic_policy(settings, num_instances=4, prefill_time=fake)
+    p = make_elastic_policy(settings, num_instances=4, prefill_time=fake, esp_cost=ESP_COST)
     assert isinstance(p, ThresholdElasticPolicy)
     assert (p.num_instances, p.prefill_target_s, p.max_prefill_instances) == (4, 0.0625, 3)
     assert (p.decode_scale_up_batch, p.migrate_blocks_per_step) == (5, 2)
@@ -181,13 +201,16 @@ def test_threshold_from_settings_reads_its_settings() -> None:
 
 def test_threshold_from_default_settings() -> None:
     p = ThresholdElasticPolicy.from_settings(
-        ESPConfig(num_instances=2), num_instances=2, prefill_time=linear_time()
+        ESPConfig(num_instances=2), num_instances=2, prefill_time=linear_time(), esp_cost=ESP_COST
     )
     assert (p.prefill_target_s, p.max_prefill_instances) == (0.25, 2)
     assert (p.decode_scale_up_batch, p.migrate_blocks_per_step) == (64, 4)
     assert p.prefill_storage == "fewest" and p.consolidates
     off = ThresholdElasticPolicy.from_settings(
-        ESPConfig(migrate_blocks_per_step=0), num_instances=1, prefill_time=linear_time()
+        ESPConfig(migrate_blocks_per_step=0),
+        num_instances=1,
+        prefill_time=linear_time(),
+        esp_cost=ESP_COST,
     )
     assert not off.consolidates
 

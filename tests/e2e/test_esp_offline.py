@@ -124,14 +124,14 @@ def run_stock() -> list[list[int]]:
         gc.collect()
 
 
-def run_esp() -> dict:
+def run_esp(esp: dict) -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
         model=small_model_path(),
         **_engine_kwargs(INSTANCE_KV_TOKENS),
-        **vllm_esp.scheduler_args("esp", esp=FORCED),
+        **vllm_esp.scheduler_args("esp", esp=esp),
     )
     try:
         core = llm.llm_engine.engine_core.engine_core
@@ -150,6 +150,7 @@ def run_esp() -> dict:
             "function_rpc": executor.collective_rpc(instance_index_rpc(), kwargs={"offset": 10}),
             "blocks_per_instance": scheduler.blocks_per_instance,
             "after_run": free_blocks_report(scheduler),
+            "num_planned": getattr(scheduler.elastic, "num_planned", 0),
         }
         result["refusal"] = refuse_oversized(llm, scheduler)
         result["aborts"] = abort_mid_flight(llm, scheduler)
@@ -228,8 +229,9 @@ def abort_mid_flight(llm, scheduler) -> dict:
 def esp_runs() -> dict:
     stock = run_stock()
     with engine_core_in_process():
-        esp = run_esp()
-    return {"stock": stock, "esp": esp}
+        esp = run_esp(FORCED)
+        loong = run_esp({"num_instances": 2, "placement": "loong"})
+    return {"stock": stock, "esp": esp, "loong": loong}
 
 
 def _no_leak(report: dict) -> None:
@@ -302,3 +304,22 @@ def test_aborts_leak_no_block_on_any_instance(esp_runs):
 
 def test_function_rpcs_reach_every_instance(esp_runs):
     assert esp_runs["esp"]["function_rpc"] == [10, 11]
+
+
+# ------------------------------------------------------------------ placement="loong"
+def test_loong_greedy_outputs_identical_to_stock(esp_runs):
+    """LoongServe's scheduler places every allocation from its cluster plan
+    (the object the simulator runs) and the tokens are still stock's."""
+    loong = esp_runs["loong"]
+    assert loong["num_planned"] > 0
+    assert loong["tokens"] == esp_runs["stock"]
+    assert loong["holders"][LONG_INDEX] == {0, 1}
+    assert loong["counters"].num_multi_instance_prefills > 0
+
+
+def test_loong_leaks_no_block(esp_runs):
+    loong = esp_runs["loong"]
+    _no_leak(loong["after_run"])
+    _no_leak(loong["refusal"]["blocks"])
+    assert loong["refusal"]["after"]["tokens"] == esp_runs["stock"][0]
+    _no_leak(loong["aborts"]["after"])

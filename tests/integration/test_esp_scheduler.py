@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from vllm.v1.request import RequestStatus
 
 from vllm_esp.core.costmodel import StepCostModel
+from vllm_esp.core.esp.cluster import ClusterPlan, ClusterView
 from vllm_esp.core.esp.config import ESPConfig
+from vllm_esp.core.esp.cost_model import ESPCostModel
+from vllm_esp.core.esp.loong.elastic import LoongElasticPolicy
 from vllm_esp.core.esp.placement import (
-    ELASTIC_POLICIES,
     Consolidation,
     ElasticPolicy,
     InstanceLoad,
@@ -37,6 +39,7 @@ from vllm_esp.core.esp.placement import (
     StoragePlacement,
     bounded_prefill_chunk,
 )
+from vllm_esp.core.esp.registry import ELASTIC_POLICIES
 from vllm_esp.core.esp.step_plan import ESPStepPlan, instance_of, local_batch
 from vllm_esp.harness.scheduler import create_scheduler, fake_output, make_request
 from vllm_esp.integration.esp.scheduler import ESPScheduler
@@ -485,6 +488,8 @@ esp_settings = st.fixed_dictionaries(
         # Random bounds, from cutting most chunks (0.5 ms) to off (0); every
         # step's plan is checked against it (check_invariants).
         "max_decode_stall_ms": st.sampled_from([None, 0, 0.5, 1.5, 3.0]),
+        # LoongServe's scheduler answers placement from its cluster plan.
+        "placement": st.sampled_from(["threshold", "loong"]),
     }
 )
 
@@ -553,6 +558,55 @@ def test_random_workloads_conserve_blocks_per_instance(
     event(f"KV on several instances: {multi}")
     event(f"rank preemptions: {s.num_rank_preemptions > 0}")
     event(f"scale-ups: {s.counters.num_scale_ups > 0}")
+    if esp["placement"] == "loong":
+        event(f"loong placements from its plan: {s.elastic.num_planned > 0}")
+
+
+def test_loong_places_from_its_cluster_plan(config_model_dir, calibration_file):
+    """``placement="loong"``: each step the scheduler hands the cluster view to
+    the same ``LoongPolicy`` the simulator runs, and allocations follow its
+    plan: a prompt no instance holds is computed on both and kept on both."""
+    s = make_esp(config_model_dir, calibration_file, num_blocks=60, esp={"placement": "loong"})
+    assert isinstance(s.elastic, LoongElasticPolicy)
+    seen: list[ClusterView] = []
+    original = s.elastic.policy.schedule
+
+    def spy(view: ClusterView) -> ClusterPlan:
+        seen.append(view)
+        plan = original(view)
+        plan.check_invariants(view)
+        return plan
+
+    s.elastic.policy.schedule = spy
+    s.add_request(make_request("long", 40 * BLOCK_SIZE, 3))
+    s.add_request(make_request("short", 2 * BLOCK_SIZE, 3))
+    computes: set[tuple[int, ...]] = set()
+    holders: set[int] = set()
+    for _ in range(200):
+        if not s.has_requests():
+            break
+        _, plan, _ = esp_step(s)
+        for r in plan.requests:
+            if r.req_id == "long" and r.start < 40 * BLOCK_SIZE:
+                computes.add(r.compute)
+                holders |= set(plan.holders(r))
+    assert_all_free(s)
+    view = seen[0]
+    assert [w.req_id for w in view.waiting] == ["long", "short"]
+    assert [i.capacity_tokens for i in view.instances] == [30 * BLOCK_SIZE] * 2
+    assert s.elastic.num_planned > 0
+    # 40 blocks: no instance holds the prompt; its chunks run on both.
+    assert computes == {(0, 1)} and holders == {0, 1}
+    # Residents reach the view with their KV per instance in tokens: each
+    # instance's used tokens are its residents' tokens rounded up to whole
+    # blocks (plus the null block on instance 0).
+    assert any(v.running for v in seen)
+    for v in seen:
+        for inst in v.instances:
+            held = [n for r in v.running for i, n in r.kv if i == inst.instance]
+            rounded = sum(-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in held)
+            null = BLOCK_SIZE if inst.instance == 0 else 0
+            assert sum(held) <= inst.used_tokens - null <= rounded + len(held) * BLOCK_SIZE
 
 
 @pytest.mark.parametrize("num_instances", [2, 4])
@@ -618,7 +672,12 @@ class StripeThenGather(ElasticPolicy):
 
     @classmethod
     def from_settings(
-        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+        cls,
+        settings: ESPConfig,
+        *,
+        num_instances: int,
+        prefill_time: PrefillTime,
+        esp_cost: ESPCostModel,
     ) -> StripeThenGather:
         return cls(num_instances, home=num_instances - 1)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_esp.core.esp.placement import ELASTIC_POLICIES, PrefillTime
+from vllm_esp.core.esp.placement import PrefillTime
+from vllm_esp.core.esp.registry import ELASTIC_POLICIES
 from vllm_esp.core.settings import Settings, is_int, is_number
 
 ESP_CONFIG_KEY = "esp"
@@ -61,8 +62,12 @@ class ESPConfig(Settings):
     #: Ray cluster address for ``backend="ray"`` (None: ``ray.init()``'s default,
     #: i.e. ``RAY_ADDRESS`` or a new local cluster).
     ray_address: str | None = None
-    #: Elastic placement policy (``vllm_esp.core.esp.placement.ELASTIC_POLICIES``).
+    #: Elastic placement policy (``vllm_esp.core.esp.registry.ELASTIC_POLICIES``).
     placement: str = "threshold"
+    #: ESP cluster cost model file (``python -m vllm_esp.calibrate --esp``),
+    #: read by the ``loong`` placement; None: derived from one instance's
+    #: calibrated step model (other DoPs by the file format's scaling rule).
+    cost_model_file: str | None = None
     #: Prefill DoP: the fewest instances whose share of a chunk's estimated
     #: time (cost model) is within this target.
     prefill_target_ms: float = 250.0
@@ -98,6 +103,8 @@ class ESPConfig(Settings):
             raise bad("ray_address", "must be a string or null")
         if self.placement not in ELASTIC_POLICIES:
             raise bad("placement", f"choose from {sorted(ELASTIC_POLICIES)}")
+        if self.cost_model_file is not None and not isinstance(self.cost_model_file, str):
+            raise bad("cost_model_file", "must be a path string or null")
         if not (is_number(self.prefill_target_ms) and self.prefill_target_ms > 0):
             raise bad("prefill_target_ms", "must be a positive number of milliseconds")
         if self.max_prefill_instances is not None and not (

@@ -34,8 +34,11 @@ same interface):
   exchanges per token, and whole instances freed for long prefills).
 
 The scheduler builds the policy named by ``ESPConfig.placement`` through
-:func:`make_elastic_policy` (each policy's :meth:`ElasticPolicy.from_settings`
-reads the settings it needs) and sees it only through the interface.
+``vllm_esp.core.esp.registry.make_elastic_policy`` (each policy's
+:meth:`ElasticPolicy.from_settings` reads the settings it needs) and sees it
+only through the interface. A cluster-level policy (LoongServe's
+scheduler, ``loong/elastic.py``) also gets the whole cluster once per step
+(:meth:`ElasticPolicy.begin_step`) and answers ``place`` from its plan.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-if TYPE_CHECKING:  # config.py imports ELASTIC_POLICIES from here
+from vllm_esp.core.esp.cluster import ClusterView
+from vllm_esp.core.esp.cost_model import ESPCostModel
+
+if TYPE_CHECKING:  # config.py imports the registry, which imports this module
     from vllm_esp.core.esp.config import ESPConfig
 
 __all__ = [
-    "ELASTIC_POLICIES",
     "Consolidation",
     "ElasticPolicy",
     "InstanceLoad",
@@ -61,7 +66,6 @@ __all__ = [
     "ThresholdElasticPolicy",
     "bounded_prefill_chunk",
     "decodes_waiting",
-    "make_elastic_policy",
 ]
 
 #: Estimated standalone time (s) of ``num_new_tokens`` after
@@ -147,10 +151,27 @@ class ElasticPolicy(ABC):
     @classmethod
     @abstractmethod
     def from_settings(
-        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+        cls,
+        settings: ESPConfig,
+        *,
+        num_instances: int,
+        prefill_time: PrefillTime,
+        esp_cost: ESPCostModel,
     ) -> ElasticPolicy:
         """Build the policy from the ESP settings; each policy reads the
-        settings it needs (the registry calls this, never ``__init__``)."""
+        settings it needs (the registry calls this, never ``__init__``).
+
+        ``prefill_time`` is one instance's calibrated chunk time;
+        ``esp_cost`` the cluster cost model (per DoP, decode, migration)."""
+
+    @property
+    def plans_steps(self) -> bool:
+        """Whether :meth:`begin_step` wants the cluster view every step
+        (by default: a policy that overrides it)."""
+        return type(self).begin_step is not ElasticPolicy.begin_step
+
+    def begin_step(self, view: ClusterView) -> None:
+        """Called once per step before any :meth:`place`, with the whole cluster."""
 
     @abstractmethod
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
@@ -212,7 +233,12 @@ class ThresholdElasticPolicy(ElasticPolicy):
 
     @classmethod
     def from_settings(
-        cls, settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
+        cls,
+        settings: ESPConfig,
+        *,
+        num_instances: int,
+        prefill_time: PrefillTime,
+        esp_cost: ESPCostModel,
     ) -> ThresholdElasticPolicy:
         return cls(
             num_instances,
@@ -377,17 +403,3 @@ def _free_of(by_free: list[InstanceLoad], instance: int) -> int:
         if load.instance == instance:
             return load.num_free_blocks
     return 0
-
-
-ELASTIC_POLICIES: dict[str, type[ElasticPolicy]] = {
-    ThresholdElasticPolicy.name: ThresholdElasticPolicy,
-}
-
-
-def make_elastic_policy(
-    settings: ESPConfig, *, num_instances: int, prefill_time: PrefillTime
-) -> ElasticPolicy:
-    """Build the policy named by ``settings.placement``."""
-    return ELASTIC_POLICIES[settings.placement].from_settings(
-        settings, num_instances=num_instances, prefill_time=prefill_time
-    )

@@ -31,7 +31,9 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
+from vllm_esp.core.esp.cluster import ClusterView, InstanceView, RunningRequest, WaitingRequest
 from vllm_esp.core.esp.config import ESPConfig
+from vllm_esp.core.esp.cost_model import ESPCostModel
 from vllm_esp.core.esp.placement import (
     Consolidation,
     ElasticPolicy,
@@ -39,8 +41,8 @@ from vllm_esp.core.esp.placement import (
     RequestPlacementView,
     StepPlacement,
     StoragePlacement,
-    make_elastic_policy,
 )
+from vllm_esp.core.esp.registry import make_elastic_policy
 from vllm_esp.core.esp.step_plan import (
     BlockMove,
     ESPStepPlan,
@@ -54,6 +56,10 @@ from vllm_esp.integration.metrics import STATS_PREFIX
 from vllm_esp.integration.mlfq.scheduler import MLFQScheduler
 
 logger = init_logger(f"vllm.{__name__}")
+
+#: Bytes/s a migration is assumed to move when no ESP cost file measured it
+#: (the instances' gloo transport on one host, order of magnitude).
+FALLBACK_MIGRATION_BANDWIDTH = 1e9
 
 
 @dataclass
@@ -101,10 +107,15 @@ class ESPScheduler(MLFQScheduler):
             )
         self.num_blocks = self.kv_cache_config.num_blocks
         self.blocks_per_instance = blocks_per_instance(self.num_blocks, self.num_instances)
+        group = self.kv_cache_config.kv_cache_groups[0]
+        #: Bytes of one block over all layers of one instance (migration cost).
+        self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        self.esp_cost = self._load_esp_cost()
         self.elastic: ElasticPolicy = make_elastic_policy(
             self.esp_config,
             num_instances=self.num_instances,
             prefill_time=self.cost_model.chunk_time,
+            esp_cost=self.esp_cost,
         )
         # vLLM touchpoints (see the class docstring).
         self.free_queues = self._install_free_queues()
@@ -115,9 +126,6 @@ class ESPScheduler(MLFQScheduler):
         self.num_esp_steps = 0
         self.last_esp_plan: ESPStepPlan | None = None
         self.counters = ESPCounters()
-        group = self.kv_cache_config.kv_cache_groups[0]
-        #: Bytes of one block over all layers of one instance (migration cost).
-        self.block_bytes = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         bound = self.elastic.max_decode_stall_s
         logger.info(
             "vllm-esp ESP scheduler: %d instances x %d blocks (block size %d), placement=%s, "
@@ -127,6 +135,16 @@ class ESPScheduler(MLFQScheduler):
             self.block_size,
             self.esp_config.placement,
             "off" if bound is None else f"{bound * 1e3:.2f} ms",
+        )
+
+    def _load_esp_cost(self) -> ESPCostModel:
+        path = self.esp_config.cost_model_file
+        if path is not None:
+            return ESPCostModel.load(path)
+        return ESPCostModel.from_step_cost(
+            self.cost_model,
+            bytes_per_token=self.block_bytes / self.block_size,
+            bandwidth_bytes_per_s=FALLBACK_MIGRATION_BANDWIDTH,
         )
 
     # ------------------------------------------------------------------ vLLM touchpoints
@@ -152,6 +170,8 @@ class ESPScheduler(MLFQScheduler):
 
     def _new_blocks_on(self, instance: int, num_blocks: int) -> list[Any] | None:
         """``num_blocks`` fresh blocks, all on ``instance``, or None (none taken)."""
+        if self.free_queues.free_per_instance()[instance] < num_blocks:
+            return None
         pool = self.kv_cache_manager.block_pool
         self.free_queues.placement = StoragePlacement((instance,))
         try:
@@ -209,6 +229,51 @@ class ESPScheduler(MLFQScheduler):
             for i in range(self.num_instances)
         ]
 
+    def _cluster_view(self) -> ClusterView:
+        """The whole cluster in tokens (every instance idle: the engine steps in lockstep)."""
+        bs = self.block_size
+        capacity = self.blocks_per_instance * bs
+        instances = tuple(
+            InstanceView(i, capacity, capacity - free * bs)
+            for i, free in enumerate(self.free_queues.free_per_instance())
+        )
+        waiting = tuple(
+            WaitingRequest(
+                r.request_id,
+                r.arrival_time,
+                r.num_tokens,
+                _max_output_tokens(r),
+                r.num_output_tokens,
+            )
+            for r in self.waiting
+        )
+        running = tuple(
+            RunningRequest(
+                r.request_id,
+                r.arrival_time,
+                _prefill_target(r),
+                _max_output_tokens(r),
+                r.num_output_tokens,
+                self._kv_tokens(r),
+            )
+            for r in self.running
+        )
+        return ClusterView(0.0, instances, waiting, running)
+
+    def _kv_tokens(self, request: Request) -> tuple[tuple[int, int], ...]:
+        """``(instance, tokens)`` of a request's computed KV, from its block table."""
+        per_instance: dict[int, int] = {}
+        left = request.num_computed_tokens
+        for block in self._req_to_blocks.get(request.request_id, ()):
+            if left <= 0:
+                break
+            num = min(self.block_size, left)
+            left -= num
+            if not block.is_null:
+                inst = self._instance(block.block_id)
+                per_instance[inst] = per_instance.get(inst, 0) + num
+        return tuple(sorted(per_instance.items()))
+
     def _current_loads(self) -> list[InstanceLoad]:
         free = self.free_queues.free_per_instance()
         return [
@@ -263,6 +328,8 @@ class ESPScheduler(MLFQScheduler):
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self._step_placement.clear()
         self._refresh_loads()
+        if self.elastic.plans_steps:
+            self.elastic.begin_step(self._cluster_view())
         output = super().schedule(throttle_prefills)
         moves = self._plan_migrations(output)
         output.esp_plan = self._build_plan(output, moves)
@@ -380,6 +447,19 @@ class ESPScheduler(MLFQScheduler):
         stats[f"{STATS_PREFIX}esp_request_instances_total"] = c.num_request_instances
         stats[f"{STATS_PREFIX}esp_request_steps_total"] = c.num_request_steps
         return stats
+
+
+def _prefill_target(request: Request) -> int:
+    """Tokens a resident request prefills: its prompt, or (resumed after a
+    recompute preemption and not caught up yet) all its tokens."""
+    if request.num_computed_tokens >= request.num_tokens - 1:
+        return request.num_prompt_tokens
+    return request.num_tokens
+
+
+def _max_output_tokens(request: Request) -> int:
+    params = request.sampling_params
+    return int(params.max_tokens) if params is not None and params.max_tokens else 1
 
 
 def _sampling_spec(request: Request) -> SamplingSpec:

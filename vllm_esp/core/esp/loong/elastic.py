@@ -1,0 +1,108 @@
+"""LoongServe's scheduler in the engine: :class:`LoongPolicy` behind ``ElasticPolicy``.
+
+The engine steps every instance in lockstep, and vLLM's scheduler (with the
+ranking policy) decides which requests run in a step. Once per step, before
+vLLM allocates anything, the ESP scheduler hands this adapter the cluster
+view (:meth:`begin_step`); the adapter runs the same :class:`LoongPolicy`
+object the cluster simulator runs and keeps its plan. Each allocation then
+asks :meth:`place`, which answers from the plan:
+
+* a prefill item: computed on its batch's instances (the DP's DoP), its
+  new KV kept on the plan's ``retain`` instances (scale-down);
+* a decode item: computed and stored on its master (multi-master decode;
+  a master off the request's KV instances is a scale-up);
+* a planned migration: returned by :meth:`consolidate`, in whole blocks,
+  at most ``migrate_blocks_per_step`` of them.
+
+A request vLLM schedules that the plan left out (the engine's admission is
+the ranking policy's, not step 1's) is placed by the threshold rules.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm_esp.core.esp.cluster import ClusterPlan, ClusterView
+from vllm_esp.core.esp.cost_model import ESPCostModel
+from vllm_esp.core.esp.loong.policy import LoongPolicy, LoongSettings
+from vllm_esp.core.esp.placement import (
+    Consolidation,
+    ElasticPolicy,
+    InstanceLoad,
+    PrefillTime,
+    RequestPlacementView,
+    StepPlacement,
+    StoragePlacement,
+    ThresholdElasticPolicy,
+)
+
+if TYPE_CHECKING:
+    from vllm_esp.core.esp.config import ESPConfig
+
+__all__ = ["LoongElasticPolicy"]
+
+
+class LoongElasticPolicy(ElasticPolicy):
+    """The engine's view of :class:`LoongPolicy`; see the module docstring."""
+
+    name = "loong"
+
+    def __init__(self, policy: LoongPolicy, fallback: ThresholdElasticPolicy) -> None:
+        self.policy = policy
+        self.fallback = fallback
+        self.plan = ClusterPlan()
+        self._moves: dict[str, tuple[int, int, int]] = {}
+        #: Allocations answered from the plan / by the fallback (tests, metrics).
+        self.num_planned = 0
+        self.num_fallback = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ESPConfig,
+        *,
+        num_instances: int,
+        prefill_time: PrefillTime,
+        esp_cost: ESPCostModel,
+    ) -> LoongElasticPolicy:
+        fallback = ThresholdElasticPolicy.from_settings(
+            settings, num_instances=num_instances, prefill_time=prefill_time, esp_cost=esp_cost
+        )
+        return cls(LoongPolicy(num_instances, esp_cost, LoongSettings()), fallback)
+
+    # ------------------------------------------------------------------ step
+    def begin_step(self, view: ClusterView) -> None:
+        self.plan = self.policy.schedule(view)
+        # The engine moves one shard per request and step: the plan's largest.
+        self._moves = {}
+        for m in sorted(self.plan.migrations, key=lambda m: m.num_tokens):
+            self._moves[m.req_id] = (m.src, m.dst, m.num_tokens)
+
+    def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
+        planned = self.policy.placement_for(request.req_id)
+        if planned is None:
+            self.num_fallback += 1
+            return self.fallback.place(request, loads)
+        self.num_planned += 1
+        compute, storage = planned
+        if request.is_prefill:
+            return StepPlacement(compute, StoragePlacement(storage), "prefill")
+        master = storage[0]
+        reason = "decode" if master == request.last_block_instance else "scale-up"
+        return StepPlacement((master,), StoragePlacement((master,)), reason)
+
+    @property
+    def consolidates(self) -> bool:
+        # ``migrate_blocks_per_step`` caps the engine's moves per request and
+        # step, whoever plans them (0: off).
+        return self.fallback.migrate_blocks_per_step > 0
+
+    def consolidate(
+        self, request: RequestPlacementView, loads: list[InstanceLoad]
+    ) -> Consolidation | None:
+        move = self._moves.get(request.req_id)
+        if move is None:
+            return None
+        src, dst, num_tokens = move
+        num_blocks = min(num_tokens // request.block_size, self.fallback.migrate_blocks_per_step)
+        return Consolidation(src, dst, num_blocks) if num_blocks > 0 else None

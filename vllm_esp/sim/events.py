@@ -1,0 +1,373 @@
+"""The cluster simulator's event loop (see ``cluster.py`` for the semantics).
+
+A plain ``heapq`` of ``(time, seq, kind, payload)``: ``seq`` increases
+monotonically, so events at one instant keep their push order and a run is
+deterministic. Kinds: an arrival, the end of one step of a batch, the end
+of a plan's migrations. Time is simulated only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vllm_esp.core.esp.cluster import (
+    Batch,
+    ClusterPlan,
+    ClusterPolicy,
+    ClusterView,
+    InstanceView,
+    Migration,
+)
+from vllm_esp.core.esp.cost_model import ESPCostModel
+from vllm_esp.sim.state import FINISHED, REFUSED, RUNNING, WAITING, BatchRun, SimReq
+
+if TYPE_CHECKING:  # cluster.py builds this loop
+    from vllm_esp.sim.cluster import SimRequest
+
+__all__ = ["EventLoop"]
+
+# Event kinds (the heap orders by time, then by a unique sequence number).
+_ARRIVAL = 0
+_STEP_END = 1
+_MIGRATION_END = 2
+
+#: Consecutive plans that only migrate before the run is declared stuck (a
+#: policy moving KV back and forth would otherwise never end).
+_MAX_PLANS_WITHOUT_BATCH = 10_000
+
+
+class EventLoop:
+    """One run: the requests' and instances' state, and the event heap."""
+
+    def __init__(
+        self,
+        policy: ClusterPolicy,
+        num_instances: int,
+        capacity_tokens: int,
+        truth: ESPCostModel,
+        max_sim_s: float | None,
+        check: bool,
+    ) -> None:
+        self.policy = policy
+        self.n = num_instances
+        self.cap = capacity_tokens
+        self.truth = truth
+        self.max_sim_s = max_sim_s
+        self.check = check
+        self.now = 0.0
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.reqs: list[SimReq] = []
+        self.waiting: dict[str, SimReq] = {}
+        self.running: dict[str, SimReq] = {}
+        #: KV held per instance; decode tokens reserved by batches in flight.
+        self.used = [0] * num_instances
+        self.reserved = [0] * num_instances
+        self.busy = [False] * num_instances
+        self.num_idle = num_instances
+        self.inst_views = [InstanceView(i, capacity_tokens, 0) for i in range(num_instances)]
+        self.dirty: set[int] = set()
+        self.num_decisions = 0
+        self.num_batches = 0
+        self.num_migrated_tokens = 0
+        self.num_finished = 0
+        self.sum_finished_output = 0
+        self.plans_without_batch = 0
+
+    # ------------------------------------------------------------------ trace
+    def load(self, requests: Sequence[SimRequest]) -> None:
+        seen: set[str] = set()
+        for r in requests:
+            if r.req_id in seen:
+                raise ValueError(f"duplicate req_id {r.req_id!r}")
+            seen.add(r.req_id)
+            if not (math.isfinite(r.arrival_s) and r.arrival_s >= 0):
+                raise ValueError(f"{r.req_id}: arrival_s must be finite and >= 0")
+            if r.num_prompt_tokens < 1 or r.num_output_tokens < 1:
+                raise ValueError(f"{r.req_id}: prompt and output need >= 1 token each")
+            req = SimReq(r.req_id, r.arrival_s, r.num_prompt_tokens, r.num_output_tokens, r.cls)
+            self.reqs.append(req)
+            if req.peak_tokens > self.n * self.cap:
+                req.state = REFUSED
+            else:
+                self._push(r.arrival_s, _ARRIVAL, req)
+
+    def _push(self, time_s: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (time_s, self.seq, kind, payload))
+        self.seq += 1
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        heap = self.heap
+        while heap:
+            t = heap[0][0]
+            if self.max_sim_s is not None and t > self.max_sim_s:
+                break
+            assert t >= self.now, f"time went backwards: {t} < {self.now}"
+            self.now = t
+            decide = arrived = False
+            while heap and heap[0][0] == t:
+                _, _, kind, payload = heapq.heappop(heap)
+                if kind == _ARRIVAL:
+                    payload.state = WAITING
+                    self.waiting[payload.req_id] = payload
+                    arrived = True
+                elif kind == _STEP_END:
+                    decide |= self._step_end(payload)
+                else:
+                    self._migration_end(*payload)
+                    decide = True
+            if decide or (arrived and self.num_idle > 0):
+                self._decide()
+
+    def _decide(self) -> None:
+        while True:
+            if self.check:
+                self._check_books()
+            view = self._view()
+            plan = self.policy.schedule(view)
+            self.num_decisions += 1
+            if self.check:
+                plan.check_invariants(view)
+            self._apply(plan)
+            if plan.batches or plan.migrations or not plan.preempt:
+                return
+
+    def _view(self) -> ClusterView:
+        for i in self.dirty:
+            self.inst_views[i] = InstanceView(
+                i, self.cap, self.used[i] + self.reserved[i], self.busy[i]
+            )
+        self.dirty.clear()
+        done = self.num_finished
+        return ClusterView(
+            now_s=self.now,
+            instances=tuple(self.inst_views),
+            waiting=tuple([r.waiting_view() for r in self.waiting.values()]),
+            running=tuple([r.running_view() for r in self.running.values()]),
+            mean_finished_output_tokens=self.sum_finished_output / done if done else 0.0,
+        )
+
+    # ------------------------------------------------------------------ plans
+    def _apply(self, plan: ClusterPlan) -> None:
+        if plan.preempt:
+            self._preempt(plan.preempt)
+        ends, moved = self._migrate(plan.migrations)
+        in_batches: set[int] = set()
+        for batch in plan.batches:
+            start = max([ends[i] for i in batch.instances if i in ends], default=self.now)
+            self._launch(batch, start)
+            in_batches.update(batch.instances)
+        if plan.batches:
+            self.plans_without_batch = 0
+        elif plan.migrations:
+            self.plans_without_batch += 1
+            if self.plans_without_batch > _MAX_PLANS_WITHOUT_BATCH:
+                raise RuntimeError(f"{type(self.policy).__name__} only migrates: no progress")
+        # Migration endpoints and requests outside every batch wait for it.
+        done_at: dict[float, tuple[list[int], list[SimReq]]] = {}
+        for i, end in ends.items():
+            if i not in in_batches:
+                self._set_busy(i, True)
+                done_at.setdefault(end, ([], []))[0].append(i)
+        for req, end in moved.items():
+            if not req.busy:
+                req.busy = True
+                req.view = None
+                done_at.setdefault(end, ([], []))[1].append(req)
+        for end, (instances, reqs) in done_at.items():
+            self._push(end, _MIGRATION_END, (instances, reqs))
+
+    def _preempt(self, req_ids: Sequence[str]) -> None:
+        front: dict[str, SimReq] = {}
+        for req_id in req_ids:
+            req = self.running.pop(req_id, None)
+            assert req is not None and not req.busy, f"cannot preempt {req_id}"
+            self._free(req)
+            req.state = WAITING
+            req.num_prompt = req.orig_prompt + req.num_output
+            req.num_preemptions += 1
+            req.view = None
+            front[req_id] = req
+        self.waiting = front | self.waiting
+
+    def _migrate(
+        self, migrations: Sequence[Migration]
+    ) -> tuple[dict[int, float], dict[SimReq, float]]:
+        """Move the KV now; return when each endpoint and each request is free."""
+        if not migrations:
+            return {}, {}
+        tokens_at: dict[int, int] = {}
+        for mig in migrations:
+            req = self.running.get(mig.req_id)
+            src, dst, num = mig.src, mig.dst, mig.num_tokens
+            assert req is not None and not req.busy, f"bad migration {mig}"
+            assert src != dst and not self.busy[src] and not self.busy[dst], f"bad {mig}"
+            held = req.kv.get(src, 0)
+            assert 0 < num <= held, f"migration {mig} moves more than the {held} tokens there"
+            if num == held:
+                del req.kv[src]
+            else:
+                req.kv[src] = held - num
+            req.kv[dst] = req.kv.get(dst, 0) + num
+            req.view = None
+            self.used[src] -= num
+            self.used[dst] += num
+            self._check_capacity(dst)
+            self.dirty.update((src, dst))
+            tokens_at[src] = tokens_at.get(src, 0) + num
+            tokens_at[dst] = tokens_at.get(dst, 0) + num
+            self.num_migrated_tokens += num
+        ends = {i: self.now + self.truth.migration_time(t) for i, t in tokens_at.items()}
+        moved: dict[SimReq, float] = {}
+        for mig in migrations:
+            req = self.running[mig.req_id]
+            moved[req] = max(moved.get(req, self.now), ends[mig.src], ends[mig.dst])
+        return ends, moved
+
+    def _launch(self, batch: Batch, start_s: float) -> None:
+        group = batch.instances
+        assert group and len(set(group)) == len(group), f"bad group {group}"
+        assert batch.prefills or batch.decodes, "empty batch"
+        assert batch.num_steps >= 1 and not (batch.prefills and batch.num_steps > 1)
+        for i in group:
+            assert 0 <= i < self.n and not self.busy[i], f"instance {i} is not idle"
+            self._set_busy(i, True)
+        members = set(group)
+        run = BatchRun(group, batch.tensor_parallel, batch.num_steps)
+        chunks: list[tuple[int, int]] = []
+        for item in batch.prefills:
+            req = self.waiting.pop(item.req_id, None)
+            if req is not None:
+                req.state = RUNNING
+                self.running[req.req_id] = req
+            else:
+                req = self.running.get(item.req_id)
+                assert req is not None and not req.busy, f"{item.req_id} cannot prefill"
+            cached = req.num_computed
+            assert 0 < item.num_tokens <= req.num_prompt - cached, f"{item} prefills too much"
+            assert sum(t for _, t in item.retain) == item.num_tokens, f"{item} retain count"
+            for inst, tokens in item.retain:
+                assert tokens > 0 and inst in members, f"{item} retains outside its group"
+                req.kv[inst] = req.kv.get(inst, 0) + tokens
+                self.used[inst] += tokens
+                self._check_capacity(inst)
+            req.num_computed += item.num_tokens
+            req.busy = True
+            req.view = None
+            chunks.append((item.num_tokens, cached))
+            run.prefills.append(req)
+        for dec in batch.decodes:
+            req = self.running.get(dec.req_id)
+            assert req is not None and not req.busy, f"{dec} not decodable"
+            assert req.num_computed >= req.num_prompt, f"{dec}: prefill not complete"
+            assert dec.master in members and members.issuperset(req.kv), f"{dec} outside group"
+            req.busy = True
+            req.view = None
+            self.reserved[dec.master] += min(batch.num_steps, req.num_remaining_output)
+            self._check_capacity(dec.master)
+            run.add_decode(req, dec.master)
+        duration = run.step_time(self.truth)
+        if chunks:
+            duration += self.truth.chunks_time(
+                len(group), chunks, tensor_parallel=batch.tensor_parallel
+            )
+        self.num_batches += 1
+        self._push(start_s + duration, _STEP_END, run)
+
+    # ------------------------------------------------------------------ events
+    def _step_end(self, run: BatchRun) -> bool:
+        """Apply one step of ``run``; True when the batch is over."""
+        for req in run.prefills:
+            if req.num_computed == req.num_prompt:  # the prefill samples a token
+                req.num_output += 1
+                if req.first_token_s is None:
+                    req.first_token_s = self.now
+                if req.num_output == req.max_output:
+                    self._finish(req)
+        run.prefills = [r for r in run.prefills if r.state == RUNNING]
+        used, reserved, num_kv = self.used, self.reserved, run.num_kv
+        for req, master in list(run.decodes.items()):
+            req.kv[master] = req.kv.get(master, 0) + 1
+            req.num_computed += 1
+            req.num_output += 1
+            req.view = None
+            used[master] += 1
+            reserved[master] -= 1
+            num_kv[master] += 1
+            if req.num_output == req.max_output:
+                run.remove_decode(req)
+                self._finish(req)
+        self.dirty.update(run.decodes.values())
+        run.steps_left -= 1
+        if run.steps_left > 0 and run.decodes:
+            self._push(self.now + run.step_time(self.truth), _STEP_END, run)
+            return False
+        for req in (*run.prefills, *run.decodes):
+            req.busy = False
+            req.view = None
+        for i in run.instances:
+            assert reserved[i] == 0, f"instance {i}: {reserved[i]} reserved tokens left"
+            self._set_busy(i, False)
+        return True
+
+    def _migration_end(self, instances: list[int], reqs: list[SimReq]) -> None:
+        for i in instances:
+            self._set_busy(i, False)
+        for req in reqs:
+            req.busy = False
+            req.view = None
+
+    def _finish(self, req: SimReq) -> None:
+        assert req.state == RUNNING, f"{req.req_id} finishes twice"
+        self._free(req)
+        del self.running[req.req_id]
+        req.state = FINISHED
+        req.finish_s = self.now
+        req.busy = False
+        self.num_finished += 1
+        self.sum_finished_output += req.max_output
+
+    # ------------------------------------------------------------------ books
+    def _free(self, req: SimReq) -> None:
+        for inst, tokens in req.kv.items():
+            self.used[inst] -= tokens
+            assert self.used[inst] >= 0, f"instance {inst} below zero"
+            self.dirty.add(inst)
+        req.kv = {}
+        req.num_computed = 0
+
+    def _set_busy(self, inst: int, busy: bool) -> None:
+        self.num_idle += 1 if self.busy[inst] else 0
+        self.num_idle -= 1 if busy else 0
+        self.busy[inst] = busy
+        self.dirty.add(inst)
+
+    def _check_capacity(self, inst: int) -> None:
+        held = self.used[inst] + self.reserved[inst]
+        assert held <= self.cap, f"instance {inst} over capacity: {held} > {self.cap}"
+
+    def _check_books(self) -> None:
+        """Recount every instance's KV from the requests (``check=True``)."""
+        counted = [0] * self.n
+        for req in self.running.values():
+            assert req.state == RUNNING and sum(req.kv.values()) == req.num_computed
+            for inst, tokens in req.kv.items():
+                assert tokens > 0
+                counted[inst] += tokens
+        assert counted == self.used, f"KV books differ: {counted} != {self.used}"
+        for i in range(self.n):
+            assert self.used[i] >= 0 and self.reserved[i] >= 0
+            self._check_capacity(i)
+        assert self.num_idle == self.busy.count(False)
+        assert all(r.state == WAITING and not r.kv for r in self.waiting.values())
+
+    def finished(self) -> list[SimReq]:
+        """The finished requests, in trace order (checked for completeness)."""
+        done = [r for r in self.reqs if r.state == FINISHED]
+        assert len(done) == self.num_finished
+        assert all(r.num_output == r.max_output for r in done)
+        return done
