@@ -1,6 +1,7 @@
-"""Calibrate the step cost model on this machine.
+"""Calibrate the step cost model (or the ESP cluster cost model) on this machine.
 
     python -m vllm_esp.calibrate --model DIR [--out FILE] [--quick]
+    python -m vllm_esp.calibrate --esp OUT.json [--model PRESET_OR_DIR] [--quick]
 
 Runs the real vLLM engine on ``--model`` and times, one request at a time
 (prefix caching off, so nothing is reused between runs):
@@ -14,19 +15,41 @@ It fits ``T(q, k) = alpha + beta*q + gamma*q*(k + (q+1)/2)`` minimising the
 level) and writes the coefficients, the samples and the fit error to
 ``--out`` (default: the path the scheduler looks up for that model, see
 ``vllm_esp.core.costmodel.default_calibration_path``).
+
+``--esp OUT.json`` profiles the ESP cluster cost model instead
+(``vllm_esp.core.esp.cost_model``; see :func:`profile_esp`): prefill
+batches of identical-length requests at DoP 1 and DoP 2, decode steps at
+DoP 1, the instances' point-to-point link; fitted with
+``vllm_esp.core.esp.cost_fit`` and written with the fit errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import math
+import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vllm_esp.core.costmodel import StepCostModel, default_calibration_path
+from vllm_esp.core.esp.cost_fit import (
+    DecodeSample,
+    PrefillSample,
+    fit_decode_detailed,
+    fit_prefill,
+    ring_hop_from_rows,
+)
+from vllm_esp.core.esp.cost_model import DecodeCoeffs, ESPCostModel, MigrationCoeffs
 
 
 def fit_relative(samples: list[tuple[int, int, float]]) -> tuple[np.ndarray, float]:
@@ -141,21 +164,466 @@ def profile(
     return cost
 
 
-def main() -> None:
+# ====================================================================== ESP
+@dataclass(frozen=True)
+class ESPGrid:
+    """What ``--esp`` measures (LoongServe's identical-request grid, small)."""
+
+    prefill_lengths: tuple[int, ...]
+    prefill_batches: tuple[int, ...]
+    #: Largest batch (tokens): one engine step, so a sample is one batch.
+    max_batch_tokens: int
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    num_decode_tokens: int
+    repeats: int
+    #: Bytes of the point-to-point probe (latency and bandwidth of migration).
+    probe_bytes: tuple[int, ...] = (4096, 4 * 2**20, 32 * 2**20)
+
+    def prefill_points(self) -> list[tuple[int, int]]:
+        """``(batch size, length)`` pairs within ``max_batch_tokens``."""
+        return [
+            (n, length)
+            for length in self.prefill_lengths
+            for n in self.prefill_batches
+            if n * length <= self.max_batch_tokens
+        ]
+
+    def decode_points(self) -> list[tuple[int, int]]:
+        return [(n, k) for k in self.decode_contexts for n in self.decode_batches]
+
+    def kv_tokens(self, block_size: int) -> int:
+        """KV tokens per instance: the largest batch, prefill or decode, plus a margin."""
+        decode = max(n * (k + self.num_decode_tokens + block_size) for n, k in self.decode_points())
+        need = max(self.max_batch_tokens + len(self.prefill_batches) * block_size, decode)
+        return -(-(need + 4 * block_size) // block_size) * block_size
+
+
+ESP_QUICK = ESPGrid(
+    prefill_lengths=(64, 256, 1024, 2048),
+    prefill_batches=(1, 2, 4),
+    max_batch_tokens=2048,
+    decode_batches=(1, 4, 8),
+    decode_contexts=(128, 1024),
+    num_decode_tokens=16,
+    repeats=2,
+)
+ESP_FULL = ESPGrid(
+    prefill_lengths=(32, 128, 512, 1024, 2048, 4096),
+    prefill_batches=(1, 2, 4, 8),
+    max_batch_tokens=4096,
+    decode_batches=(1, 4, 8, 16),
+    decode_contexts=(128, 512, 2048),
+    num_decode_tokens=32,
+    repeats=3,
+)
+#: vLLM-CPU attention needs a multiple of 32.
+ESP_BLOCK_SIZE = 32
+#: ESP's threshold placement at DoP 2 for every chunk: any estimate exceeds it.
+FORCE_DOP_TARGET_MS = 1e-3
+
+
+def kv_bytes_per_token(model_dir: str) -> int:
+    """K and V bytes per token over all layers (2-byte elements: vLLM-CPU
+    computes in bf16 for the presets; the engine's own figure is recorded too)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2
+
+
+def esp_engine_kwargs(model_dir: str, num_instances: int, grid: ESPGrid, seed: int) -> dict:
+    """``LLM(...)`` arguments: stock vLLM for DoP 1, the ESP engine forced to
+    DoP 2 otherwise; the same KV cache per instance, prefix caching off."""
+    from vllm_esp.integration.engine_args import scheduler_args
+
+    if num_instances == 1:
+        sched = scheduler_args("fcfs")
+    else:
+        esp = {"num_instances": num_instances, "prefill_target_ms": FORCE_DOP_TARGET_MS}
+        sched = scheduler_args("esp", esp=esp)
+        sched["additional_config"]["mlfq"]["policy"] = "fcfs"  # one batch, no quanta
+    kv_tokens = grid.kv_tokens(ESP_BLOCK_SIZE)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    # What the instances hold, within what the model's positions allow (vLLM refuses more).
+    max_model_len = num_instances * kv_tokens - ESP_BLOCK_SIZE
+    max_model_len = min(max_model_len, cfg.get("max_position_embeddings", max_model_len))
+    return dict(
+        model=model_dir,
+        max_num_seqs=max(max(grid.prefill_batches), max(grid.decode_batches)),
+        max_num_batched_tokens=grid.max_batch_tokens,
+        max_model_len=max_model_len,
+        block_size=ESP_BLOCK_SIZE,
+        kv_cache_memory_bytes=kv_tokens * kv_bytes_per_token(model_dir),
+        gpu_memory_utilization=0.3,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        seed=seed,
+        **sched,
+    )
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """One batch through ``LLMEngine.step()`` (seconds from the batch's start)."""
+
+    first_s: float  # every request has its first token
+    total_s: float  # every request finished
+    #: All first tokens came out of the same step(): the prefill was one batch.
+    one_step: bool
+
+
+#: Pacer prompt (tokens) and the pause after adding it: see :func:`_run_batch`.
+PACER_TOKENS = 128
+PACER_LEAD_S = 5e-3
+
+
+def _run_batch(
+    llm: Any, prompts: list[list[int]], max_tokens: int, pacer: list[int] | None = None
+) -> BatchTiming:
+    """Run ``prompts`` to completion through ``LLMEngine.step()``.
+
+    The EngineCore runs in its own process and starts a step as soon as the
+    first request reaches it, so a batch added request by request would be
+    split over two steps. With ``pacer`` (a short prompt, one output token)
+    the pacer is added first and the batch ``PACER_LEAD_S`` later, while the
+    pacer's step runs: the batch waits in the core's queue and is scheduled
+    whole in the next step, and its time starts when the pacer finishes.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+
+    def params(n: int) -> Any:
+        return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+
+    tag = f"cal-{time.perf_counter():.6f}"
+    start = time.perf_counter()
+    if pacer is not None:
+        engine.add_request(f"{tag}-pacer", TokensPrompt(prompt_token_ids=pacer), params(1))
+        time.sleep(PACER_LEAD_S)
+    pending = set()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params(max_tokens))
+        pending.add(f"{tag}-{i}")
+    first_step: dict[str, int] = {}
+    first = math.nan
+    num_steps = pacer_step = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        num_steps += 1
+        now = time.perf_counter()
+        for out in outputs:
+            if out.request_id == f"{tag}-pacer" and out.finished:
+                start = now  # the batch's step starts about now
+                pacer_step = num_steps
+            elif out.outputs and out.outputs[0].token_ids:
+                first_step.setdefault(out.request_id, num_steps)
+        if math.isnan(first) and first_step.keys() >= pending:
+            first = now - start
+    steps = {first_step[r] for r in pending}
+    one_step = len(steps) == 1 and min(steps) > pacer_step
+    return BatchTiming(first, time.perf_counter() - start, one_step)
+
+
+def _measure_prefill(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]) -> list[dict]:
+    rows = []
+    for n, length in grid.prefill_points():
+        times, one_step = [], []
+        for _ in range(grid.repeats):
+            batch = [prompt(length) for _ in range(n)]
+            timing = _run_batch(llm, batch, 1, pacer=prompt(PACER_TOKENS))
+            times.append(timing.first_s)
+            one_step.append(timing.one_step)
+        rows.append(
+            {
+                "batch": n,
+                "length": length,
+                "sum_l": n * length,
+                "sum_l2": n * length * length,
+                "seconds": statistics.median(times),
+                "seconds_all": times,
+                "one_step": one_step,
+            }
+        )
+        print(f"  prefill {n} x {length}: {rows[-1]['seconds'] * 1e3:.1f} ms", flush=True)
+    return rows
+
+
+def _measure_decode(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]) -> list[dict]:
+    m = grid.num_decode_tokens
+    rows = []
+    for n, k in grid.decode_points():
+        times = []
+        for _ in range(grid.repeats):
+            timing = _run_batch(llm, [prompt(k) for _ in range(n)], 1 + m)
+            times.append(max((timing.total_s - timing.first_s) / m, 1e-6))
+        rows.append(
+            {
+                "batch": n,
+                "context": k,
+                "num_master": n,
+                # Mean KV tokens read per step over the m steps.
+                "num_kv_tokens": n * (k + (m + 1) // 2),
+                "num_remote": 0,
+                "seconds": statistics.median(times),
+                "seconds_all": times,
+            }
+        )
+        print(f"  decode {n} x ctx {k}: {rows[-1]['seconds'] * 1e3:.2f} ms/step", flush=True)
+    return rows
+
+
+def _p2p_probe(group: Any, sizes: Sequence[int], repeats: int) -> dict[int, float]:
+    """Instance 0 sends ``size`` bytes to instance 1 (the path a migration
+    takes between ESP instances); median seconds per size, on instance 1."""
+    import torch
+
+    out = {}
+    for size in sizes:
+        buf = torch.zeros(size, dtype=torch.uint8)
+        times = []
+        for _ in range(repeats):
+            group.barrier()
+            start = time.perf_counter()
+            if group.instance_id == 0:
+                group.exchange([(1, buf)], []).wait()
+            elif group.instance_id == 1:
+                group.exchange([], [(0, buf)]).wait()
+            times.append(time.perf_counter() - start)
+        out[size] = statistics.median(times)
+    return out
+
+
+def measure_link(grid: ESPGrid) -> dict[str, Any]:
+    """Latency and bandwidth between two ESP instance processes (gloo, as the
+    CPU engine's migrations and ring hops)."""
+    from vllm_esp.kernels.esp.group import InstanceCluster
+
+    with InstanceCluster(2) as cluster:
+        times = cluster.run(_p2p_probe, grid.probe_bytes, 5)[1]
+    small, big = min(times), max(times)
+    bandwidth = (big - small) / max(times[big] - times[small], 1e-9)
+    return {
+        "probe_seconds_by_bytes": {str(k): v for k, v in times.items()},
+        "latency_s": times[small],
+        "bandwidth_bytes_per_s": bandwidth,
+        "how": "gloo send/recv between two InstanceCluster processes; latency = the "
+        f"{small}-byte message, bandwidth = extra bytes / extra time up to {big} bytes",
+    }
+
+
+def _profile_engine(
+    model_dir: str, num_instances: int, grid: ESPGrid, seed: int, decode: bool
+) -> dict[str, Any]:
+    """Start one engine, warm it up, measure, shut it down."""
+    from vllm import LLM
+
+    rng = np.random.default_rng(seed + num_instances)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
+
+    def prompt(n: int) -> list[int]:
+        # Fresh random tokens per request: nothing is shared or cached.
+        return rng.integers(10, vocab - 1, size=n).tolist()
+
+    kwargs = esp_engine_kwargs(model_dir, num_instances, grid, seed)
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        info: dict[str, Any] = {
+            "num_instances": num_instances,
+            "engine_start_s": time.perf_counter() - t0,
+            "num_kv_blocks": cache.num_gpu_blocks,
+            "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
+        }
+        _run_batch(llm, [prompt(64)], 4)  # warm-up: first-call allocations
+        _run_batch(llm, [prompt(grid.max_batch_tokens // 2) for _ in range(2)], 2, prompt(64))
+        load = os.getloadavg()[0]
+        print(f"[DoP {num_instances}] measuring", flush=True)
+        info["prefill"] = _measure_prefill(llm, grid, prompt)
+        if decode:
+            info["decode"] = _measure_decode(llm, grid, prompt)
+        info["loadavg_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:
+            print(f"warning: engine shutdown: {exc!r}", file=sys.stderr)
+        del llm
+        gc.collect()
+    return info
+
+
+def fit_esp_cost(
+    prefill_by_dop: dict[int, list[dict]],
+    decode_rows: list[dict],
+    link: dict[str, Any],
+    bytes_per_token: int,
+    exchange_bytes_per_request: int,
+    meta: dict[str, Any],
+) -> ESPCostModel:
+    """Fit the measured samples into an :class:`ESPCostModel` (``source: measured``).
+
+    ``e`` (per remote exchange) is not measured here (every decode sample is
+    local); unless the decode samples determine it, it is the link's transfer
+    time of one request's query and partial over all layers.
+    """
+    prefill = {
+        dop: fit_prefill([PrefillSample(r["sum_l"], r["sum_l2"], r["seconds"]) for r in rows])
+        for dop, rows in prefill_by_dop.items()
+    }
+    samples = [
+        DecodeSample(r["num_master"], r["num_kv_tokens"], r["num_remote"], r["seconds"])
+        for r in decode_rows
+    ]
+    dfit = fit_decode_detailed(samples)
+    a, b, c, e = dfit.coeffs
+    e_source = "fitted"
+    if 3 in dfit.unidentified:
+        e = exchange_bytes_per_request / link["bandwidth_bytes_per_s"]
+        e_source = "link: exchange bytes per request / measured bandwidth"
+    decode = DecodeCoeffs(a_s=a, b_s=b, c_s=c, e_s=e, mean_rel_err=dfit.mean_rel_err)
+    migration = MigrationCoeffs(
+        latency_s=link["latency_s"],
+        bytes_per_token=float(bytes_per_token),
+        bandwidth_bytes_per_s=link["bandwidth_bytes_per_s"],
+    )
+    meta = {
+        **meta,
+        "fit": {
+            "method": "least squares on relative error, rows weighted t**0.1 (prefill) / "
+            "t**0.5 (decode), non-negative (vllm_esp.core.esp.cost_fit)",
+            "mean_rel_err": {
+                **{f"prefill_dop{d}": row.mean_rel_err for d, row in prefill.items()},
+                "decode": dfit.mean_rel_err,
+            },
+            "decode_e_source": e_source,
+            "ring_hop_s": "growth of A per instance from DoP 1 to the largest measured DoP",
+            "tp_efficiency": "not measured (cost-model default)",
+        },
+    }
+    return ESPCostModel(
+        prefill=prefill,
+        decode=decode,
+        migration=migration,
+        ring_hop_s=ring_hop_from_rows(prefill),
+        source="measured",
+        meta=meta,
+    )
+
+
+def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostModel:
+    """Measure this machine's ESP engine and write the fitted cost model to ``out``."""
+    import vllm
+
+    from vllm_esp.integration.cost_model import device_kind
+    from vllm_esp.models import PRESETS, build_model
+
+    started = time.perf_counter()
+    # vLLM-CPU overwrites kv_cache_memory_bytes with this legacy variable.
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    model_dir = str(build_model(model)) if model in PRESETS else model
+    grid = ESP_QUICK if quick else ESP_FULL
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    # Query (2 B) out, partial output (4 B) and LSE back, every layer.
+    exchange = cfg["num_hidden_layers"] * (heads * head_dim * 2 + heads * head_dim * 4 + heads * 4)
+    print(f"ESP profile of {model_dir} ({'quick' if quick else 'full'} grid)", flush=True)
+    link = measure_link(grid)
+    dop1 = _profile_engine(model_dir, 1, grid, seed, decode=True)
+    dop2 = _profile_engine(model_dir, 2, grid, seed, decode=False)
+    kv_tokens = grid.kv_tokens(ESP_BLOCK_SIZE)
+    meta = {
+        "model": model,
+        "model_dir": model_dir,
+        "device": device_kind(),
+        "machine": platform.processor() or platform.machine(),
+        "num_cpus": os.cpu_count(),
+        "vllm_version": vllm.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "quick": quick,
+        "grid": asdict(grid),
+        "capacity_tokens": kv_tokens,
+        "kv_bytes_per_token": kv_bytes_per_token(model_dir),
+        "exchange_bytes_per_remote_request": exchange,
+        "link": link,
+        "engines": {"dop1": dop1, "dop2": dop2},
+        "notes": [
+            "DoP 1: stock vLLM (fcfs), one instance; DoP 2: --scheduler esp with 2 instances, "
+            f"prefill_target_ms {FORCE_DOP_TARGET_MS} (every chunk at DoP 2), fcfs ranking; "
+            "the same KV cache per instance, prefix caching off, fresh random prompts.",
+            "Prefill sample = wall time of one batch of identical-length requests "
+            "(max_tokens 1) through LLMEngine.step(), timed from the end of a pacer "
+            "request's step (the batch queued behind it runs as one step; one_step "
+            "checks it); decode sample = time after every "
+            "request's first token to the end, per step, at DoP 1 only.",
+            "On CPU each instance is one core; the cores are shared with other work "
+            "(loadavg in each engine's entry).",
+        ],
+    }
+    cost = fit_esp_cost(
+        {1: dop1["prefill"], 2: dop2["prefill"]},
+        dop1["decode"],
+        link,
+        kv_bytes_per_token(model_dir),
+        exchange,
+        meta,
+    )
+    cost.meta["wall_time_s"] = time.perf_counter() - started
+    cost.save(out)
+    errs = cost.meta["fit"]["mean_rel_err"]
+    print(
+        f"ESP cost model written to {out}: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in errs.items())
+        + f" mean relative error; {cost.meta['wall_time_s']:.0f}s",
+        flush=True,
+    )
+    return cost
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder (required without --esp); with --esp also a vllm_esp.models preset "
+        "(default: 'default')",
+    )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--esp",
+        type=Path,
+        default=None,
+        metavar="OUT.json",
+        help="profile the ESP cluster cost model and write it here",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument(
         "--kv-cache-memory-bytes",
         type=int,
         default=DEFAULT_KV_CACHE_BYTES,
-        help="KV cache of the profiling engine (default: 256 MiB)",
+        help="KV cache of the profiling engine (default: 256 MiB; --esp sizes its own)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=int, default=0, help="--esp: prompt tokens' seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.esp is not None:
+        profile_esp(args.model or "default", args.esp, args.quick, args.seed)
+        return
+    if args.model is None:
+        parser.error("--model is required (unless --esp)")
     profile(args.model, args.out, args.quick, args.max_model_len, args.kv_cache_memory_bytes)
 
 

@@ -389,3 +389,37 @@ def test_moderate_size_runs_to_completion(name, capsys):
     assert res.unfinished == () and len(res.records) == len(reqs)
     with capsys.disabled():
         print(f"\n{name}: 16 x 200 in {wall:.2f} s ({res.num_decisions} decisions)")
+
+
+# ---------------------------------------------------------------------- lockstep
+def _three_on_replicas(lockstep: bool) -> dict:
+    reqs = [
+        SimRequest("long", 0.0, 2000, 1),
+        SimRequest("short", 0.0, 100, 1),
+        SimRequest("late", 0.001, 100, 1),
+    ]
+    policy = ReplicasChunkedPolicy(chunk_tokens=4096)
+    return _by_id(_run(policy, reqs, n=3, cap=10_000, lockstep=lockstep))
+
+
+def test_lockstep_ends_every_batch_of_a_step_together_and_holds_newcomers():
+    """The engine's lockstep: disjoint batches of one step end when the
+    slowest does, and a request arriving mid-step waits for that end."""
+    long_ttft = A + B * 2000 + C * 2000**2
+    short_ttft = A + B * 100 + C * 100**2
+    free = _three_on_replicas(lockstep=False)
+    assert free["long"].ttft_s == pytest.approx(long_ttft)
+    assert free["short"].ttft_s == pytest.approx(short_ttft)
+    assert free["late"].first_token_s == pytest.approx(0.001 + short_ttft)
+    step = _three_on_replicas(lockstep=True)
+    assert step["long"].ttft_s == pytest.approx(long_ttft)
+    assert step["short"].ttft_s == pytest.approx(long_ttft)
+    assert step["late"].first_token_s == pytest.approx(long_ttft + short_ttft)
+
+
+def test_lockstep_runs_multi_step_decode_batches_one_step_per_decision():
+    reqs = [SimRequest("r", 0.0, 100, 5)]
+    free = _run(StaticSPPolicy(), reqs, n=1, cap=10_000)
+    step = _run(StaticSPPolicy(), reqs, n=1, cap=10_000, lockstep=True)
+    assert step.records[0].finish_s == pytest.approx(free.records[0].finish_s)
+    assert step.num_decisions > free.num_decisions

@@ -107,15 +107,19 @@ def simulate(
     truth: ESPCostModel,
     max_sim_s: float | None = None,
     check: bool = False,
+    lockstep: bool = False,
 ) -> SimResult:
     """Run ``policy`` on ``requests``; see the module docstring.
 
     ``check`` also runs ``plan.check_invariants(view)`` on every plan and
     recounts every instance's KV at every decision (slower; for tests).
+    ``lockstep`` runs the cluster as the engine does: a plan's batches are
+    one step (decode batches run one step whatever ``num_steps`` says) and
+    all end together, when the slowest does; arrivals wait for that end.
     """
     if num_instances < 1 or capacity_tokens < 1:
         raise ValueError("num_instances and capacity_tokens must be >= 1")
-    loop = EventLoop(policy, num_instances, capacity_tokens, truth, max_sim_s, check)
+    loop = EventLoop(policy, num_instances, capacity_tokens, truth, max_sim_s, check, lockstep)
     loop.load(requests)
     loop.run()
     return _result(loop)

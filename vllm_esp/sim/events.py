@@ -50,8 +50,10 @@ class EventLoop:
         truth: ESPCostModel,
         max_sim_s: float | None,
         check: bool,
+        lockstep: bool = False,
     ) -> None:
         self.policy = policy
+        self.lockstep = lockstep
         self.n = num_instances
         self.cap = capacity_tokens
         self.truth = truth
@@ -120,7 +122,9 @@ class EventLoop:
                 else:
                     self._migration_end(*payload)
                     decide = True
-            if decide or (arrived and self.num_idle > 0):
+            # In lockstep a newcomer waits for the step in flight to end.
+            free = self.num_idle == self.n if self.lockstep else self.num_idle > 0
+            if decide or (arrived and free):
                 self._decide()
 
     def _decide(self) -> None:
@@ -157,10 +161,17 @@ class EventLoop:
             self._preempt(plan.preempt)
         ends, moved = self._migrate(plan.migrations)
         in_batches: set[int] = set()
+        launched: list[tuple[BatchRun, float]] = []
         for batch in plan.batches:
             start = max([ends[i] for i in batch.instances if i in ends], default=self.now)
-            self._launch(batch, start)
+            launched.append(self._launch(batch, start))
             in_batches.update(batch.instances)
+        if self.lockstep and launched:
+            # The engine steps every instance together: one step, one end.
+            common = max(end for _, end in launched)
+            launched = [(run, common) for run, _ in launched]
+        for run, end in launched:
+            self._push(end, _STEP_END, run)
         if plan.batches:
             self.plans_without_batch = 0
         elif plan.migrations:
@@ -228,7 +239,9 @@ class EventLoop:
             moved[req] = max(moved.get(req, self.now), ends[mig.src], ends[mig.dst])
         return ends, moved
 
-    def _launch(self, batch: Batch, start_s: float) -> None:
+    def _launch(self, batch: Batch, start_s: float) -> tuple[BatchRun, float]:
+        """Start ``batch`` (KV retained, decode tokens reserved); returns its
+        run and when its first step ends."""
         group = batch.instances
         assert group and len(set(group)) == len(group), f"bad group {group}"
         assert batch.prefills or batch.decodes, "empty batch"
@@ -237,7 +250,7 @@ class EventLoop:
             assert 0 <= i < self.n and not self.busy[i], f"instance {i} is not idle"
             self._set_busy(i, True)
         members = set(group)
-        run = BatchRun(group, batch.tensor_parallel, batch.num_steps)
+        run = BatchRun(group, batch.tensor_parallel, 1 if self.lockstep else batch.num_steps)
         chunks: list[tuple[int, int]] = []
         for item in batch.prefills:
             req = self.waiting.pop(item.req_id, None)
@@ -267,7 +280,7 @@ class EventLoop:
             assert dec.master in members and members.issuperset(req.kv), f"{dec} outside group"
             req.busy = True
             req.view = None
-            self.reserved[dec.master] += min(batch.num_steps, req.num_remaining_output)
+            self.reserved[dec.master] += min(run.steps_left, req.num_remaining_output)
             self._check_capacity(dec.master)
             run.add_decode(req, dec.master)
         duration = run.step_time(self.truth)
@@ -276,7 +289,7 @@ class EventLoop:
                 len(group), chunks, tensor_parallel=batch.tensor_parallel
             )
         self.num_batches += 1
-        self._push(start_s + duration, _STEP_END, run)
+        return run, start_s + duration
 
     # ------------------------------------------------------------------ events
     def _step_end(self, run: BatchRun) -> bool:

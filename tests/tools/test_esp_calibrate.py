@@ -1,0 +1,95 @@
+"""``python -m vllm_esp.calibrate --esp``: argument parsing, the profiling grid,
+the engine settings and the fit of measured rows (no engine is started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_esp import calibrate
+from vllm_esp.core.esp.cost_model import ESPCostModel
+
+
+def test_parser_esp_and_classic(tmp_path):
+    args = calibrate.build_parser().parse_args(["--esp", str(tmp_path / "o.json"), "--quick"])
+    assert args.esp == tmp_path / "o.json" and args.quick and args.model is None
+    args = calibrate.build_parser().parse_args(["--model", "m"])
+    assert args.esp is None and args.model == "m"
+    with pytest.raises(SystemExit):  # the classic path still needs --model
+        calibrate.main([])
+
+
+@pytest.mark.parametrize("grid", [calibrate.ESP_QUICK, calibrate.ESP_FULL])
+def test_grid_fits_the_engine(grid):
+    points = grid.prefill_points()
+    assert len(points) >= 8  # enough to determine A, B, C with room to spare
+    assert len({length for _, length in points}) >= 3  # B and C separable
+    assert all(n * length <= grid.max_batch_tokens for n, length in points)
+    kv = grid.kv_tokens(calibrate.ESP_BLOCK_SIZE)
+    assert kv % calibrate.ESP_BLOCK_SIZE == 0
+    assert kv >= grid.max_batch_tokens
+    assert all(n * (k + grid.num_decode_tokens) <= kv for n, k in grid.decode_points())
+
+
+def test_engine_kwargs(config_model_dir):
+    grid = calibrate.ESP_QUICK
+    one = calibrate.esp_engine_kwargs(config_model_dir, 1, grid, seed=0)
+    two = calibrate.esp_engine_kwargs(config_model_dir, 2, grid, seed=0)
+    assert one["kv_cache_memory_bytes"] == two["kv_cache_memory_bytes"]  # per instance
+    assert not one["enable_prefix_caching"] and not two["enable_prefix_caching"]
+    assert one["max_num_batched_tokens"] == grid.max_batch_tokens
+    esp = two["additional_config"]["esp"]
+    assert esp["num_instances"] == 2
+    assert esp["prefill_target_ms"] == calibrate.FORCE_DOP_TARGET_MS
+    assert "esp" not in one.get("additional_config", {})
+    # What the instances hold, capped by the model's positions (vLLM refuses more).
+    max_pos = json.loads((Path(config_model_dir) / "config.json").read_text()).get(
+        "max_position_embeddings", 10**9
+    )
+    kv = grid.kv_tokens(calibrate.ESP_BLOCK_SIZE)
+    for n, kwargs in ((1, one), (2, two)):
+        assert kwargs["max_model_len"] == min(n * kv - calibrate.ESP_BLOCK_SIZE, max_pos)
+
+
+def rows(a: float, b: float, c: float, points) -> list[dict]:
+    return [
+        {"sum_l": n * k, "sum_l2": n * k * k, "seconds": a + b * n * k + c * n * k * k}
+        for n, k in points
+    ]
+
+
+def test_fit_esp_cost_writes_a_loadable_model(tmp_path):
+    grid = calibrate.ESP_QUICK
+    points = grid.prefill_points()
+    decode = [
+        {
+            "num_master": n,
+            "num_kv_tokens": n * k,
+            "num_remote": 0,
+            "seconds": 5e-3 + 1e-4 * n + 1e-7 * n * k,
+        }
+        for n, k in grid.decode_points()
+    ]
+    link = {"latency_s": 2e-4, "bandwidth_bytes_per_s": 2e9}
+    cost = calibrate.fit_esp_cost(
+        {1: rows(0.01, 1e-4, 1e-8, points), 2: rows(0.012, 5e-5, 5e-9, points)},
+        decode,
+        link,
+        bytes_per_token=6144,
+        exchange_bytes_per_request=40_000,
+        meta={"capacity_tokens": 4096},
+    )
+    assert cost.source == "measured"
+    assert cost.prefill[2].B_s == pytest.approx(5e-5, rel=1e-6)
+    assert cost.ring_hop_s == pytest.approx(2e-3, rel=1e-6)
+    assert cost.decode.c_s == pytest.approx(1e-7, rel=1e-6)
+    # No remote samples: e comes from the link.
+    assert cost.decode.e_s == pytest.approx(40_000 / 2e9)
+    assert cost.meta["fit"]["decode_e_source"].startswith("link")
+    assert cost.meta["fit"]["mean_rel_err"]["prefill_dop1"] < 1e-9
+    path = tmp_path / "esp.json"
+    cost.save(path)
+    assert ESPCostModel.load(path) == cost
+    assert json.loads(Path(path).read_text())["meta"]["capacity_tokens"] == 4096
