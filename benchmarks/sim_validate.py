@@ -1,0 +1,144 @@
+"""The cluster simulator against the real engine at N = 2 (SIMULATED vs measured).
+
+    python -m benchmarks.sim_validate --engine ESP_RESULT.json [--cost FILE] --out FILE.json
+
+``ESP_RESULT.json`` is a ``benchmarks.esp`` result: it holds, per system,
+every request of its seeded trace (arrival, lengths, class, measured TTFT
+and JCT) and the engine settings. The ``esp_2`` system runs LoongServe's
+scheduler (``placement="loong"``) on two instances; this module replays the
+same trace in the simulator with the *same* :class:`LoongPolicy` class,
+two instances of the engine's per-instance KV, ``max_running_requests`` =
+the engine's ``max_num_seqs``, step times from the cost file measured on
+this machine (``python -m vllm_esp.calibrate --esp``), and ``lockstep``
+execution (the engine steps every instance together). It reports, per
+request class, mean TTFT and JCT simulated against measured and their
+relative errors; ``ttft_rel_err`` / ``jct_rel_err`` are the largest over
+the classes (the issue's target: within 15%).
+
+What the simulator leaves out, so what the error contains: vLLM chunks a
+prefill by ``max_num_batched_tokens`` (the simulated policy prefills a
+prompt in one step), the engine's admission is its ranking policy's (the
+simulated one is step 1 of the four-step scheduler), and the machine's
+speed drifts between the calibration and the replay (both runs record
+their speed probe / load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import finish_metadata, run_metadata, write_json
+from vllm_esp.core.esp.cost_model import ESPCostModel
+from vllm_esp.core.esp.loong.policy import LoongPolicy, LoongSettings
+from vllm_esp.sim.cluster import SimRequest, simulate
+
+DEFAULT_COST = Path("benchmarks/results/esp_cost_cpu.json")
+SYSTEM = "esp_2"
+
+
+def trace_of(records: Sequence[Mapping[str, Any]]) -> list[SimRequest]:
+    """The served requests of an engine run, as the simulator's trace."""
+    return [
+        SimRequest(
+            f"r{i}",
+            float(r["arrival_s"]),
+            int(r["num_prompt_tokens"]),
+            int(r["num_output_tokens"]),
+            str(r["class"]),
+        )
+        for i, r in enumerate(records)
+        if not r.get("refused") and r.get("jct_s") is not None
+    ]
+
+
+def compare(
+    measured: Sequence[Mapping[str, Any]], simulated: Mapping[str, tuple[float, float]]
+) -> dict[str, Any]:
+    """Per class: mean TTFT/JCT measured and simulated, relative errors.
+
+    ``simulated`` maps ``r{i}`` (the index in ``measured``) to (ttft, jct).
+    """
+    by_class: dict[str, list[tuple[float, float, float, float]]] = {}
+    for i, r in enumerate(measured):
+        sim = simulated.get(f"r{i}")
+        if sim is None or r.get("refused") or r.get("jct_s") is None:
+            continue
+        row = (float(r["ttft_s"]), float(r["jct_s"]), sim[0], sim[1])
+        by_class.setdefault(str(r["class"]), []).append(row)
+        by_class.setdefault("all", []).append(row)
+    out: dict[str, Any] = {}
+    for cls, rows in sorted(by_class.items()):
+        real_ttft, real_jct, sim_ttft, sim_jct = (statistics.fmean(c) for c in zip(*rows))
+        out[cls] = {
+            "n": len(rows),
+            "real_mean_ttft_s": real_ttft,
+            "sim_mean_ttft_s": sim_ttft,
+            "ttft_rel_err": abs(sim_ttft - real_ttft) / real_ttft,
+            "real_mean_jct_s": real_jct,
+            "sim_mean_jct_s": sim_jct,
+            "jct_rel_err": abs(sim_jct - real_jct) / real_jct,
+        }
+    return out
+
+
+def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, Any]:
+    """Simulate ``engine_result``'s ``esp_2`` trace; the comparison per class."""
+    records = engine_result["records"][SYSTEM]
+    engine = engine_result["engine"]
+    capacity = int(engine["instance_kv_tokens"])
+    settings = LoongSettings(max_running_requests=int(engine["max_num_seqs"]))
+    trace = trace_of(records)
+    result = simulate(
+        LoongPolicy(2, cost, settings),
+        trace,
+        num_instances=2,
+        capacity_tokens=capacity,
+        truth=cost,
+        lockstep=True,
+    )
+    simulated = {rec.req_id: (rec.ttft_s, rec.jct_s) for rec in result.records}
+    classes = compare(records, simulated)
+    per_class = [v for k, v in classes.items() if k != "all"]
+    return {
+        "label": "SIMULATED (LoongPolicy, lockstep) vs measured (engine esp_2, placement loong)",
+        "ttft_rel_err": max((c["ttft_rel_err"] for c in per_class), default=None),
+        "jct_rel_err": max((c["jct_rel_err"] for c in per_class), default=None),
+        "classes": classes,
+        "num_requests": len(trace),
+        "num_unfinished_in_sim": len(result.unfinished),
+        "capacity_tokens": capacity,
+        "max_running_requests": settings.max_running_requests,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", type=Path, required=True, help="a benchmarks.esp result")
+    parser.add_argument("--cost", type=Path, default=DEFAULT_COST)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    meta = run_metadata(seed=0)
+    engine_result = json.loads(args.engine.read_text())
+    cost = ESPCostModel.load(args.cost)
+    report = validate(engine_result, cost)
+    report["engine_result"] = str(args.engine)
+    report["cost_model"] = {"path": str(args.cost), "sha256": cost.sha256(), "source": cost.source}
+    report["engine_meta"] = engine_result.get("meta")
+    report["meta"] = finish_metadata(meta)
+    write_json(args.out, report)
+    for cls, row in report["classes"].items():
+        print(
+            f"{cls:>12}: TTFT {row['sim_mean_ttft_s']:.3f} sim / {row['real_mean_ttft_s']:.3f} real"
+            f" ({row['ttft_rel_err']:.0%}), JCT {row['sim_mean_jct_s']:.3f} / "
+            f"{row['real_mean_jct_s']:.3f} ({row['jct_rel_err']:.0%})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

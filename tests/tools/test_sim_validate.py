@@ -1,0 +1,73 @@
+"""``benchmarks.sim_validate``: the simulator against a measured engine run.
+
+A fake "measured" run made by the simulator itself must validate with zero
+error (the plumbing is exact), and a run twice as slow with 100%."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.sim_validate import validate
+from vllm_esp.core.esp.cost_model import (
+    DecodeCoeffs,
+    ESPCostModel,
+    MigrationCoeffs,
+    PrefillCoeffs,
+)
+from vllm_esp.core.esp.loong.policy import LoongPolicy, LoongSettings
+from vllm_esp.sim.cluster import SimRequest, simulate
+
+COST = ESPCostModel(
+    prefill={1: PrefillCoeffs(0.02, 2e-4, 1e-8), 2: PrefillCoeffs(0.025, 1e-4, 5e-9)},
+    decode=DecodeCoeffs(0.01, 1e-4, 1e-7, 1e-5),
+    migration=MigrationCoeffs(1e-3, 6144.0, 1e9),
+)
+
+
+def _engine_result(slowdown: float) -> dict:
+    rng = random.Random(3)
+    trace = [
+        SimRequest(f"r{i}", i * 0.3, rng.randint(20, 3000), rng.randint(1, 40), rng.choice("ab"))
+        for i in range(30)
+    ]
+    result = simulate(
+        LoongPolicy(2, COST, LoongSettings(max_running_requests=8)),
+        trace,
+        num_instances=2,
+        capacity_tokens=4096,
+        truth=COST,
+        lockstep=True,
+    )
+    by_id = {r.req_id: r for r in result.records}
+    records = [
+        {
+            "arrival_s": t.arrival_s,
+            "num_prompt_tokens": t.num_prompt_tokens,
+            "num_output_tokens": t.num_output_tokens,
+            "class": t.cls,
+            "ttft_s": by_id[t.req_id].ttft_s * slowdown,
+            "jct_s": by_id[t.req_id].jct_s * slowdown,
+            "refused": False,
+        }
+        for t in trace
+    ]
+    return {
+        "records": {"esp_2": records},
+        "engine": {"instance_kv_tokens": 4096, "max_num_seqs": 8},
+    }
+
+
+def test_a_run_the_simulator_made_validates_exactly():
+    report = validate(_engine_result(1.0), COST)
+    assert set(report["classes"]) == {"a", "b", "all"}
+    assert report["num_requests"] == 30 and report["num_unfinished_in_sim"] == 0
+    assert report["ttft_rel_err"] == pytest.approx(0.0, abs=1e-9)
+    assert report["jct_rel_err"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_run_twice_as_slow_is_off_by_half():
+    report = validate(_engine_result(2.0), COST)
+    assert report["ttft_rel_err"] == pytest.approx(0.5)
+    assert report["jct_rel_err"] == pytest.approx(0.5)
