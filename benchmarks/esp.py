@@ -1,70 +1,83 @@
-"""Elastic sequence parallelism in the engine (``--scheduler esp``, N instances)
-against stock vLLM (one instance with the same per-instance KV cache) on a
-mixed trace of ShareGPT requests and synthetic long prompts.
+"""Elastic sequence parallelism in the engine (``--scheduler esp``) against
+stock vLLM, one big stock instance and LoongServe's replica baseline, on
+one seeded mixed trace of ShareGPT requests and SYNTHETIC long prompts.
 
-    python -m benchmarks.esp [--quick] --out FILE.json [--model PRESET_OR_PATH]
-                             [--seed N] [--rate RPS] [--instance-kv-tokens T]
+    python -m benchmarks.esp [--quick] --out FILE.json [--systems S ...]
+                             [--rounds R] [--model PRESET_OR_PATH] [--seed N]
 
-What it does:
+**Systems** (N = 2 instances; one instance = ``--instance-kv-tokens`` of KV
+and, on CPU, one core):
 
-1. **Two systems, one cache size per instance.** ``stock``: vLLM as shipped
-   (``scheduler_args("fcfs")``), one instance with a KV cache of
-   ``--instance-kv-tokens`` tokens (``kv_cache_memory_bytes`` from the
-   model's K/V bytes per token) and ``max_model_len`` = that capacity, the
-   longest request one instance can hold. ``esp``:
-   ``scheduler_args("esp", esp={"num_instances": N})``, N model replicas
-   (processes), each with the *same* ``kv_cache_memory_bytes``, and
-   ``max_model_len`` = N times the per-instance capacity (less the null
-   block): one request's KV may span every instance. Everything else is
-   shared (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``,
-   chunked prefill, prefix caching, ``enforce_eager``, seed). What else
-   differs, by design of the feature: ESP's ranking is the ``esp``
-   scheduler's (MLFQ by default, see ``vllm_esp/integration/esp/scheduler.py``;
-   ``--esp-ranking fcfs`` gives it stock's order, so that only elastic
-   placement differs) while stock is FCFS; and on CPU each ESP instance
-   is bound to its own core (``ESPConfig.cpu_binds``; default: the
-   allowed cores split evenly), while stock's one worker runs on one core
-   (vLLM-CPU's default binding reserves the other for the front end). The
-   JSON records the settings each engine actually got.
-2. **Mixed trace.** ShareGPT requests
-   (:func:`vllm_esp.data.trace.make_sharegpt_trace`, lengths scaled by
-   ``--scale``, prompts clipped to 1,024 tokens, outputs to
-   ``--max-output-len``) plus **synthetic** long prompts
-   (:func:`~vllm_esp.data.trace.make_synthetic_long_trace` with a profile
-   shaped like L-Eval's log-uniform input lengths, but with the range set
-   to ``--long-range`` times the per-instance capacity, default 1.05-1.85:
-   longer than one instance can hold, shorter than N = 2 together; the
-   documents are real ShareGPT text; these requests carry
-   ``source="synthetic-esp-long"``). The two streams are independent
-   Poisson processes whose rates add up to ``--rate`` (shares in
-   proportion to their request counts); the merged trace is replayed
-   identically by both systems. Every request is greedy with
-   ``ignore_eos`` and ``max_tokens`` = its output length.
-3. **Replay** (as in ``benchmarks/jct.py``): a loop over
-   ``LLMEngine.add_request()`` / ``step()`` in real time, each request
-   added once its scheduled arrival has passed. A prompt longer than the
-   system's ``max_model_len`` makes vLLM raise in ``add_request``
-   (``VLLMValidationError`` in 0.32, not a ``ValueError``; older releases
-   raise ``ValueError``); the request is counted **refused** (no JCT).
-   JCT = finish - scheduled arrival, TTFT = first token - scheduled
-   arrival. Each engine is shut down before the next starts. ``--max-replay-s``
-   bounds a replay; requests still running then are aborted and counted
-   ``unfinished`` (a hung engine shows up as such, not as a hung run).
+* ``stock_one``: stock vLLM (``scheduler_args("fcfs")``), one instance with
+  one ESP instance's KV; ``max_model_len`` = that capacity less the null
+  block, so a prompt longer than one instance holds is refused.
+* ``stock_all``: stock vLLM, one instance with all N instances' KV (and
+  ``max_model_len``). Cores: vLLM-CPU's own worker binding, which on this
+  2-core machine reserves one core for the front end and gives the worker
+  the other; the JSON records what each worker process got
+  (``engine_actual.processes``: allowed cores, ``OMP_NUM_THREADS``).
+* ``replicas``: N stock replicas (one instance's KV, bound to one core each)
+  behind a round-robin dispatcher (``benchmarks/replicas.py``: request ``i``
+  goes to replica ``i mod N`` in arrival order; a replica refuses what it
+  cannot hold).
+* ``esp_1``: ``--scheduler esp`` with one instance holding all N instances'
+  KV (with one instance, ``scheduler_args`` gives the stock executor and the
+  esp scheduler's MLFQ ranking); the 1-instance side of the long-prompt
+  measurement, which needs one instance that holds a >= 4K prompt.
+* ``esp_2``: ``--scheduler esp``, N = 2 instances of one instance's KV and
+  one core each, ``placement: "loong"`` (LoongServe's four-step scheduler).
+* ``esp_2_threshold``: the same with the ``threshold`` placement.
 
-``--quick``: 40 ShareGPT + 4 long requests at 0.5 req/s (last arrival
-~110 s), 4,096 KV tokens per instance (default model: bf16, 6 layers, 4
-KV heads of 64, i.e. 6 KiB per token), ``max_num_seqs`` 8; about 5
-minutes on 2 idle cores. Without ``--quick``: 150 + 12 requests.
+ESP's ranking is the esp scheduler's (``--esp-ranking``, MLFQ as shipped;
+``fcfs`` gives stock's order); stock's is FCFS. Every engine shares
+``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, chunked
+prefill, prefix caching, ``enforce_eager`` and the seed.
 
-Output JSON: per system served / refused / unfinished counts (overall and
-per source), mean / p50 / p99 TTFT and JCT over served requests, the
-same on the requests both systems served (a like-for-like comparison),
-the longest prompt served, output and total tokens per second over the
-makespan, ESP's scheduler counters (multi-instance prefills, scale-ups,
-migrated blocks, lowest free blocks per instance), ESP/stock ratios, the
-trace and engine settings, and run metadata (machine, versions, seed, git
-revision, load average). A PNG next to it plots the JCT CDFs and the
-served / refused counts.
+**Trace.** ShareGPT requests (``make_sharegpt_trace``, lengths scaled by
+``--scale``, prompts clipped to 1,024 tokens) plus SYNTHETIC long prompts
+(``make_synthetic_long_trace``, log-uniform lengths of ``--long-range``
+times one instance's capacity, default 1.05-1.85: longer than one instance
+holds, shorter than N together; text from ShareGPT; ``source =
+"synthetic-esp-long"``), two Poisson streams merged. Classes: ``short``
+(ShareGPT) and ``long`` (synthetic). Every request is greedy with
+``ignore_eos`` and ``max_tokens`` = its output length. Every system
+replays the same trace in real time (``replicas.replay_engines``); JCT =
+finish - scheduled arrival, TTFT = first token - scheduled arrival.
+
+**Rounds.** Engines start once (first round) and stay up, idle, between
+their replays (an idle engine uses no CPU; its prefix cache is reset before
+each replay). Rounds alternate the order (A B C D, then D C B A), each
+replay is bracketed by a speed probe (``vllm_esp.harness.client.speed_probe``)
+and each round gives paired ratios (esp_2/replicas on short requests,
+esp_2/stock_all and esp_2/esp_2_threshold on all), reported per round with
+min/median/max: these machines drift in speed by up to 3x within minutes.
+
+**Lone long prompt.** After each round's replays, ``--lone-repeats`` fresh
+prompts of ``--lone-prompt-len`` random tokens (``max_tokens`` 1) are
+prefilled on esp_1 and esp_2, alternating (the order flips every pair);
+``long_prompt_prefill_s`` holds each side's median.
+
+**Kernel.** The CPU partial-attention kernel (``backend="cpu"``) against
+vLLM's own CPU attention on the same paged cache (one instance, whole KV
+local, one thread, bf16, the engine's block size), by
+``benchmarks.esp_kernels``' code: a 4,096-token prefill is the headline.
+
+``--quick``: 20 ShareGPT + 4 long requests at 0.8 req/s (last arrival
+40 s), 4,096 KV tokens per instance (default model: bf16, 6 layers, 4 KV
+heads of 64), ``max_num_seqs`` 8, 2 rounds, 2 lone repeats per round:
+about 15 minutes on 2 idle cores (seven engine starts take ~4 of them).
+Without ``--quick``: 150 + 12 requests at 0.5 req/s, 3 rounds.
+
+**Output JSON**: ``systems`` -> system -> ``all`` / ``short`` / ``long`` ->
+``mean_jct_s``, ``p99_jct_s``, ``mean_ttft_s``, ``p99_ttft_s``, ``served``,
+``refused`` (plus p50s, unfinished, longest prompt served, tokens/s),
+pooled over rounds, with ``per_round`` blocks and engine facts;
+``long_prompt_prefill_s`` -> ``"1"`` / ``"2"``; ``kernel`` -> ``esp_s`` /
+``vllm_s``; ``paired_ratios``; ``targets`` (issue 12's, measured, with
+pass/fail); ``records`` -> system -> one row per request and round (what
+a simulator validation reads); ``trace``, ``engine``, ``machine``,
+``versions``, ``seed``, ``revision`` and ``metadata``. A PNG next to it
+plots the JCT CDF per class and system and the served / refused counts.
 """
 
 from __future__ import annotations
@@ -73,9 +86,11 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,50 +106,90 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from benchmarks.jct import (
-    SchedulerStatsTap,
-    _params,
-    kv_bytes_per_token,
-    stop_engine,
-    warm_up,
-)
+from benchmarks.jct import SchedulerStatsTap, _params, kv_bytes_per_token, stop_engine, warm_up
+from benchmarks.replicas import assign_round_robin, bound_env, engine_processes, replay_engines
 
-SYSTEMS = ("stock", "esp")
+SYSTEMS = ("stock_one", "stock_all", "replicas", "esp_1", "esp_2", "esp_2_threshold")
+#: Instances of the multi-instance systems (the system names carry it).
+NUM_INSTANCES = 2
 LONG_SOURCE = "synthetic-esp-long"
+CLASSES = ("all", "short", "long")
+
+#: Issue 12's targets: name -> limit; each is "measured <= limit".
+TARGETS = {
+    "lone_long_prompt_prefill_2_over_1": 0.6,
+    "short_mean_jct_esp_2_over_replicas": 1.1,
+    "overall_mean_jct_esp_2_over_stock_all": 1.2,
+    "kernel_esp_over_vllm": 1.3,
+}
+#: Paired per-round ratios: name -> (numerator, denominator, class, metric).
+PAIRED = {
+    "esp_2_over_replicas_short_mean_jct": ("esp_2", "replicas", "short", "mean_jct_s"),
+    "esp_2_over_stock_all_all_mean_jct": ("esp_2", "stock_all", "all", "mean_jct_s"),
+    "esp_2_over_esp_2_threshold_all_mean_jct": ("esp_2", "esp_2_threshold", "all", "mean_jct_s"),
+}
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Engine settings; ``max_model_len`` is the only per-system difference."""
+    """Settings every engine shares; :func:`system_spec` derives the rest."""
 
-    #: KV tokens per instance (stock has one instance, ESP ``num_instances``).
+    #: KV tokens of one instance.
     instance_kv_tokens: int = 4096
-    num_instances: int = 2
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     #: vLLM-CPU attention needs a multiple of 32.
     block_size: int = 32
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    #: The ESP executor requires eager mode; stock gets the same.
+    #: The ESP executor requires eager mode; every engine gets the same.
     enforce_eager: bool = True
     #: Needed by the CPU worker's memory check; the KV size itself is set
     #: by kv_cache_memory_bytes.
     gpu_memory_utilization: float = 0.3
     #: Ranking policy of the esp scheduler (``mlfq``: as shipped; ``fcfs``).
     esp_ranking: str = "mlfq"
-    #: ESPConfig overrides (``--esp-config``), on top of num_instances.
+    #: ESPConfig overrides (``--esp-config``); num_instances and placement
+    #: come from the system.
     esp_config: dict[str, Any] = field(default_factory=dict)
 
-    def max_model_len(self, system: str) -> int:
-        """Stock: what one instance holds; ESP: what all instances hold.
 
-        Less one block: vLLM keeps block 0 as its null block and refuses
-        to start if ``max_model_len`` needs more blocks than remain (ESP's
-        global block space has one null block too, on instance 0).
-        """
-        n = self.num_instances if system == "esp" else 1
-        return n * self.instance_kv_tokens - self.block_size
+@dataclass(frozen=True)
+class SystemSpec:
+    """One system: which scheduler, how many engines, how much KV each."""
+
+    name: str
+    #: ``"fcfs"`` (stock vLLM) or ``"esp"``.
+    scheduler: str
+    #: ESP instances per engine (1 for stock).
+    num_instances: int
+    #: KV tokens of each instance (each engine, for stock).
+    kv_tokens: int
+    max_model_len: int
+    #: Engines behind the dispatcher (N for replicas, else 1).
+    num_engines: int = 1
+    #: ESP placement policy (ESPConfig.placement).
+    placement: str | None = None
+
+
+def system_spec(system: str, eng: EngineSettings) -> SystemSpec:
+    """What ``system`` runs (see the module docstring).
+
+    ``max_model_len`` is what one engine holds less one block: vLLM keeps
+    block 0 as its null block and refuses to start if ``max_model_len``
+    needs more blocks than remain (ESP's global block space has one too).
+    """
+    cap, n, blk = eng.instance_kv_tokens, NUM_INSTANCES, eng.block_size
+    one, all_ = cap - blk, n * cap - blk
+    specs = {
+        "stock_one": SystemSpec(system, "fcfs", 1, cap, one),
+        "stock_all": SystemSpec(system, "fcfs", 1, n * cap, all_),
+        "replicas": SystemSpec(system, "fcfs", 1, cap, one, num_engines=n),
+        "esp_1": SystemSpec(system, "esp", 1, n * cap, all_),
+        "esp_2": SystemSpec(system, "esp", n, cap, all_, placement="loong"),
+        "esp_2_threshold": SystemSpec(system, "esp", n, cap, all_, placement="threshold"),
+    }
+    return specs[system]
 
 
 @dataclass(frozen=True)
@@ -175,7 +230,7 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
             seed=ts.seed,
             max_prompt_len=ts.max_prompt_len,
             max_output_len=ts.max_output_len,
-            max_model_len=eng.max_model_len("stock"),
+            max_model_len=system_spec("stock_one", eng).max_model_len,
             scale=ts.scale,
         )
         if ts.num_sharegpt
@@ -195,7 +250,7 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
             seed=ts.seed + 1,
             profile=profile,
             scale=1.0,
-            max_model_len=eng.max_model_len("esp"),
+            max_model_len=system_spec("esp_2", eng).max_model_len,
             question_len=ts.long_question_len,
         )
         assert all(r.source == LONG_SOURCE for r in long)
@@ -242,35 +297,6 @@ def build_trace(tok: Any, ts: TraceSettings, eng: EngineSettings) -> tuple[list,
 
 
 # ----------------------------------------------------------------- engine
-def engine_kwargs(model_dir: str, system: str, eng: EngineSettings, seed: int) -> dict[str, Any]:
-    """``LLM(...)`` keyword arguments of ``system``."""
-    from vllm_esp.integration.engine_args import scheduler_args
-
-    if system == "esp":
-        sched = scheduler_args("esp", esp={**eng.esp_config, "num_instances": eng.num_instances})
-        # The esp scheduler ranks with MLFQ; --esp-ranking fcfs gives it stock's
-        # order, so that only elastic placement differs from stock.
-        sched["additional_config"]["mlfq"]["policy"] = eng.esp_ranking
-    else:
-        sched = scheduler_args("fcfs")
-    return dict(
-        model=model_dir,
-        max_num_seqs=eng.max_num_seqs,
-        max_num_batched_tokens=eng.max_num_batched_tokens,
-        max_model_len=eng.max_model_len(system),
-        block_size=eng.block_size,
-        # Per instance: every ESP instance allocates this much.
-        kv_cache_memory_bytes=eng.instance_kv_tokens * kv_bytes_per_token(model_dir),
-        gpu_memory_utilization=eng.gpu_memory_utilization,
-        enable_chunked_prefill=eng.enable_chunked_prefill,
-        enable_prefix_caching=eng.enable_prefix_caching,
-        enforce_eager=eng.enforce_eager,
-        seed=seed,
-        disable_log_stats=False,  # scheduler stats (queue lengths, ESP counters)
-        **sched,
-    )
-
-
 class ESPStatsTap(SchedulerStatsTap):
     """``SchedulerStatsTap`` that also keeps the ESP scheduler's own entries
     (``vllm_esp:esp_*`` counters and per-instance free blocks: their
@@ -316,366 +342,534 @@ class ESPStatsTap(SchedulerStatsTap):
         return out
 
 
-try:  # vLLM 0.32 raises this (a VLLMClientError, not a ValueError) for a too-long prompt
-    from vllm.exceptions import VLLMValidationError as _VLLMValidationError
+def engine_kwargs(
+    model_dir: str, spec: SystemSpec, eng: EngineSettings, seed: int
+) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments of one engine of ``spec``."""
+    from vllm_esp.integration.engine_args import scheduler_args
 
-    _REFUSALS: tuple[type[BaseException], ...] = (ValueError, _VLLMValidationError)
-except ImportError:  # older vLLM: a ValueError
-    _REFUSALS = (ValueError,)
+    if spec.scheduler == "esp":
+        esp: dict[str, Any] = {**eng.esp_config, "num_instances": spec.num_instances}
+        if spec.placement is not None:
+            esp["placement"] = spec.placement
+        sched = scheduler_args("esp", esp=esp)
+        # The esp scheduler ranks with MLFQ; --esp-ranking fcfs gives it
+        # stock's order, so that only elastic placement differs from stock.
+        sched["additional_config"]["mlfq"]["policy"] = eng.esp_ranking
+    else:
+        sched = scheduler_args("fcfs")
+    return dict(
+        model=model_dir,
+        max_num_seqs=eng.max_num_seqs,
+        max_num_batched_tokens=eng.max_num_batched_tokens,
+        max_model_len=spec.max_model_len,
+        block_size=eng.block_size,
+        # Per instance: every ESP instance allocates this much.
+        kv_cache_memory_bytes=spec.kv_tokens * kv_bytes_per_token(model_dir),
+        gpu_memory_utilization=eng.gpu_memory_utilization,
+        enable_chunked_prefill=eng.enable_chunked_prefill,
+        enable_prefix_caching=eng.enable_prefix_caching,
+        enforce_eager=eng.enforce_eager,
+        seed=seed,
+        disable_log_stats=False,  # scheduler stats (queue lengths, ESP counters)
+        **sched,
+    )
 
 
-def replay(
-    llm: Any, trace: list, tag: str, tap: ESPStatsTap, max_replay_s: float
-) -> tuple[list[RequestRecord], dict[str, Any]]:
-    """Replay ``trace`` in real time (see the module docstring)."""
+def replica_binds(num_engines: int) -> list[str | None]:
+    """Core list per engine: None (vLLM's own binding) for one engine; for
+    replicas, the allowed cores split evenly, as ESP splits them over its
+    instances (``default_cpu_binds``), so a replica gets an instance's core."""
+    if num_engines == 1:
+        return [None]
+    from vllm_esp.integration.esp.instances import default_cpu_binds
+
+    return default_cpu_binds(num_engines)
+
+
+def random_prompt(rng: np.random.Generator, vocab_size: int, num_tokens: int) -> Any:
+    """A token prompt of random ids (no overlap with the trace's text)."""
     from vllm.inputs import TokensPrompt
 
-    engine = llm.llm_engine
-    recs = {
-        f"{tag}-{r.request_id}": RequestRecord(
-            request_id=r.request_id,
-            source=r.source,
-            prompt_len=r.prompt_len,
-            output_len=r.output_len,
-            arrival_s=float(r.arrival_s),
-        )
-        for r in trace
-    }
-    ids = list(recs)  # trace is sorted by arrival
-    tap.reset()
-    num_steps = num_done = nxt = 0
-    in_flight: set[str] = set()
-    step_s: list[tuple[float, float]] = []  # (start, duration) of each engine.step()
-    timed_out = False
-    t0 = time.perf_counter()
-    while num_done < len(ids):
-        now = time.perf_counter() - t0
-        if now > max_replay_s:
-            timed_out = True
-            break
-        while nxt < len(ids) and recs[ids[nxt]].arrival_s <= now:
-            rid, r = ids[nxt], trace[nxt]
-            rec = recs[rid]
-            rec.added_s = time.perf_counter() - t0
-            try:
-                engine.add_request(
-                    rid,
-                    TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
-                    _params(r.output_len),
-                )
-                in_flight.add(rid)
-            except _REFUSALS as exc:  # prompt longer than max_model_len
-                rec.refused = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                num_done += 1
-            nxt += 1
-        if not engine.has_unfinished_requests():
-            if nxt < len(ids):  # idle: sleep until the next arrival
-                time.sleep(
-                    max(
-                        min(recs[ids[nxt]].arrival_s, max_replay_s) - (time.perf_counter() - t0),
-                        0.0,
-                    )
-                )
-            continue
-        ts = time.perf_counter()
-        outputs = engine.step()
-        num_steps += 1
-        t = time.perf_counter() - t0
-        step_s.append((round(ts - t0, 4), round(time.perf_counter() - ts, 4)))
-        for out in outputs:
-            rec = recs.get(out.request_id)
-            if rec is not None and rec.see(out, t):
-                in_flight.discard(out.request_id)
-                num_done += 1
-    if timed_out and in_flight:
-        engine.abort_request(sorted(in_flight))
-        while engine.has_unfinished_requests():  # let the abort go through
-            engine.step()
-    durations = [d for _, d in step_s]
-    run = {
-        "num_engine_steps_seen": num_steps,
-        "wall_s": time.perf_counter() - t0,
-        "timed_out": timed_out,
-        "max_replay_s": max_replay_s,
-        # Wall time of engine.step() (schedule + execute + outputs), and the
-        # slowest steps with their start times: where long prefills go.
-        "step_time_s": summarize(durations),
-        "busy_s": sum(durations),
-        "slowest_steps_start_duration_s": sorted(step_s, key=lambda x: -x[1])[:10],
-        "scheduler_stats": tap.summary(),
-    }
-    return list(recs.values()), run
+    return TokensPrompt(prompt_token_ids=rng.integers(10, vocab_size - 1, size=num_tokens).tolist())
 
 
-# ----------------------------------------------------------------- metrics
-def _stats(recs: list[RequestRecord]) -> dict[str, Any]:
-    served = [r for r in recs if r.served]
-    js = summarize([r.jct_s for r in served])
-    ts = summarize([r.ttft_s for r in served if not math.isnan(r.first_token_s)])
+@dataclass
+class Running:
+    """A started system: its engines, their stats taps and start-up facts."""
+
+    spec: SystemSpec
+    llms: list[Any]
+    taps: list[ESPStatsTap]
+    info: dict[str, Any]
+
+
+def _engine_actual(llm: Any, kwargs: dict[str, Any], processes: list[dict[str, Any]]) -> dict:
+    vcfg = llm.llm_engine.vllm_config
+    cache = vcfg.cache_config
     return {
-        "num_requests": len(recs),
-        "num_served": len(served),
-        "num_refused": sum(1 for r in recs if r.refused is not None),
-        "num_unfinished": sum(1 for r in recs if r.refused is None and not r.served),
-        "mean_ttft_s": ts["mean"],
-        "p50_ttft_s": ts["p50"],
-        "p99_ttft_s": ts["p99"],
-        "max_ttft_s": ts["max"],
-        "mean_jct_s": js["mean"],
-        "p50_jct_s": js["p50"],
-        "p99_jct_s": js["p99"],
-        "max_jct_s": js["max"],
+        "max_model_len": vcfg.model_config.max_model_len,
+        "num_kv_blocks_total": cache.num_gpu_blocks,
+        "kv_cache_tokens_total": (cache.num_gpu_blocks or 0) * cache.block_size,
+        "kv_cache_memory_bytes_per_instance": kwargs["kv_cache_memory_bytes"],
+        "block_size": cache.block_size,
+        "scheduler_cls": str(vcfg.scheduler_config.scheduler_cls),
+        "distributed_executor_backend": str(vcfg.parallel_config.distributed_executor_backend),
+        "additional_config": vcfg.additional_config,
+        "enable_prefix_caching": cache.enable_prefix_caching,
+        "chunked_prefill": vcfg.scheduler_config.enable_chunked_prefill,
+        "dtype": str(vcfg.model_config.dtype),
+        "async_scheduling": vcfg.scheduler_config.async_scheduling,
+        # Every process the engine started, with the cores it may run on.
+        "processes": processes,
     }
 
 
-def system_metrics(recs: list[RequestRecord]) -> dict[str, Any]:
-    """The per-system numbers of the JSON."""
-    served = [r for r in recs if r.served]
-    out = _stats(recs)
-    start = min(r.arrival_s for r in recs)
-    end = max((r.finish_s for r in served), default=math.nan)
-    span = end - start
-    out_tok = sum(r.num_output_tokens for r in served)
-    prompt_tok = sum(r.prompt_len for r in served)
-    refused = [r for r in recs if r.refused is not None]
-    lag = [r.added_s - r.arrival_s for r in recs if not math.isnan(r.added_s)]
-    out.update(
-        {
-            "longest_prompt_served": max((r.prompt_len for r in served), default=None),
-            "longest_prompt_served_id": max(served, key=lambda r: r.prompt_len).request_id
-            if served
-            else None,
-            "shortest_prompt_refused": min((r.prompt_len for r in refused), default=None),
-            "refusal_example": refused[0].refused if refused else None,
-            "makespan_s": span if served else None,
-            "num_output_tokens": out_tok,
-            "num_output_tokens_expected": sum(r.output_len for r in served),
-            "num_prompt_tokens_served": prompt_tok,
-            "num_cached_prompt_tokens": sum(r.num_cached_tokens or 0 for r in served),
-            "throughput_output_tok_s": out_tok / span if served else None,
-            "throughput_total_tok_s": (out_tok + prompt_tok) / span if served else None,
-            "throughput_req_s": len(served) / span if served else None,
-            "arrival_lag_mean_s": float(np.mean(lag)) if lag else None,
-            "arrival_lag_max_s": float(np.max(lag)) if lag else None,
-            "by_source": {
-                src: _stats([r for r in recs if r.source == src])
-                for src in sorted({r.source for r in recs})
-            },
-        }
+def start_system(
+    model_dir: str, spec: SystemSpec, eng: EngineSettings, seed: int, vocab: int, warm_len: int
+) -> Running:
+    """Start ``spec``'s engines one after the other and warm each up: a few
+    short requests plus one prompt of ``warm_len`` tokens (or as long as the
+    engine holds), so neither the first multi-instance prefill nor the first
+    large chunk is timed."""
+    from vllm import LLM
+
+    run = Running(spec, [], [], {"timings_s": {}, "engine_actual": []})
+    before, _ = engine_processes(set())
+    t = time.perf_counter()
+    kwargs = engine_kwargs(model_dir, spec, eng, seed)
+    for bind in replica_binds(spec.num_engines):
+        env = {} if bind is None else {"VLLM_CPU_OMP_THREADS_BIND": bind}
+        with bound_env(**env):
+            llm = LLM(**kwargs)
+        run.llms.append(llm)
+        before, procs = engine_processes(before)
+        run.info["engine_actual"].append(
+            {**_engine_actual(llm, kwargs, procs), "VLLM_CPU_OMP_THREADS_BIND": bind}
+        )
+    run.info["timings_s"]["engine_start"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed + 54321)
+    for llm in run.llms:
+        warm_up(llm, vocab, seed)
+        n = min(warm_len, spec.max_model_len - 16)
+        llm.generate([random_prompt(rng, vocab, n)], _params(4), use_tqdm=False)
+        llm.reset_prefix_cache()
+        run.taps.append(ESPStatsTap(llm.llm_engine))
+    run.info["timings_s"]["warm_up"] = time.perf_counter() - t
+    return run
+
+
+def stop_system(run: Running) -> float:
+    """Shut every engine of ``run`` down; seconds it took."""
+    t = time.perf_counter()
+    for llm in run.llms:
+        stop_engine(llm)
+    run.llms.clear()
+    return time.perf_counter() - t
+
+
+def replay_system(
+    run: Running, trace: list, max_replay_s: float
+) -> tuple[list[RequestRecord], list[int], dict[str, Any]]:
+    """One replay of ``trace`` on ``run`` (prefix caches emptied first),
+    bracketed by speed probes; returns records, engine per request, facts."""
+    from vllm_esp.harness.client import speed_probe
+
+    for llm in run.llms:
+        llm.reset_prefix_cache()
+    assignment = assign_round_robin(len(trace), len(run.llms))
+    probe = [speed_probe()]
+    load = [os.getloadavg()[0]]
+    recs, info = replay_engines(
+        run.llms, trace, assignment, run.spec.name, run.taps, max_replay_s, _params
     )
+    probe.append(speed_probe())
+    load.append(os.getloadavg()[0])
+    info["speed_probe_s_before_after"] = [round(p, 4) for p in probe]
+    # The cores are shared with other work: keep the load next to the numbers.
+    info["loadavg_1min_before_after"] = [round(x, 2) for x in load]
+    return recs, assignment, info
+
+
+def lone_prefill_s(llm: Any, prompt: Any) -> float:
+    """Wall time of one fresh prompt with ``max_tokens`` 1: its prefill."""
+    t = time.perf_counter()
+    llm.generate([prompt], _params(1), use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def lone_round(
+    one: Running, two: Running, round_index: int, repeats: int, length: int, vocab: int, seed: int
+) -> dict[str, list[float]]:
+    """``repeats`` fresh prompts of ``length`` tokens on each of ``one`` and
+    ``two``, alternating; who goes first flips every pair."""
+    rng = np.random.default_rng([seed, 777, round_index])
+    out: dict[str, list[float]] = {"1": [], "2": []}
+    for i in range(repeats):
+        pair = [("1", one), ("2", two)]
+        for key, run in pair if (round_index + i) % 2 == 0 else pair[::-1]:
+            out[key].append(lone_prefill_s(run.llms[0], random_prompt(rng, vocab, length)))
+    for run in (one, two):
+        run.llms[0].reset_prefix_cache()
     return out
 
 
-def common_subset(
-    a: list[RequestRecord], b: list[RequestRecord]
-) -> tuple[list[RequestRecord], list[RequestRecord]]:
-    """The requests both systems served, in the same order."""
-    bb = {r.request_id: r for r in b}
-    both = [
-        r.request_id for r in a if r.served and bb.get(r.request_id) and bb[r.request_id].served
+def kernel_bench(block_size: int, rounds: int, iters: int, seed: int) -> dict[str, Any]:
+    """The fused CPU partial-attention kernel against vLLM's CPU attention
+    (``benchmarks.esp_kernels``' problems and paired rounds) on the default
+    model's heads, one thread, bf16: every shape of ``VLLM_SHAPES``, with
+    the 4,096-token prefill (``HEADLINE``) as ``esp_s`` / ``vllm_s``."""
+    import torch
+
+    from benchmarks.esp_kernels import (
+        HEADLINE,
+        VLLM_HEADS,
+        VLLM_SHAPES,
+        build_paged_problem,
+        esp_cpu_attention,
+        paired_rounds,
+        vllm_cpu_attention,
+    )
+
+    if hasattr(torch.cpu, "_init_amx"):
+        # vLLM's AMX kernel assumes the AMX tile permission the engine's
+        # oneDNN GEMMs request; this process has not run one yet.
+        torch.cpu._init_amx()
+    heads_name, headline_shape, threads = HEADLINE
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shapes = []
+    try:
+        for name, num_seqs, query_len, context_len in VLLM_SHAPES:
+            problem = build_paged_problem(
+                VLLM_HEADS[heads_name],
+                num_seqs,
+                query_len,
+                context_len,
+                torch.bfloat16,
+                block_size,
+                seed,
+            )
+            esp, vllm = esp_cpu_attention(problem), vllm_cpu_attention(problem)
+            diff = (esp().float() - vllm().float()).abs().max().item()
+            res = paired_rounds(esp, vllm, rounds, iters)
+            shapes.append({"shape": name, "isa": problem.isa, "max_abs_diff": diff, **res})
+    finally:
+        torch.set_num_threads(threads_before)
+    head = next(s for s in shapes if s["shape"] == headline_shape)
+    return {
+        **head["kernel"],
+        "ratio": ratio(head["kernel"]["esp_s"], head["kernel"]["vllm_s"]),
+        "paired_round_ratios": head["round_ratios"],
+        "shape": headline_shape,
+        "heads": heads_name,
+        "num_heads_kv_heads_head_size": list(VLLM_HEADS[heads_name]),
+        "threads": threads,
+        "dtype": "bfloat16",
+        "block_size": block_size,
+        "isa": head["isa"],
+        "rounds": rounds,
+        "iters": iters,
+        "shapes": shapes,
+    }
+
+
+# ----------------------------------------------------------------- metrics
+def request_class(source: str) -> str:
+    """``long`` for the synthetic long prompts, ``short`` for ShareGPT."""
+    return "long" if source == LONG_SOURCE else "short"
+
+
+def _round4(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
+def record_rows(
+    recs: Sequence[RequestRecord], round_index: int, assignment: Sequence[int]
+) -> list[dict[str, Any]]:
+    """One JSON row per request of one replay (``num_output_tokens`` is what
+    the request asked for; ``num_generated_tokens`` what came back)."""
+    return [
+        {
+            "round": round_index,
+            "request_id": r.request_id,
+            "class": request_class(r.source),
+            "source": r.source,
+            "arrival_s": round(r.arrival_s, 4),
+            "num_prompt_tokens": r.prompt_len,
+            "num_output_tokens": r.output_len,
+            "num_generated_tokens": r.num_output_tokens,
+            "ttft_s": _round4(r.ttft_s),
+            "jct_s": _round4(r.jct_s) if r.served else None,
+            "refused": r.refused is not None,
+            "unfinished": r.refused is None and not r.served,
+            "engine": k,
+        }
+        for r, k in zip(recs, assignment)
     ]
-    aa = {r.request_id: r for r in a}
-    return [aa[i] for i in both], [bb[i] for i in both]
+
+
+def _spans_s(rows: Sequence[dict[str, Any]]) -> float:
+    """Sum over rounds of (last finish - first arrival): the time the
+    served tokens took, for tokens/s over several rounds."""
+    total = 0.0
+    for r in sorted({row["round"] for row in rows}):
+        rs = [row for row in rows if row["round"] == r]
+        ends = [row["arrival_s"] + row["jct_s"] for row in rs if row["jct_s"] is not None]
+        if ends:
+            total += max(ends) - min(row["arrival_s"] for row in rs)
+    return total
+
+
+def class_stats(rows: Sequence[dict[str, Any]], span_s: float) -> dict[str, Any]:
+    """Latency and service numbers of ``rows`` (served: has a JCT);
+    tokens/s are the served tokens over ``span_s``."""
+    served = [r for r in rows if r["jct_s"] is not None]
+    jct = summarize([r["jct_s"] for r in served])
+    ttft = summarize([r["ttft_s"] for r in served if r["ttft_s"] is not None])
+    out_tok = sum(r["num_generated_tokens"] for r in served)
+    prompt_tok = sum(r["num_prompt_tokens"] for r in served)
+    return {
+        "mean_jct_s": jct["mean"],
+        "p99_jct_s": jct["p99"],
+        "mean_ttft_s": ttft["mean"],
+        "p99_ttft_s": ttft["p99"],
+        "served": len(served),
+        "refused": sum(1 for r in rows if r["refused"]),
+        "unfinished": sum(1 for r in rows if r["unfinished"]),
+        "num_requests": len(rows),
+        "p50_jct_s": jct["p50"],
+        "p50_ttft_s": ttft["p50"],
+        "longest_prompt_served": max((r["num_prompt_tokens"] for r in served), default=None),
+        "output_tok_s": out_tok / span_s if span_s > 0 and served else None,
+        "total_tok_s": (out_tok + prompt_tok) / span_s if span_s > 0 and served else None,
+    }
+
+
+def system_block(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``all`` / ``short`` / ``long`` statistics of one system's rows."""
+    span = _spans_s(rows)
+    return {
+        cls: class_stats([r for r in rows if cls == "all" or r["class"] == cls], span)
+        for cls in CLASSES
+    }
+
+
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Per-round values with their min / median / max (None ignored)."""
+    vals = [v for v in values if v is not None]
+    return {
+        "per_round": list(values),
+        "min": min(vals) if vals else None,
+        "median": statistics.median(vals) if vals else None,
+        "max": max(vals) if vals else None,
+    }
+
+
+def paired_ratios(per_round: dict[str, list[dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """Each of ``PAIRED`` round by round (both systems' replays of a round
+    ran minutes apart on the same machine), with min / median / max."""
+    out: dict[str, Any] = {}
+    for name, (num, den, cls, metric) in PAIRED.items():
+        if num not in per_round or den not in per_round:
+            continue
+        values = [
+            ratio(a[cls][metric], b[cls][metric]) for a, b in zip(per_round[num], per_round[den])
+        ]
+        out[name] = {"numerator": num, "denominator": den, "class": cls, "metric": metric}
+        out[name].update(spread(values))
+    return out
+
+
+def long_served_where_refused(
+    records: dict[str, list[dict[str, Any]]], refusing: str, serving: str
+) -> dict[str, Any]:
+    """Long requests ``refusing`` refused, and how many of them ``serving``
+    served in the same round."""
+    served = {
+        (r["round"], r["request_id"]) for r in records.get(serving, []) if r["jct_s"] is not None
+    }
+    refused = [
+        (r["round"], r["request_id"])
+        for r in records.get(refusing, [])
+        if r["refused"] and r["class"] == "long"
+    ]
+    num_served = sum(1 for key in refused if key in served)
+    return {
+        "num_long_refused": len(refused),
+        "num_of_them_served": num_served,
+        "all_served": num_served == len(refused),
+    }
+
+
+def _target(measured: float | None, limit: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "limit": limit,
+        "measured": measured,
+        "pass": None if measured is None else measured <= limit,
+        **extra,
+    }
+
+
+def targets(
+    systems: dict[str, dict[str, Any]],
+    ratios: dict[str, Any],
+    lone: dict[str, float | None],
+    kernel: dict[str, Any] | None,
+    records: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Issue 12's targets, each "measured <= limit". Latency targets use the
+    median of the per-round paired ratios (the pooled ratio is kept beside
+    it); the short-JCT target also needs esp_2 to serve every long prompt
+    replicas refused, round by round."""
+
+    def pooled(num: str, den: str, cls: str) -> float | None:
+        if num not in systems or den not in systems:
+            return None
+        return ratio(systems[num][cls]["mean_jct_s"], systems[den][cls]["mean_jct_s"])
+
+    def median_of(name: str) -> float | None:
+        return ratios.get(name, {}).get("median")
+
+    out = {
+        "lone_long_prompt_prefill_2_over_1": _target(
+            ratio(lone.get("2"), lone.get("1")),
+            TARGETS["lone_long_prompt_prefill_2_over_1"],
+            what="long_prompt_prefill_s['2'] / ['1'] (medians)",
+        ),
+        "overall_mean_jct_esp_2_over_stock_all": _target(
+            median_of("esp_2_over_stock_all_all_mean_jct"),
+            TARGETS["overall_mean_jct_esp_2_over_stock_all"],
+            what="all requests, mean JCT esp_2 / stock_all, median of per-round ratios",
+            pooled=pooled("esp_2", "stock_all", "all"),
+        ),
+        "kernel_esp_over_vllm": _target(
+            kernel.get("ratio") if kernel else None,
+            TARGETS["kernel_esp_over_vllm"],
+            what="kernel esp_s / vllm_s",
+        ),
+    }
+    short = _target(
+        median_of("esp_2_over_replicas_short_mean_jct"),
+        TARGETS["short_mean_jct_esp_2_over_replicas"],
+        what="short requests, mean JCT esp_2 / replicas, median of per-round ratios; and "
+        "esp_2 serves every long prompt replicas refuse",
+        pooled=pooled("esp_2", "replicas", "short"),
+    )
+    if "esp_2" in records and "replicas" in records:
+        short["long_refused_by_replicas"] = long_served_where_refused(records, "replicas", "esp_2")
+        if short["pass"] is not None:
+            short["pass"] = short["pass"] and short["long_refused_by_replicas"]["all_served"]
+    else:
+        short["pass"] = None
+    out["short_mean_jct_esp_2_over_replicas"] = short
+    return {name: out[name] for name in TARGETS}
 
 
 # ------------------------------------------------------------------- plots
-def plot(path: Path, recs: dict[str, list[RequestRecord]]) -> None:
-    """JCT CDF per system (served requests) and served/refused bars."""
+def plot(path: Path, records: dict[str, list[dict[str, Any]]], ratios: dict[str, Any]) -> None:
+    """JCT CDF per class and system, served / refused bars, paired ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.4))
-    for system, rs in recs.items():
-        jcts = np.sort([r.jct_s for r in rs if r.served])
-        if len(jcts):
-            ax1.step(
-                jcts,
-                np.arange(1, len(jcts) + 1) / len(rs),
-                where="post",
-                label=f"{system} (served {len(jcts)}/{len(rs)}, mean {np.mean(jcts):.1f}s)",
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
+    for ax, cls in zip(axes[:2], ("short", "long")):
+        for system, rows in records.items():
+            rs = [r for r in rows if r["class"] == cls]
+            jcts = np.sort([r["jct_s"] for r in rs if r["jct_s"] is not None])
+            if len(rs):
+                ax.step(
+                    np.concatenate([[jcts[0] if len(jcts) else 1.0], jcts]),
+                    np.arange(len(jcts) + 1) / len(rs),
+                    where="post",
+                    label=f"{system} ({len(jcts)}/{len(rs)} served"
+                    + (f", mean {np.mean(jcts):.1f}s)" if len(jcts) else ")"),
+                )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("JCT (s, log scale)")
+        ax.set_ylabel(f"fraction of all {cls} requests (refused never finish)")
+        ax.set_title(f"JCT CDF, {cls} requests" + (" (SYNTHETIC)" if cls == "long" else ""))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+
+    ax = axes[2]
+    x = np.arange(len(records))
+    bottom = np.zeros(len(records))
+    for cls in ("short", "long"):
+        for what, style in (("served", {}), ("refused", {"hatch": "//", "alpha": 0.5})):
+            vals = np.array(
+                [
+                    sum(
+                        1
+                        for r in rows
+                        if r["class"] == cls
+                        and (r["refused"] if what == "refused" else r["jct_s"] is not None)
+                    )
+                    for rows in records.values()
+                ]
             )
-    ax1.set_xscale("log")
-    ax1.set_xlabel("JCT (s, log scale)")
-    ax1.set_ylabel("fraction of ALL requests (refused never finish)")
-    ax1.set_title("JCT CDF")
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(loc="lower right", fontsize=8)
-
-    sources = sorted({r.source for rs in recs.values() for r in rs})
-    x = np.arange(len(recs))
-    bottom = np.zeros(len(recs))
-    for src in sources:
-        vals = np.array(
-            [sum(1 for r in rs if r.served and r.source == src) for rs in recs.values()]
-        )
-        ax2.bar(x, vals, bottom=bottom, label=f"served: {src}")
-        bottom += vals
-    refused = np.array([sum(1 for r in rs if r.refused is not None) for rs in recs.values()])
-    ax2.bar(
-        x,
-        refused,
-        bottom=bottom,
-        color="lightgray",
-        hatch="//",
-        label="refused (prompt > max_model_len)",
-    )
-    bottom += refused
-    unfinished = np.array(
-        [sum(1 for r in rs if r.refused is None and not r.served) for rs in recs.values()]
-    )
+            if vals.any():
+                ax.bar(x, vals, bottom=bottom, label=f"{cls} {what}", **style)
+                bottom += vals
+    unfinished = np.array([sum(r["unfinished"] for r in rows) for rows in records.values()])
     if unfinished.any():
-        ax2.bar(x, unfinished, bottom=bottom, color="red", label="unfinished (timeout)")
-    ax2.set_xticks(x, list(recs))
-    ax2.set_ylabel("requests")
-    ax2.set_ylim(0, 1.4 * max(bottom.max() + unfinished.max(), 1))
-    ax2.set_title("served / refused")
-    ax2.legend(loc="upper center", fontsize=8)
+        ax.bar(x, unfinished, bottom=bottom, color="red", label="unfinished (timeout)")
+    ax.set_xticks(x, list(records), rotation=20, fontsize=8)
+    ax.set_ylabel("requests (all rounds)")
+    ax.set_title("served / refused")
+    ax.legend(fontsize=7)
 
-    for system, rs in recs.items():
-        served = [r for r in rs if r.served]
-        ax3.scatter(
-            [r.prompt_len for r in served], [r.jct_s for r in served], s=12, alpha=0.7, label=system
-        )
-        ref = [r for r in rs if r.refused is not None]
-        if ref:
-            ax3.scatter(
-                [r.prompt_len for r in ref],
-                [0.05] * len(ref),
-                marker="x",
-                color="gray",
-                label=f"{system}: refused",
-            )
-    ax3.set_xscale("log")
-    ax3.set_yscale("log")
-    ax3.set_xlabel("prompt length (tokens, log)")
-    ax3.set_ylabel("JCT (s, log)")
-    ax3.set_title("JCT by prompt length")
-    ax3.grid(True, which="both", alpha=0.3)
-    ax3.legend(fontsize=8)
+    ax = axes[3]
+    for name, r in ratios.items():
+        vals = r["per_round"]
+        ax.plot(range(len(vals)), vals, marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("ratio (log scale)")
+    ax.set_title("paired per-round ratios")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # -------------------------------------------------------------------- main
-def run_system(
-    model_dir: str,
-    system: str,
-    eng: EngineSettings,
-    trace: list,
-    seed: int,
-    vocab_size: int,
-    max_replay_s: float,
-) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """Start ``system``, warm it up, replay the trace, shut it down."""
-    from vllm import LLM
-
-    info: dict[str, Any] = {"timings_s": {}}
-    t = time.perf_counter()
-    kwargs = engine_kwargs(model_dir, system, eng, seed)
-    llm = LLM(**kwargs)
-    try:
-        info["timings_s"]["engine_start"] = time.perf_counter() - t
-        vcfg = llm.llm_engine.vllm_config
-        cache = vcfg.cache_config
-        info["engine_actual"] = {
-            "max_model_len": vcfg.model_config.max_model_len,
-            "num_kv_blocks_total": cache.num_gpu_blocks,
-            "kv_cache_tokens_total": (cache.num_gpu_blocks or 0) * cache.block_size,
-            "kv_cache_memory_bytes_per_instance": kwargs["kv_cache_memory_bytes"],
-            "block_size": cache.block_size,
-            "scheduler_cls": str(vcfg.scheduler_config.scheduler_cls),
-            "distributed_executor_backend": str(vcfg.parallel_config.distributed_executor_backend),
-            "additional_config": vcfg.additional_config,
-            "enable_prefix_caching": cache.enable_prefix_caching,
-            "chunked_prefill": vcfg.scheduler_config.enable_chunked_prefill,
-            "dtype": str(vcfg.model_config.dtype),
-            "async_scheduling": vcfg.scheduler_config.async_scheduling,
-            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-        }
-        t = time.perf_counter()
-        warm_up(llm, vocab_size, seed)
-        # Plus one full chunk (max_num_batched_tokens of random tokens, which
-        # both systems accept): ESP's first multi-instance prefill and
-        # stock's first large chunk are not timed either.
-        from vllm.inputs import TokensPrompt
-
-        rng = np.random.default_rng(seed + 54321)
-        llm.generate(
-            [
-                TokensPrompt(
-                    prompt_token_ids=rng.integers(
-                        10,
-                        vocab_size - 1,
-                        size=min(eng.max_num_batched_tokens, eng.max_model_len("stock") - 16),
-                    ).tolist()
-                )
-            ],
-            _params(4),
-            use_tqdm=False,
-        )
-        llm.reset_prefix_cache()
-        info["timings_s"]["warm_up"] = time.perf_counter() - t
-        tap = ESPStatsTap(llm.llm_engine)
-        load_before = os.getloadavg()[0]
-        t = time.perf_counter()
-        recs, run = replay(llm, trace, system, tap, max_replay_s)
-        info["timings_s"]["replay"] = time.perf_counter() - t
-        # The cores are shared with other work: keep the load next to the numbers.
-        run["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        info["run"] = run
-    finally:
-        t = time.perf_counter()
-        stop_engine(llm)
-        info["timings_s"]["shutdown"] = time.perf_counter() - t
-    return info, recs
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--out", type=Path, required=True, help="result JSON (a .png is written next to it)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a short trace (< 10 min on 2 cores)")
-    parser.add_argument(
-        "--model", default="default", help="vllm_esp.models preset name or model folder"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-instances", type=int, default=EngineSettings.num_instances)
-    parser.add_argument(
+    add = parser.add_argument
+    add("--out", type=Path, required=True, help="result JSON (a .png is written next to it)")
+    add("--quick", action="store_true", help="a short trace, 2 rounds (< 20 min on 2 cores)")
+    add("--model", default="default", help="vllm_esp.models preset name or model folder")
+    add("--seed", type=int, default=0)
+    add("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    add("--rounds", type=int, default=None, help="replays per system (default 2 quick, 3 full)")
+    add(
         "--instance-kv-tokens",
         type=int,
         default=EngineSettings.instance_kv_tokens,
-        help="KV cache tokens per instance (sets kv_cache_memory_bytes)",
+        help="KV cache tokens of one instance (sets kv_cache_memory_bytes)",
     )
-    parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
-    parser.add_argument(
-        "--num-sharegpt",
-        type=int,
-        default=None,
-        help="ShareGPT requests (default 40 quick, 150 full)",
-    )
-    parser.add_argument(
-        "--num-long",
-        type=int,
-        default=None,
-        help="synthetic long prompts (default 4 quick, 12 full)",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="mean arrival rate of the whole trace, req/s (default 0.5)",
-    )
-    parser.add_argument(
-        "--scale", type=float, default=TraceSettings.scale, help="ShareGPT length scale"
-    )
-    parser.add_argument("--max-output-len", type=int, default=TraceSettings.max_output_len)
-    parser.add_argument(
+    add("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
+    add("--num-sharegpt", type=int, default=None, help="default 20 quick, 150 full")
+    add("--num-long", type=int, default=None, help="synthetic long prompts (4 quick, 12 full)")
+    add("--rate", type=float, default=None, help="whole trace, req/s (0.8 quick, 0.5 full)")
+    add("--scale", type=float, default=TraceSettings.scale, help="ShareGPT length scale")
+    add("--max-output-len", type=int, default=TraceSettings.max_output_len)
+    add(
         "--long-range",
         type=float,
         nargs=2,
@@ -683,39 +877,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("LO", "HI"),
         help="long prompt lengths, fractions of one instance's capacity",
     )
-    parser.add_argument(
-        "--esp-config",
-        type=json.loads,
-        default={},
-        help="ESPConfig overrides as JSON (num_instances comes from --num-instances)",
-    )
-    parser.add_argument(
-        "--esp-ranking",
-        choices=("mlfq", "fcfs"),
-        default=EngineSettings.esp_ranking,
-        help="ranking policy of the esp scheduler (mlfq: as shipped)",
-    )
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument(
-        "--max-replay-s",
-        type=float,
-        default=None,
-        help="abort a replay after this long (default 240 quick, 1200 full)",
-    )
-    args = parser.parse_args(argv)
+    add("--esp-config", type=json.loads, default={}, help="ESPConfig overrides as JSON")
+    add("--esp-ranking", choices=("mlfq", "fcfs"), default=EngineSettings.esp_ranking)
+    add("--lone-prompt-len", type=int, default=4608, help="the lone long prompt (tokens)")
+    add("--lone-repeats", type=int, default=None, help="per side and round (2 quick, 3 full)")
+    add("--kernel-rounds", type=int, default=3)
+    add("--kernel-iters", type=int, default=3)
+    add("--no-kernel", action="store_true", help="skip the kernel microbenchmark")
+    add("--max-replay-s", type=float, default=None, help="abort a replay (240 quick, 1200 full)")
+    return parser.parse_args(argv)
 
-    meta = run_metadata(seed=args.seed)
-    # vLLM-CPU's platform hook overwrites kv_cache_memory_bytes with this
-    # legacy variable when set: drop it so the KV size is ours.
-    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-        print(
-            "note: ignoring VLLM_CPU_KVCACHE_SPACE (the KV size comes from --instance-kv-tokens)",
-            file=sys.stderr,
-        )
-    model_dir = resolve_model(args.model)
+
+def settings(args: argparse.Namespace) -> tuple[EngineSettings, TraceSettings]:
     eng = EngineSettings(
         instance_kv_tokens=args.instance_kv_tokens,
-        num_instances=args.num_instances,
         max_num_seqs=args.max_num_seqs,
         esp_ranking=args.esp_ranking,
         esp_config=dict(args.esp_config),
@@ -723,25 +898,114 @@ def main(argv: list[str] | None = None) -> int:
     ts = TraceSettings(
         num_sharegpt=args.num_sharegpt
         if args.num_sharegpt is not None
-        else (40 if args.quick else 150),
+        else (20 if args.quick else 150),
         num_long=args.num_long if args.num_long is not None else (4 if args.quick else 12),
         seed=args.seed,
-        rate_rps=args.rate if args.rate is not None else 0.5,
+        rate_rps=args.rate if args.rate is not None else (0.8 if args.quick else 0.5),
         scale=args.scale,
         max_output_len=args.max_output_len,
         long_range=tuple(args.long_range),
     )
-    max_replay_s = args.max_replay_s or (240.0 if args.quick else 1200.0)
+    big = system_spec("esp_2", eng).max_model_len
     lo, hi = ts.long_range
-    if not (
-        1.0 < lo <= hi
-        and hi * eng.instance_kv_tokens + ts.long_question_len + ts.long_output_range[1]
-        < eng.max_model_len("esp")
-    ):
+    if not (1.0 < lo <= hi and hi * eng.instance_kv_tokens + ts.long_question_len + 64 < big):
         raise SystemExit(
-            "--long-range must lie between one instance's capacity and what ESP's "
-            "max_model_len holds (prompt + output)"
+            "--long-range must lie between one instance's capacity and what N instances "
+            "hold (prompt + output)"
         )
+    if not (eng.instance_kv_tokens < args.lone_prompt_len < big):
+        raise SystemExit("--lone-prompt-len must exceed one instance and fit N instances")
+    return eng, ts
+
+
+class Bench:
+    """One run: systems started on first use, replayed round by round."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: str, eng: EngineSettings) -> None:
+        self.args, self.model_dir, self.eng = args, model_dir, eng
+        self.max_replay_s = args.max_replay_s or (240.0 if args.quick else 1200.0)
+        self.lone_repeats = args.lone_repeats or (2 if args.quick else 3)
+        self.running: dict[str, Running] = {}
+        self.errors: dict[str, str] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.per_round: dict[str, list[dict[str, Any]]] = {}
+        self.lone: dict[str, list[float]] = {"1": [], "2": []}
+        self.lone_rounds: list[dict[str, list[float]]] = []
+
+    def replay(self, system: str, round_index: int, trace: list, vocab: int) -> None:
+        args = self.args
+        if system in self.errors:
+            return
+        try:
+            if system not in self.running:
+                spec = system_spec(system, self.eng)
+                print(f"[{system}] starting: {spec}", flush=True)
+                self.running[system] = start_system(
+                    self.model_dir, spec, self.eng, args.seed, vocab, args.lone_prompt_len
+                )
+                self.info[system] = self.running[system].info
+            recs, assignment, run = replay_system(self.running[system], trace, self.max_replay_s)
+        except Exception as exc:
+            traceback.print_exc()
+            self.errors[system] = f"{type(exc).__name__}: {exc}"
+            if system in self.running:
+                stop_system(self.running.pop(system))
+            return
+        rows = record_rows(recs, round_index, assignment)
+        self.records.setdefault(system, []).extend(rows)
+        block = system_block(rows)
+        self.per_round.setdefault(system, []).append({**block, "round": round_index, "run": run})
+        a, s, lg = block["all"], block["short"], block["long"]
+        print(
+            f"[{system}] round {round_index}: served {a['served']}/{a['num_requests']} "
+            f"refused {a['refused']} unfinished {a['unfinished']}; mean JCT all/short/long "
+            f"{a['mean_jct_s']}/{s['mean_jct_s']}/{lg['mean_jct_s']} s; mean TTFT "
+            f"{a['mean_ttft_s']} s; probe {run['speed_probe_s_before_after']}; "
+            f"replay {run['wall_s']:.0f} s",
+            flush=True,
+        )
+
+    def lone_phase(self, round_index: int, vocab: int) -> None:
+        one, two = self.running.get("esp_1"), self.running.get("esp_2")
+        if one is None or two is None:
+            return
+        args = self.args
+        res = lone_round(
+            one, two, round_index, self.lone_repeats, args.lone_prompt_len, vocab, args.seed
+        )
+        for key, vals in res.items():
+            self.lone[key].extend(vals)
+        self.lone_rounds.append(res)
+        print(f"[lone {args.lone_prompt_len} tokens] round {round_index}: {res}", flush=True)
+
+    def close(self, system: str) -> None:
+        if system in self.running:
+            self.info[system]["timings_s"]["shutdown"] = stop_system(self.running.pop(system))
+
+    def run(self, trace: list, vocab: int, rounds: int) -> None:
+        order = [s for s in SYSTEMS if s in self.args.systems]
+        for r in range(rounds):
+            last = r == rounds - 1
+            for system in order if r % 2 == 0 else order[::-1]:
+                self.replay(system, r, trace, vocab)
+                if last and system not in ("esp_1", "esp_2"):
+                    self.close(system)  # no longer needed: free its memory
+            self.lone_phase(r, vocab)
+        for system in list(self.running):
+            self.close(system)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    meta = run_metadata(seed=args.seed)
+    # vLLM-CPU's platform hook overwrites kv_cache_memory_bytes with this
+    # legacy variable when set: drop it so the KV size is ours.
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        print("note: ignoring VLLM_CPU_KVCACHE_SPACE (KV size from --instance-kv-tokens)")
+    model_dir = resolve_model(args.model)
+    eng, ts = settings(args)
+    rounds = args.rounds or (2 if args.quick else 3)
 
     from transformers import AutoTokenizer
 
@@ -750,123 +1014,92 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"trace: {len(trace)} requests ({ts.num_sharegpt} sharegpt, {ts.num_long} synthetic long, "
         f"long prompts {trace_info['long']['prompt_lens']}), rate {ts.rate_rps} req/s, "
-        f"last arrival {trace_info['last_arrival_s']:.1f}s",
+        f"last arrival {trace_info['last_arrival_s']:.1f}s; {rounds} rounds",
         flush=True,
     )
+    kernel = None
+    if not args.no_kernel:
+        t = time.perf_counter()
+        kernel = kernel_bench(eng.block_size, args.kernel_rounds, args.kernel_iters, args.seed)
+        kernel["wall_s"] = time.perf_counter() - t
+        print(f"kernel: esp {kernel['esp_s']:.4f} s, vllm {kernel['vllm_s']:.4f} s", flush=True)
+
+    bench = Bench(args, model_dir, eng)
+    bench.run(trace, tok.vocab_size, rounds)
 
     systems: dict[str, Any] = {}
-    recs: dict[str, list[RequestRecord]] = {}
-    errors: dict[str, str] = {}
     for system in [s for s in SYSTEMS if s in args.systems]:
-        print(
-            f"[{system}] starting (max_model_len {eng.max_model_len(system)}"
-            + (f", ranking {eng.esp_ranking})" if system == "esp" else ")"),
-            flush=True,
-        )
-        try:
-            info, rs = run_system(
-                model_dir, system, eng, trace, args.seed, tok.vocab_size, max_replay_s
-            )
-        except Exception as exc:
-            traceback.print_exc()
-            errors[system] = f"{type(exc).__name__}: {exc}"
-            systems[system] = {"error": errors[system]}
-            continue
-        m = system_metrics(rs)
-        m.update(info)
-        m["requests"] = [
-            {
-                "id": r.request_id,
-                "source": r.source,
-                "prompt_len": r.prompt_len,
-                "output_len": r.output_len,
-                "arrival_s": round(r.arrival_s, 4),
-                "ttft_s": None if math.isnan(r.first_token_s) else round(r.ttft_s, 4),
-                "jct_s": round(r.jct_s, 4) if r.served else None,
-                "num_output_tokens": r.num_output_tokens,
-                "refused": r.refused,
+        if system in bench.records:
+            systems[system] = {
+                **system_block(bench.records[system]),
+                "spec": asdict(system_spec(system, eng)),
+                **bench.info[system],
+                "per_round": bench.per_round[system],
             }
-            for r in rs
-        ]
-        systems[system] = m
-        recs[system] = rs
-        print(
-            f"[{system}] served {m['num_served']}/{m['num_requests']} refused {m['num_refused']} "
-            f"unfinished {m['num_unfinished']}; mean/p99 TTFT {m['mean_ttft_s']:.2f}/{m['p99_ttft_s']:.2f}s "
-            f"mean/p99 JCT {m['mean_jct_s']:.2f}/{m['p99_jct_s']:.2f}s; longest prompt served "
-            f"{m['longest_prompt_served']}; {m['throughput_output_tok_s']:.1f} out tok/s "
-            f"({m['throughput_total_tok_s']:.0f} total tok/s); timings {info['timings_s']}",
-            flush=True,
-        )
-
-    ratios: dict[str, Any] = {}
-    both: dict[str, Any] = {}
-    if "stock" in recs and "esp" in recs:
-        s, e = systems["stock"], systems["esp"]
-        for key in (
-            "num_served",
-            "mean_ttft_s",
-            "p99_ttft_s",
-            "mean_jct_s",
-            "p99_jct_s",
-            "longest_prompt_served",
-            "throughput_output_tok_s",
-            "throughput_total_tok_s",
-            "throughput_req_s",
-        ):
-            ratios[f"esp_over_stock_{key}"] = ratio(e.get(key), s.get(key))
-        cs, ce = common_subset(recs["stock"], recs["esp"])
-        both = {"num_requests": len(cs), "stock": _stats(cs), "esp": _stats(ce)}
-        for key in ("mean_ttft_s", "p99_ttft_s", "mean_jct_s", "p99_jct_s"):
-            ratios[f"esp_over_stock_{key}_served_by_both"] = ratio(
-                both["esp"][key], both["stock"][key]
-            )
-
+        if system in bench.errors:
+            systems.setdefault(system, {})["error"] = bench.errors[system]
+    lone = {k: statistics.median(v) if v else None for k, v in bench.lone.items()}
+    ratios = paired_ratios({s: bench.per_round[s] for s in bench.per_round})
+    ratios_lone = spread(
+        [ratio(statistics.median(r["2"]), statistics.median(r["1"])) for r in bench.lone_rounds]
+    )
     out: dict[str, Any] = {
         "benchmark": "esp",
         "quick": args.quick,
+        "rounds": rounds,
+        "systems": systems,
+        "long_prompt_prefill_s": lone,
+        "long_prompt_prefill": {
+            "prompt_len": args.lone_prompt_len,
+            "max_tokens": 1,
+            "repeats_per_round": bench.lone_repeats,
+            "what": "wall time of one fresh random-token prompt, max_tokens 1, on esp_1 "
+            "(one instance holding all KV) and esp_2 (2 instances), alternating",
+            "samples_s": bench.lone,
+            "per_round_s": bench.lone_rounds,
+            "ratio_2_over_1_per_round": ratios_lone,
+        },
+        "kernel": kernel,
+        "paired_ratios": ratios,
+        "targets": targets(systems, ratios, lone, kernel, bench.records),
+        "records": bench.records,
         "model": {
             "arg": args.model,
             "path": model_dir,
             "config": json.loads((Path(model_dir) / "config.json").read_text()),
             "kv_bytes_per_token": kv_bytes_per_token(model_dir),
         },
-        "engine": {**asdict(eng), "max_model_len": {s: eng.max_model_len(s) for s in SYSTEMS}},
+        "engine": {
+            **asdict(eng),
+            "num_instances": NUM_INSTANCES,
+            "systems": {s: asdict(system_spec(s, eng)) for s in SYSTEMS},
+        },
         "trace": trace_info,
-        "systems": systems,
-        "served_by_both": both,
-        "ratios": ratios,
         "notes": [
-            "stock = vLLM as shipped (fcfs), 1 instance; esp = --scheduler esp with "
-            f"{eng.num_instances} instances (processes), each with the same KV cache as stock's one.",
-            f"ESP's ranking policy here: {eng.esp_ranking} (the esp scheduler ships with mlfq); "
-            "stock's is FCFS.",
-            "On CPU the stock worker runs on one core (vLLM-CPU reserves the other for the front "
-            "end); each ESP instance is bound to its own core, the ESP EngineCore and front end "
-            "share them.",
-            "Refused = vLLM raised VLLMValidationError (or ValueError) in add_request (prompt longer than max_model_len); "
-            "refused requests have no TTFT/JCT and are excluded from the latency statistics.",
-            "Throughput = tokens of served requests / (last finish - first arrival).",
+            "Refused = vLLM raised VLLMValidationError in add_request (prompt >= max_model_len); "
+            "refused requests have no TTFT/JCT and are left out of the latency statistics.",
+            "systems.* latency blocks pool every round's replay; per_round holds each round.",
+            "replicas: N LLM engines stepped by one replay loop in this process, request i to "
+            "replica i mod N in arrival order (benchmarks/replicas.py).",
+            "Engines stay up (idle) between their replays; prefix caches are reset before each.",
+            "tokens/s = tokens of served requests / sum over rounds of (last finish - first "
+            "arrival).",
         ],
     }
-    if errors:
-        out["errors"] = errors
+    if bench.errors:
+        out["errors"] = bench.errors
     out["metadata"] = finish_metadata(meta)
+    for key, src in (("machine", "machine"), ("versions", "versions"), ("revision", "git")):
+        out[key] = out["metadata"][src]
+    out["seed"] = args.seed
     write_json(args.out, out)
     png = args.out.with_suffix(".png")
-    if recs:
-        plot(png, recs)
+    if bench.records:
+        plot(png, bench.records, ratios)
     print(f"wrote {args.out} and {png} ({out['metadata']['wall_time_s']:.0f}s)")
-    if ratios:
-        print(
-            "ratios esp/stock: "
-            + ", ".join(
-                f"{k.removeprefix('esp_over_stock_')} {v:.3g}"
-                for k, v in ratios.items()
-                if v is not None
-            )
-        )
-    return 1 if errors else 0
+    for name, t in out["targets"].items():
+        print(f"target {name}: measured {t['measured']} (limit {t['limit']}) pass {t['pass']}")
+    return 1 if bench.errors else 0
 
 
 if __name__ == "__main__":

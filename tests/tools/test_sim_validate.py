@@ -61,8 +61,9 @@ def _engine_result(slowdown: float) -> dict:
 
 def test_a_run_the_simulator_made_validates_exactly():
     report = validate(_engine_result(1.0), COST)
-    assert set(report["classes"]) == {"a", "b", "all"}
-    assert report["num_requests"] == 30 and report["num_unfinished_in_sim"] == 0
+    (only,) = report["rounds"].values()
+    assert set(only["classes"]) == {"a", "b", "all"}
+    assert only["num_requests"] == 30 and only["num_unfinished_in_sim"] == 0
     assert report["ttft_rel_err"] == pytest.approx(0.0, abs=1e-9)
     assert report["jct_rel_err"] == pytest.approx(0.0, abs=1e-9)
 
