@@ -44,6 +44,7 @@ from vllm_esp.core.esp.step_plan import ESPStepPlan, instance_of, local_batch
 from vllm_esp.harness.scheduler import create_scheduler, fake_output, make_request
 from vllm_esp.integration.esp.scheduler import ESPScheduler
 from vllm_esp.integration.metrics import STATS_PREFIX
+from vllm_esp.sim import SimRequest, simulate
 
 BLOCK_SIZE = 16
 
@@ -597,6 +598,19 @@ def test_loong_places_from_its_cluster_plan(config_model_dir, calibration_file):
     assert s.elastic.num_planned > 0
     # 40 blocks: no instance holds the prompt; its chunks run on both.
     assert computes == {(0, 1)} and holders == {0, 1}
+    # The very object that placed the engine's requests runs in the simulator.
+    policy = s.elastic.policy
+    policy.schedule = original
+    trace = [SimRequest(f"q{i}", 0.01 * i, 40 * (i + 1), 3) for i in range(6)]
+    sim = simulate(
+        policy,
+        trace,
+        num_instances=2,
+        capacity_tokens=30 * BLOCK_SIZE,
+        truth=s.esp_cost,
+        check=True,
+    )
+    assert len(sim.records) == 6 and not sim.unfinished
     # Residents reach the view with their KV per instance in tokens: each
     # instance's used tokens are its residents' tokens rounded up to whole
     # blocks (plus the null block on instance 0).
