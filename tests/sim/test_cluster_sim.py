@@ -423,3 +423,106 @@ def test_lockstep_runs_multi_step_decode_batches_one_step_per_decision():
     step = _run(StaticSPPolicy(), reqs, n=1, cap=10_000, lockstep=True)
     assert step.records[0].finish_s == pytest.approx(free.records[0].finish_s)
     assert step.num_decisions > free.num_decisions
+
+
+# ---------------------------------------------------------------------- multi-step decode capacity
+# A decode batch of k steps reserves min(k, rem) tokens per request at launch,
+# and a request that ends inside the batch holds its KV until then; the
+# future-peak admission alone does not bound that. The properties above did
+# not see it: their P/D policies decode one step per batch (the reservation is
+# then the peak's first step), and their loose capacities and spread arrivals
+# almost never fill a replica to within a few tokens of a multi-step batch.
+class _Plans(ClusterPolicy):
+    """Wraps a policy and keeps the decode batches it plans."""
+
+    def __init__(self, inner: ClusterPolicy) -> None:
+        self.inner = inner
+        self.decode_steps: list[int] = []
+
+    def schedule(self, view: ClusterView) -> ClusterPlan:
+        plan = self.inner.schedule(view)
+        self.decode_steps += [b.num_steps for b in plan.batches if b.decodes and not b.prefills]
+        return plan
+
+
+def _served_in_full(res: SimResult, reqs: list[SimRequest]) -> bool:
+    done = {r.req_id: r.num_preemptions for r in res.records}
+    return res.unfinished == () and done == dict.fromkeys((r.req_id for r in reqs), 0)
+
+
+def test_pd_decode_batch_counts_the_kv_of_requests_ending_inside_it():
+    # Both prefill together and migrate to instance 1: peak 10 + 90 + 2 = 102
+    # (one step of both), but 4 steps would reserve 1 + 4 tokens on 100 held.
+    reqs = [SimRequest("short", 0.0, 90, 2), SimRequest("long", 0.0, 10, 12)]
+    policy = _Plans(PDDisaggregationPolicy(1, max_decode_steps=4))
+    res = _run(policy, reqs, n=2, cap=102)  # check=True: every plan within capacity
+    assert _served_in_full(res, reqs)
+    assert policy.decode_steps[0] == 1 and max(policy.decode_steps) == 4  # long alone: 4 steps
+
+
+def test_replica_decode_batch_counts_the_kv_of_requests_ending_inside_it():
+    # b decodes when a (peak 52) is admitted, then c (peak 26) on the joint
+    # peak of a and b: 91. With a one output from its end, 4 steps of all
+    # three would reserve 1 + 4 + 4 on 83 held.
+    reqs = [
+        SimRequest("b", 0.0, 10, 30),
+        SimRequest("a", 0.001, 50, 3),
+        SimRequest("c", 0.03, 20, 7),
+    ]
+    policy = _Plans(ReplicasChunkedPolicy(chunk_tokens=512, max_decode_steps=4))
+    res = _run(policy, reqs, n=1, cap=91)
+    assert _served_in_full(res, reqs)
+    assert min(policy.decode_steps) < 4 == max(policy.decode_steps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rems=st.lists(st.integers(1, 30), max_size=8),
+    free=st.integers(0, 120),
+    max_steps=st.integers(1, 12),
+)
+def test_fitting_decode_steps_is_the_longest_batch_whose_reservation_fits(rems, free, max_steps):
+    from vllm_esp.core.esp.baselines import fitting_decode_steps
+
+    def reserved(k: int) -> int:
+        return sum(min(k, r) for r in rems)
+
+    fits = [k for k in range(1, max_steps + 1) if reserved(k) <= free]
+    assert fitting_decode_steps(rems, free, max_steps) == max(fits, default=1)
+
+
+@st.composite
+def _tight_case(draw: st.DrawFn) -> tuple[list[SimRequest], int, int, int]:
+    """Dense arrivals and a capacity a few tokens above the largest peak."""
+    work = draw(
+        st.lists(
+            st.tuples(st.floats(0.0, 0.05), st.integers(1, 120), st.integers(1, 30)),
+            min_size=2,
+            max_size=12,
+        )
+    )
+    reqs = [SimRequest(f"r{k}", t, p, o) for k, (t, p, o) in enumerate(work)]
+    cap = max(p + o - 1 for _, p, o in work) + draw(st.integers(0, 60))
+    return reqs, draw(st.integers(1, 4)), cap, draw(st.integers(2, 10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_tight_case())
+def test_multi_step_baselines_stay_within_tight_capacity(case):
+    reqs, n, cap, steps = case
+    policies: list[ClusterPolicy] = [
+        StaticSPPolicy(max_decode_steps=steps),
+        TensorParallelPolicy(max_decode_steps=steps),
+        ReplicasChunkedPolicy(chunk_tokens=16, max_decode_steps=steps),
+        ReplicasChunkedPolicy(chunk_tokens=64, max_decode_steps=steps),
+    ]
+    if n >= 2:
+        policies += [
+            PDDisaggregationPolicy(1, max_decode_steps=steps),
+            PDDisaggregationPolicy(n - 1, prefill_dop=1, max_decode_steps=steps),
+        ]
+    for policy in policies:
+        res = _run(policy, reqs, n, cap)  # check=True asserts every plan's capacity
+        expected = tuple(r.req_id for r in reqs if _refused(policy, r, n, cap))
+        assert res.unfinished == expected, policy.name
+        assert all(r.num_preemptions == 0 for r in res.records), policy.name

@@ -24,6 +24,13 @@ peak is ``max_j(rem_j * (j + 1) + sum_{i <= j} kv_i)`` over remaining
 outputs sorted descending; requests still to prefill count their whole peak
 (``prompt + remaining outputs - 1``). The check never lets a pool overflow,
 so preemption (by recompute) is a fallback that should not trigger.
+
+A decode batch of ``k`` steps reserves ``min(k, remaining)`` tokens per
+request at launch, while a request ending inside the batch frees its KV only
+at its end; so a multi-step batch can need more than the future peak. Static
+SP's master choice counts the reservation (falling back to one step); the
+replica and P/D policies shorten their decode batches to what the pool holds
+(:func:`fitting_decode_steps`).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ __all__ = [
     "StaticSPPolicy",
     "TensorParallelPolicy",
     "decode_peak_tokens",
+    "fitting_decode_steps",
     "make_cluster_policy",
     "water_fill",
 ]
@@ -76,6 +84,27 @@ def decode_peak_tokens(pairs: Iterable[tuple[int, int]]) -> int:
         total += kv
         peak = max(peak, total + rem * (j + 1))
     return peak
+
+
+def fitting_decode_steps(remaining: Iterable[int], free_tokens: int, max_steps: int) -> int:
+    """The most decode steps, from 1 to ``max_steps``, whose launch reservation
+    of ``min(steps, rem)`` tokens per request (``remaining`` outputs) fits
+    ``free_tokens``. The future peak alone does not bound it: a request that
+    ends inside the batch still holds its KV while the others' tokens are
+    reserved. 1 when even one step does not fit (the caller preempts first)."""
+    rems = sorted(remaining, reverse=True)
+    num_left = len(rems)  # requests still decoding at the next step
+    steps = reserved = 0
+    while steps < max_steps:
+        while num_left and rems[num_left - 1] <= steps:
+            num_left -= 1
+        if not num_left:
+            return max_steps  # every request ends first: further steps reserve nothing
+        if reserved + num_left > free_tokens:
+            break
+        reserved += num_left
+        steps += 1
+    return max(steps, 1)
 
 
 def _queued_peak(req: WaitingRequest | RunningRequest) -> int:
@@ -299,7 +328,7 @@ class ReplicasChunkedPolicy(ClusterPolicy):
         i = inst.instance
         decoding = [r for r in residents if r.is_decoding]
         partial = [r for r in residents if not r.is_decoding]
-        _preempt_newest(decoding, inst.free_tokens, preempt)
+        free = _preempt_newest(decoding, inst.free_tokens, preempt)
         budget = self.chunk_tokens - len(decoding)
         peak = decode_peak_tokens(_decode_pairs(decoding)) + sum(map(_queued_peak, partial))
         items = []
@@ -323,7 +352,11 @@ class ReplicasChunkedPolicy(ClusterPolicy):
         decodes = tuple(DecodeItem(r.req_id, i) for r in decoding)
         if not items and not decodes:
             return None
-        steps = 1 if items else self.max_decode_steps
+        if items:
+            steps = 1
+        else:
+            rems = (r.num_remaining_output_tokens for r in decoding)
+            steps = fitting_decode_steps(rems, free, self.max_decode_steps)
         return Batch((i,), prefills=tuple(items), decodes=decodes, num_steps=steps)
 
 
@@ -388,7 +421,9 @@ class PDDisaggregationPolicy(ClusterPolicy):
             Batch(
                 (d,),
                 decodes=tuple(DecodeItem(r.req_id, d) for r in rs),
-                num_steps=self.max_decode_steps,
+                num_steps=fitting_decode_steps(
+                    (r.num_remaining_output_tokens for r in rs), free[d], self.max_decode_steps
+                ),
             )
             for d, rs in residents.items()
             if rs

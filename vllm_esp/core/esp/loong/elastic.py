@@ -16,6 +16,10 @@ asks :meth:`place`, which answers from the plan:
 
 A request vLLM schedules that the plan left out (the engine's admission is
 the ranking policy's, not step 1's) is placed by the threshold rules.
+
+The engine's hostage bound holds here too (``max_decode_stall_ms``): while
+decodes wait, a planned prefill chunk is cut so that its estimated time,
+shared by the DoP the plan gave it, stays within the bound.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from vllm_esp.core.esp.placement import (
     StepPlacement,
     StoragePlacement,
     ThresholdElasticPolicy,
+    bounded_prefill_chunk,
+    decodes_waiting,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +56,7 @@ class LoongElasticPolicy(ElasticPolicy):
     def __init__(self, policy: LoongPolicy, fallback: ThresholdElasticPolicy) -> None:
         self.policy = policy
         self.fallback = fallback
+        self.max_decode_stall_s = fallback.max_decode_stall_s
         self.plan = ClusterPlan()
         self._moves: dict[str, tuple[int, int, int]] = {}
         #: Allocations answered from the plan / by the fallback (tests, metrics).
@@ -77,6 +84,23 @@ class LoongElasticPolicy(ElasticPolicy):
         self._moves = {}
         for m in sorted(self.plan.migrations, key=lambda m: m.num_tokens):
             self._moves[m.req_id] = (m.src, m.dst, m.num_tokens)
+
+    def max_prefill_tokens(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> int:
+        planned = self.policy.placement_for(request.req_id)
+        if planned is None:
+            return self.fallback.max_prefill_tokens(request, loads)
+        if self.max_decode_stall_s is None or not decodes_waiting(loads):
+            return request.num_new_tokens
+        # place() computes a prompt chunk on the plan's batch, anything else
+        # (recomputed outputs) on one instance.
+        max_dop = len(planned[0]) if request.is_prefill else 1
+        return bounded_prefill_chunk(
+            self.fallback.prefill_time,
+            request.num_new_tokens,
+            request.num_computed_tokens,
+            max_dop=max_dop,
+            max_stall_s=self.max_decode_stall_s,
+        )
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
         planned = self.policy.placement_for(request.req_id)
