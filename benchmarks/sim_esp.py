@@ -80,17 +80,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import finish_metadata, run_metadata, write_json
-from vllm_esp.core.esp.baselines import (
-    CHUNK_TOKENS,
-    PDDisaggregationPolicy,
-    ReplicasChunkedPolicy,
-    StaticSPPolicy,
-    TensorParallelPolicy,
-)
+from vllm_esp.core.esp.baselines import CHUNK_TOKENS
 from vllm_esp.core.esp.cluster import ClusterPolicy
 from vllm_esp.core.esp.cost_model import ESPCostModel
-from vllm_esp.core.esp.loong.policy import LoongPolicy, LoongSettings
+from vllm_esp.core.esp.loong.policy import LoongSettings
 from vllm_esp.core.esp.profiles import profile_path
+from vllm_esp.core.esp.registry import make_cluster_policy
 from vllm_esp.data.long_context import WORKLOADS, LengthSample, make_lengths, sharegpt_length_pool
 from vllm_esp.sim.cluster import SimRequest, simulate
 from vllm_esp.sim.metrics import (
@@ -206,19 +201,21 @@ def pd_variants(num_instances: int, fractions: Sequence[float]) -> list[dict[str
 def make_policy(
     system: str, variant: Mapping[str, int], workload: str, num_instances: int, cost: ESPCostModel
 ) -> ClusterPolicy:
-    """A fresh policy object (policies keep state across one run)."""
+    """A fresh policy object (policies keep state across one run), built by
+    name from the cluster registry with the benchmark's settings."""
     if system == "esp":
-        return LoongPolicy(num_instances, cost, loong_settings(workload))
-    if system == "static_sp":
-        return StaticSPPolicy()
-    if system == "tensor_parallel":
-        return TensorParallelPolicy()
+        return make_cluster_policy("loong", num_instances, cost, loong_settings(workload))
+    if system in ("static_sp", "tensor_parallel"):
+        return make_cluster_policy(system)
     if system == "replicas_chunked":
-        return ReplicasChunkedPolicy(
-            chunk_tokens=CHUNK_TOKENS[_family(workload)], max_decode_steps=BASELINE_DECODE_STEPS
+        return make_cluster_policy(
+            system,
+            chunk_tokens=CHUNK_TOKENS[_family(workload)],
+            max_decode_steps=BASELINE_DECODE_STEPS,
         )
     if system == "pd_disaggregation":
-        return PDDisaggregationPolicy(
+        return make_cluster_policy(
+            system,
             variant["num_prefill"],
             prefill_dop=variant["prefill_dop"],
             max_decode_steps=BASELINE_DECODE_STEPS,

@@ -11,13 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_esp.core.esp.baselines import (
-    CLUSTER_POLICIES,
     PDDisaggregationPolicy,
     ReplicasChunkedPolicy,
     StaticSPPolicy,
     TensorParallelPolicy,
     decode_peak_tokens,
-    make_cluster_policy,
     water_fill,
 )
 from vllm_esp.core.esp.cluster import (
@@ -34,6 +32,8 @@ from vllm_esp.core.esp.cost_model import (
     MigrationCoeffs,
     PrefillCoeffs,
 )
+from vllm_esp.core.esp.loong.policy import LoongPolicy
+from vllm_esp.core.esp.registry import CLUSTER_POLICIES, make_cluster_policy
 from vllm_esp.sim import SimRequest, SimResult, simulate
 
 #: Plausible numbers (LoongServe's third-party fit: A 17-44 ms, B 0.03-0.14
@@ -354,6 +354,7 @@ def test_water_fill_fits_and_evens_out(used, num):
 
 def test_registry_builds_each_baseline():
     assert set(CLUSTER_POLICIES) >= {
+        "loong",
         "static_sp",
         "tensor_parallel",
         "replicas_chunked",
@@ -361,6 +362,7 @@ def test_registry_builds_each_baseline():
     }
     assert isinstance(make_cluster_policy("pd_disaggregation", 2), PDDisaggregationPolicy)
     assert make_cluster_policy("replicas_chunked", chunk_tokens=256).chunk_tokens == 256
+    assert isinstance(make_cluster_policy("loong", 2, COST), LoongPolicy)
     with pytest.raises(ValueError):
         make_cluster_policy("nope")
 
@@ -380,7 +382,7 @@ def _sharegpt_like(num: int, rate: float, seed: int) -> list[SimRequest]:
 @pytest.mark.parametrize("name", sorted(CLUSTER_POLICIES))
 def test_moderate_size_runs_to_completion(name, capsys):
     """16 instances, 200 ShareGPT-like requests; prints the wall time (-s)."""
-    args = (8,) if name == "pd_disaggregation" else ()
+    args = {"pd_disaggregation": (8,), "loong": (16, COST)}.get(name, ())
     policy = make_cluster_policy(name, *args)
     reqs = _sharegpt_like(200, rate=10.0, seed=1)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Baseline cluster policies (torch-free): what LoongServe is compared with.
 
 Each is a :class:`~vllm_esp.core.esp.cluster.ClusterPolicy`, run unchanged by
-the cluster simulator, and chosen by name from :data:`CLUSTER_POLICIES`:
+the cluster simulator, and chosen by name from ``vllm_esp.core.esp.registry.CLUSTER_POLICIES``:
 
 * ``static_sp``: LoongServe without ESP (``--use_fixed_sp``). One group of
   all instances; striped prefill keeps the KV spread over all of them;
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from vllm_esp.core.esp.cluster import (
     Batch,
@@ -54,14 +53,12 @@ from vllm_esp.core.esp.cluster import (
 
 __all__ = [
     "CHUNK_TOKENS",
-    "CLUSTER_POLICIES",
     "PDDisaggregationPolicy",
     "ReplicasChunkedPolicy",
     "StaticSPPolicy",
     "TensorParallelPolicy",
     "decode_peak_tokens",
     "fitting_decode_steps",
-    "make_cluster_policy",
     "water_fill",
 ]
 
@@ -507,25 +504,3 @@ class PDDisaggregationPolicy(ClusterPolicy):
         if w.num_prompt_tokens > group_capacity:
             return False
         return w.max_output_tokens - w.num_output_tokens <= 1 or _queued_peak(w) <= decode_capacity
-
-
-# ---------------------------------------------------------------------- registry
-#: Cluster policies by name; :func:`make_cluster_policy` passes each its own
-#: constructor arguments.
-CLUSTER_POLICIES: dict[str, type[ClusterPolicy]] = {
-    # LoongServe's scheduler goes here as "loong":
-    # ``vllm_esp.core.esp.loong.policy.LoongPolicy(num_instances, esp_cost, settings)``.
-    StaticSPPolicy.name: StaticSPPolicy,
-    TensorParallelPolicy.name: TensorParallelPolicy,
-    ReplicasChunkedPolicy.name: ReplicasChunkedPolicy,
-    PDDisaggregationPolicy.name: PDDisaggregationPolicy,
-}
-
-
-def make_cluster_policy(name: str, *args: Any, **options: Any) -> ClusterPolicy:
-    """Build the policy registered as ``name`` with its own settings."""
-    try:
-        cls = CLUSTER_POLICIES[name]
-    except KeyError:
-        raise ValueError(f"no cluster policy {name!r}; known: {sorted(CLUSTER_POLICIES)}") from None
-    return cls(*args, **options)
