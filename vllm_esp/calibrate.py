@@ -349,7 +349,7 @@ def _measure_prefill(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]
                 "one_step": one_step,
             }
         )
-        print(f"  prefill {n} x {length}: {rows[-1]['seconds'] * 1e3:.1f} ms", flush=True)
+        print(f"  prefill {n} x {length}: {statistics.median(times) * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -373,7 +373,7 @@ def _measure_decode(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]])
                 "seconds_all": times,
             }
         )
-        print(f"  decode {n} x ctx {k}: {rows[-1]['seconds'] * 1e3:.2f} ms/step", flush=True)
+        print(f"  decode {n} x ctx {k}: {statistics.median(times) * 1e3:.2f} ms/step", flush=True)
     return rows
 
 

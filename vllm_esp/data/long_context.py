@@ -242,9 +242,11 @@ def sharegpt_length_pool(
 
 
 def _sharegpt(
-    n: int, rng: np.random.Generator, pool: tuple[np.ndarray, np.ndarray]
+    n: int, rng: np.random.Generator, pool: tuple[np.ndarray | None, np.ndarray | None]
 ) -> tuple[np.ndarray, np.ndarray]:
     prompts, outputs = pool
+    if prompts is None or outputs is None:
+        raise ValueError("this workload draws no ShareGPT requests")
     if len(prompts) == 0:
         raise ValueError("no ShareGPT pair passes the length filter")
     # Whole permutations back to back: each pair once before any repeats.
@@ -261,7 +263,7 @@ def _log_uniform_int(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.n
 
 def _leval(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = LEVAL_RANGE
-    out = np.empty(0, dtype=np.int64)
+    out: np.ndarray = np.empty(0, dtype=np.int64)
     while len(out) < n:  # rejection keeps the log-normal's shape inside the range
         x = np.rint(rng.lognormal(math.log(_LEVAL_MEDIAN), _LEVAL_SIGMA, size=2 * n + 16))
         x = x[(x >= lo) & (x <= hi)].astype(np.int64)
@@ -279,7 +281,7 @@ def _lveval(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 _Draw = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
-def _sources(pool: tuple[np.ndarray, np.ndarray]) -> dict[str, _Draw]:
+def _sources(pool: tuple[np.ndarray | None, np.ndarray | None]) -> dict[str, _Draw]:
     return {
         "sharegpt": lambda n, rng: _sharegpt(n, rng, pool),
         "leval": _leval,
@@ -292,8 +294,8 @@ def _mixed(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     names = list(sources)
     choice = rngs[0].integers(0, len(names), size=n)
-    prompts = np.empty(n, dtype=np.int64)
-    outputs = np.empty(n, dtype=np.int64)
+    prompts: np.ndarray = np.empty(n, dtype=np.int64)
+    outputs: np.ndarray = np.empty(n, dtype=np.int64)
     for k, name in enumerate(names):
         mask = choice == k
         prompts[mask], outputs[mask] = sources[name](int(mask.sum()), rngs[1 + k])

@@ -204,11 +204,11 @@ class ClusterPlan:
                 used[i] -= tokens
         for mig in self.migrations:
             assert mig.src != mig.dst and {mig.src, mig.dst} <= idle, f"bad migration {mig}"
-            tokens = held.get(mig.req_id)
-            assert tokens is not None and not running[mig.req_id].busy, f"bad migration {mig}"
-            assert 0 < mig.num_tokens <= tokens.get(mig.src, 0), f"migration {mig} moves too much"
-            tokens[mig.src] -= mig.num_tokens
-            tokens[mig.dst] = tokens.get(mig.dst, 0) + mig.num_tokens
+            kv = held.get(mig.req_id)
+            assert kv is not None and not running[mig.req_id].busy, f"bad migration {mig}"
+            assert 0 < mig.num_tokens <= kv.get(mig.src, 0), f"migration {mig} moves too much"
+            kv[mig.src] -= mig.num_tokens
+            kv[mig.dst] = kv.get(mig.dst, 0) + mig.num_tokens
             used[mig.src] -= mig.num_tokens
             used[mig.dst] += mig.num_tokens
         seen: set[str] = set(self.preempt)
@@ -233,8 +233,10 @@ class ClusterPlan:
                 seen.add(dec.req_id)
                 req = running.get(dec.req_id)
                 assert req is not None and req.is_decoding and not req.busy, f"{dec} not decodable"
-                kv = {i for i, t in held[dec.req_id].items() if t > 0}
-                assert dec.master in group and kv <= group, f"{dec} outside group {batch.instances}"
+                holders = {i for i, t in held[dec.req_id].items() if t > 0}
+                assert dec.master in group and holders <= group, (
+                    f"{dec} outside group {batch.instances}"
+                )
                 used[dec.master] += min(batch.num_steps, req.num_remaining_output_tokens)
         for i in range(n):
             cap = view.instances[i].capacity_tokens
