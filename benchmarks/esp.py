@@ -115,7 +115,7 @@ NUM_INSTANCES = 2
 LONG_SOURCE = "synthetic-esp-long"
 CLASSES = ("all", "short", "long")
 
-#: Issue 12's targets: name -> limit; each is "measured <= limit".
+#: The targets this benchmark checks: name -> limit; each is "measured <= limit".
 TARGETS = {
     "lone_long_prompt_prefill_2_over_1": 0.6,
     "short_mean_jct_esp_2_over_replicas": 1.1,
