@@ -42,12 +42,15 @@ from vllm_esp.core.esp.loong.allocation import (
     decode_groups,
 )
 from vllm_esp.core.esp.loong.dispatch import (
+    Dispatch,
     LoongSettings,
     PeakGate,
+    WaitingIndex,
     dispatch,
     estimated_waiting_time,
     future_peak_tokens,
     guessed_output_tokens,
+    isolated_idle,
 )
 from vllm_esp.core.esp.loong.policy import LoongPolicy
 from vllm_esp.core.esp.loong.scaling import pack_retain, plan_decode_group
@@ -161,6 +164,47 @@ def test_peak_gate_matches_a_replay(
     assert gate.peak_with(0, 0) == base + replay_peak([*items, extra, (0, 0)])
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.integers(0, 30)), max_size=10),
+    st.lists(st.tuples(st.integers(0, 50), st.integers(0, 30)), min_size=1, max_size=12),
+    st.integers(0, 20),
+    st.integers(0, 600),
+    st.integers(1, 16),
+)
+def test_peak_gate_admits_exactly_by_bound_or_tables(
+    items: list[tuple[int, int]],
+    candidates: list[tuple[int, int]],
+    base: int,
+    cap: int,
+    max_requests: int,
+) -> None:
+    # Admissions decided by the cheap bound, by fresh tables or after a
+    # rebuild all agree with the replayed peak; ``closed`` never hides one.
+    gate = PeakGate(items, base_tokens=base, capacity_tokens=cap, max_requests=max_requests)
+    held = list(items)
+    for now, rem in candidates:
+        fits = len(held) < max_requests and base + replay_peak([*held, (now, rem)]) <= cap
+        closed = gate.closed
+        assert gate.admits(now, rem) == fits
+        assert not (closed and fits)
+        if fits:
+            gate.add(now, rem)
+            held.append((now, rem))
+    assert gate.peak_with(0, 0) == base + replay_peak([*held, (0, 0)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 60), max_size=40), st.data())
+def test_waiting_index_finds_the_next_fit(prompts: list[int], data: st.DataObject) -> None:
+    index = WaitingIndex(tuple(wait(f"w{k}", p) for k, p in enumerate(prompts)))
+    for _ in range(10):
+        start = data.draw(st.integers(0, len(prompts)))
+        limit = data.draw(st.integers(-1, 65))
+        expected = next((k for k in range(start, len(prompts)) if prompts[k] <= limit), None)
+        assert index.next_fit(start, limit) == (len(prompts) if expected is None else expected)
+
+
 def test_memory_gate_refuses_what_would_overflow_later() -> None:
     # 400 tokens now that grow by 500; the newcomer's 150 fit now, but it
     # outlives the resident and both peak together above the capacity.
@@ -239,6 +283,23 @@ def test_compute_gate_undecided_requests_both_ways() -> None:
         assert bool(step1.admitted) == expected
         outcomes.add(expected)
     assert outcomes == {True, False}
+
+
+def test_refusals_after_the_last_admission_count_as_out_of_order() -> None:
+    # The newcomer joins as "undecided" (it needs the decode instances); the
+    # request after it fits no idle memory. Refusing it makes the decision
+    # out of order whether the scan visits it or skips it by its prompt.
+    running = [
+        run("d0", {0: 6000}, out=5000, max_out=5005),
+        run("d1", {1: 6000}, out=5000, max_out=5005),
+    ]
+    w, big = wait("w", 500, max_out=2), wait("big", 20000, max_out=2, arrival=2.0)
+    alone = make_view([10000] * 2, running, [w])
+    assert dispatch(alone, decodable(alone), COST, LoongSettings(), 0) == Dispatch((w,), 0)
+    view = make_view([10000] * 2, running, [w, big])
+    assert dispatch(view, decodable(view), COST, LoongSettings(), 0) == Dispatch((w,), 1)
+    strict = LoongSettings(max_num_ooe=0)
+    assert dispatch(view, decodable(view), COST, strict, 0) == Dispatch((w,), 0)
 
 
 def test_prefill_time_cap_exempts_the_first_request() -> None:
@@ -513,6 +574,118 @@ def test_plans_are_valid_and_make_progress(view: ClusterView, num_ooe: int, step
         assert plan.batches
     if any(i.busy for i in view.instances):
         assert not plan.preempt
+
+
+def plain_dispatch(
+    view: ClusterView, cost: ESPCostModel, s: LoongSettings, num_ooe: int
+) -> Dispatch:
+    """LoongServe's scan as written: every waiting request in turn, the
+    memory gate by replaying the peak (the reference for :func:`dispatch`)."""
+    idle = [inst for inst in view.instances if not inst.busy]
+    if not view.waiting or not idle or len(view.running) >= s.max_running_requests:
+        return Dispatch((), num_ooe)
+    items, held = [], 0
+    for r in view.running:
+        left = max(0, guessed_output_tokens(r, s) - r.num_output_tokens)
+        held += r.num_computed_tokens
+        if r.is_decoding:
+            items.append((r.num_computed_tokens, left))
+        else:
+            items.append((r.num_prompt_tokens, max(0, left - 1)))
+    base = max(0, sum(inst.used_tokens for inst in view.instances) - held)
+    capacity = sum(inst.capacity_tokens for inst in view.instances)
+    run_items, all_items = list(items), list(items)
+
+    def fits(gate: list[tuple[int, int]], now: int, rem: int) -> bool:
+        peak = base + replay_peak([*gate, (now, rem)])
+        return len(gate) < s.max_running_requests and peak <= capacity
+
+    idle_free = sum(inst.free_tokens for inst in idle)
+    n_iso, iso_tokens = isolated_idle(
+        [i.capacity_tokens for i in idle], sum(i.used_tokens for i in idle)
+    )
+    waiting_s = estimated_waiting_time(view, cost, s)
+    dec = [r for r in decodable(view) if r.is_decoding and r.num_remaining_output_tokens > 0]
+    inv_decode = sum(1.0 / max(1, r.num_output_tokens) for r in dec)
+    run: list[WaitingRequest] = []
+    und: list[WaitingRequest] = []
+    num_ok, und_open, is_ooe, before, need_break = 0, True, False, 0, False
+    allow = num_ooe < s.max_num_ooe
+
+    def sums(reqs: list[WaitingRequest]) -> tuple[int, int, float]:
+        lengths = [w.num_prompt_tokens for w in reqs]
+        return sum(lengths), sum(n * n for n in lengths), sum(1.0 / n for n in lengths)
+
+    for w in view.waiting:
+        now = w.num_prompt_tokens
+        rem = max(0, guessed_output_tokens(w, s) - w.num_output_tokens - 1)
+        l_run, l2_run, _ = sums([*run, w])
+        if fits(run_items, now, rem) and l_run <= idle_free:
+            if (not und or allow) and l_run <= iso_tokens:
+                t_now = cost.prefill_time(n_iso, l_run, l2_run)
+                slowdown = t_now - cost.prefill_time(len(idle), l_run, l2_run)
+                if slowdown <= waiting_s and (not run or t_now <= s.max_prefill_time_s):
+                    need_break = need_break or t_now > s.max_prefill_time_s
+                    if und and not is_ooe:
+                        before, is_ooe = len(run), True
+                    run.append(w)
+                    run_items.append((now, rem))
+                    all_items.append((now, rem))
+                    continue
+            if und_open and fits(all_items, now, rem) and l_run + sums(und)[0] <= idle_free:
+                und.append(w)
+                all_items.append((now, rem))
+                l_all, l2_all, _ = sums(run + und)
+                t_all = cost.prefill_time(len(idle), l_all, l2_all)
+                within = t_all <= s.max_prefill_time_s
+                single = len(run) + len(und) == 1
+                if t_all * inv_decode <= waiting_s * sums(und)[2] and (single or within):
+                    need_break = need_break or not within
+                    num_ok = len(und)
+                continue
+            und_open = False
+        if allow and not need_break:
+            if not is_ooe:
+                before, is_ooe = len(run), True
+            continue
+        break
+    admitted = tuple(run + und[:num_ok])
+    if not admitted:
+        return Dispatch((), num_ooe)
+    return Dispatch(admitted, num_ooe + 1 if is_ooe and before < len(admitted) else 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    views(),
+    st.integers(0, 4),
+    st.integers(0, 3),
+    st.integers(1, 12),
+    st.sampled_from([None, 1.5]),
+    st.sampled_from([COST, cost_model(decode_a_s=1e-5), cost_model(C_s=1e-5)]),
+)
+def test_dispatch_matches_the_plain_scan(
+    view: ClusterView,
+    num_ooe: int,
+    max_num_ooe: int,
+    max_running: int,
+    guess: float | None,
+    cost: ESPCostModel,
+) -> None:
+    # The fast scan (prompt filter, lazy gate tables, early stops) decides
+    # exactly as the plain one, with a fresh index, its own or another queue's.
+    s = LoongSettings(
+        max_num_ooe=max_num_ooe,
+        max_running_requests=max_running,
+        output_len_guess=guess,
+        output_guess_floor_tokens=4,
+    )
+    expected = plain_dispatch(view, cost, s, num_ooe)
+    dec = [r for r in decodable(view) if r.is_decoding and r.num_remaining_output_tokens > 0]
+    assert dispatch(view, dec, cost, s, num_ooe) == expected
+    own, other = WaitingIndex(view.waiting), WaitingIndex(view.waiting[1:])
+    assert dispatch(view, dec, cost, s, num_ooe, own) == expected
+    assert dispatch(view, dec, cost, s, num_ooe, other) == expected
 
 
 def execute(view: ClusterView, plan: ClusterPlan, prompts: dict[str, int]) -> ClusterView:

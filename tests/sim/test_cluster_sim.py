@@ -24,7 +24,10 @@ from vllm_esp.core.esp.cluster import (
     ClusterPolicy,
     ClusterView,
     DecodeItem,
+    Migration,
     PrefillItem,
+    RunningRequest,
+    WaitingRequest,
 )
 from vllm_esp.core.esp.cost_model import (
     DecodeCoeffs,
@@ -35,6 +38,7 @@ from vllm_esp.core.esp.cost_model import (
 from vllm_esp.core.esp.loong.policy import LoongPolicy
 from vllm_esp.core.esp.registry import CLUSTER_POLICIES, make_cluster_policy
 from vllm_esp.sim import SimRequest, SimResult, simulate
+from vllm_esp.sim.events import EventLoop
 
 #: Plausible numbers (LoongServe's third-party fit: A 17-44 ms, B 0.03-0.14
 #: ms/token, C 3.5e-7-5e-6 ms/token^2), in seconds.
@@ -528,3 +532,100 @@ def test_multi_step_baselines_stay_within_tight_capacity(case):
         expected = tuple(r.req_id for r in reqs if _refused(policy, r, n, cap))
         assert res.unfinished == expected, policy.name
         assert all(r.num_preemptions == 0 for r in res.records), policy.name
+
+
+# ---------------------------------------------------------------------- cached views
+class _FreshViews(ClusterPolicy):
+    """Wraps a policy; checks that each view the loop shows (whose request
+    views are cached until they change) equals one built afresh."""
+
+    def __init__(self, inner: ClusterPolicy) -> None:
+        self.inner = inner
+        self.loop: EventLoop | None = None
+        self.num_checked = 0
+
+    def schedule(self, view: ClusterView) -> ClusterPlan:
+        assert self.loop is not None
+        waiting = tuple(
+            WaitingRequest(r.req_id, r.arrival_s, r.num_prompt, r.max_output, r.num_output)
+            for r in self.loop.waiting.values()
+        )
+        running = tuple(
+            RunningRequest(
+                r.req_id,
+                r.arrival_s,
+                r.num_prompt,
+                r.max_output,
+                r.num_output,
+                tuple(sorted(r.kv.items())),
+                r.busy,
+            )
+            for r in self.loop.running.values()
+        )
+        assert view.waiting == waiting and view.running == running
+        self.num_checked += 1
+        return self.inner.schedule(view)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    work=_workloads,
+    n=st.integers(2, 4),
+    cap=st.integers(60, 400),
+    kind=st.sampled_from(["loong", "chunked", "pd", "preempt"]),
+)
+def test_cached_views_equal_fresh_ones(work, n, cap, kind):
+    # Arrivals, launches, chunks, decode steps, migrations (P/D moves every
+    # prefill's KV; LoongPolicy consolidates) and preemptions (requeued at
+    # the front) all change the views.
+    reqs = [SimRequest(f"r{k}", t, p, o) for k, (t, p, o) in enumerate(work)]
+    inner = {
+        "loong": lambda: LoongPolicy(n, COST),
+        "chunked": lambda: ReplicasChunkedPolicy(chunk_tokens=64, max_decode_steps=3),
+        "pd": lambda: PDDisaggregationPolicy(1, max_decode_steps=3),
+        "preempt": lambda: _OneAtATime(preempt_at=2),
+    }[kind]()
+    num_instances = 1 if kind == "preempt" else n  # it plans instance 0 only
+    policy = _FreshViews(inner)
+    loop = EventLoop(policy, num_instances, cap, COST, None, True)
+    policy.loop = loop
+    loop.load(reqs)
+    loop.run()
+    servable = any(p + o - 1 <= num_instances * cap for _, p, o in work)
+    assert policy.num_checked > 0 or not servable
+
+
+class _MoveThenDecode(ClusterPolicy):
+    """Prefills ``r`` on instances 0-1 keeping its KV on 0, moves the KV to
+    instance 1 in a plan of its own (``r`` waits for it outside every
+    batch), then decodes there; other requests are left waiting."""
+
+    def __init__(self) -> None:
+        self.moved_at_s: float | None = None
+
+    def schedule(self, view: ClusterView) -> ClusterPlan:
+        if any(w.req_id == "r" for w in view.waiting):
+            item = PrefillItem("r", 100, ((0, 100),))
+            return ClusterPlan(batches=(Batch((0, 1), prefills=(item,)),))
+        if not view.running or view.running[0].busy:
+            return ClusterPlan()
+        (r,) = view.running
+        if r.kv_instances == (0,):
+            self.moved_at_s = view.now_s
+            return ClusterPlan(migrations=(Migration("r", 0, 1, r.kv[0][1]),))
+        return ClusterPlan(batches=(Batch((1,), decodes=(DecodeItem("r", 1),)),))
+
+
+def test_a_request_moved_outside_every_batch_is_viewed_idle_again():
+    # A newcomer arrives while the KV moves (instance 2 is idle, so the loop
+    # decides then, with r busy); when the move ends r must be idle again.
+    probe = _MoveThenDecode()
+    _run(probe, [SimRequest("r", 0.0, 100, 4)], n=3, cap=1000)
+    assert probe.moved_at_s is not None
+    during = probe.moved_at_s + COST.migration_time(100) / 2
+    policy = _FreshViews(_MoveThenDecode())
+    loop = EventLoop(policy, 3, 1000, COST, None, True)
+    policy.loop = loop
+    loop.load([SimRequest("r", 0.0, 100, 4), SimRequest("s", during, 10, 2)])
+    loop.run()
+    assert [r.req_id for r in loop.finished()] == ["r"] and policy.num_checked >= 5

@@ -20,6 +20,8 @@ from vllm_esp.core.esp.cluster import (
     ClusterView,
     InstanceView,
     Migration,
+    RunningRequest,
+    WaitingRequest,
 )
 from vllm_esp.core.esp.cost_model import ESPCostModel
 from vllm_esp.sim.state import FINISHED, REFUSED, RUNNING, WAITING, BatchRun, SimReq
@@ -72,6 +74,14 @@ class EventLoop:
         self.num_idle = num_instances
         self.inst_views = [InstanceView(i, capacity_tokens, 0) for i in range(num_instances)]
         self.dirty: set[int] = set()
+        #: The waiting queue's views, until the queue changes (many decisions
+        #: admit nothing, and the queue can be thousands long).
+        self.waiting_views: tuple[WaitingRequest, ...] | None = None
+        #: The running requests' views in ``running``'s order (None: not built
+        #: yet), and the running requests whose view changed since the last
+        #: view: a decision rebuilds those only.
+        self.running_views: dict[str, RunningRequest | None] = {}
+        self.stale: set[SimReq] = set()
         self.num_decisions = 0
         self.num_batches = 0
         self.num_migrated_tokens = 0
@@ -116,6 +126,8 @@ class EventLoop:
                 if kind == _ARRIVAL:
                     payload.state = WAITING
                     self.waiting[payload.req_id] = payload
+                    if self.waiting_views is not None:  # it joins at the end
+                        self.waiting_views += (payload.waiting_view(),)
                     arrived = True
                 elif kind == _STEP_END:
                     decide |= self._step_end(payload)
@@ -147,11 +159,29 @@ class EventLoop:
             )
         self.dirty.clear()
         done = self.num_finished
+        # A waiting request's cached view matches its state (launches and
+        # preemptions reset it), so a cached one is taken without a call.
+        waiting = self.waiting_views
+        if waiting is None:
+            waiting = tuple(
+                [
+                    view if (view := r.view) is not None else r.waiting_view()  # type: ignore[misc]
+                    for r in self.waiting.values()
+                ]
+            )
+            self.waiting_views = waiting
+        # Every change to a running request marks it stale (placeholders of
+        # new ones included), so the others' views are reused as they are.
+        views = self.running_views
+        for req in self.stale:
+            if req.state == RUNNING:
+                views[req.req_id] = req.running_view()
+        self.stale.clear()
         return ClusterView(
             now_s=self.now,
             instances=tuple(self.inst_views),
-            waiting=tuple([r.waiting_view() for r in self.waiting.values()]),
-            running=tuple([r.running_view() for r in self.running.values()]),
+            waiting=waiting,
+            running=tuple(views.values()),  # type: ignore[arg-type]  # no placeholder left
             mean_finished_output_tokens=self.sum_finished_output / done if done else 0.0,
         )
 
@@ -188,6 +218,7 @@ class EventLoop:
             if not req.busy:
                 req.busy = True
                 req.view = None
+                self.stale.add(req)
                 done_at.setdefault(end, ([], []))[1].append(req)
         for end, (instances, reqs) in done_at.items():
             self._push(end, _MIGRATION_END, (instances, reqs))
@@ -197,6 +228,7 @@ class EventLoop:
         for req_id in req_ids:
             req = self.running.pop(req_id, None)
             assert req is not None and not req.busy, f"cannot preempt {req_id}"
+            del self.running_views[req_id]
             self._free(req)
             req.state = WAITING
             req.num_prompt = req.orig_prompt + req.num_output
@@ -204,6 +236,7 @@ class EventLoop:
             req.view = None
             front[req_id] = req
         self.waiting = front | self.waiting
+        self.waiting_views = None
 
     def _migrate(
         self, migrations: Sequence[Migration]
@@ -225,6 +258,7 @@ class EventLoop:
                 req.kv[src] = held - num
             req.kv[dst] = req.kv.get(dst, 0) + num
             req.view = None
+            self.stale.add(req)
             self.used[src] -= num
             self.used[dst] += num
             self._check_capacity(dst)
@@ -255,8 +289,10 @@ class EventLoop:
         for item in batch.prefills:
             req = self.waiting.pop(item.req_id, None)
             if req is not None:
+                self.waiting_views = None
                 req.state = RUNNING
                 self.running[req.req_id] = req
+                self.running_views[req.req_id] = None  # its place; built when viewed
             else:
                 req = self.running.get(item.req_id)
                 assert req is not None and not req.busy, f"{item.req_id} cannot prefill"
@@ -271,6 +307,7 @@ class EventLoop:
             req.num_computed += item.num_tokens
             req.busy = True
             req.view = None
+            self.stale.add(req)
             chunks.append((item.num_tokens, cached))
             run.prefills.append(req)
         for dec in batch.decodes:
@@ -280,6 +317,7 @@ class EventLoop:
             assert dec.master in members and members.issuperset(req.kv), f"{dec} outside group"
             req.busy = True
             req.view = None
+            self.stale.add(req)
             self.reserved[dec.master] += min(run.steps_left, req.num_remaining_output)
             self._check_capacity(dec.master)
             run.add_decode(req, dec.master)
@@ -302,12 +340,13 @@ class EventLoop:
                 if req.num_output == req.max_output:
                     self._finish(req)
         run.prefills = [r for r in run.prefills if r.state == RUNNING]
-        used, reserved, num_kv = self.used, self.reserved, run.num_kv
+        used, reserved, num_kv, stale = self.used, self.reserved, run.num_kv, self.stale
         for req, master in list(run.decodes.items()):
             req.kv[master] = req.kv.get(master, 0) + 1
             req.num_computed += 1
             req.num_output += 1
             req.view = None
+            stale.add(req)
             used[master] += 1
             reserved[master] -= 1
             num_kv[master] += 1
@@ -322,6 +361,7 @@ class EventLoop:
         for req in (*run.prefills, *run.decodes):
             req.busy = False
             req.view = None
+            stale.add(req)
         for i in run.instances:
             assert reserved[i] == 0, f"instance {i}: {reserved[i]} reserved tokens left"
             self._set_busy(i, False)
@@ -333,11 +373,13 @@ class EventLoop:
         for req in reqs:
             req.busy = False
             req.view = None
+            self.stale.add(req)
 
     def _finish(self, req: SimReq) -> None:
         assert req.state == RUNNING, f"{req.req_id} finishes twice"
         self._free(req)
         del self.running[req.req_id]
+        del self.running_views[req.req_id]
         req.state = FINISHED
         req.finish_s = self.now
         req.busy = False

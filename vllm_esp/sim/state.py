@@ -87,7 +87,7 @@ class SimReq:
                 self.num_prompt,
                 self.max_output,
                 self.num_output,
-                tuple(sorted(self.kv.items())),
+                tuple(self.kv.items()) if len(self.kv) == 1 else tuple(sorted(self.kv.items())),
                 self.busy,
             )
             self.view = view

@@ -21,6 +21,12 @@ idle instances here. The waiting-time estimate uses the cost model's
 decode step instead of LoongServe's constant ``avg_decoding_time``, and the
 remaining output length is known (``max_output_tokens``, as with
 ``ignore_eos``) unless :attr:`LoongSettings.output_len_guess` is set.
+
+A decision's cost must not grow with a queue backed up behind the gates
+(thousands of requests at 64 instances), so the scan decides exactly as the
+plain one but skips, by a tree of prompt minima (:class:`WaitingIndex`),
+the requests whose prompt alone rules them out, and the memory gate sorts
+its requests only when its cheap upper bound cannot decide.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-from vllm_esp.core.esp.cluster import ClusterView, RunningRequest, WaitingRequest
+from vllm_esp.core.esp.cluster import ClusterView, InstanceView, RunningRequest, WaitingRequest
 from vllm_esp.core.esp.cost_model import ESPCostModel
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "LoongSettings",
     "PeakGate",
     "ResidentLoad",
+    "WaitingIndex",
     "dispatch",
     "estimated_waiting_time",
     "future_peak_tokens",
@@ -113,24 +120,37 @@ class ResidentLoad:
 
     @classmethod
     def of(cls, view: ClusterView, settings: LoongSettings) -> ResidentLoad:
+        # One pass with locals: this runs at every decision over every
+        # resident request, so attribute and call overheads dominate it.
         items: list[tuple[int, int]] = []
+        append = items.append
         held = num_decodes = num_decode_tokens = max_steps = 0
         holders: set[int] = set()
+        add_holder = holders.add
         guess = settings.output_len_guess is not None
         for req in view.running:
             kv = req.kv
-            computed = kv[0][1] if len(kv) == 1 else sum(t for _, t in kv)
+            if len(kv) == 1:
+                home, computed = kv[0]
+            else:
+                home, computed = -1, sum(t for _, t in kv)
             held += computed
             total = guessed_output_tokens(req, settings) if guess else req.max_output_tokens
-            left = max(0, total - req.num_output_tokens)
+            left = total - req.num_output_tokens
+            if left < 0:
+                left = 0
             if computed >= req.num_prompt_tokens:
-                items.append((computed, left))
+                append((computed, left))
                 num_decodes += 1
                 num_decode_tokens += computed
-                holders.update(i for i, _ in kv)
-                max_steps = max(max_steps, left)
+                if home >= 0:
+                    add_holder(home)
+                else:
+                    holders.update(i for i, _ in kv)
+                if left > max_steps:
+                    max_steps = left
             else:  # counted as if prefilled: its prompt is reserved growth
-                items.append((req.num_prompt_tokens, max(0, left - 1)))
+                append((req.num_prompt_tokens, left - 1 if left > 0 else 0))
         used = sum(inst.used_tokens for inst in view.instances)
         return cls(
             items, max(0, used - held), num_decodes, num_decode_tokens, len(holders), max_steps
@@ -160,8 +180,11 @@ class PeakGate:
     ``r * (p + 1) + S_p + c`` and shifts each later term ``k`` to
     ``rem_k * (k + 2) + S_{k+1} + c``; prefix and suffix maxima of those
     give the new peak. An insertion raises the peak by at most ``r + c``,
-    so admissions only track that bound and the tables are rebuilt
-    (``O(n)``) when a request is too close to the capacity to decide by it.
+    and the peak is at most ``sum(now + rem)`` (each request's own growth
+    bounds its term's), so admissions only track that bound, and the
+    requests are sorted and the tables built (``O(n log n)``, then ``O(n)``
+    per rebuild) only when a request is too close to the capacity to
+    decide by it: most decisions of a cluster with room never sort.
     """
 
     def __init__(
@@ -172,15 +195,23 @@ class PeakGate:
         capacity_tokens: int,
         max_requests: int,
     ) -> None:
-        self._items = sorted(items, key=lambda it: -it[1])
-        self._neg_rem = [-rem for _, rem in self._items]
+        self._items = list(items)
+        #: ``_items`` is sorted by growth descending (``_neg_rem`` matches it).
+        self._sorted = False
+        self._neg_rem: list[int] = []
         self.base_tokens = base_tokens
         self.capacity_tokens = capacity_tokens
         self.max_requests = max_requests
-        self._rebuild()
+        #: The exact peak (base excluded) while the tables are fresh, else a bound.
+        self._bound = sum(map(sum, self._items))
+        self._fresh = False
 
     def _rebuild(self) -> None:
         items = self._items
+        if not self._sorted:
+            items.sort(key=lambda it: -it[1])
+            self._neg_rem = [-rem for _, rem in items]
+            self._sorted = True
         prefix = [0, *accumulate(now for now, _ in items)]
         rems = [rem for _, rem in items]
         terms = [rem * k + s for k, (rem, s) in enumerate(zip(rems, prefix[1:]), 1)]
@@ -191,13 +222,20 @@ class PeakGate:
         tail.reverse()
         tail.append(-1)
         self._tail = tail
-        #: The exact peak (base excluded) while the tables are fresh, else a bound.
         self._bound = self._head[-1]
         self._fresh = True
 
     @property
     def num_requests(self) -> int:
         return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        """Known to admit nothing more: full, or its exact peak (which an
+        insertion never lowers) is already past the capacity."""
+        if len(self._items) >= self.max_requests:
+            return True
+        return self._fresh and self.base_tokens + self._bound > self.capacity_tokens
 
     def peak_with(self, now: int, rem: int) -> int:
         """Total peak KV (base included) if ``(now, rem)`` joined."""
@@ -209,16 +247,19 @@ class PeakGate:
         return self.base_tokens + max(self._head[p], own, later)
 
     def admits(self, now: int, rem: int) -> bool:
-        if self.num_requests + 1 > self.max_requests:
+        if len(self._items) >= self.max_requests:
             return False
         if self.base_tokens + self._bound + rem + now <= self.capacity_tokens:
             return True
         return self.peak_with(now, rem) <= self.capacity_tokens
 
     def add(self, now: int, rem: int) -> None:
-        p = bisect_right(self._neg_rem, -rem)
-        self._items.insert(p, (now, rem))
-        self._neg_rem.insert(p, -rem)
+        if self._sorted:
+            p = bisect_right(self._neg_rem, -rem)
+            self._items.insert(p, (now, rem))
+            self._neg_rem.insert(p, -rem)
+        else:
+            self._items.append((now, rem))
         self._bound += rem + now
         self._fresh = False
 
@@ -288,92 +329,225 @@ class _Batch:
         self.sum_inv += 1.0 / max(1, req.num_prompt_tokens)
 
 
+class WaitingIndex:
+    """The waiting queue's prompt lengths, to find the next request whose
+    prompt is at most a limit in ``O(log n)`` (a tree of minima).
+
+    The scan refuses a prompt past its limit, and a queue backed up behind
+    the gates holds thousands; a caller that sees the same ``waiting``
+    tuple at many decisions (the simulator keeps it while the queue does
+    not change) builds the index once for all of them (:meth:`for_queue`).
+    """
+
+    def __init__(self, waiting: tuple[WaitingRequest, ...]) -> None:
+        self.waiting = waiting
+        level = [w.num_prompt_tokens for w in waiting]
+        self.num_requests = len(level)
+        #: ``levels[h][i]``: the least prompt of requests ``[i * 2^h, (i + 1) * 2^h)``.
+        self.levels = [level]
+        while len(level) > 1:
+            if len(level) % 2:
+                level = [*level, math.inf]  # type: ignore[list-item]
+            level = list(map(min, level[0::2], level[1::2]))
+            self.levels.append(level)
+
+    @classmethod
+    def for_queue(
+        cls, waiting: tuple[WaitingRequest, ...], cached: WaitingIndex | None
+    ) -> WaitingIndex:
+        """``cached`` if it indexes this very tuple (immutable), else a new index."""
+        if cached is not None and cached.waiting is waiting:
+            return cached
+        return cls(waiting)
+
+    def next_fit(self, start: int, limit: float) -> int:
+        """The first request at or after ``start`` whose prompt is at most
+        ``limit``; ``num_requests`` if none."""
+        levels = self.levels
+        top = len(levels) - 1
+        h, i = 0, start
+        while True:  # climb right until a node holds a fit (all before it are past)
+            level = levels[h]
+            if i >= len(level):
+                return self.num_requests
+            if level[i] <= limit:
+                break
+            i += 1
+            while i % 2 == 0 and h < top:  # a left child: its parent starts here too
+                i //= 2
+                h += 1
+        while h > 0:  # descend to the node's first fit
+            h -= 1
+            i *= 2
+            if levels[h][i] > limit:
+                i += 1
+        return i
+
+
 def dispatch(
     view: ClusterView,
     decodable: Sequence[RunningRequest],
     cost: ESPCostModel,
     settings: LoongSettings,
     num_ooe: int,
+    index: WaitingIndex | None = None,
 ) -> Dispatch:
     """LoongServe's FCFS scan with bounded out-of-order admission.
 
     ``decodable``: the decoding requests a prefill would displace (their
     KV is on idle instances); ``num_ooe``: consecutive earlier decisions
-    that admitted out of order.
+    that admitted out of order; ``index``: a :class:`WaitingIndex` of
+    ``view.waiting`` kept from an earlier decision (rebuilt if it is not
+    of this queue).
     """
     idle = [inst for inst in view.instances if not inst.busy]
-    if not view.waiting or not idle or len(view.running) >= settings.max_running_requests:
+    waiting = view.waiting
+    if not waiting or not idle or len(view.running) >= settings.max_running_requests:
         return Dispatch((), num_ooe)
-    load = ResidentLoad.of(view, settings)
-    capacity = sum(inst.capacity_tokens for inst in view.instances)
-    run_gate = PeakGate(
-        load.items,
-        base_tokens=load.base_tokens,
-        capacity_tokens=capacity,
-        max_requests=settings.max_running_requests,
-    )
-    all_gate = run_gate.copy()  # with the undecided requests too
-    n_idle = len(idle)
     idle_free = sum(inst.free_tokens for inst in idle)
-    n_isolated, isolated_tokens = isolated_idle(
-        [inst.capacity_tokens for inst in idle], sum(inst.used_tokens for inst in idle)
-    )
-    waiting_s = estimated_waiting_time(view, cost, settings, load)
-    inv_decode = sum(1.0 / max(1, r.num_output_tokens) for r in decodable)
-    cap_s = settings.max_prefill_time_s
     allow_ooe = num_ooe < settings.max_num_ooe
-
-    run = _Batch([])
-    undecided = _Batch([])
-    num_undecided_ok = 0  # prefix of ``undecided`` whose gain beats the slowdown
-    undecided_open = True
-    is_ooe = False
-    before_ooe = 0
-    need_break = False
-    for req in view.waiting:
-        now, rem = req.num_prompt_tokens, _waiting_growth(req, settings)
-        new_l = run.sum_l + now
-        if run_gate.admits(now, rem) and new_l <= idle_free:
-            if (not undecided.reqs or allow_ooe) and new_l <= isolated_tokens:
-                new_l2 = run.sum_l2 + now * now
-                t_now = cost.prefill_time(n_isolated, new_l, new_l2)
-                slowdown = t_now - cost.prefill_time(n_idle, new_l, new_l2)
-                within = t_now <= cap_s
-                if slowdown <= waiting_s and (not run.reqs or within):
-                    need_break = need_break or not within
-                    if undecided.reqs and not is_ooe:
-                        before_ooe, is_ooe = len(run.reqs), True
-                    run.add(req)
-                    run_gate.add(now, rem)
-                    all_gate.add(now, rem)
-                    continue
-            if (
-                undecided_open
-                and all_gate.admits(now, rem)
-                and new_l + undecided.sum_l <= idle_free
-            ):
-                undecided.add(req)
-                all_gate.add(now, rem)
-                t_all = cost.prefill_time(
-                    n_idle, undecided.sum_l + run.sum_l, undecided.sum_l2 + run.sum_l2
-                )
-                within = t_all <= cap_s
-                single = len(run.reqs) + len(undecided.reqs) == 1
-                if t_all * inv_decode <= waiting_s * undecided.sum_inv and (single or within):
-                    need_break = need_break or not within
-                    num_undecided_ok = len(undecided.reqs)
-                continue
-            undecided_open = False
-        if allow_ooe and not need_break:
-            if not is_ooe:
-                before_ooe, is_ooe = len(run.reqs), True
-            continue
-        break
-    admitted = tuple(run.reqs + undecided.reqs[:num_undecided_ok])
-    if not admitted:
+    # A request whose prompt is past ``_Scan.prompt_limit`` is refused
+    # whatever the gates say, and one refusal or many in a row have the same
+    # effect, so the scan visits the others only (``WaitingIndex.next_fit``).
+    index = WaitingIndex.for_queue(waiting, index)
+    first = index.next_fit(0, idle_free)
+    n = len(waiting)
+    if first == n or (first > 0 and not allow_ooe):
         return Dispatch((), num_ooe)
-    ooe_now = is_ooe and before_ooe < len(admitted)
-    return Dispatch(admitted, num_ooe + 1 if ooe_now else 0)
+    scan = _Scan(view, decodable, cost, settings, idle, idle_free, allow_ooe)
+    k = 0
+    while k < n:
+        j = index.next_fit(k, scan.prompt_limit())
+        if (j > k and not scan.refused()) or j == n:  # refusals k..j-1
+            break
+        if scan.run_gate.closed:  # this request and every later one are refused
+            scan.refused()
+            break
+        if not scan.visit(waiting[j]) and not scan.refused():
+            break
+        k = j + 1
+    return scan.result(num_ooe)
+
+
+class _Scan:
+    """The state of :func:`dispatch`'s scan; ``visit`` is one request's gates."""
+
+    def __init__(
+        self,
+        view: ClusterView,
+        decodable: Sequence[RunningRequest],
+        cost: ESPCostModel,
+        settings: LoongSettings,
+        idle: Sequence[InstanceView],
+        idle_free: int,
+        allow_ooe: bool,
+    ) -> None:
+        self.view = view
+        self.decodable = decodable
+        self.cost = cost
+        self.settings = settings
+        self.load = ResidentLoad.of(view, settings)
+        self.run_gate = PeakGate(
+            self.load.items,
+            base_tokens=self.load.base_tokens,
+            capacity_tokens=sum(inst.capacity_tokens for inst in view.instances),
+            max_requests=settings.max_running_requests,
+        )
+        self.all_gate = self.run_gate.copy()  # with the undecided requests too
+        self.n_idle = len(idle)
+        self.idle_free = idle_free
+        self.n_isolated, self.isolated_tokens = isolated_idle(
+            [inst.capacity_tokens for inst in idle], sum(inst.used_tokens for inst in idle)
+        )
+        self.allow_ooe = allow_ooe
+        self.guess = settings.output_len_guess is not None
+        self.run = _Batch([])
+        self.undecided = _Batch([])
+        self.num_undecided_ok = 0  # prefix of ``undecided`` whose gain beats the slowdown
+        self.undecided_open = True
+        self.is_ooe = False
+        self.before_ooe = 0
+        self.need_break = False
+        # Computed on first use: many scans never reach the compute gates.
+        self._waiting_s: float | None = None
+        self._inv_decode: float | None = None
+
+    def waiting_s(self) -> float:
+        if self._waiting_s is None:
+            self._waiting_s = estimated_waiting_time(self.view, self.cost, self.settings, self.load)
+        return self._waiting_s
+
+    def inv_decode(self) -> float:
+        if self._inv_decode is None:
+            self._inv_decode = sum(1.0 / max(1, r.num_output_tokens) for r in self.decodable)
+        return self._inv_decode
+
+    def prompt_limit(self) -> int:
+        """The longest prompt that can still join a batch: one within the
+        idle free tokens, and once the undecided batch is closed, within the
+        isolated instances' tokens (the normal case's only way in)."""
+        room = self.idle_free if self.undecided_open else self.isolated_tokens
+        return room - self.run.sum_l
+
+    def refused(self) -> bool:
+        """A request is refused; True if the scan goes on out of order."""
+        if self.allow_ooe and not self.need_break:
+            if not self.is_ooe:
+                self.before_ooe, self.is_ooe = len(self.run.reqs), True
+            return True
+        return False
+
+    def visit(self, req: WaitingRequest) -> bool:
+        """Run ``req`` through the gates; True if it joined a batch."""
+        now = req.num_prompt_tokens
+        if self.guess:
+            rem = _waiting_growth(req, self.settings)
+        else:
+            rem = max(0, req.max_output_tokens - req.num_output_tokens - 1)
+        run, undecided, cost = self.run, self.undecided, self.cost
+        new_l = run.sum_l + now
+        if not (new_l <= self.idle_free and self.run_gate.admits(now, rem)):
+            return False
+        cap_s = self.settings.max_prefill_time_s
+        if (not undecided.reqs or self.allow_ooe) and new_l <= self.isolated_tokens:
+            new_l2 = run.sum_l2 + now * now
+            t_now = cost.prefill_time(self.n_isolated, new_l, new_l2)
+            slowdown = t_now - cost.prefill_time(self.n_idle, new_l, new_l2)
+            within = t_now <= cap_s
+            if slowdown <= self.waiting_s() and (not run.reqs or within):
+                self.need_break = self.need_break or not within
+                if undecided.reqs and not self.is_ooe:
+                    self.before_ooe, self.is_ooe = len(run.reqs), True
+                run.add(req)
+                self.run_gate.add(now, rem)
+                self.all_gate.add(now, rem)
+                return True
+        if (
+            self.undecided_open
+            and new_l + undecided.sum_l <= self.idle_free
+            and self.all_gate.admits(now, rem)
+        ):
+            undecided.add(req)
+            self.all_gate.add(now, rem)
+            t_all = cost.prefill_time(
+                self.n_idle, undecided.sum_l + run.sum_l, undecided.sum_l2 + run.sum_l2
+            )
+            within = t_all <= cap_s
+            single = len(run.reqs) + len(undecided.reqs) == 1
+            gain_ok = t_all * self.inv_decode() <= self.waiting_s() * undecided.sum_inv
+            if gain_ok and (single or within):
+                self.need_break = self.need_break or not within
+                self.num_undecided_ok = len(undecided.reqs)
+            return True
+        self.undecided_open = False
+        return False
+
+    def result(self, num_ooe: int) -> Dispatch:
+        admitted = tuple(self.run.reqs + self.undecided.reqs[: self.num_undecided_ok])
+        if not admitted:
+            return Dispatch((), num_ooe)
+        ooe_now = self.is_ooe and self.before_ooe < len(admitted)
+        return Dispatch(admitted, num_ooe + 1 if ooe_now else 0)
 
 
 def _waiting_growth(req: WaitingRequest, settings: LoongSettings) -> int:

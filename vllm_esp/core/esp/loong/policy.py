@@ -50,7 +50,7 @@ from vllm_esp.core.esp.loong.allocation import (
     decode_groups,
 )
 from vllm_esp.core.esp.loong.batching import PrefillGroup, plan_prefill_batches
-from vllm_esp.core.esp.loong.dispatch import LoongSettings, dispatch
+from vllm_esp.core.esp.loong.dispatch import LoongSettings, WaitingIndex, dispatch
 from vllm_esp.core.esp.loong.scaling import pack_retain, plan_decode_group
 
 __all__ = ["LoongPolicy", "LoongSettings"]
@@ -79,6 +79,8 @@ class LoongPolicy(ClusterPolicy):
         self.num_ooe = 0
         self.last_plan = ClusterPlan()
         self._placements: dict[str, Placement] | None = None
+        #: The last waiting queue's index (reused while the queue is the same tuple).
+        self._index: WaitingIndex | None = None
 
     # ------------------------------------------------------------------ plan
     def schedule(self, view: ClusterView) -> ClusterPlan:
@@ -108,17 +110,11 @@ class LoongPolicy(ClusterPolicy):
         settings = self.settings
         idle = [inst.instance for inst in view.instances if not inst.busy]
         idle_set = set(idle)
-        decodable = [
-            r
-            for r in view.running
-            if not r.busy
-            and r.max_output_tokens > r.num_output_tokens
-            and all(i in idle_set for i, _ in r.kv)
-            and sum(t for _, t in r.kv) >= r.num_prompt_tokens
-        ]
+        decodable, partial = _idle_residents(view.running, idle_set)
         ws = Workspace.of(view, decodable)
-        step1 = dispatch(view, decodable, self.cost, settings, self.num_ooe)
-        admitted = _partial_prefills(view.running, idle_set) + step1.admitted
+        self._index = WaitingIndex.for_queue(view.waiting, self._index)
+        step1 = dispatch(view, decodable, self.cost, settings, self.num_ooe, self._index)
+        admitted = partial + step1.admitted
         batches: list[Batch] = []
         migrations: list[Migration] = []
         if admitted:
@@ -204,23 +200,40 @@ class LoongPolicy(ClusterPolicy):
         return self._placements.get(req_id)
 
 
-def _partial_prefills(
+def _idle_residents(
     running: tuple[RunningRequest, ...], idle: set[int]
-) -> tuple[WaitingRequest, ...]:
-    """Partly prefilled residents on idle instances, as their remaining prompt."""
-    return tuple(
-        WaitingRequest(
-            r.req_id,
-            r.arrival_s,
-            r.num_prompt_tokens - r.num_computed_tokens,
-            r.max_output_tokens,
-            r.num_output_tokens,
-        )
-        for r in running
-        if not r.busy
-        and r.num_computed_tokens < r.num_prompt_tokens
-        and all(i in idle for i, _ in r.kv)
-    )
+) -> tuple[list[RunningRequest], tuple[WaitingRequest, ...]]:
+    """The residents whose KV lies on idle instances only, not busy: the
+    decodable ones (output left), and the partly prefilled ones as their
+    remaining prompt. One pass: it runs at every decision over every resident."""
+    decodable: list[RunningRequest] = []
+    partial: list[WaitingRequest] = []
+    for r in running:
+        if r.busy:
+            continue
+        kv = r.kv
+        if len(kv) == 1:
+            inst, computed = kv[0]
+            if inst not in idle:
+                continue
+        else:
+            if not all(i in idle for i, _ in kv):
+                continue
+            computed = sum(t for _, t in kv)
+        if computed >= r.num_prompt_tokens:
+            if r.max_output_tokens > r.num_output_tokens:
+                decodable.append(r)
+        else:
+            partial.append(
+                WaitingRequest(
+                    r.req_id,
+                    r.arrival_s,
+                    r.num_prompt_tokens - computed,
+                    r.max_output_tokens,
+                    r.num_output_tokens,
+                )
+            )
+    return decodable, tuple(partial)
 
 
 def _without(view: ClusterView, victim: RunningRequest) -> ClusterView:
