@@ -170,8 +170,9 @@ class EventLoop:
                 ]
             )
             self.waiting_views = waiting
-        # Every change to a running request marks it stale (placeholders of
-        # new ones included), so the others' views are reused as they are.
+        # Every change to a running request marks it stale (a new one holds
+        # its queue-order slot until rebuilt here), so the others' views are
+        # reused as they are.
         views = self.running_views
         for req in self.stale:
             if req.state == RUNNING:
@@ -181,7 +182,7 @@ class EventLoop:
             now_s=self.now,
             instances=tuple(self.inst_views),
             waiting=waiting,
-            running=tuple(views.values()),  # type: ignore[arg-type]  # no placeholder left
+            running=tuple(views.values()),  # type: ignore[arg-type]  # every slot rebuilt above
             mean_finished_output_tokens=self.sum_finished_output / done if done else 0.0,
         )
 
