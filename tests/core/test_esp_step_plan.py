@@ -105,12 +105,22 @@ def test_docstring_example_token_stripe():
     b0, b1, b2 = (local_batch(plan, i) for i in range(3))
     assert b1.positions == [0, 2, 4, 6] and b2.positions == [1, 3, 5, 7]
     assert b0.num_rows == 0
-    # Instance 1 keeps positions 0 and 2, ships 4 to inst 0 and 6 to inst 2.
+    # Instance 1 keeps positions 0 and 2 and ships 4 to instance 0, outside
+    # the ring; 6 reaches instance 2 around the ring, which keeps it.
     assert b1.store_rows == [0, 1] and b1.store_slots == [2, 4]
-    assert b1.ship_out == {0: [2], 2: [3]}
+    assert b1.ship_out == {0: [2]}
     assert b2.store_rows == [3] and b2.store_slots == [3]
-    assert b2.ship_out == {1: [0, 1], 0: [2]}
+    assert b2.ship_out == {0: [2]}
     assert b0.ship_in == {1: ([2], [4]), 2: ([3], [5])}
+    assert not b1.ship_in and not b2.ship_in and not b0.rings
+    (r1,), (r2,) = b1.rings, b2.rings
+    assert r1.group == r2.group == (1, 2) and (r1.rank, r2.rank) == (0, 1)
+    assert r1.block_positions == r2.block_positions == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # Instance 1 keeps 1 and 3 of rank 1's stripe; instance 2 keeps 6 of rank 0's.
+    assert r1.keep_rows == [[], [0, 1]] and r1.keep_slots == [[], [3, 5]]
+    assert r2.keep_rows == [[3], []] and r2.keep_slots == [[2], []]
+    # Nothing was computed before this step: no queries go out.
+    assert not b1.query_out and not b2.query_out and b0.query_in == {}
     # A last token computed on instance 2 with sampling off: nobody samples.
     assert b0.sample_rows == b1.sample_rows == b2.sample_rows == []
 
@@ -233,6 +243,14 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
             assert len(slots) == len(positions)
             for slot, pos in zip(slots, positions, strict=True):
                 stored[(b.instance, slot, pos)] += 1
+        for share in b.rings:  # stripes kept as they pass
+            assert share.group[share.rank] == b.instance
+            assert share.keep_rows[share.rank] == []
+            for origin in range(share.num_ranks):
+                keep, slots = share.keep_rows[origin], share.keep_slots[origin]
+                assert len(keep) == len(slots)
+                for row, slot in zip(keep, slots, strict=True):
+                    stored[(b.instance, slot, share.block_positions[origin][row])] += 1
     expected: Counter = Counter()
     for req in plan.requests:
         for pos in range(req.start, req.end):
@@ -269,8 +287,10 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
     group_index = [Counter() for _ in range(n)]  # per receiver: (source) -> next group
     own_index = [0] * n
     for req in plan.requests:
-        holders = plan.holders(req)
-        num_blocks = -(-req.end // bs)
+        # A ring request attends where stored only to the earlier steps' KV.
+        end = req.start if len(req.compute) > 1 else req.end
+        holders = plan.holders(req, end) if end else ()
+        num_blocks = -(-end // bs)
         computing = sorted({req.compute_instance(k) for k in range(len(req.token_ids))})
         for c in computing:
             my_positions = [
@@ -296,7 +316,7 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
                 assert group.block_tables[g] == local
                 assert 0 < group.kv_lens[g] <= len(local) * bs
                 kv_total += group.kv_lens[g]
-            assert kv_total == req.end
+            assert kv_total == end
     for h in range(n):
         assert own_index[h] == len(batches[h].own.kv_lens)
         assert batches[h].own.num_rows == len(batches[h].own_rows)
@@ -304,6 +324,29 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
         for c, count in group_index[h].items():
             assert count == len(batches[h].query_in[c].kv_lens)
         assert set(batches[h].query_in) == set(group_index[h])
+
+    # Rings: one per compute group of more than one instance, in plan order
+    # on every member; each rank's block is its stripe of every ring
+    # request, and the members agree on every block.
+    groups = list(dict.fromkeys(r.compute for r in plan.requests if len(r.compute) > 1))
+    for i, b in enumerate(batches):
+        assert [share.group for share in b.rings] == [g for g in groups if i in g]
+        for share in b.rings:
+            reqs = [r for r in plan.requests if r.compute == share.group]
+            for origin in range(share.num_ranks):
+                expected_pos = [
+                    r.start + k
+                    for r in reqs
+                    for k in range(origin, len(r.token_ids), len(r.compute))
+                ]
+                assert share.block_positions[origin] == expected_pos
+                assert share.block_cu_rows[origin][-1] == len(expected_pos)
+                assert len(share.block_cu_rows[origin]) == len(reqs) + 1
+            assert [b.positions[row] for row in share.rows] == share.block_positions[share.rank]
+            peer = batches[share.send_to].rings
+            assert any(
+                p.group == share.group and p.block_positions == share.block_positions for p in peer
+            )
 
     # Sampling: exactly one row, the last token, on its computing instance.
     sampled = Counter()

@@ -266,6 +266,11 @@ def test_every_elastic_move_happened(esp_runs):
         # Wholly local rows (decodes of unspread requests) took vLLM's kernel.
         assert 0 < instance["local_kernel_rows"] < instance["tokens_computed"]
         assert instance["bytes_sent"] > 0 and instance["bytes_received"] > 0
+        # Every DoP-2 chunk ran as a striped ring on both instances.
+        assert instance["ring_rows"] > 0
+    # Scale-down during the ring: the fewest-instances storage kept stripes
+    # computed on the peer as they passed.
+    assert sum(i["ring_kept_rows"] for i in esp["instances"]) > 0
     assert sum(i["blocks_moved_in"] for i in esp["instances"]) == counters.num_migrated_blocks
 
 

@@ -236,9 +236,13 @@ def test_scale_down_computes_on_all_and_stores_on_one(config_model_dir, calibrat
     home = instances(s, "r")[0]
     other = 1 - home
     batches = [local_batch(plan, i) for i in range(2)]
-    # Half the tokens are computed away from their storage and shipped home.
-    assert len(batches[other].ship_out[home]) == 100
-    assert batches[other].store_rows == []
+    # A striped ring: half the tokens are computed away from their storage,
+    # and home keeps them as the other instance's stripe passes (nothing
+    # is shipped besides the ring's own traffic).
+    assert not batches[other].ship_out and batches[other].store_rows == []
+    (ring,) = batches[home].rings
+    assert len(ring.keep_rows[ring.group.index(other)]) == 100
+    assert len(batches[home].store_rows) == 100
     assert s.counters.num_multi_instance_prefills == 1
     run(s)
     assert_all_free(s)

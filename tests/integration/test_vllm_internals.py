@@ -242,6 +242,22 @@ def test_prefill_chunk_hook_the_hostage_bound_uses() -> None:
     expect(num_calls == 2, f"schedule() calls _reserve_prefill_lookahead {num_calls}x, not 2", user)
 
 
+def test_step_token_budgets_the_esp_scheduler_scales() -> None:
+    """ESPScheduler makes ``max_num_batched_tokens`` per instance by scaling
+    the two budgets ``schedule()`` reads (the token budget and, from the
+    scheduler's own ``scheduler_config``, the input budget)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    expect_source(
+        Scheduler.schedule,
+        [
+            "token_budget = self.max_num_scheduled_tokens",
+            "input_budget = self.scheduler_config.max_num_batched_tokens",
+        ],
+        ESP_SCHEDULER,
+    )
+
+
 def test_our_scheduler_overrides_match_vllms() -> None:
     """Every method of MLFQScheduler / ESPScheduler that shares a name with a
     vLLM scheduler method takes vLLM's parameters. MLFQAsyncScheduler puts
@@ -985,6 +1001,20 @@ def test_multiproc_executor_per_instance() -> None:
     expect_attrs(MultiprocExecutor, ("check_health", "shutdown"), "MultiprocExecutor", user)
 
 
+def test_reply_queues_an_instance_stops_spinning_on() -> None:
+    """On CPU, MPInstance sets ``busy_loop_s = 0`` on the SpinCondition of
+    each of its executor's ``response_mqs``: their reader then sleeps on
+    the notification socket, which the writer signals on every enqueue."""
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue, SpinCondition
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    user = ESP_INSTANCES
+    expect_source(MultiprocExecutor._init_executor, ["self.response_mqs"], user)
+    expect_source(MessageQueue.create_from_handle, ["_spin_condition = SpinCondition("], user)
+    expect_source(MessageQueue.enqueue, ["self._spin_condition.notify()"], user)
+    expect_source(SpinCondition.wait, ["self.last_read + self.busy_loop_s"], user)
+
+
 def test_ray_worker_wrapper_per_instance() -> None:
     """A Ray ESP instance is vLLM's RayWorkerWrapper as an actor:
     ``RayWorkerWrapper(rpc_rank=0)``, ``init_worker([kwargs])`` with the
@@ -1199,6 +1229,11 @@ def test_cpu_attention_backend_we_subclass() -> None:
         "CPUAttentionBackend.get_impl_cls is no staticmethod",
         user,
     )
+    expect_params(
+        CPUAttentionBackendImpl.do_kv_cache_update,
+        ["self", "layer", "key", "value", "kv_cache", "slot_mapping"],
+        user,
+    )
     expect(CPUAttentionBackend.get_name() == "CPU_ATTN", "CPU_ATTN's name", user)
     expect_consistent_overrides(ours.ESPCPUAttentionImpl, CPUAttentionBackendImpl, user)
     expect_consistent_overrides(ours.ESPCPUAttentionBackend, CPUAttentionBackend, user)
@@ -1228,6 +1263,11 @@ def test_flash_attention_backend_we_subclass() -> None:
     expect(
         isinstance(inspect.getattr_static(FlashAttentionBackend, "get_impl_cls"), staticmethod),
         "FlashAttentionBackend.get_impl_cls",
+        user,
+    )
+    expect_params(
+        FlashAttentionImpl.do_kv_cache_update,
+        ["self", "layer", "key", "value", "kv_cache", "slot_mapping"],
         user,
     )
     expect(FlashAttentionBackend.get_name() == "FLASH_ATTN", "FLASH_ATTN's name", user)

@@ -19,6 +19,20 @@ and stored on another is shipped there (scale-down during prefill: compute
 on many, keep KV on few). Attention then runs where the KV is: a query goes
 to every instance holding KV of its request, each returns a partial
 ``(out, lse)`` over its local blocks, and the query's instance merges them.
+
+A prefill chunk computed on several instances (DoP > 1) is LoongServe's
+striped ring instead: its queries stay where they were computed, the
+step's new K/V stripes rotate around the compute group, and each instance
+attends its own queries to every stripe as it passes (:class:`RingShare`).
+The instance that stores a token keeps it as its stripe passes (proactive
+scale-down: no extra bytes move); only the context computed in earlier
+steps is attended where it is stored, by the queries-to-KV path::
+
+    chunk [start, end) on group (a, b), start > 0:
+      ring       queries x new keys [start, end)     stripes rotate a -> b -> a
+      queries    queries x prior keys [0, start)     to the instances storing them
+      merge      both partials by log-sum-exp
+
 :func:`local_batch` turns the plan into exactly what one instance does, and
 two instances derive matching send/receive counts from the same plan.
 
@@ -39,6 +53,7 @@ __all__ = [
     "LocalBatch",
     "PeerQueries",
     "RequestStep",
+    "RingShare",
     "SamplingSpec",
     "blocks_per_instance",
     "instance_of",
@@ -134,9 +149,10 @@ class ESPStepPlan:
     def storage_instance(self, req: RequestStep, position: int) -> int:
         return instance_of(req.block_ids[position // self.block_size], self.blocks_per_instance)
 
-    def holders(self, req: RequestStep) -> tuple[int, ...]:
-        """Instances storing any KV of ``req`` in ``[0, end)``, ascending."""
-        num_blocks = -(-req.end // self.block_size)
+    def holders(self, req: RequestStep, end: int | None = None) -> tuple[int, ...]:
+        """Instances storing any KV of ``req`` in ``[0, end)`` (default: the
+        step's end), ascending."""
+        num_blocks = -(-(req.end if end is None else end) // self.block_size)
         return tuple(
             sorted({instance_of(b, self.blocks_per_instance) for b in req.block_ids[:num_blocks]})
         )
@@ -183,6 +199,57 @@ class PeerQueries:
 
 
 @dataclass
+class RingShare:
+    """One instance's part of a striped ring over one compute group.
+
+    Every request of the step computed on exactly this ``group`` rides the
+    ring. Logical rank ``r`` (index in ``group``) computes the request's
+    step tokens ``k`` with ``k % n == r``; its *block* is those rows of
+    every ring request, request-major. At hop ``s`` rank ``r`` holds the
+    block of origin ``(r - s) % n``, forwards it to ``group[r + 1]`` and
+    receives the next one from ``group[r - 1]``::
+
+              hop 0   hop 1            (n = 2)
+    rank 0     B0      B1
+    rank 1     B1      B0
+
+    Sizes and positions are derived from the plan on both sides, so only
+    K/V travel.
+    """
+
+    group: tuple[int, ...]
+    rank: int
+    #: This instance's rows (batch rows) of the ring's requests, request-major.
+    rows: list[int] = field(default_factory=list)
+    #: Per origin rank: global positions of its block's rows.
+    block_positions: list[list[int]] = field(default_factory=list)
+    #: Per origin rank: per-request row offsets of its block (``cu_seqlens``).
+    block_cu_rows: list[list[int]] = field(default_factory=list)
+    #: Per origin rank: block rows stored on this instance, and their local
+    #: slots (never this rank's own block: its rows are ``store_rows``).
+    keep_rows: list[list[int]] = field(default_factory=list)
+    keep_slots: list[list[int]] = field(default_factory=list)
+    #: Some ring request has context from earlier steps (queries-to-KV partials).
+    has_prior: bool = False
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.group)
+
+    @property
+    def send_to(self) -> int:
+        return self.group[(self.rank + 1) % self.num_ranks]
+
+    @property
+    def recv_from(self) -> int:
+        return self.group[(self.rank - 1) % self.num_ranks]
+
+    def origin(self, hop: int) -> int:
+        """Origin rank of the block held at ``hop``."""
+        return (self.rank - hop) % self.num_ranks
+
+
+@dataclass
 class LocalBatch:
     """One instance's share of an :class:`ESPStepPlan` (all lists; torch-free)."""
 
@@ -206,25 +273,29 @@ class LocalBatch:
     query_in: dict[int, PeerQueries] = field(default_factory=dict)
     #: (req_id, row, spec, num_output_tokens) of the rows that sample here.
     sample_rows: list[tuple[str, int, SamplingSpec, int]] = field(default_factory=list)
+    #: Rings this instance is in, in plan order (every member runs them in it).
+    rings: list[RingShare] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
         return len(self.input_ids)
 
 
-def _local_kv(plan: ESPStepPlan, req: RequestStep, instance: int) -> tuple[list[int], int]:
+def _local_kv(
+    plan: ESPStepPlan, req: RequestStep, instance: int, end: int
+) -> tuple[list[int], int]:
     """Local block table and KV length of ``req`` on ``instance`` over ``[0, end)``."""
     bs, nb = plan.block_size, plan.blocks_per_instance
-    num_blocks = -(-req.end // bs)
+    num_blocks = -(-end // bs)
     table: list[int] = []
     kv_len = 0
     for idx, block in enumerate(req.block_ids[:num_blocks]):
         if instance_of(block, nb) != instance:
             continue
         table.append(local_block(block, nb))
-        # Only the request's last block can be partial, and it is the last
+        # Only the last block of [0, end) can be partial, and it is the last
         # local block when local: local tables keep the global order.
-        kv_len += min(bs, req.end - idx * bs)
+        kv_len += min(bs, end - idx * bs)
     return table, kv_len
 
 
@@ -236,59 +307,24 @@ def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
     """
     if not 0 <= instance < plan.num_instances:
         raise ValueError(f"instance {instance} outside 0..{plan.num_instances - 1}")
-    bs, nb = plan.block_size, plan.blocks_per_instance
     out = LocalBatch(instance=instance)
+    rings: dict[tuple[int, ...], RingShare] = {}
     for req in plan.requests:
-        if len(req.block_ids) * bs < req.end:
+        if len(req.block_ids) * plan.block_size < req.end:
             raise ValueError(
                 f"request {req.req_id}: {len(req.block_ids)} blocks cannot hold {req.end} tokens"
             )
-        holders = plan.holders(req)
-        table_here, kv_len_here = (
-            (_local_kv(plan, req, instance)) if instance in holders else ([], 0)
-        )
-        # Per computing instance: its rows of this request (in step order).
-        rows_of: dict[int, list[int]] = {}
-        for k, token in enumerate(req.token_ids):
-            pos = req.start + k
-            comp = req.compute_instance(k)
-            store = instance_of(req.block_ids[pos // bs], nb)
-            slot = local_block(req.block_ids[pos // bs], nb) * bs + pos % bs
-            if comp == instance:
-                row = len(out.input_ids)
-                out.input_ids.append(token)
-                out.positions.append(pos)
-                rows_of.setdefault(comp, []).append(row)
-                if store == instance:
-                    out.store_rows.append(row)
-                    out.store_slots.append(slot)
-                else:
-                    out.ship_out.setdefault(store, []).append(row)
-            else:
-                rows_of.setdefault(comp, []).append(-1)  # a peer's row
-                if store == instance:
-                    slots, positions = out.ship_in.setdefault(comp, ([], []))
-                    slots.append(slot)
-                    positions.append(pos)
-        for comp, rows in rows_of.items():
-            if comp == instance:
-                if instance in holders:
-                    out.own_rows.extend(rows)
-                    _append_group(
-                        out.own, [out.positions[r] for r in rows], table_here, kv_len_here
-                    )
-                for peer in holders:
-                    if peer != instance:
-                        out.query_out.setdefault(peer, []).extend(rows)
-            elif instance in holders:
-                positions = [
-                    req.start + k
-                    for k in range(len(req.token_ids))
-                    if req.compute_instance(k) == comp
-                ]
-                _append_group(
-                    out.query_in.setdefault(comp, PeerQueries()), positions, table_here, kv_len_here
-                )
+        rows_of = _compute_and_store(out, plan, req)
+        ring = len(req.compute) > 1
+        if ring and instance in req.compute:
+            share = rings.get(req.compute)
+            if share is None:
+                share = rings[req.compute] = _new_ring(req.compute, instance)
+                out.rings.append(share)
+            _join_ring(share, plan, req, rows_of.get(instance, []))
+        # Ring requests attend where KV is only for the context of earlier
+        # steps; the step's own keys reach every query around the ring.
+        _attend_where_stored(out, plan, req, rows_of, req.start if ring else req.end)
         if req.sample is not None:
             last = len(req.token_ids) - 1
             if req.compute_instance(last) == instance:
@@ -296,6 +332,96 @@ def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
                     (req.req_id, rows_of[instance][-1], req.sample, req.num_output_tokens)
                 )
     return out
+
+
+def _compute_and_store(
+    out: LocalBatch, plan: ESPStepPlan, req: RequestStep
+) -> dict[int, list[int]]:
+    """Add ``req``'s rows computed here and the KV stored or shipped here.
+
+    Returns, per computing instance, its rows of ``req`` in step order
+    (batch rows here, -1 elsewhere). A ring member keeps the stripes of
+    its ring peers as they pass, so only KV stored outside the compute
+    group is shipped.
+    """
+    bs, nb, me = plan.block_size, plan.blocks_per_instance, out.instance
+    ring = set(req.compute) if len(req.compute) > 1 else set()
+    rows_of: dict[int, list[int]] = {}
+    for k, token in enumerate(req.token_ids):
+        pos = req.start + k
+        comp = req.compute_instance(k)
+        store = instance_of(req.block_ids[pos // bs], nb)
+        slot = local_block(req.block_ids[pos // bs], nb) * bs + pos % bs
+        if comp == me:
+            row = len(out.input_ids)
+            out.input_ids.append(token)
+            out.positions.append(pos)
+            rows_of.setdefault(comp, []).append(row)
+            if store == me:
+                out.store_rows.append(row)
+                out.store_slots.append(slot)
+            elif store not in ring:
+                out.ship_out.setdefault(store, []).append(row)
+        else:
+            rows_of.setdefault(comp, []).append(-1)  # a peer's row
+            if store == me and me not in ring:
+                slots, positions = out.ship_in.setdefault(comp, ([], []))
+                slots.append(slot)
+                positions.append(pos)
+    return rows_of
+
+
+def _new_ring(group: tuple[int, ...], instance: int) -> RingShare:
+    n = len(group)
+    return RingShare(
+        group=group,
+        rank=group.index(instance),
+        block_positions=[[] for _ in range(n)],
+        block_cu_rows=[[0] for _ in range(n)],
+        keep_rows=[[] for _ in range(n)],
+        keep_slots=[[] for _ in range(n)],
+    )
+
+
+def _join_ring(share: RingShare, plan: ESPStepPlan, req: RequestStep, my_rows: list[int]) -> None:
+    """Add ``req``'s stripes to every origin's block of ``share``."""
+    bs, nb, n = plan.block_size, plan.blocks_per_instance, share.num_ranks
+    share.rows.extend(my_rows)
+    share.has_prior = share.has_prior or req.start > 0
+    for origin in range(n):
+        positions = share.block_positions[origin]
+        for k in range(origin, len(req.token_ids), n):
+            pos = req.start + k
+            block = req.block_ids[pos // bs]
+            if origin != share.rank and instance_of(block, nb) == share.group[share.rank]:
+                share.keep_rows[origin].append(len(positions))
+                share.keep_slots[origin].append(local_block(block, nb) * bs + pos % bs)
+            positions.append(pos)
+        share.block_cu_rows[origin].append(len(positions))
+
+
+def _attend_where_stored(
+    out: LocalBatch, plan: ESPStepPlan, req: RequestStep, rows_of: dict[int, list[int]], end: int
+) -> None:
+    """Queries of ``req`` to the instances storing its KV over ``[0, end)``."""
+    me = out.instance
+    holders = plan.holders(req, end) if end > 0 else ()
+    table_here, kv_len_here = _local_kv(plan, req, me, end) if me in holders else ([], 0)
+    for comp, rows in rows_of.items():
+        if comp == me:
+            if me in holders:
+                out.own_rows.extend(rows)
+                _append_group(out.own, [out.positions[r] for r in rows], table_here, kv_len_here)
+            for peer in holders:
+                if peer != me:
+                    out.query_out.setdefault(peer, []).extend(rows)
+        elif me in holders:
+            positions = [
+                req.start + k for k in range(len(req.token_ids)) if req.compute_instance(k) == comp
+            ]
+            _append_group(
+                out.query_in.setdefault(comp, PeerQueries()), positions, table_here, kv_len_here
+            )
 
 
 def _append_group(group: PeerQueries, positions: list[int], table: list[int], kv_len: int) -> None:

@@ -35,7 +35,14 @@ def _esp_forward(
 ) -> torch.Tensor:
     if isinstance(attn_metadata, ESPStepContext):
         n = attn_metadata.num_rows
-        out = attn_metadata.attend(layer, query, key, value, kv_cache, impl.scale, local_kernel)
+
+        def store_kernel(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+            # vLLM's own cache write: the layout (and CPU ISA order) is its.
+            impl.do_kv_cache_update(layer, k.contiguous(), v.contiguous(), kv_cache, slots)
+
+        out = attn_metadata.attend(
+            layer, query, key, value, kv_cache, impl.scale, local_kernel, store_kernel
+        )
         output = output.view(query.shape[0], impl.num_heads, -1)
         output[:n] = out
         if query.shape[0] > n:

@@ -4,7 +4,7 @@ vLLM's worker loads the model and allocates the KV cache as usual; this
 runner replaces only the step: it applies the plan's block migrations,
 builds the instance's rows from the plan (:func:`~vllm_esp.core.esp.step_plan.local_batch`),
 runs the vLLM model over them with an :class:`~vllm_esp.integration.esp.step_context.ESPStepContext`
-as every layer's attention metadata, and samples the rows whose request
+as every layer's attention metadata (striped rings included), and samples the rows whose request
 ends here. It keeps no request state: the plan carries tokens and block
 tables, so instances cannot drift apart.
 """
@@ -58,6 +58,9 @@ class ESPStepRunner:
         self.num_blocks_moved_in = 0
         #: Rows attended by the platform's own kernel (wholly local requests).
         self.num_local_kernel_rows = 0
+        #: Rows computed in a striped ring, and passing rows kept from peers.
+        self.num_ring_rows = 0
+        self.num_ring_kept_rows = 0
         self.host_swap: InstanceHostSwap | None = None
 
     # ------------------------------------------------------------------ step
@@ -105,6 +108,9 @@ class ESPStepRunner:
         self.num_steps += 1
         self.num_tokens_computed += batch.num_rows
         self.num_local_kernel_rows += ctx.fast.num_rows
+        for share in batch.rings:
+            self.num_ring_rows += len(share.rows)
+            self.num_ring_kept_rows += sum(len(rows) for rows in share.keep_rows)
         sampled: dict[str, int] = {}
         if batch.sample_rows:
             rows = torch.tensor([r for _, r, _, _ in batch.sample_rows], device=self.device)

@@ -94,6 +94,10 @@ class ESPScheduler(MLFQScheduler):
       read for placement views and plans; migrations rewrite entries.
     * ``block_pool.get_new_blocks`` / ``free_blocks``: migration destinations.
     * ``kv_cache_config``: one KV cache group, ``num_blocks``, page size.
+    * ``max_num_scheduled_tokens`` and ``scheduler_config.max_num_batched_tokens``
+      (vLLM's token and input budgets of a step): scaled by the instance
+      count on this scheduler (a copy of the config), see
+      :meth:`_scale_token_budget`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -118,6 +122,7 @@ class ESPScheduler(MLFQScheduler):
             esp_cost=self.esp_cost,
         )
         # vLLM touchpoints (see the class docstring).
+        self._scale_token_budget()
         self.free_queues = self._install_free_queues()
         self._manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         self._orig_allocate = self._wrap_allocate_slots()
@@ -136,6 +141,26 @@ class ESPScheduler(MLFQScheduler):
             self.esp_config.placement,
             "off" if bound is None else f"{bound * 1e3:.2f} ms",
         )
+
+    def _scale_token_budget(self) -> None:
+        """``max_num_batched_tokens`` is per instance: a step schedules up to
+        N times it, and a prefill chunk on d instances up to d times it
+        (:meth:`_reserve_prefill_lookahead`), so each instance computes at
+        most the budget it was sized for, and a long prompt on d instances
+        runs in d times fewer steps (LoongServe prefills a prompt in one
+        iteration on as many instances as it needs)."""
+        import copy
+
+        #: Tokens one instance may compute in a step.
+        self.tokens_per_instance: int = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens *= self.num_instances
+        config: Any = copy.copy(self.vllm_config.scheduler_config)
+        object.__setattr__(
+            config,
+            "max_num_batched_tokens",
+            config.max_num_batched_tokens * self.num_instances,
+        )
+        self.scheduler_config = config
 
     def _load_esp_cost(self) -> ESPCostModel:
         path = self.esp_config.cost_model_file
@@ -292,8 +317,19 @@ class ESPScheduler(MLFQScheduler):
         )
         if num_new_tokens <= 1:
             return num_new_tokens
+        loads = self._current_loads()
         view = self._view(request, num_new_tokens, num_computed_tokens)
-        return self.elastic.max_prefill_tokens(view, self._current_loads())
+        num_new_tokens = self.elastic.max_prefill_tokens(view, loads)
+        # Each compute instance's share within the per-instance budget; a
+        # smaller chunk may get fewer instances, so recheck (the DoP only
+        # falls as the chunk shrinks, and is at least 1).
+        for _ in range(self.num_instances):
+            view = self._view(request, num_new_tokens, num_computed_tokens)
+            cap = self.elastic.num_compute_instances(view, loads) * self.tokens_per_instance
+            if num_new_tokens <= cap:
+                return num_new_tokens
+            num_new_tokens = cap
+        return min(num_new_tokens, self.tokens_per_instance)
 
     def _allocate_slots(
         self, request: Request, num_new_tokens: int, *args: Any, **kwargs: Any

@@ -10,10 +10,14 @@ exchanges, so they stay in lock-step)::
     2. queries  own rows of requests with KV on peer j -> j
        partial  own rows over local KV        -> (o, lse)
                 peers' rows over local KV     -> (o, lse) -> back to the peer
-    3. merge    own + returned partials by log-sum-exp  (exact)
+    3. ring     prefill chunks with DoP > 1: own queries x the step's K/V
+                stripes as they rotate around the compute group; each
+                member stores the passing rows it keeps  -> (o, lse)
+    4. merge    own + returned + ring partials by log-sum-exp  (exact)
 
 Requests whose KV and compute are all local do only step 1 (store) and the
-local partial, i.e. ordinary attention.
+local partial, i.e. ordinary attention. Ring requests send queries out in
+step 2 only for the context of earlier steps.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any
 
 import torch
 
-from vllm_esp.core.esp.step_plan import LocalBatch, PeerQueries
+from vllm_esp.core.esp.step_plan import LocalBatch, PeerQueries, RingShare
 from vllm_esp.kernels.attention import (
     KVLayout,
     PagedKVCache,
+    attention_with_lse,
     merge_attention_states,
     paged_attention_with_lse,
 )
@@ -60,6 +65,94 @@ class _Queries:
 
 def _rows(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _rows_or_slice(values: list[int], device: torch.device) -> torch.Tensor | slice:
+    """A slice when ``values`` is a run ``a, a+1, ..`` (a view, not a gather)."""
+    if values and values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return _rows(values, device)
+
+
+@dataclass
+class _Ring:
+    """Tensor form of a ``RingShare``."""
+
+    share: RingShare
+    #: This instance's rows: a slice when they are one run (one ring request).
+    rows: torch.Tensor | slice
+    positions: list[torch.Tensor]
+    cu_rows: list[torch.Tensor]
+    keep_rows: list[torch.Tensor]
+    keep_slots: list[torch.Tensor]
+
+    @classmethod
+    def build(cls, share: RingShare, device: torch.device) -> _Ring:
+        def cu(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(
+            share=share,
+            rows=_rows_or_slice(share.rows, device),
+            positions=[_rows(p, device) for p in share.block_positions],
+            cu_rows=[cu(c) for c in share.block_cu_rows],
+            keep_rows=[_rows(r, device) for r in share.keep_rows],
+            keep_slots=[_rows(s, device) for s in share.keep_slots],
+        )
+
+    def attend(
+        self,
+        ctx: ESPStepContext,
+        cache: PagedKVCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Own queries over every stripe of the ring: one ``(out, lse)`` per hop.
+
+        The next stripe's transfer is posted before the attention on the
+        held one, so they overlap; a passing stripe's kept rows are written
+        to the local cache while it is held.
+        """
+        share, me, group = self.share, self.share.rank, ctx.group
+        assert group is not None
+        q_own = q[self.rows]
+        held = torch.stack((k[self.rows], v[self.rows]))
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for hop in range(share.num_ranks):
+            origin = share.origin(hop)
+            pending = nxt = None
+            if hop + 1 < share.num_ranks:
+                num_next = len(share.block_positions[share.origin(hop + 1)])
+                nxt = held.new_empty((2, num_next, *held.shape[2:]))
+                pending = group.exchange([(share.send_to, held)], [(share.recv_from, nxt)])
+            keep = self.keep_rows[origin]
+            if keep.numel():
+                ctx.write(
+                    cache,
+                    self.keep_slots[origin],
+                    held[0, keep],
+                    held[1, keep],
+                    self.positions[origin][keep],
+                )
+            if q_own.shape[0] and held.shape[1]:
+                parts.append(
+                    attention_with_lse(
+                        q_own,
+                        held[0],
+                        held[1],
+                        self.positions[me],
+                        self.positions[origin],
+                        scale,
+                        cu_seqlens_q=self.cu_rows[me],
+                        cu_seqlens_k=self.cu_rows[origin],
+                    )
+                )
+            if pending is not None and nxt is not None:
+                pending.wait()
+                held = nxt
+        return parts
 
 
 class KVCacheRegistry:
@@ -112,6 +205,8 @@ class ESPStepContext:
         self._split_own(batch)
         self.query_out = {j: _rows(r, device) for j, r in sorted(batch.query_out.items())}
         self.query_in = {j: _Queries.build(q, device) for j, q in sorted(batch.query_in.items())}
+        self.rings = [_Ring.build(share, device) for share in batch.rings]
+        self._store_kernel: Any = None
         self.num_layers_done = 0
 
     def _split_own(self, batch: LocalBatch) -> None:
@@ -162,20 +257,40 @@ class ESPStepContext:
         kv_cache: torch.Tensor,
         scale: float,
         local_kernel: Any = None,
+        store_kernel: Any = None,
     ) -> torch.Tensor:
         """Attention output ``[rows, Hq, D]`` of this instance's rows for one layer.
 
         ``local_kernel(ctx, layer, q_fast, kv_cache) -> out`` runs the fast
         rows (plain local attention) with the platform's own kernel; None
         sends them through the partial-attention path too.
+        ``store_kernel(k, v, slots)`` writes K/V rows into this layer's cache
+        with the platform's own op (None: ``PagedKVCache.write``).
         """
         n = self.num_rows
         q, k, v = query[:n], key[:n], value[:n]
         if local_kernel is None and self.fast.num_rows:
             self.without_fast_path()
         cache = self.caches.get(layer, kv_cache)
+        self._store_kernel = store_kernel
         self._store_and_ship(cache, k, v)
-        out = self._attention(cache, q, scale)
+        ring_parts = []
+        for ring in self.rings:
+            if self.group is None:
+                raise RuntimeError("a ring prefill needs the ESP group")
+            ring_parts.append((ring, ring.attend(self, cache, q, k, v, scale)))
+        out, lse = self._attention(cache, q, scale)
+        for ring, parts in ring_parts:
+            if not parts:  # no rows here: this instance only relayed and kept
+                continue
+            if ring.share.has_prior:  # context of earlier steps, attended where stored
+                parts.append((out[ring.rows], lse[ring.rows]))
+            outs, lses = [o for o, _ in parts], [x for _, x in parts]
+            merged = (
+                merge_attention_states(outs, lses, finite=True)[0] if len(parts) > 1 else outs[0]
+            )
+            out[ring.rows] = merged.to(out.dtype)
+        out = out.to(q.dtype)
         if self.fast.num_rows:
             out[self.fast_rows] = local_kernel(
                 self, layer, q[self.fast_rows].contiguous(), kv_cache
@@ -193,7 +308,8 @@ class ESPStepContext:
             }
             pending = self.group.exchange(sends, list(recv_bufs.items()))
         if self.store_rows.numel():
-            cache.write(
+            self.write(
+                cache,
                 self.store_slots,
                 k[self.store_rows],
                 v[self.store_rows],
@@ -203,13 +319,32 @@ class ESPStepContext:
             pending.wait()
             for j, buf in recv_bufs.items():
                 slots, positions = self.ship_in[j]
-                cache.write(slots, buf[0], buf[1], positions)
+                self.write(cache, slots, buf[0], buf[1], positions)
 
-    def _attention(self, cache: PagedKVCache, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def write(
+        self,
+        cache: PagedKVCache,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Store K/V rows and their positions in this layer's cache."""
+        if self._store_kernel is None:
+            cache.write(slots, k, v, positions)
+            return
+        self._store_kernel(k, v, slots)
+        cache.positions[slots] = positions
+
+    def _attention(
+        self, cache: PagedKVCache, q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries-to-KV partials of every row, merged: ``(out fp32, lse)``
+        (fast rows: 0, -inf; their kernel fills them later)."""
         num_heads, head_size = q.shape[1], q.shape[2]
         own_out = own_lse = None
         if self.group is None or not (self.query_out or self.query_in):
-            return self._partial(cache, q, scale)[0].to(q.dtype)  # fast rows: 0, set later
+            return self._partial(cache, q, scale)
         # Queries out to the peers holding KV of our requests; theirs in.
         q_recv = {
             j: q.new_empty((g.num_rows, num_heads, head_size)) for j, g in self.query_in.items()
@@ -252,8 +387,7 @@ class ESPStepContext:
             lse[rows] = packed[..., head_size]
             outs.append(o)
             lses.append(lse)
-        merged, _ = merge_attention_states(outs, lses)
-        return merged.to(q.dtype)
+        return merge_attention_states(outs, lses, finite=True)
 
     def _partial(
         self, cache: PagedKVCache, q: torch.Tensor, scale: float

@@ -9,8 +9,8 @@ the worker adds three RPCs the executor calls:
   process group (gloo on CPU, NCCL on GPU) beside vLLM's own world of one;
 * ``esp_execute(plan, swap)``: run this instance's share of an ESP step
   (and of the step's host-swap copies);
-* ``esp_counters()``: bytes exchanged, tokens computed, blocks migrated in,
-  blocks swapped out/in.
+* ``esp_counters()``: bytes exchanged, tokens computed (in rings, and kept
+  from passing stripes), blocks migrated in, blocks swapped out/in.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class ESPWorkerMixin:
             "steps": runner.num_steps if runner else 0,
             "tokens_computed": runner.num_tokens_computed if runner else 0,
             "local_kernel_rows": runner.num_local_kernel_rows if runner else 0,
+            "ring_rows": runner.num_ring_rows if runner else 0,
+            "ring_kept_rows": runner.num_ring_kept_rows if runner else 0,
             "blocks_moved_in": runner.num_blocks_moved_in if runner else 0,
             "host_blocks_out": runner.host_swap.num_blocks_out
             if runner and runner.host_swap

@@ -42,6 +42,7 @@ from vllm_esp.kernels.attention.paged_cache import PagedKVCache
 from vllm_esp.kernels.attention.torch_ref import (
     attention_with_lse_torch,
     merge_attention_states_torch,
+    merge_finite_partials_torch,
     paged_attention_with_lse_torch,
 )
 
@@ -256,7 +257,11 @@ def paged_attention_with_lse(
 
 
 def merge_attention_states(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, backend: Backend = "auto"
+    outs: Sequence[torch.Tensor],
+    lses: Sequence[torch.Tensor],
+    *,
+    backend: Backend = "auto",
+    finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE-weighted merge of N partial attention results.
 
@@ -267,6 +272,9 @@ def merge_attention_states(
             treated the same way.
         backend: ``"auto"``, ``"torch"``, ``"cpu"`` (the torch merge) or
             ``"triton"``.
+        finite: every ``out`` is finite, also where its lse is -inf (as
+            this package's kernels return them); the torch merge then
+            skips its masking passes.
 
     Returns:
         ``(out [T, H, D]`` in ``outs[0].dtype``, ``lse [T, H]`` float32). Where
@@ -287,4 +295,6 @@ def merge_attention_states(
             raise ValueError("all partials must be on one device")
     if _resolve_backend(backend, outs[0].device, outs[0].dtype) == "triton":
         return _triton_kernels().merge_attention_states_triton(outs, lses)
+    if finite:
+        return merge_finite_partials_torch(outs, lses)
     return merge_attention_states_torch(outs, lses)

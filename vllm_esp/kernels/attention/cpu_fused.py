@@ -45,7 +45,7 @@ import torch
 
 from vllm_esp.kernels.attention.layout import BlockAddressing, KVLayout, layer_addressing
 from vllm_esp.kernels.attention.paged_cache import PagedKVCache
-from vllm_esp.kernels.attention.torch_ref import empty_partial, merge_attention_states_torch
+from vllm_esp.kernels.attention.torch_ref import empty_partial, merge_finite_partials_torch
 
 __all__ = [
     "attention_with_lse_cpu",
@@ -115,7 +115,8 @@ def _assemble(q: torch.Tensor, pieces: list[tuple[int, int, Partial]]) -> Partia
 def _merge(parts: list[Partial]) -> Partial:
     if len(parts) == 1:
         return parts[0]
-    return merge_attention_states_torch([o for o, _ in parts], [lse for _, lse in parts])
+    # Kernel outputs: finite everywhere (rows without keys are 0).
+    return merge_finite_partials_torch([o for o, _ in parts], [lse for _, lse in parts])
 
 
 def _merge_two_nonempty(first: Partial, second: Partial) -> Partial:

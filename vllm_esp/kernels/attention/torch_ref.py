@@ -23,6 +23,7 @@ Per sequence, the running state lives in fp32 with heads grouped by KV head
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -32,6 +33,7 @@ from vllm_esp.kernels.attention.paged_cache import PagedKVCache
 __all__ = [
     "attention_with_lse_torch",
     "merge_attention_states_torch",
+    "merge_finite_partials_torch",
     "paged_attention_with_lse_torch",
 ]
 
@@ -233,3 +235,27 @@ def merge_attention_states_torch(
     out = torch.where(has_keys.unsqueeze(-1), acc / safe_total.unsqueeze(-1), 0.0)
     lse = torch.where(has_keys, safe_max + torch.log(safe_total), float("-inf"))
     return out.to(outs[0].dtype), lse
+
+
+def merge_finite_partials_torch(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge of :func:`merge_attention_states_torch` for partials whose
+    ``out`` is finite everywhere (what this package's kernels return: 0
+    where the lse is -inf), in one multiply-add pass per partial.
+
+    An empty partial's weight is exactly 0, and 0 times a finite value is
+    0, so no mask pass is needed over the ``[T, H, D]`` tensors.
+    """
+    lse_stack = torch.stack([lse.float() for lse in lses])  # [N, T, H]
+    max_lse = lse_stack.amax(dim=0)
+    safe_max = torch.where(torch.isfinite(max_lse), max_lse, 0.0)
+    weights = torch.exp(lse_stack - safe_max)  # 0 for empty partials
+    total = weights.sum(dim=0)
+    has_keys = total > 0
+    weights = weights / torch.where(has_keys, total, 1.0)
+    acc = outs[0].float() * weights[0].unsqueeze(-1)
+    for partial, weight in zip(outs[1:], weights[1:], strict=True):
+        acc.addcmul_(partial.float(), weight.unsqueeze(-1))
+    lse = torch.where(has_keys, safe_max + torch.log(torch.where(has_keys, total, 1.0)), -math.inf)
+    return acc.to(outs[0].dtype), lse

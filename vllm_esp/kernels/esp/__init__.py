@@ -1,11 +1,10 @@
-"""Torch executors of elastic sequence parallelism, one per instance.
+"""Torch pieces of the engine's ESP step, one per instance.
 
-``group.py`` (``InstanceGroup``: point-to-point exchanges in one process
-group; ``InstanceCluster``: local gloo processes for tests and benchmarks)
-and ``sampler.py`` serve the engine's ESP step as well. ``ring_prefill.py``,
-``decode.py`` and ``migrate.py`` execute the library plans of
-``vllm_esp.core.esp`` (``ring_plan``, ``decode_plan``, ``migration_plan``);
-the multi-process tests and ``benchmarks/esp_core.py`` run them.
+``group.py`` (``InstanceGroup``: batched point-to-point exchanges in one
+process group; ``InstanceCluster``: local gloo processes for the
+multi-process tests and the ring-hop profiler of ``vllm_esp.calibrate``)
+and ``sampler.py`` (one request's next token, seeded so that any instance
+draws the same). The step itself is ``vllm_esp.integration.esp``'s.
 
 May import: torch, ``vllm_esp.core`` and ``vllm_esp.kernels.attention``;
 never vLLM.
