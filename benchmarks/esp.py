@@ -107,7 +107,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.jct import SchedulerStatsTap, _params, kv_bytes_per_token, stop_engine, warm_up
-from benchmarks.replicas import assign_round_robin, bound_env, engine_processes, replay_engines
+from benchmarks.replicas import assign_round_robin, engine_processes, replay_engines
 
 SYSTEMS = ("stock_one", "stock_all", "replicas", "esp_1", "esp_2", "esp_2_threshold")
 #: Instances of the multi-instance systems (the system names carry it).
@@ -433,6 +433,8 @@ def start_system(
     engine holds), so neither the first multi-instance prefill nor the first
     large chunk is timed."""
     from vllm import LLM
+
+    from vllm_esp.integration.esp.instances import bound_env
 
     run = Running(spec, [], [], {"timings_s": {}, "engine_actual": []})
     before, _ = engine_processes(set())

@@ -29,18 +29,16 @@ unit-testable without an engine.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.common import RequestRecord, summarize
 
 __all__ = [
     "assign_round_robin",
-    "bound_env",
     "engine_processes",
     "refusal_errors",
     "refused_by",
@@ -79,34 +77,6 @@ def refusal_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return (ValueError,)
     return (ValueError, VLLMValidationError)
-
-
-@contextlib.contextmanager
-def bound_env(**values: str | None) -> Iterator[None]:
-    """Set (or, for None, unset) environment variables for the block.
-
-    An engine's EngineCore reads ``VLLM_CPU_OMP_THREADS_BIND`` when it
-    starts its worker, so setting it around ``LLM(...)`` binds that engine
-    alone; vLLM's env cache is dropped on both sides.
-    """
-    import vllm.envs as envs
-
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        envs.disable_envs_cache()
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        envs.disable_envs_cache()
 
 
 # ------------------------------------------------------------ process view

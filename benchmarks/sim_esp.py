@@ -278,10 +278,7 @@ def evaluate(task: Task, rate_rps: float) -> dict[str, Any]:
     """Simulate ``task`` at ``rate_rps``; the curve point as a JSON-ready dict."""
     num = min(len(task.sample), task.sweep.num_requests(rate_rps, task.num_instances))
     trace = task.sample.at_rate(rate_rps, num)
-    requests = [
-        SimRequest(r.req_id, r.arrival_s, r.num_prompt_tokens, r.num_output_tokens, r.cls)
-        for r in trace.requests
-    ]
+    requests = list(trace.requests)
     policy = make_policy(task.system, task.variant, task.workload, task.num_instances, task.cost)
     last = requests[-1].arrival_s if requests else 0.0
     t0 = time.perf_counter()

@@ -200,6 +200,7 @@ def plans(draw):
         blocks_per_instance=nb,
         block_size=bs,
         requests=tuple(requests),
+        ring_context_min_tokens=draw(st.sampled_from([None, 1, 10])),
     )
 
 
@@ -290,6 +291,12 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
         # A ring request attends where stored only to the earlier steps' KV.
         end = req.start if len(req.compute) > 1 else req.end
         holders = plan.holders(req, end) if end else ()
+        num_rotated = 0
+        if plan.rotates_context(req):  # the ring carries what its members store
+            holders = tuple(h for h in holders if h not in req.compute)
+            num_rotated = sum(
+                instance_of(req.block_ids[pos // bs], nb) in req.compute for pos in range(end)
+            )
         num_blocks = -(-end // bs)
         computing = sorted({req.compute_instance(k) for k in range(len(req.token_ids))})
         for c in computing:
@@ -316,7 +323,7 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
                 assert group.block_tables[g] == local
                 assert 0 < group.kv_lens[g] <= len(local) * bs
                 kv_total += group.kv_lens[g]
-            assert kv_total == end
+            assert kv_total == end - num_rotated
     for h in range(n):
         assert own_index[h] == len(batches[h].own.kv_lens)
         assert batches[h].own.num_rows == len(batches[h].own_rows)
@@ -343,6 +350,21 @@ def test_local_batches_agree_with_the_plan_and_each_other(plan):
                 assert share.block_cu_rows[origin][-1] == len(expected_pos)
                 assert len(share.block_cu_rows[origin]) == len(reqs) + 1
             assert [b.positions[row] for row in share.rows] == share.block_positions[share.rank]
+            # Rotated context: each member's earlier KV of each rotating
+            # request, once, in request order, at its block-table slots.
+            for origin, inst in enumerate(share.group):
+                expected_context = [
+                    (pos, local_block(r.block_ids[pos // bs], nb) * bs + pos % bs)
+                    for r in reqs
+                    if plan.rotates_context(r)
+                    for pos in range(r.start)
+                    if instance_of(r.block_ids[pos // bs], nb) == inst
+                ]
+                assert share.context_positions[origin] == [p for p, _ in expected_context]
+                assert len(share.context_cu_rows[origin]) == len(reqs) + 1
+                assert share.context_cu_rows[origin][-1] == len(expected_context)
+                if origin == share.rank:
+                    assert share.context_slots == [slot for _, slot in expected_context]
             peer = batches[share.send_to].rings
             assert any(
                 p.group == share.group and p.block_positions == share.block_positions for p in peer

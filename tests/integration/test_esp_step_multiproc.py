@@ -1,7 +1,8 @@
 """The engine's ESP step on real processes: ``ESPStepContext`` over 3 gloo instances.
 
 Seeded random plans mix what the engine serves: striped-ring prefill chunks
-(DoP 2 or 3, with and without context from earlier steps, KV kept inside or
+(DoP 2 or 3, with and without context from earlier steps, that context
+rotated with the ring or attended where it is stored, KV kept inside or
 outside the ring), queries-to-KV chunks whose KV spans instances, and
 decodes. Every instance builds its ``local_batch`` of the same plan and runs
 one attention layer through ``ESPStepContext.attend`` (the exchanges, the
@@ -38,7 +39,7 @@ NUM_INSTANCES = 3
 BLOCK_SIZE = 4
 BLOCKS_PER_INSTANCE = 24
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 4, 2, 16
-NUM_CASES = 24
+NUM_CASES = 36
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def make_case(seed: int) -> Case:
         blocks_per_instance=BLOCKS_PER_INSTANCE,
         block_size=BLOCK_SIZE,
         requests=tuple(requests),
+        ring_context_min_tokens=(None, 1, 8)[seed % 3],
     )
     return Case(seed, plan, torch.bfloat16 if seed % 4 == 3 else torch.float32)
 
@@ -197,7 +199,15 @@ def cluster():
 
 def test_served_step_matches_single_instance_attention_and_stores_every_token(cluster) -> None:
     cases = [make_case(seed) for seed in range(NUM_CASES)]
-    seen = {"ring": 0, "ring_prior": 0, "kept_outside_ring": 0, "spread": 0, "bf16": 0}
+    seen = {
+        "ring": 0,
+        "ring_prior": 0,
+        "ring_rotates_context": 0,
+        "context_outside_ring": 0,
+        "kept_outside_ring": 0,
+        "spread": 0,
+        "bf16": 0,
+    }
     for case in cases:
         results = cluster.run(run_case, case)
         check(case, results)
@@ -206,6 +216,10 @@ def test_served_step_matches_single_instance_attention_and_stores_every_token(cl
             holders = set(case.plan.holders(req))
             seen["ring"] += ring
             seen["ring_prior"] += ring and req.start > 0
+            seen["ring_rotates_context"] += case.plan.rotates_context(req)
+            seen["context_outside_ring"] += case.plan.rotates_context(req) and bool(
+                set(case.plan.holders(req, req.start)) - set(req.compute)
+            )
             seen["kept_outside_ring"] += ring and bool(holders - set(req.compute))
             seen["spread"] += not ring and len(holders) > 1
         seen["bf16"] += case.dtype == torch.bfloat16

@@ -2,9 +2,8 @@
 
 LoongServe (SOSP'24, section 7) evaluates on ShareGPT, L-Eval, LV-Eval, an
 equal mix of the three, and Zipf-skewed mixes. The simulator needs lengths
-and arrival times only, so a trace here is a tuple of :class:`LengthRequest`
-(the fields of ``vllm_esp.sim.cluster.SimRequest``, without importing the
-simulator into the data package).
+and arrival times only, so a trace here is a tuple of the simulator's own
+request record, :class:`~vllm_esp.sim.cluster.SimRequest`.
 
 What is real and what is not:
 
@@ -54,6 +53,7 @@ import numpy as np
 
 from vllm_esp.data.sharegpt import Split, load_sharegpt_pairs
 from vllm_esp.data.trace import poisson_arrivals
+from vllm_esp.sim.cluster import SimRequest
 
 __all__ = [
     "LEVAL_RANGE",
@@ -61,7 +61,6 @@ __all__ = [
     "SHAREGPT_RANGE",
     "WORKLOADS",
     "ZIPF_RANGE",
-    "LengthRequest",
     "LengthSample",
     "LengthTrace",
     "make_length_trace",
@@ -103,25 +102,13 @@ class _Encoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class LengthRequest:
-    """One request: the fields of ``vllm_esp.sim.cluster.SimRequest``."""
-
-    req_id: str
-    arrival_s: float
-    num_prompt_tokens: int
-    num_output_tokens: int
-    #: Source dataset of the lengths: ``sharegpt``, ``leval`` or ``lveval``.
-    cls: str = ""
-
-
 @dataclass(frozen=True)
 class LengthTrace:
     """A workload at one rate: requests by arrival, plus how they were made."""
 
     workload: str
     rate_rps: float
-    requests: tuple[LengthRequest, ...]
+    requests: tuple[SimRequest, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -148,7 +135,7 @@ class LengthSample:
             raise ValueError(f"num_requests must be in [0, {len(self)}], got {n}")
         arrivals = poisson_arrivals(n, rate_rps, _streams(self.seed, 2)[1])
         requests = tuple(
-            LengthRequest(f"{self.workload}-{i:06d}", float(t), p, o, c)
+            SimRequest(f"{self.workload}-{i:06d}", float(t), p, o, c)
             for i, (t, p, o, c) in enumerate(
                 zip(arrivals, self.num_prompt_tokens, self.num_output_tokens, self.cls)
             )

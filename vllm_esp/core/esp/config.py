@@ -78,6 +78,15 @@ class ESPConfig(Settings):
     #: during the forward); ``"stripe"`` = blocks dealt round-robin over the
     #: computing instances (no shipping, KV spread for the decode phase).
     prefill_storage: str = "fewest"
+    #: A prefill chunk of at least this many tokens on several instances
+    #: also rotates its request's context of earlier steps (the part its
+    #: compute instances store) around the ring, so every instance attends
+    #: its own queries to it: that attention is split evenly, for one copy
+    #: of the context's KV per instance and layer. Shorter chunks (and
+    #: context stored elsewhere) send their queries to where it is stored,
+    #: which is cheaper in bytes but puts all of that attention on the
+    #: instances storing it. null: never rotate.
+    ring_context_min_tokens: int | None = 256
     #: An instance mastering more decodes than this sends new blocks elsewhere
     #: (scale-up without moving KV); 0 = every new decode block goes to the
     #: least loaded instance.
@@ -113,6 +122,10 @@ class ESPConfig(Settings):
             raise bad("max_prefill_instances", "must be an integer >= 1 or null")
         if self.prefill_storage not in PREFILL_STORAGE:
             raise bad("prefill_storage", f"choose from {list(PREFILL_STORAGE)}")
+        if self.ring_context_min_tokens is not None and not (
+            is_int(self.ring_context_min_tokens) and self.ring_context_min_tokens >= 1
+        ):
+            raise bad("ring_context_min_tokens", "must be an integer >= 1 or null")
         if not (is_int(self.decode_scale_up_batch) and self.decode_scale_up_batch >= 0):
             raise bad("decode_scale_up_batch", "must be an integer >= 0")
         if not (is_int(self.migrate_blocks_per_step) and self.migrate_blocks_per_step >= 0):

@@ -145,6 +145,25 @@ class ESPStepPlan:
     num_waiting_decodes: int = 0
     #: The hostage bound the step was planned under (s; None: no bound).
     max_decode_stall_s: float | None = None
+    #: A ring chunk of at least this many tokens also rotates the context
+    #: of earlier steps that its compute instances store (None: never; see
+    #: :meth:`rotates_context`).
+    ring_context_min_tokens: int | None = None
+
+    def rotates_context(self, req: RequestStep) -> bool:
+        """Whether ``req``'s ring carries its earlier context as well.
+
+        Attending that context where it is stored puts all of it on the
+        instances that store it (with scale-down, often one); rotating it
+        splits it evenly over the group for one copy of that KV per member
+        and layer, which pays once the chunk has enough queries to share it.
+        """
+        return (
+            len(req.compute) > 1
+            and req.start > 0
+            and self.ring_context_min_tokens is not None
+            and len(req.token_ids) >= self.ring_context_min_tokens
+        )
 
     def storage_instance(self, req: RequestStep, position: int) -> int:
         return instance_of(req.block_ids[position // self.block_size], self.blocks_per_instance)
@@ -213,6 +232,9 @@ class RingShare:
     rank 0     B0      B1
     rank 1     B1      B0
 
+    A request whose ring rotates its context (``ESPStepPlan.rotates_context``)
+    adds to each origin's block the context of earlier steps that origin
+    stores; context stored outside the group is still attended where it is.
     Sizes and positions are derived from the plan on both sides, so only
     K/V travel.
     """
@@ -229,7 +251,15 @@ class RingShare:
     #: slots (never this rank's own block: its rows are ``store_rows``).
     keep_rows: list[list[int]] = field(default_factory=list)
     keep_slots: list[list[int]] = field(default_factory=list)
-    #: Some ring request has context from earlier steps (queries-to-KV partials).
+    #: Per origin rank: positions of the earlier-step context it stores and
+    #: rotates with its block (rotating requests only), request-major, and
+    #: their per-request offsets.
+    context_positions: list[list[int]] = field(default_factory=list)
+    context_cu_rows: list[list[int]] = field(default_factory=list)
+    #: Local slots of this instance's rotated context, in that order.
+    context_slots: list[int] = field(default_factory=list)
+    #: Some ring row also has queries-to-KV partials (context of earlier
+    #: steps stored outside the group, or not rotated).
     has_prior: bool = False
 
     @property
@@ -323,8 +353,10 @@ def local_batch(plan: ESPStepPlan, instance: int) -> LocalBatch:
                 out.rings.append(share)
             _join_ring(share, plan, req, rows_of.get(instance, []))
         # Ring requests attend where KV is only for the context of earlier
-        # steps; the step's own keys reach every query around the ring.
-        _attend_where_stored(out, plan, req, rows_of, req.start if ring else req.end)
+        # steps (stored outside the group, when the ring rotates it); the
+        # step's own keys reach every query around the ring.
+        rotated = set(req.compute) if plan.rotates_context(req) else set()
+        _attend_where_stored(out, plan, req, rows_of, req.start if ring else req.end, skip=rotated)
         if req.sample is not None:
             last = len(req.token_ids) - 1
             if req.compute_instance(last) == instance:
@@ -380,6 +412,8 @@ def _new_ring(group: tuple[int, ...], instance: int) -> RingShare:
         block_cu_rows=[[0] for _ in range(n)],
         keep_rows=[[] for _ in range(n)],
         keep_slots=[[] for _ in range(n)],
+        context_positions=[[] for _ in range(n)],
+        context_cu_rows=[[0] for _ in range(n)],
     )
 
 
@@ -387,7 +421,22 @@ def _join_ring(share: RingShare, plan: ESPStepPlan, req: RequestStep, my_rows: l
     """Add ``req``'s stripes to every origin's block of ``share``."""
     bs, nb, n = plan.block_size, plan.blocks_per_instance, share.num_ranks
     share.rows.extend(my_rows)
-    share.has_prior = share.has_prior or req.start > 0
+    rotates = plan.rotates_context(req)
+    outside = set(plan.holders(req, req.start)) - set(share.group) if req.start else set()
+    share.has_prior = share.has_prior or (req.start > 0 and (not rotates or bool(outside)))
+    rank_of = {inst: r for r, inst in enumerate(share.group)}
+    for idx in range(-(-req.start // bs)) if rotates else ():
+        block = req.block_ids[idx]
+        origin = rank_of.get(instance_of(block, nb))
+        if origin is None:
+            continue  # stored outside the group: attended where it is
+        positions = range(idx * bs, min(req.start, (idx + 1) * bs))
+        share.context_positions[origin].extend(positions)
+        if origin == share.rank:
+            base = local_block(block, nb) * bs - idx * bs
+            share.context_slots.extend(base + pos for pos in positions)
+    for origin in range(n):
+        share.context_cu_rows[origin].append(len(share.context_positions[origin]))
     for origin in range(n):
         positions = share.block_positions[origin]
         for k in range(origin, len(req.token_ids), n):
@@ -401,11 +450,17 @@ def _join_ring(share: RingShare, plan: ESPStepPlan, req: RequestStep, my_rows: l
 
 
 def _attend_where_stored(
-    out: LocalBatch, plan: ESPStepPlan, req: RequestStep, rows_of: dict[int, list[int]], end: int
+    out: LocalBatch,
+    plan: ESPStepPlan,
+    req: RequestStep,
+    rows_of: dict[int, list[int]],
+    end: int,
+    skip: set[int],
 ) -> None:
-    """Queries of ``req`` to the instances storing its KV over ``[0, end)``."""
+    """Queries of ``req`` to the instances storing its KV over ``[0, end)``,
+    except those in ``skip`` (their share reaches the queries otherwise)."""
     me = out.instance
-    holders = plan.holders(req, end) if end > 0 else ()
+    holders = [h for h in plan.holders(req, end) if h not in skip] if end > 0 else []
     table_here, kv_len_here = _local_kv(plan, req, me, end) if me in holders else ([], 0)
     for comp, rows in rows_of.items():
         if comp == me:

@@ -53,7 +53,16 @@ class Instance(ABC):
 
 
 @contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
+def bound_env(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the block.
+
+    An executor's workers read ``VLLM_CPU_OMP_THREADS_BIND`` /
+    ``CUDA_VISIBLE_DEVICES`` when it starts them, so setting them around its
+    construction binds that executor (or engine) alone; vLLM's env cache is
+    dropped on both sides so it reads the values of the moment.
+    """
+    import vllm.envs as envs
+
     old = {k: os.environ.get(k) for k in values}
     try:
         for key, value in values.items():
@@ -61,6 +70,7 @@ def _env(**values: str | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        envs.disable_envs_cache()
         yield
     finally:
         for key, value in old.items():
@@ -68,6 +78,7 @@ def _env(**values: str | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        envs.disable_envs_cache()
 
 
 def default_cpu_binds(num_instances: int) -> list[str | None]:
@@ -118,7 +129,7 @@ class MPInstance(Instance):
             if index >= len(devices):
                 raise ValueError(f"ESP instance {index} needs a GPU; only {len(devices)} visible")
             bind["CUDA_VISIBLE_DEVICES"] = devices[index]
-        with _env(**bind):
+        with bound_env(**bind):
             self.executor = MultiprocExecutor(vllm_config)
         if current_platform.is_cpu():
             _wait_for_replies_idle(self.executor)

@@ -432,6 +432,7 @@ class ESPScheduler(MLFQScheduler):
             finished_req_ids=tuple(sorted(output.finished_req_ids)),
             num_waiting_decodes=sum(load.num_decodes for load in self._loads),
             max_decode_stall_s=self.elastic.max_decode_stall_s,
+            ring_context_min_tokens=self.esp_config.ring_context_min_tokens,
         )
         self.last_esp_plan = plan
         self.num_esp_steps += 1

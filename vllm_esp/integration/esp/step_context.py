@@ -85,6 +85,9 @@ class _Ring:
     cu_rows: list[torch.Tensor]
     keep_rows: list[torch.Tensor]
     keep_slots: list[torch.Tensor]
+    context_positions: list[torch.Tensor]
+    context_cu_rows: list[torch.Tensor]
+    context_slots: torch.Tensor
 
     @classmethod
     def build(cls, share: RingShare, device: torch.device) -> _Ring:
@@ -98,7 +101,14 @@ class _Ring:
             cu_rows=[cu(c) for c in share.block_cu_rows],
             keep_rows=[_rows(r, device) for r in share.keep_rows],
             keep_slots=[_rows(s, device) for s in share.keep_slots],
+            context_positions=[_rows(p, device) for p in share.context_positions],
+            context_cu_rows=[cu(c) for c in share.context_cu_rows],
+            context_slots=_rows(share.context_slots, device),
         )
+
+    @property
+    def rotates_context(self) -> bool:
+        return any(self.share.context_positions)
 
     def attend(
         self,
@@ -109,24 +119,36 @@ class _Ring:
         v: torch.Tensor,
         scale: float,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Own queries over every stripe of the ring: one ``(out, lse)`` per hop.
+        """Own queries over every block of the ring: ``(out, lse)`` partials.
 
-        The next stripe's transfer is posted before the attention on the
-        held one, so they overlap; a passing stripe's kept rows are written
-        to the local cache while it is held.
+        A block is its origin's stripe of the step's K/V, plus the earlier
+        context it stores when the ring rotates it (read from the local
+        cache at hop 0). The next block's transfer is posted before the
+        attention on the held one, so they overlap; a passing stripe's kept
+        rows are written to the local cache while it is held.
         """
         share, me, group = self.share, self.share.rank, ctx.group
         assert group is not None
         q_own = q[self.rows]
         held = torch.stack((k[self.rows], v[self.rows]))
+        held_context = None
+        if self.rotates_context:
+            context_k, context_v, _ = cache.gather_slots(self.context_slots)
+            held_context = torch.stack((context_k, context_v))
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for hop in range(share.num_ranks):
             origin = share.origin(hop)
-            pending = nxt = None
+            pending = nxt = nxt_context = None
             if hop + 1 < share.num_ranks:
-                num_next = len(share.block_positions[share.origin(hop + 1)])
-                nxt = held.new_empty((2, num_next, *held.shape[2:]))
-                pending = group.exchange([(share.send_to, held)], [(share.recv_from, nxt)])
+                following = share.origin(hop + 1)
+                nxt = held.new_empty((2, len(share.block_positions[following]), *held.shape[2:]))
+                sends, recvs = [(share.send_to, held)], [(share.recv_from, nxt)]
+                if held_context is not None:
+                    num_context = len(share.context_positions[following])
+                    nxt_context = held.new_empty((2, num_context, *held.shape[2:]))
+                    sends.append((share.send_to, held_context))
+                    recvs.append((share.recv_from, nxt_context))
+                pending = group.exchange(sends, recvs)
             keep = self.keep_rows[origin]
             if keep.numel():
                 ctx.write(
@@ -136,22 +158,30 @@ class _Ring:
                     held[1, keep],
                     self.positions[origin][keep],
                 )
-            if q_own.shape[0] and held.shape[1]:
-                parts.append(
-                    attention_with_lse(
-                        q_own,
-                        held[0],
-                        held[1],
-                        self.positions[me],
-                        self.positions[origin],
-                        scale,
-                        cu_seqlens_q=self.cu_rows[me],
-                        cu_seqlens_k=self.cu_rows[origin],
+            if q_own.shape[0]:
+                blocks = [(held, self.positions[origin], self.cu_rows[origin])]
+                if held_context is not None:
+                    blocks.append(
+                        (held_context, self.context_positions[origin], self.context_cu_rows[origin])
                     )
-                )
+                for kv, k_pos, cu_k in blocks:
+                    if kv.shape[1]:
+                        parts.append(
+                            attention_with_lse(
+                                q_own,
+                                kv[0],
+                                kv[1],
+                                self.positions[me],
+                                k_pos,
+                                scale,
+                                cu_seqlens_q=self.cu_rows[me],
+                                cu_seqlens_k=cu_k,
+                            )
+                        )
             if pending is not None and nxt is not None:
                 pending.wait()
                 held = nxt
+                held_context = nxt_context if held_context is not None else None
         return parts
 
 
