@@ -430,11 +430,11 @@ def _join_ring(share: RingShare, plan: ESPStepPlan, req: RequestStep, my_rows: l
         origin = rank_of.get(instance_of(block, nb))
         if origin is None:
             continue  # stored outside the group: attended where it is
-        positions = range(idx * bs, min(req.start, (idx + 1) * bs))
-        share.context_positions[origin].extend(positions)
+        in_block = range(idx * bs, min(req.start, (idx + 1) * bs))
+        share.context_positions[origin].extend(in_block)
         if origin == share.rank:
             base = local_block(block, nb) * bs - idx * bs
-            share.context_slots.extend(base + pos for pos in positions)
+            share.context_slots.extend(base + pos for pos in in_block)
     for origin in range(n):
         share.context_cu_rows[origin].append(len(share.context_positions[origin]))
     for origin in range(n):
