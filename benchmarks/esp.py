@@ -55,7 +55,10 @@ min/median/max: these machines drift in speed by up to 3x within minutes.
 **Lone long prompt.** After each round's replays, ``--lone-repeats`` fresh
 prompts of ``--lone-prompt-len`` random tokens (``max_tokens`` 1) are
 prefilled on esp_1 and esp_2, alternating (the order flips every pair);
-``long_prompt_prefill_s`` holds each side's median.
+``long_prompt_prefill_s`` holds each side's median. ``core_scaling`` says
+what two instances can reach at best here: a GEMM's rate on each core
+alone and on both at once (cores that slow each other down cap the ratio
+above 0.5).
 
 **Kernel.** The CPU partial-attention kernel (``backend="cpu"``) against
 vLLM's own CPU attention on the same paged cache (one instance, whole KV
@@ -515,6 +518,66 @@ def lone_round(
     for run in (one, two):
         run.llms[0].reset_prefix_cache()
     return out
+
+
+def _gemm_rate(core: int, seconds: float, out: Any) -> None:
+    """GEMMs per second of the default model's MLP shape on one core (a
+    child process, so that two can run at once)."""
+    import torch
+
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    a = torch.randn(2048, 512, dtype=torch.bfloat16)
+    w = torch.randn(2816, 512, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ w.T
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ w.T
+        count += 1
+    out.put((core, count / (time.perf_counter() - start)))
+
+
+def core_scaling(rounds: int = 3, seconds: float = 2.0) -> dict[str, Any]:
+    """What two instances can gain at best on this machine: the GEMM rate of
+    each core alone, then of both at once, per round. One stock instance
+    runs on the first core; two instances, each on its own, finish a
+    perfectly split prompt at best in ``first core alone / both together``
+    of its time (``best_two_over_one``; 0.5 where running both cores costs
+    neither anything)."""
+    import multiprocessing as mp
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        return {"error": "fewer than 2 cores"}
+    ctx = mp.get_context("spawn")
+
+    def run(which: list[int]) -> dict[int, float]:
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_gemm_rate, args=(c, seconds, queue)) for c in which]
+        for proc in procs:
+            proc.start()
+        rates = dict(queue.get(timeout=120) for _ in procs)
+        for proc in procs:
+            proc.join()
+        return rates
+
+    per_round = []
+    for _ in range(rounds):
+        alone = {**run([cores[0]]), **run([cores[1]])}
+        both = run(cores)
+        per_round.append(
+            {
+                "alone_gemm_per_s": alone,
+                "both_gemm_per_s": both,
+                "best_two_over_one": alone[cores[0]] / sum(both.values()),
+            }
+        )
+    return {
+        "what": "GEMM [2048x512] x [512x2816] bf16 on each core alone, then both at once",
+        "per_round": per_round,
+        "best_two_over_one": spread([r["best_two_over_one"] for r in per_round]),
+    }
 
 
 def kernel_bench(block_size: int, rounds: int, iters: int, seed: int) -> dict[str, Any]:
@@ -1026,6 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
         kernel["wall_s"] = time.perf_counter() - t
         print(f"kernel: esp {kernel['esp_s']:.4f} s, vllm {kernel['vllm_s']:.4f} s", flush=True)
 
+    scaling = core_scaling()
+    print(f"core scaling: {scaling.get('best_two_over_one')}", flush=True)
+
     bench = Bench(args, model_dir, eng)
     bench.run(trace, tok.vocab_size, rounds)
 
@@ -1062,6 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_2_over_1_per_round": ratios_lone,
         },
         "kernel": kernel,
+        "core_scaling": scaling,
         "paired_ratios": ratios,
         "targets": targets(systems, ratios, lone, kernel, bench.records),
         "records": bench.records,
