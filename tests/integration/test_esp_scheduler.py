@@ -745,3 +745,44 @@ def test_a_registered_policy_drives_placement_and_migration(
     assert s.elastic.num_consolidate_calls >= 9
     run(s)
     assert_all_free(s)
+
+
+# ------------------------------------------------------------ per-instance token budget
+def test_a_chunk_on_two_instances_takes_both_instances_budgets(config_model_dir, calibration_file):
+    """max_num_batched_tokens is per instance: a prefill on 2 instances
+    computes twice it in one step, each instance its budget."""
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=80,
+        esp={"prefill_target_ms": 0.001, "migrate_blocks_per_step": 0},
+        max_num_batched_tokens=256,
+    )
+    s.add_request(make_request("r", 700, 2, block_size=BLOCK_SIZE))
+    out, plan, _ = esp_step(s)
+    assert out.num_scheduled_tokens == {"r": 512}
+    (req,) = plan.requests
+    assert req.compute == (0, 1)
+    assert [local_batch(plan, i).num_rows for i in (0, 1)] == [256, 256]
+    run(s)
+    assert_all_free(s)
+
+
+def test_a_step_gives_each_instance_its_budget_and_no_more(config_model_dir, calibration_file):
+    """Single-instance prefills on different instances each take their
+    instance's budget in one step; a third one shares an instance's budget
+    with the chunk already placed there."""
+    s = make_esp(config_model_dir, calibration_file, num_blocks=80, max_num_batched_tokens=256)
+    for rid in "abc":
+        s.add_request(make_request(rid, 200, 2, block_size=BLOCK_SIZE))
+    out, plan, _ = esp_step(s)
+    per_instance = [0, 0]
+    for req in plan.requests:
+        assert len(req.compute) == 1
+        per_instance[req.compute[0]] += len(req.token_ids)
+    # Two full chunks side by side (stock vLLM's one budget would cut b to
+    # 56 tokens), and c gets what is left on its instance.
+    assert out.num_scheduled_tokens == {"a": 200, "b": 200, "c": 56}
+    assert sorted(per_instance) == [200, 256]
+    run(s)
+    assert_all_free(s)

@@ -183,14 +183,14 @@ class ElasticPolicy(ABC):
         default, all of them."""
         return request.num_new_tokens
 
-    def num_compute_instances(
+    def compute_instances(
         self, request: RequestPlacementView, loads: list[InstanceLoad]
-    ) -> int:
-        """How many instances :meth:`place` would compute ``request``'s chunk
-        on, without placing it (the scheduler keeps each one's share of a
-        chunk within the per-instance token budget). By default, asks
-        :meth:`place`; a policy whose ``place`` keeps state overrides it."""
-        return len(self.place(request, loads).compute)
+    ) -> tuple[int, ...]:
+        """The instances :meth:`place` would compute ``request``'s chunk on,
+        without placing it (the scheduler keeps each one's share of a chunk
+        within what is left of its per-instance token budget). By default,
+        asks :meth:`place`; a policy whose ``place`` keeps state overrides it."""
+        return self.place(request, loads).compute
 
     @property
     def consolidates(self) -> bool:

@@ -127,6 +127,8 @@ class ESPScheduler(MLFQScheduler):
         self._manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         self._orig_allocate = self._wrap_allocate_slots()
         self._step_placement: dict[str, StepPlacement] = {}
+        #: Tokens placed on each instance in the step being scheduled.
+        self._step_tokens = [0] * self.num_instances
         self._loads: list[InstanceLoad] = []
         self.num_esp_steps = 0
         self.last_esp_plan: ESPStepPlan | None = None
@@ -144,9 +146,9 @@ class ESPScheduler(MLFQScheduler):
 
     def _scale_token_budget(self) -> None:
         """``max_num_batched_tokens`` is per instance: a step schedules up to
-        N times it, and a prefill chunk on d instances up to d times it
-        (:meth:`_reserve_prefill_lookahead`), so each instance computes at
-        most the budget it was sized for, and a long prompt on d instances
+        N times it, and a prefill chunk on d instances up to d times what is
+        left of theirs (:meth:`_reserve_prefill_lookahead`), so each instance
+        computes at most the budget it was sized for, and a long prompt on d instances
         runs in d times fewer steps (LoongServe prefills a prompt in one
         iteration on as many instances as it needs)."""
         import copy
@@ -320,16 +322,18 @@ class ESPScheduler(MLFQScheduler):
         loads = self._current_loads()
         view = self._view(request, num_new_tokens, num_computed_tokens)
         num_new_tokens = self.elastic.max_prefill_tokens(view, loads)
-        # Each compute instance's share within the per-instance budget; a
-        # smaller chunk may get fewer instances, so recheck (the DoP only
-        # falls as the chunk shrinks, and is at least 1).
-        for _ in range(self.num_instances):
+        # Each compute instance's share within what is left of its budget
+        # this step; a smaller chunk may get fewer instances, so recheck
+        # (the DoP only falls as the chunk shrinks). 0: not this step.
+        for _ in range(self.num_instances + 1):
             view = self._view(request, num_new_tokens, num_computed_tokens)
-            cap = self.elastic.num_compute_instances(view, loads) * self.tokens_per_instance
+            compute = self.elastic.compute_instances(view, loads)
+            room = min(self.tokens_per_instance - self._step_tokens[i] for i in compute)
+            cap = max(0, room) * len(compute)
             if num_new_tokens <= cap:
-                return num_new_tokens
+                break
             num_new_tokens = cap
-        return min(num_new_tokens, self.tokens_per_instance)
+        return num_new_tokens
 
     def _allocate_slots(
         self, request: Request, num_new_tokens: int, *args: Any, **kwargs: Any
@@ -349,6 +353,9 @@ class ESPScheduler(MLFQScheduler):
             self.free_queues.placement = None
         if blocks is not None:
             self._step_placement[request.request_id] = placement
+            share = -(-num_new_tokens // len(placement.compute))  # the largest stripe
+            for instance in placement.compute:
+                self._step_tokens[instance] += share
             # A scale-up is a decode whose new block landed off its home.
             table = self._req_to_blocks.get(request.request_id)
             if (
@@ -363,6 +370,7 @@ class ESPScheduler(MLFQScheduler):
     # ------------------------------------------------------------------ step
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self._step_placement.clear()
+        self._step_tokens = [0] * self.num_instances
         self._refresh_loads()
         if self.elastic.plans_steps:
             self.elastic.begin_step(self._cluster_view())

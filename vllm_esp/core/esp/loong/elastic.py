@@ -102,13 +102,14 @@ class LoongElasticPolicy(ElasticPolicy):
             max_stall_s=self.max_decode_stall_s,
         )
 
-    def num_compute_instances(
+    def compute_instances(
         self, request: RequestPlacementView, loads: list[InstanceLoad]
-    ) -> int:
+    ) -> tuple[int, ...]:
         planned = self.policy.placement_for(request.req_id)
         if planned is None:
-            return self.fallback.num_compute_instances(request, loads)
-        return len(planned[0]) if request.is_prefill else 1
+            return self.fallback.compute_instances(request, loads)
+        compute, storage = planned
+        return compute if request.is_prefill else (storage[0],)
 
     def place(self, request: RequestPlacementView, loads: list[InstanceLoad]) -> StepPlacement:
         planned = self.policy.placement_for(request.req_id)
