@@ -110,6 +110,10 @@ def simulate(
                 finished[req.request_id] = finished.get(req.request_id, 0) + 1
         if not pending and not aborts and not s.has_requests():
             break
+        # The planner's hot loop builds running requests' candidates
+        # inline: they must equal the general path's.
+        for cand in s._iter_candidates():
+            assert cand == s._candidate(s.requests[cand.request_id]), cand
         out, engine_outputs = step(s)
         for rid in out.num_scheduled_tokens:
             max_wait[rid] = max(max_wait.get(rid, 0.0), clock.t - last_service[rid])

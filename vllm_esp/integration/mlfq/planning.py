@@ -77,8 +77,18 @@ class PlanningMixin(HostSwapMixin):
         )
 
     def _iter_candidates(self) -> Iterator[Candidate]:
+        # The hot loop of a plan (one pass per ranked request until the
+        # step is full): the common case, a running request without host
+        # swap, is built inline from hoisted locals; every other case goes
+        # through _candidate. Both build the same Candidate.
+        get_request = self.requests.get
+        running = RequestStatus.RUNNING
+        inline_residents = self.swap is None
+        block_size = self.block_size
+        num_lookahead = self.num_lookahead_tokens
+        threshold = self.scheduler_config.long_prefill_token_threshold
         for request_id in self.rank_policy.iter_ranked():
-            request = self.requests.get(request_id)
+            request = get_request(request_id)
             if request is None or request.status not in _SCHEDULABLE:
                 continue
             if request.num_stale_output_tokens and not request.drop_stale_output:
@@ -87,7 +97,28 @@ class PlanningMixin(HostSwapMixin):
                 # deferred_waiting: vLLM clears that only on admission, so a
                 # request skipped once would never be planned again.
                 continue
-            yield self._candidate(request)
+            if not (inline_residents and request.status is running):
+                yield self._candidate(request)
+                continue
+            num_computed = request.num_computed_tokens
+            num_new = request.num_tokens_with_spec + request.num_output_placeholders - num_computed
+            if 0 < threshold < num_new:
+                num_new = threshold
+            num_allocated = -(-num_computed // block_size)
+            # Positional (half the cost of keywords), in field order:
+            # request_id, resident, num_new_tokens, block_size,
+            # num_computed_tokens, num_allocated_blocks, num_held_blocks,
+            # num_lookahead_tokens.
+            yield Candidate(
+                request_id,
+                True,
+                num_new if num_new > 0 else 0,
+                block_size,
+                num_computed,
+                num_allocated,
+                num_allocated,
+                num_lookahead,
+            )
 
     def _victims_low_to_high(self, residents: list[Request]) -> list[Candidate]:
         policy = self.rank_policy

@@ -39,6 +39,7 @@ same logic over ``AsyncScheduler``) whenever async scheduling is on.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -201,13 +202,14 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         plan = self._plan()
         self.last_plan = plan
         self._evict_planned(plan, now)
+        step = self._narrow_queues_to_plan(plan)
         # The running residents the plan leaves out (evicted ones left
-        # self.running already): one pass, not plan.pause's.
-        run = set(plan.run)
-        paused = [r for r in self.running if r.request_id not in run]
+        # self.running already). One C-level pass over the residents
+        # (Requests hash by identity), not plan.pause's walk over ids:
+        # with thousands paused it is the costliest line of the step.
+        paused = list(itertools.filterfalse(set(step.running).__contains__, self.running))
         self.num_paused_last_step = len(paused)
         self.num_paused_steps += len(paused)
-        step = self._narrow_queues_to_plan(plan)
         output = self._schedule_narrowed(step, paused, throttle_prefills)
         self._charge_policy(output, now)
         return output
@@ -309,14 +311,19 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         recompute: scheduling a position below a request's high-water mark
         again (rejected speculative tokens count as well)."""
         high_water = self._computed_high_water
+        requests = self.requests
+        on_scheduled = self.rank_policy.on_scheduled
+        num_recomputed = 0
         for request_id, num_tokens in output.num_scheduled_tokens.items():
-            request = self.requests[request_id]
-            start = request.num_computed_tokens - num_tokens  # vLLM advanced it already
+            num_computed = requests[request_id].num_computed_tokens
+            start = num_computed - num_tokens  # vLLM advanced it already
             done_before = high_water.get(request_id, 0)
             if start < done_before:
-                self.num_recomputed_tokens += min(done_before, start + num_tokens) - start
-            high_water[request_id] = max(done_before, request.num_computed_tokens)
-            self.rank_policy.on_scheduled(request_id, num_tokens, start, now)
+                num_recomputed += min(done_before, num_computed) - start
+            if num_computed > done_before:
+                high_water[request_id] = num_computed
+            on_scheduled(request_id, num_tokens, start, now)
+        self.num_recomputed_tokens += num_recomputed
         self.rank_policy.end_step(self._clock())
 
     # ----------------------------------------------------------------- stats
