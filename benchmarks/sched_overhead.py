@@ -7,14 +7,17 @@ real ``KVCacheManager``, built from a config-only model folder exactly as the
 scheduler tests do (``vllm_esp/harness/scheduler.py``); the model runner is replaced by
 fabricated outputs (one sampled token per request that finished its prompt).
 
-For each system size N (1,000, 5,000 and 10,000 unfinished requests), in
-rounds that alternate the order (A B, B A), and each
-scheduler, the same seeded request stream is fed in; whenever requests
+For each system size N (1,000, 5,000 and 10,000 unfinished requests) both
+schedulers are fed the same seeded request stream; whenever requests
 finish, new ones are added so N stays constant (a steady state, not a
-draining queue). After a warm-up, each step's ``schedule()`` and
-``update_from_output()`` are timed separately with ``perf_counter_ns``;
-adding requests and fabricating outputs are not timed, because the model
-runner and the front end pay for those, not the scheduler.
+draining queue). They run in lockstep, one step of each in turn with the
+order flipped every step, because these machines drift in speed within
+seconds: a step of each, back to back, sees the same machine. After a
+warm-up, each step's ``schedule()`` and ``update_from_output()`` are timed
+separately with ``perf_counter_ns``; adding requests and fabricating
+outputs are not timed, because the model runner and the front end pay for
+those, not the scheduler. Each round of step pairs gives one paired ratio;
+the JSON keeps every round's.
 
 ``max_num_seqs`` is 256 and the KV cache is large enough for 256 requests of
 the longest length, so the binding limit is the number of sequences and
@@ -116,6 +119,142 @@ def build(kind: str, model_dir: str, mlfq_settings: dict[str, Any] | None = None
     raise ValueError(kind)
 
 
+class _System:
+    """One scheduler kept at ``num_requests`` unfinished requests, stepped
+    with fabricated model outputs; records what its measured steps cost."""
+
+    def __init__(
+        self,
+        kind: str,
+        model_dir: str,
+        num_requests: int,
+        seed: int,
+        mlfq_settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.num_requests = num_requests
+        self.scheduler = build(kind, model_dir, mlfq_settings)
+        self.stream = RequestStream(seed)
+        for _ in range(num_requests):
+            self.scheduler.add_request(self.stream.next())
+        self.sched_ns: list[int] = []
+        self.update_ns: list[int] = []
+        self.scheduled_per_step: list[int] = []
+        self.tokens_per_step: list[int] = []
+        # len(scheduler.running) after schedule(): for MLFQ this includes
+        # paused residents (they keep KV and stay in `running`), which is
+        # what its per-step planning walks.
+        self.residents_per_step: list[int] = []
+        self.num_finished = 0
+
+    def step(self, measure: bool, profiler: cProfile.Profile | None = None) -> None:
+        scheduler = self.scheduler
+        profiling = measure and profiler is not None
+        if profiling:
+            profiler.enable()
+        t0 = time.perf_counter_ns()
+        out = scheduler.schedule()
+        t1 = time.perf_counter_ns()
+        if profiling:
+            profiler.disable()
+        model_out = sched_harness.fake_output(scheduler, out)
+        if profiling:
+            profiler.enable()
+        t2 = time.perf_counter_ns()
+        engine_outputs = scheduler.update_from_output(out, model_out)
+        t3 = time.perf_counter_ns()
+        if profiling:
+            profiler.disable()
+        finished = sum(
+            1 for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None
+        )
+        self.num_finished += finished
+        # Refill so the system size stays at num_requests (not timed).
+        for _ in range(finished):
+            scheduler.add_request(self.stream.next())
+        if measure:
+            self.sched_ns.append(t1 - t0)
+            self.update_ns.append(t3 - t2)
+            self.scheduled_per_step.append(len(out.num_scheduled_tokens))
+            self.tokens_per_step.append(out.total_num_scheduled_tokens)
+            self.residents_per_step.append(len(scheduler.running))
+
+    def result(self, first: int = 0, last: int | None = None) -> dict[str, Any]:
+        """Figures over measured steps ``first:last``."""
+        window = slice(first, last)
+        sched_ns, update_ns = self.sched_ns[window], self.update_ns[window]
+        total_ms = [(a + b) / 1e6 for a, b in zip(sched_ns, update_ns)]
+        scheduler = self.scheduler
+        result: dict[str, Any] = {
+            "scheduler": self.kind,
+            "num_requests_in_system": self.num_requests,
+            "steps_measured": len(total_ms),
+            "mean_step_ms": statistics.fmean(total_ms),
+            "median_step_ms": statistics.median(total_ms),
+            "p99_step_ms": percentile(total_ms, 99),
+            "mean_schedule_ms": statistics.fmean(sched_ns) / 1e6,
+            "mean_update_ms": statistics.fmean(update_ns) / 1e6,
+            "mean_scheduled_reqs_per_step": statistics.fmean(self.scheduled_per_step[window]),
+            "mean_scheduled_tokens_per_step": statistics.fmean(self.tokens_per_step[window]),
+            "mean_resident_reqs": statistics.fmean(self.residents_per_step[window]),
+            "num_finished_total": self.num_finished,
+            "num_running_end": len(scheduler.running),
+            "num_waiting_end": len(scheduler.waiting),
+            "free_blocks_end": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+        }
+        if isinstance(scheduler, MLFQScheduler):
+            stats = scheduler.rank_policy.stats()
+            result["mlfq"] = {
+                "rank_preemptions": scheduler.num_rank_preemptions,
+                "paused_request_steps": scheduler.num_paused_steps,
+                "requests_per_level_end": stats.num_requests_per_level,
+                "demotions": stats.num_demotions,
+                "promotions": stats.num_promotions,
+                "cost_model_source": scheduler.cost_model.source,
+            }
+        return result
+
+
+def run_lockstep(
+    model_dir: str,
+    num_requests: int,
+    warmup: int,
+    steps_per_round: int,
+    num_rounds: int,
+    seed: int,
+    mlfq_settings: dict[str, Any] | None = None,
+) -> tuple[dict[str, _System], list[dict[str, Any]]]:
+    """Step stock and MLFQ in lockstep on the same seeded stream, one step
+    of each in turn, the order flipped every step (A B, B A, ...).
+
+    These machines drift in speed by up to 3x within minutes, so two runs
+    seconds apart can differ by more than the schedulers do; a step of
+    each, back to back, sees the same machine. A round is
+    ``steps_per_round`` consecutive step pairs; its paired ratio is the
+    ratio of the two schedulers' mean step times over those pairs."""
+    systems = {
+        kind: _System(kind, model_dir, num_requests, seed, mlfq_settings)
+        for kind in ("stock", "mlfq")
+    }
+    # Setup garbage is not the steps' cost: collect it, then freeze what
+    # survives so the collector's passes over it do not land on one step.
+    gc.collect()
+    gc.freeze()
+    try:
+        for i in range(warmup + steps_per_round * num_rounds):
+            order = ("stock", "mlfq") if i % 2 == 0 else ("mlfq", "stock")
+            for kind in order:
+                systems[kind].step(measure=i >= warmup)
+    finally:
+        gc.unfreeze()
+    rounds = []
+    for r in range(num_rounds):
+        first, last = r * steps_per_round, (r + 1) * steps_per_round
+        per_kind = {kind: system.result(first, last) for kind, system in systems.items()}
+        rounds.append(_paired_ratios(per_kind))
+    return systems, rounds
+
+
 def run_one(
     kind: str,
     model_dir: str,
@@ -126,83 +265,13 @@ def run_one(
     profiler: cProfile.Profile | None = None,
     mlfq_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keep ``num_requests`` in the system; time ``steps`` steps after ``warmup``."""
-    scheduler = build(kind, model_dir, mlfq_settings)
-    stream = RequestStream(seed)
-    for _ in range(num_requests):
-        scheduler.add_request(stream.next())
-
-    sched_ns: list[int] = []
-    update_ns: list[int] = []
-    scheduled_per_step: list[int] = []
-    tokens_per_step: list[int] = []
-    # len(scheduler.running) after schedule(): for MLFQ this includes paused
-    # residents (they keep KV and stay in `running`), which is what its
-    # per-step planning walks.
-    residents_per_step: list[int] = []
-    num_finished = 0
+    """One scheduler alone (the profiling pass): ``warmup`` untimed steps,
+    then ``steps`` timed ones."""
+    system = _System(kind, model_dir, num_requests, seed, mlfq_settings)
     gc.collect()
     for i in range(warmup + steps):
-        measure = i >= warmup
-        if measure and profiler is not None:
-            profiler.enable()
-        t0 = time.perf_counter_ns()
-        out = scheduler.schedule()
-        t1 = time.perf_counter_ns()
-        if measure and profiler is not None:
-            profiler.disable()
-        model_out = sched_harness.fake_output(scheduler, out)
-        if measure and profiler is not None:
-            profiler.enable()
-        t2 = time.perf_counter_ns()
-        engine_outputs = scheduler.update_from_output(out, model_out)
-        t3 = time.perf_counter_ns()
-        if measure and profiler is not None:
-            profiler.disable()
-        finished = sum(
-            1 for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None
-        )
-        num_finished += finished
-        # Refill so the system size stays at num_requests (not timed).
-        for _ in range(finished):
-            scheduler.add_request(stream.next())
-        if measure:
-            sched_ns.append(t1 - t0)
-            update_ns.append(t3 - t2)
-            scheduled_per_step.append(len(out.num_scheduled_tokens))
-            tokens_per_step.append(out.total_num_scheduled_tokens)
-            residents_per_step.append(len(scheduler.running))
-
-    total_ms = [(a + b) / 1e6 for a, b in zip(sched_ns, update_ns)]
-    result: dict[str, Any] = {
-        "scheduler": kind,
-        "num_requests_in_system": num_requests,
-        "steps_measured": steps,
-        "warmup_steps": warmup,
-        "mean_step_ms": statistics.fmean(total_ms),
-        "median_step_ms": statistics.median(total_ms),
-        "p99_step_ms": percentile(total_ms, 99),
-        "mean_schedule_ms": statistics.fmean(sched_ns) / 1e6,
-        "mean_update_ms": statistics.fmean(update_ns) / 1e6,
-        "mean_scheduled_reqs_per_step": statistics.fmean(scheduled_per_step),
-        "mean_scheduled_tokens_per_step": statistics.fmean(tokens_per_step),
-        "mean_resident_reqs": statistics.fmean(residents_per_step),
-        "num_finished_total": num_finished,
-        "num_running_end": len(scheduler.running),
-        "num_waiting_end": len(scheduler.waiting),
-        "free_blocks_end": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
-    }
-    if isinstance(scheduler, MLFQScheduler):
-        stats = scheduler.rank_policy.stats()
-        result["mlfq"] = {
-            "rank_preemptions": scheduler.num_rank_preemptions,
-            "paused_request_steps": scheduler.num_paused_steps,
-            "requests_per_level_end": stats.num_requests_per_level,
-            "demotions": stats.num_demotions,
-            "promotions": stats.num_promotions,
-            "cost_model_source": scheduler.cost_model.source,
-        }
-    return result
+        system.step(measure=i >= warmup, profiler=profiler)
+    return system.result()
 
 
 def profile_summary(profiler: cProfile.Profile, top: int = 25) -> dict[str, Any]:
@@ -227,9 +296,15 @@ def profile_summary(profiler: cProfile.Profile, top: int = 25) -> dict[str, Any]
 
 
 def _paired_ratios(per_kind: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """mlfq over stock, one round (the two runs back to back)."""
+    """mlfq over stock, one round of lockstep step pairs."""
     mlfq, stock = per_kind["mlfq"], per_kind["stock"]
     return {
+        # MLFQ prefills newcomers at once and pauses demoted residents, so
+        # its steps carry more tokens than stock's: its cost per token too.
+        "per_token_mlfq_over_stock": ratio(
+            mlfq["mean_step_ms"] / mlfq["mean_scheduled_tokens_per_step"],
+            stock["mean_step_ms"] / stock["mean_scheduled_tokens_per_step"],
+        ),
         "mean_step_mlfq_over_stock": ratio(mlfq["mean_step_ms"], stock["mean_step_ms"]),
         "median_step_mlfq_over_stock": ratio(mlfq["median_step_ms"], stock["median_step_ms"]),
         "schedule_mlfq_over_stock": ratio(mlfq["mean_schedule_ms"], stock["mean_schedule_ms"]),
@@ -246,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument(
-        "--rounds", type=int, default=2, help="A B, B A, ... per size (paired ratios)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of lockstep step pairs per size, one paired ratio each (default 5; 3 with --quick)",
     )
     parser.add_argument(
         "--mlfq-config",
@@ -255,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         help="MLFQ settings for the mlfq scheduler, e.g. '{\"max_paused_requests\": 256}'",
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="measured steps (default 300; 60 with --quick)"
+        "--steps",
+        type=int,
+        default=None,
+        help="measured step pairs per round (default 100; 30 with --quick)",
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first (default 30; 10 with --quick)"
@@ -267,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the cProfile pass of MLFQ per size (on by default: the ratio alone does not say where time goes)",
     )
     args = parser.parse_args(argv)
-    steps = args.steps or (60 if args.quick else 300)
+    steps = args.steps or (30 if args.quick else 100)
+    args.rounds = args.rounds or (3 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (10 if args.quick else 30)
 
     meta = run_metadata(seed=args.seed)
@@ -276,40 +358,35 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = sched_harness.config_only_model(Path(tmp) / "model")
         for n in args.sizes:
-            rounds: list[dict[str, float | None]] = []
-            for round_index in range(args.rounds):
-                # Alternate the order (A B, B A, ...): neither scheduler
-                # always runs first on a warmer (or cooler) machine.
-                kinds = ("stock", "mlfq") if round_index % 2 == 0 else ("mlfq", "stock")
-                per_kind = {}
-                for kind in kinds:
-                    r = run_one(
-                        kind, model_dir, n, warmup, steps, args.seed, None, args.mlfq_config
-                    )
-                    r["round"] = round_index
-                    per_kind[kind] = r
-                    results.append(r)
-                    print(
-                        f"N={n:5d} round {round_index} {kind:5s}: "
-                        f"mean {r['mean_step_ms']:.3f} ms/step "
-                        f"(schedule {r['mean_schedule_ms']:.3f} + update "
-                        f"{r['mean_update_ms']:.3f}), "
-                        f"{r['mean_scheduled_reqs_per_step']:.0f} reqs/step, "
-                        f"{r['mean_resident_reqs']:.0f} residents",
-                        flush=True,
-                    )
-                rounds.append(_paired_ratios(per_kind))
-            step_ratios = [r["mean_step_mlfq_over_stock"] for r in rounds]
+            systems, rounds = run_lockstep(
+                model_dir, n, warmup, steps, args.rounds, args.seed, args.mlfq_config
+            )
+            for kind, system in systems.items():
+                r = system.result()
+                r["warmup_steps"] = warmup
+                results.append(r)
+                print(
+                    f"N={n:5d} {kind:5s}: "
+                    f"mean {r['mean_step_ms']:.3f} ms/step "
+                    f"(schedule {r['mean_schedule_ms']:.3f} + update "
+                    f"{r['mean_update_ms']:.3f}), "
+                    f"{r['mean_scheduled_reqs_per_step']:.0f} reqs/step, "
+                    f"{r['mean_scheduled_tokens_per_step']:.0f} tokens/step, "
+                    f"{r['mean_resident_reqs']:.0f} residents",
+                    flush=True,
+                )
+            step_ratios = [x for x in (r["mean_step_mlfq_over_stock"] for r in rounds) if x]
             ratios[str(n)] = {
                 "rounds": rounds,
-                "mean_step_mlfq_over_stock": statistics.median(x for x in step_ratios if x),
-                "min": min(x for x in step_ratios if x),
-                "max": max(x for x in step_ratios if x),
+                "mean_step_mlfq_over_stock": statistics.median(step_ratios),
+                "min": min(step_ratios),
+                "max": max(step_ratios),
             }
             print(
                 f"N={n:5d} ratio mlfq/stock (mean step), median of {args.rounds} rounds: "
                 f"{ratios[str(n)]['mean_step_mlfq_over_stock']:.3f} "
-                f"[{ratios[str(n)]['min']:.3f}, {ratios[str(n)]['max']:.3f}]",
+                f"[{ratios[str(n)]['min']:.3f}, {ratios[str(n)]['max']:.3f}] "
+                f"rounds {', '.join(f'{x:.3f}' for x in step_ratios)}",
                 flush=True,
             )
 
@@ -349,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_len_range_log_uniform": OUTPUT_RANGE,
             "enable_prefix_caching": True,
             "enable_chunked_prefill": True,
-            "steps": steps,
+            "steps_per_round": steps,
             "warmup_steps": warmup,
             "sizes": args.sizes,
             "rounds": args.rounds,
