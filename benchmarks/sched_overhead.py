@@ -149,21 +149,22 @@ class _System:
 
     def step(self, measure: bool, profiler: cProfile.Profile | None = None) -> None:
         scheduler = self.scheduler
-        profiling = measure and profiler is not None
-        if profiling:
+        if not measure:
+            profiler = None
+        if profiler is not None:
             profiler.enable()
         t0 = time.perf_counter_ns()
         out = scheduler.schedule()
         t1 = time.perf_counter_ns()
-        if profiling:
+        if profiler is not None:
             profiler.disable()
         model_out = sched_harness.fake_output(scheduler, out)
-        if profiling:
+        if profiler is not None:
             profiler.enable()
         t2 = time.perf_counter_ns()
         engine_outputs = scheduler.update_from_output(out, model_out)
         t3 = time.perf_counter_ns()
-        if profiling:
+        if profiler is not None:
             profiler.disable()
         finished = sum(
             1 for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = run_metadata(seed=args.seed)
     results: list[dict[str, Any]] = []
-    ratios: dict[str, dict[str, float | None]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = sched_harness.config_only_model(Path(tmp) / "model")
         for n in args.sizes:

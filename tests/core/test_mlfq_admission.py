@@ -39,12 +39,18 @@ def running(rid: str, num_computed: int, num_new: int = 1, **kwargs: int) -> Can
     )
 
 
-def plan(ranked: list[Candidate], **kwargs: object) -> AdmissionPlan:
+def plan(ranked: list[Candidate], lazy: bool = False, **kwargs: object) -> AdmissionPlan:
     """``plan_admission`` with every resident of ``ranked`` as a victim,
-    lowest rank first, and a roomy step unless told otherwise."""
+    lowest rank first, and a roomy step unless told otherwise. ``lazy``:
+    the victims as a generator with a bound on their blocks, as the
+    scheduler passes them."""
     residents = [c for c in reversed(ranked) if c.resident]
     args: dict = dict(num_free_blocks=100, num_slots=8, token_budget=1000, chunked_prefill=True)
     args.update(kwargs)
+    if lazy:
+        bound = sum(c.num_allocated_blocks for c in residents)
+        args["num_resident_blocks_bound"] = lambda: bound
+        return plan_admission(ranked, (c for c in residents), **args)
     return plan_admission(ranked, residents, **args)
 
 
@@ -202,6 +208,34 @@ def test_the_resident_list_is_built_only_when_memory_must_be_reclaimed():
     assert got.pause == ("low",) and calls == []
     got = lazy_plan([waiting("n", 12), top, low], num_free_blocks=1)
     assert got.run == ("n",) and got.preempt == ("low",) and calls == [1]
+
+
+def test_victims_are_built_only_as_far_as_memory_needs_them():
+    """With thousands of residents and no free block, a newcomer that needs
+    two blocks reads the two lowest residents (and the next, to see it
+    has enough), not all of them."""
+    residents = [running(f"r{i}", 2) for i in range(2000)]  # one block each, room to grow
+    built: list[str] = []
+
+    def victims():
+        for cand in reversed(residents):
+            built.append(cand.request_id)
+            yield cand
+
+    got = plan_admission(
+        [waiting("n", 8), *residents],
+        victims,
+        num_free_blocks=0,
+        num_slots=300,
+        token_budget=10_000,
+        chunked_prefill=True,
+        num_resident_blocks_bound=lambda: len(residents),
+        resident_ids=[c.request_id for c in residents],
+    )
+    assert got.preempt == ("r1999", "r1998")
+    assert built == ["r1999", "r1998", "r1997"]
+    # The step goes on with the residents that can grow in place.
+    assert got.run[0] == "n" and len(got.run) == 300
 
 
 # ---------------------------------------------------------------- host swap
@@ -366,10 +400,10 @@ def steps(draw: st.DrawFn) -> tuple[list[Candidate], dict]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(steps())
-def test_block_accounting_never_goes_negative_and_decisions_are_disjoint(case):
+@given(steps(), st.booleans())
+def test_block_accounting_never_goes_negative_and_decisions_are_disjoint(case, lazy):
     ranked, limits = case
-    got = plan(ranked, **limits)
+    got = plan(ranked, lazy=lazy, **limits)
     by_id = {c.request_id: c for c in ranked}
     rank = {c.request_id: i for i, c in enumerate(ranked)}
     groups = [got.run, got.pause, got.preempt, got.skip, got.offload, got.prefetch]

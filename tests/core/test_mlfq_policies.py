@@ -328,6 +328,7 @@ class MLFQLifeCycle(RuleBasedStateMachine):
         ids = self._tracked()
         assert len(ids) == len(set(ids)) == len(policy)
         assert ids == sorted(ids, key=policy.rank_key)
+        assert list(policy.iter_ranked_reversed()) == ids[::-1]
         levels = [policy.level_of(r) for r in ids]
         assert levels == sorted(levels)
         assert sum(policy.stats().num_requests_per_level) == len(policy)
@@ -443,6 +444,25 @@ def test_make_policy_builds_each_registered_policy(name: str, cls: type) -> None
     assert ranked(policy) == ["r"]
     if isinstance(policy, SRPTOraclePolicy):
         assert policy.cost_model is UNIT
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_walks_its_order_backwards(name: str) -> None:
+    """The planner reads eviction victims from ``iter_ranked_reversed``:
+    it must be ``iter_ranked`` backwards, through arrivals, service and
+    level moves."""
+    policy = make_policy(MLFQConfig(policy=name, base_quantum_ms=1.0), UNIT)
+    for i in range(12):
+        add(policy, f"r{i}", 0.01 * i, 10 + 97 * (i % 5), max_tokens=4 + 3 * (i % 4))
+    for step in range(6):
+        for i in range(step, 12, 3):
+            policy.on_scheduled(f"r{i}", 1 + 50 * (i % 2), 10 * step, 0.1 * step)
+        policy.end_step(0.1 * step)
+        order = ranked(policy)
+        assert list(policy.iter_ranked_reversed()) == order[::-1]
+        assert order == sorted(order, key=policy.rank_key)
+    policy.remove_request("r3", num_output_tokens=5)
+    assert list(policy.iter_ranked_reversed()) == ranked(policy)[::-1]
 
 
 # ---------------------------------------------------------- demotion by value

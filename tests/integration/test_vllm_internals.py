@@ -614,8 +614,9 @@ def test_allocate_slots_is_called_through_the_instance(stock_scheduler: Any) -> 
 
 def test_req_to_blocks_is_the_live_block_table(stock_scheduler: Any) -> None:
     """ESPScheduler reads ``coordinator.single_type_managers[0].req_to_blocks``
-    (placement views, plans) and rewrites entries in place (migrations):
-    it must be the table vLLM itself reports and frees from."""
+    (placement views, plans) and rewrites entries in place (migrations);
+    MLFQScheduler sums its lengths to bound what eviction frees: it must be
+    the table vLLM itself reports and frees from."""
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.request import RequestStatus
 

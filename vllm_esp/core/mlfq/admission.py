@@ -71,7 +71,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from vllm_esp.core.mlfq.budget import Candidate, StepBudget
@@ -107,7 +107,7 @@ class AdmissionPlan:
 
 def plan_admission(
     ranked: Iterable[Candidate],
-    residents_low_to_high: Sequence[Candidate] | Callable[[], Sequence[Candidate]],
+    residents_low_to_high: Iterable[Candidate] | Callable[[], Iterable[Candidate]],
     *,
     num_free_blocks: int,
     num_slots: int,
@@ -120,6 +120,7 @@ def plan_admission(
     prefetch_window: int = 0,
     preempt_by_value: bool = False,
     num_resident_room: int | None = None,
+    num_resident_blocks_bound: Callable[[], int] | None = None,
 ) -> AdmissionPlan:
     """Walk ``ranked`` best first and fill the step.
 
@@ -127,10 +128,14 @@ def plan_admission(
     first: the victims for reclaiming memory, which must rank below the
     request that needs the memory (guaranteed because a resident that the
     walk already reached is taken: run, or left out when it cannot grow).
-    It may be a zero-argument callable: sorting the residents by rank is
-    the costliest part of a plan, and most steps never need it (no memory
-    to reclaim, no reserve to restore). ``resident_ids`` then names the
-    residents for ``AdmissionPlan.pause`` without building the list.
+    It may be a lazy iterable, or a zero-argument callable returning one:
+    the planner reads victims from the bottom only as far as it needs
+    them, and most steps need none (no memory to reclaim, no reserve to
+    restore), so with thousands of residents a plan never builds them
+    all. ``num_resident_blocks_bound`` then bounds the blocks all
+    residents hold (else they are summed from the list: every victim
+    built); ``resident_ids`` names the residents for
+    ``AdmissionPlan.pause`` without building the list.
     ``num_reserve_blocks`` to ``prefetch_window`` are the host-swap rules of
     the module docstring; ``preempt_by_value`` and ``num_resident_room``
     the value and bound rules. Their defaults turn them off.
@@ -139,7 +144,11 @@ def plan_admission(
     if num_resident_room is not None:
         budget.num_resident_room = num_resident_room
     planner = _StepPlanner(
-        budget, _LazyResidents(residents_low_to_high), chunked_prefill, preempt_by_value
+        budget,
+        _LazyResidents(residents_low_to_high),
+        chunked_prefill,
+        preempt_by_value,
+        resident_blocks_bound=num_resident_blocks_bound,
     )
     ranked = iter(ranked)
     first_after_cut = planner.walk(ranked)
@@ -155,17 +164,38 @@ def plan_admission(
 
 
 class _LazyResidents:
-    """Builds the rank-sorted resident list on first use only."""
+    """The residents lowest rank first, built as far as they are read."""
 
-    def __init__(self, source: Sequence[Candidate] | Callable[[], Sequence[Candidate]]) -> None:
+    def __init__(self, source: Iterable[Candidate] | Callable[[], Iterable[Candidate]]) -> None:
         self._source = source
-        self._value: Sequence[Candidate] | None = None if callable(source) else source
+        self._iter: Iterator[Candidate] | None = None
+        self._built: list[Candidate] = []
 
-    def get(self) -> Sequence[Candidate]:
-        if self._value is None:
-            assert callable(self._source)
-            self._value = self._source()
-        return self._value
+    def at(self, index: int) -> Candidate | None:
+        """The ``index``-th lowest resident (None past the last)."""
+        if self._iter is None:
+            source = self._source
+            self._iter = iter(source() if callable(source) else source)
+        while len(self._built) <= index:
+            victim = next(self._iter, None)
+            if victim is None:
+                return None
+            self._built.append(victim)
+        return self._built[index]
+
+    def iter_from(self, start: int = 0) -> Iterator[Candidate]:
+        index = start
+        while (victim := self.at(index)) is not None:
+            yield victim
+            index += 1
+
+    def __iter__(self) -> Iterator[Candidate]:
+        return self.iter_from(0)
+
+    def all(self) -> list[Candidate]:
+        for _ in self.iter_from(len(self._built)):
+            pass
+        return self._built
 
 
 @dataclass(slots=True)
@@ -176,6 +206,7 @@ class _StepPlanner:
     residents: _LazyResidents
     chunked_prefill: bool
     preempt_by_value: bool = False
+    resident_blocks_bound: Callable[[], int] | None = None
     run: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
@@ -185,10 +216,13 @@ class _StepPlanner:
     taken: set[str] = field(default_factory=set)
     #: Next victim to look at in the resident list (lowest rank first).
     _victim_index: int = 0
-    #: Upper bound on the blocks the untaken residents hold; known once the
-    #: resident list is built. Lets a request that cannot fit even after
-    #: every eviction be skipped in O(1) instead of a scan of the victims.
+    #: Upper bound on the blocks the untaken residents hold; known once
+    #: first needed. Lets a request that cannot fit even after every
+    #: eviction be skipped in O(1) instead of a scan of the victims.
     _reclaimable: int | None = None
+    #: Blocks the residents taken so far hold (what ``_reclaimable``
+    #: starts without, when it comes from ``resident_blocks_bound``).
+    _num_taken_held: int = 0
     #: ``_max_victim_margin``'s cache.
     _victim_margin: float | None = None
 
@@ -205,7 +239,7 @@ class _StepPlanner:
             if not self.try_add_one(cand):
                 # The rest of the step is residents only, in rank order (all
                 # of them rank below this point, the walked ones are taken).
-                self._fill_with_residents()
+                self._fill_with_residents(ranked)
                 return None
         return None
 
@@ -258,14 +292,14 @@ class _StepPlanner:
         by_value = self._by_value(cand, needs_room)
         if by_value and cand.remaining_s >= self._max_victim_margin():
             return None  # no resident is worth preempting for it: O(1)
-        residents = self.residents.get()
-        while self._victim_index < len(residents) and (
-            residents[self._victim_index].request_id in self.taken
+        residents = self.residents
+        while (lowest := residents.at(self._victim_index)) is not None and (
+            lowest.request_id in self.taken
         ):
             self._victim_index += 1
         num_free = self.budget.num_free_blocks
         victims: list[Candidate] = []
-        for victim in itertools.islice(residents, self._victim_index, None):
+        for victim in residents.iter_from(self._victim_index):
             if num_free >= num_required and (victims or not needs_room):
                 break
             if victim.request_id in self.taken or victim.request_id == cand.request_id:
@@ -293,10 +327,11 @@ class _StepPlanner:
 
     def _max_victim_margin(self) -> float:
         """An upper bound on ``remaining_s - preempt_cost_s`` over the
-        residents not taken yet (computed once: taking only lowers it)."""
+        residents not taken yet (computed once: taking only lowers it;
+        it builds every victim, the price of preemption by value)."""
         if self._victim_margin is None:
             self._victim_margin = max(
-                (v.remaining_s - v.preempt_cost_s for v in self.residents.get()),
+                (v.remaining_s - v.preempt_cost_s for v in self.residents.all()),
                 default=-math.inf,
             )
         return self._victim_margin
@@ -318,14 +353,15 @@ class _StepPlanner:
         else:
             self.skip.append(cand.request_id)
 
-    def _fill_with_residents(self) -> None:
-        """Fill the remaining slots with untaken residents, best first, that
-        can grow within the free blocks (no eviction: they are the lowest)."""
+    def _fill_with_residents(self, ranked: Iterator[Candidate]) -> None:
+        """Fill the remaining slots with the untaken residents among the
+        rest of ``ranked``, best first, that can grow within the free blocks
+        (no eviction: they are the lowest)."""
         budget = self.budget
-        for cand in reversed(self.residents.get()):
+        for cand in ranked:
             if budget.is_full():
                 break
-            if cand.request_id in self.taken:
+            if not cand.resident or cand.request_id in self.taken:
                 continue
             num_tokens = budget.num_tokens_for(cand)
             num_blocks = cand.num_blocks_for(num_tokens)
@@ -336,15 +372,24 @@ class _StepPlanner:
 
     def _num_reclaimable(self) -> int:
         if self._reclaimable is None:
-            self._reclaimable = sum(
-                v.num_held_blocks for v in self.residents.get() if v.request_id not in self.taken
-            )
+            if self.resident_blocks_bound is not None:
+                # An upper bound on every resident's blocks, less what the
+                # taken ones hold: still an upper bound on the untaken.
+                self._reclaimable = self.resident_blocks_bound() - self._num_taken_held
+            else:
+                self._reclaimable = sum(
+                    v.num_held_blocks
+                    for v in self.residents.all()
+                    if v.request_id not in self.taken
+                )
         return self._reclaimable
 
     def _take(self, cand: Candidate) -> None:
         self.taken.add(cand.request_id)
-        if self._reclaimable is not None and cand.resident:
-            self._reclaimable -= cand.num_held_blocks
+        if cand.resident:
+            self._num_taken_held += cand.num_held_blocks
+            if self._reclaimable is not None:
+                self._reclaimable -= cand.num_held_blocks
 
     def _evict(self, victim: Candidate, into: list[str]) -> None:
         into.append(victim.request_id)
@@ -358,7 +403,7 @@ class _StepPlanner:
         budget = self.budget
         if num_reserve_blocks <= 0 or budget.num_free_blocks >= num_reserve_blocks:
             return
-        for victim in self.residents.get():  # lowest rank first
+        for victim in self.residents:  # lowest rank first, built as read
             if budget.num_free_blocks >= num_reserve_blocks:
                 break
             if victim.request_id in self.taken or victim.num_held_blocks <= 0:
@@ -395,7 +440,7 @@ class _StepPlanner:
     def plan(self, resident_ids: Iterable[str] | None) -> AdmissionPlan:
         """The plan; every resident neither run nor evicted is paused."""
         if resident_ids is None:
-            resident_ids = [c.request_id for c in reversed(self.residents.get())]
+            resident_ids = [c.request_id for c in reversed(self.residents.all())]
         return AdmissionPlan(
             run=tuple(self.run),
             resident_ids=resident_ids,

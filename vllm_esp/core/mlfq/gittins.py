@@ -388,6 +388,9 @@ class GittinsPolicy(RankingPolicy):
     def iter_ranked(self) -> Iterator[str]:
         return (key[3] for key in self._order)
 
+    def iter_ranked_reversed(self) -> Iterator[str]:
+        return (key[3] for key in reversed(self._order))
+
     def rank_key(self, request_id: str) -> tuple:
         return self._states[request_id].key
 

@@ -100,6 +100,12 @@ class RankingPolicy(abc.ABC):
     def iter_ranked(self) -> Iterator[str]:
         """Yield tracked request ids, highest priority first."""
 
+    def iter_ranked_reversed(self) -> Iterator[str]:
+        """``iter_ranked`` lowest priority first: the planner's eviction
+        order, read from the bottom only as far as a step needs victims.
+        Override it where the order can be walked backwards in place."""
+        return reversed(list(self.iter_ranked()))
+
     @abc.abstractmethod
     def __contains__(self, request_id: object) -> bool: ...
 

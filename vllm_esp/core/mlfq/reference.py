@@ -54,6 +54,9 @@ class FCFSPolicy(RankingPolicy):
     def iter_ranked(self) -> Iterator[str]:
         return (key[2] for key in self._queue)
 
+    def iter_ranked_reversed(self) -> Iterator[str]:
+        return (key[2] for key in reversed(self._queue))
+
     def rank_key(self, request_id: str) -> tuple:
         return self._keys[request_id]
 

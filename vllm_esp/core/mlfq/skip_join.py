@@ -255,6 +255,11 @@ class MLFQPolicy(RankingPolicy):
             for key in queue:
                 yield key[2]
 
+    def iter_ranked_reversed(self) -> Iterator[str]:
+        for queue in reversed(self._levels):
+            for key in reversed(queue):
+                yield key[2]
+
     def rank_key(self, request_id: str) -> tuple:
         state = self._states[request_id]
         return (state.level, state.key)

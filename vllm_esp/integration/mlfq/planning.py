@@ -37,10 +37,12 @@ class PlanningMixin(HostSwapMixin):
         limits = self._swap_limits()
         return plan_admission(
             self._iter_candidates(),
-            # Only built when memory must be reclaimed or the reserve
-            # restored: sorting every resident each step is what would make
-            # the planner slow with thousands of requests in the system.
+            # Read from the bottom only when memory must be reclaimed or the
+            # reserve restored, and only as far as needed: building every
+            # resident as a victim each step is what would make the planner
+            # slow with thousands of residents.
             lambda: self._victims_low_to_high(residents),
+            num_resident_blocks_bound=lambda: self._num_resident_blocks_bound(residents),
             # Iterated only if the plan's pause list is asked for.
             resident_ids=(r.request_id for r in residents),
             num_free_blocks=self._num_free_blocks(),
@@ -120,14 +122,23 @@ class PlanningMixin(HostSwapMixin):
                 num_lookahead,
             )
 
-    def _victims_low_to_high(self, residents: list[Request]) -> list[Candidate]:
-        policy = self.rank_policy
-        ordered = sorted(
-            (r for r in residents if r.request_id in policy),
-            key=lambda r: policy.rank_key(r.request_id),
-            reverse=True,
-        )
-        return [self._victim(r) for r in ordered]
+    def _victims_low_to_high(self, residents: list[Request]) -> Iterator[Candidate]:
+        """The ranked residents as victims, lowest rank first, built lazily
+        from the bottom of the policy's order."""
+        is_resident = set(residents).__contains__  # Requests hash by identity
+        get_request = self.requests.get
+        for request_id in self.rank_policy.iter_ranked_reversed():
+            request = get_request(request_id)
+            if request is not None and is_resident(request):
+                yield self._victim(request)
+
+    def _num_resident_blocks_bound(self, residents: list[Request]) -> int:
+        """At least the blocks eviction could free from all residents: the
+        length of each one's block table (vLLM's live table, as the ESP
+        scheduler reads it; the guard test pins it), without the
+        exclusivity test per block that a victim's exact count costs."""
+        tables = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+        return sum(len(tables.get(r.request_id, ())) for r in residents)
 
     # ------------------------------------------------------------ candidates
     def _candidate(self, request: Request) -> Candidate:

@@ -17,47 +17,69 @@ from vllm.v1.request import Request
 
 
 class IndexedRequestQueue(RequestQueue):
-    """Dict-backed ``RequestQueue``; ``prepend`` puts requests first."""
+    """Dict-backed ``RequestQueue``; ``prepend`` puts requests first.
+
+    Prepended requests go to their own dict, kept in reverse, so that
+    vLLM's preemption (one ``prepend_request`` per victim) costs O(1)
+    instead of rebuilding the whole queue::
+
+        _head (reversed):  c  b  a      <- prepend(a, b), then prepend(c)
+        order:             c  a  b  | then _tail in insertion order
+    """
 
     def __init__(self, requests: Iterable[Request] = ()) -> None:
-        self._requests: dict[str, Request] = {r.request_id: r for r in requests}
+        self._head: dict[str, Request] = {}
+        self._tail: dict[str, Request] = {r.request_id: r for r in requests}
 
     def add_request(self, request: Request) -> None:
-        self._requests[request.request_id] = request
+        # A request queued already keeps its place.
+        if request.request_id in self._head:
+            self._head[request.request_id] = request
+        else:
+            self._tail[request.request_id] = request
 
     def pop_request(self) -> Request:
-        request_id = next(iter(self._requests))
-        return self._requests.pop(request_id)
+        request = self.peek_request()
+        self.remove_request(request)
+        return request
 
     def peek_request(self) -> Request:
-        if not self._requests:
+        if self._head:
+            return self._head[next(reversed(self._head))]
+        if not self._tail:
             raise IndexError("peek from an empty queue")
-        return next(iter(self._requests.values()))
+        return next(iter(self._tail.values()))
 
     def prepend_request(self, request: Request) -> None:
         self.prepend_requests((request,))
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
-        head = {r.request_id: r for r in requests}
-        for request_id, request in self._requests.items():
-            head.setdefault(request_id, request)
-        self._requests = head
+        # The last of ``requests`` goes in first: reversed, it is second.
+        for request in reversed(list(requests)):
+            self._tail.pop(request.request_id, None)
+            self._head.pop(request.request_id, None)
+            self._head[request.request_id] = request
 
     def remove_request(self, request: Request) -> None:
-        del self._requests[request.request_id]
+        request_id = request.request_id
+        if self._head.pop(request_id, None) is None:
+            del self._tail[request_id]
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         for request in requests:
-            self._requests.pop(request.request_id, None)
+            if self._head.pop(request.request_id, None) is None:
+                self._tail.pop(request.request_id, None)
 
     def __contains__(self, request: object) -> bool:
-        return isinstance(request, Request) and request.request_id in self._requests
+        if not isinstance(request, Request):
+            return False
+        return request.request_id in self._head or request.request_id in self._tail
 
     def __bool__(self) -> bool:
-        return bool(self._requests)
+        return bool(self._head) or bool(self._tail)
 
     def __len__(self) -> int:
-        return len(self._requests)
+        return len(self._head) + len(self._tail)
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(list(self._requests.values()))
+        return iter([*reversed(self._head.values()), *self._tail.values()])
