@@ -357,3 +357,69 @@ def test_default_cpu_isa_layout_is_covered() -> None:
     tested = {isa for _, isa, _, _ in _layouts()}
     for dtype in DTYPES:
         assert default_cpu_attn_isa(dtype, 128, 64) in tested
+
+
+def test_mirror_copies_only_changed_blocks_and_matches_a_fresh_gather() -> None:
+    """Steps of decodes on two sequences with a shared-versions cache: the
+    mirror serves what a fresh gather would, copies only the block each step
+    wrote (or a block rewritten around the cache), and its partials equal
+    the uncached ones."""
+    from vllm_esp.kernels.attention import BlockVersions
+
+    block_size, heads, head_size = 32, (4, 2), 64
+    versions = BlockVersions(10, "cpu")
+    cache = PagedKVCache.wrap(
+        torch.zeros(10, heads[1], block_size, 2 * head_size, dtype=torch.bfloat16),
+        KVLayout.CPU,
+        cpu_isa="amx",
+        versions=versions,
+    )
+    plain = PagedKVCache.wrap(cache.kv_cache, KVLayout.CPU, cache.positions, cpu_isa="amx")
+    assert cache.mirror is not None and plain.mirror is None
+    tables = [torch.tensor([7, 2, 5, 0]), torch.tensor([3, 8, 1, 4])]
+    lens = [70, 33]
+    gen = torch.Generator().manual_seed(3)
+
+    def write(seq: int, start: int, num: int) -> None:
+        slots = cache.slot_mapping(tables[seq], start + num)[start:]
+        k = torch.randn(num, heads[1], head_size, generator=gen).to(torch.bfloat16)
+        v = torch.randn(num, heads[1], head_size, generator=gen).to(torch.bfloat16)
+        cache.write(slots, k, v, torch.arange(start, start + num))
+
+    versions.new_step()
+    for seq, kv_len in enumerate(lens):
+        write(seq, 0, kv_len)
+    for step in range(40):
+        versions.new_step()
+        copied = cache.mirror.num_blocks_copied
+        for seq in range(2):
+            write(seq, lens[seq], 1)
+            lens[seq] += 1
+        if step == 20:  # a block rewritten around the cache (a swap-in)
+            cache.kv_cache[2] = torch.randn(cache.kv_cache[2].shape, generator=gen).to(
+                torch.bfloat16
+            )
+            cache.mark_written(torch.tensor([2]))
+        q = torch.randn(2, heads[0], head_size, generator=gen).to(torch.bfloat16)
+        args = (
+            torch.tensor([0, 1, 2]),
+            torch.tensor(lens) - 1,
+            torch.stack(tables),
+            torch.tensor(lens),
+            0.125,
+        )
+        got = cpu_fused.paged_attention_with_lse_cpu(q, args[0], args[1], cache, *args[2:])
+        want = cpu_fused.paged_attention_with_lse_cpu(q, args[0], args[1], plain, *args[2:])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for seq in range(2):
+            k, v, pos = cache.mirror.head_major(cache, tables[seq], lens[seq])
+            k_ref, v_ref, pos_ref = cpu_fused.gather_blocks_head_major(
+                cache, tables[seq][: -(-lens[seq] // block_size)]
+            )
+            assert torch.equal(k, k_ref[:, : lens[seq]]) and torch.equal(v, v_ref[:, : lens[seq]])
+            assert torch.equal(pos, pos_ref[: lens[seq]])
+        # After the first copy, each sequence re-copies the block it
+        # appended to (and block 2 once, after its rewrite).
+        if step > 0:
+            assert cache.mirror.num_blocks_copied - copied == 2 + (step == 20)
+    assert cache.mirror.num_blocks_reused > cache.mirror.num_blocks_copied

@@ -63,6 +63,8 @@ class InstanceHostSwap:
         self.instance = instance
         self.blocks_per_instance = blocks_per_instance
         self.device = caches[0].device
+        #: Marks the blocks the engine writes (it writes around them).
+        self.caches = caches
         tensors = {f"kv.{i}": c.kv_cache for i, c in enumerate(caches)}
         # Every cache shares one positions tensor; the engine copies it once.
         tensors |= {f"positions.{i}": c.positions for i, c in enumerate(caches)}
@@ -121,6 +123,8 @@ class InstanceHostSwap:
             if blocks:
                 local.append(BlockCopy(copy.request_id, tuple(blocks), tuple(slots)))
         self.engine.swap_in(local)
+        for copy in local:  # the engine writes around PagedKVCache
+            self.caches[0].mark_written(torch.tensor(copy.device_blocks, device=self.device))
         self.num_blocks_in += sum(len(c.device_blocks) for c in local)
         if send or recv:
             self._exchange(send, recv)
@@ -142,6 +146,7 @@ class InstanceHostSwap:
         self.group.exchange(sends, [(owner, packed) for owner, _, packed in buffers]).wait()
         for _, blocks, packed in buffers:
             self.engine.write_blocks(blocks, packed)
+            self.caches[0].mark_written(torch.tensor(blocks, device=self.device))
             self.num_blocks_in += len(blocks)
 
     def _empty_packed(self, num_blocks: int) -> torch.Tensor:

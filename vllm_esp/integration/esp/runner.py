@@ -75,6 +75,10 @@ class ESPStepRunner:
         from vllm.forward_context import set_forward_context
 
         prefetched: set[str] = set()
+        # Every write of this step (loads, moves, the forward's stores)
+        # carries one new block version: mirrored copies of what it
+        # overwrites go stale.
+        self.caches.new_step()
         # Order matters, and is the scheduler's order of planning:
         # 1. swap-outs: blocks swapped out may be reused this step (by a
         #    load or a migration), so they are read first;

@@ -29,6 +29,7 @@ import torch
 
 from vllm_esp.core.esp.step_plan import LocalBatch, PeerQueries, RingShare
 from vllm_esp.kernels.attention import (
+    BlockVersions,
     KVLayout,
     PagedKVCache,
     attention_with_lse,
@@ -187,24 +188,40 @@ class _Ring:
 
 class KVCacheRegistry:
     """``PagedKVCache`` wrappers of this instance's layer tensors, one shared
-    positions tensor (every layer stores the same tokens in the same slots)."""
+    positions tensor and one set of block write versions (every layer stores
+    the same tokens in the same slots). The versions let each layer's cache
+    keep head-major copies of sequences across steps (``kernels/attention/
+    mirror.py``); every write into the caches must mark its blocks."""
 
     def __init__(self, layout: KVLayout) -> None:
         self.layout = layout
         self.positions: torch.Tensor | None = None
+        self.versions: BlockVersions | None = None
         self._caches: dict[str, PagedKVCache] = {}
 
     def get(self, layer: torch.nn.Module, kv_cache: torch.Tensor) -> PagedKVCache:
         name = layer.layer_name
         cache = self._caches.get(name)
         if cache is None or cache.kv_cache.data_ptr() != kv_cache.data_ptr():
+            if self.versions is None:
+                num_blocks = PagedKVCache.wrap(kv_cache, self.layout).num_blocks
+                self.versions = BlockVersions(num_blocks, kv_cache.device)
             cache = PagedKVCache.wrap(
-                kv_cache, self.layout, self.positions, cpu_isa=getattr(layer, "isa", None)
+                kv_cache,
+                self.layout,
+                self.positions,
+                cpu_isa=getattr(layer, "isa", None),
+                versions=self.versions,
             )
             if self.positions is None:
                 self.positions = cache.positions
             self._caches[name] = cache
         return cache
+
+    def new_step(self) -> None:
+        """Writes from now on carry a new version (once per step)."""
+        if self.versions is not None:
+            self.versions.new_step()
 
     def all(self) -> list[PagedKVCache]:
         return [self._caches[name] for name in sorted(self._caches)]
@@ -365,6 +382,7 @@ class ESPStepContext:
             return
         self._store_kernel(k, v, slots)
         cache.positions[slots] = positions
+        cache.mark_written_slots(slots)
 
     def _attention(
         self, cache: PagedKVCache, q: torch.Tensor, scale: float

@@ -8,7 +8,8 @@ decode are compositions of these three operations (see ``api``).
 Modules: ``layout`` (where vLLM backends put K/V), ``paged_cache``
 (``PagedKVCache``), ``torch_ref`` (reference path), ``cpu_fused`` (the
 default on CPU: torch's fused flash-attention-for-CPU kernel), ``triton_kernels``
-(imported lazily; GPU, or CPU under ``TRITON_INTERPRET=1``), ``api``.
+(imported lazily; GPU, or CPU under ``TRITON_INTERPRET=1``), ``mirror``
+(head-major copies kept across steps for ``cpu_fused``), ``api``.
 """
 
 from vllm_esp.kernels.attention.api import (
@@ -18,10 +19,12 @@ from vllm_esp.kernels.attention.api import (
     paged_attention_with_lse,
 )
 from vllm_esp.kernels.attention.layout import KVLayout
+from vllm_esp.kernels.attention.mirror import BlockVersions
 from vllm_esp.kernels.attention.paged_cache import KVBlocks, PagedKVCache
 
 __all__ = [
     "Backend",
+    "BlockVersions",
     "KVBlocks",
     "KVLayout",
     "PagedKVCache",

@@ -33,7 +33,9 @@ ESP masks are causal on per-token global positions. Two shapes cover them::
 The paged entry point gathers a sequence's blocks once per call (one
 ``index_select`` of whole blocks, then one reordering copy into head-major
 ``[Hkv, keys, D]``, the layout the kernel reads fastest) and runs the same
-code. Long contexts are gathered in bounded key chunks and merged.
+code. Long contexts are gathered in bounded key chunks and merged. A cache
+with a mirror (``mirror.py``, the engine's caches) keeps each sequence's
+head-major copy across steps and re-gathers only the blocks that changed.
 """
 
 from __future__ import annotations
@@ -363,7 +365,11 @@ def _attend_paged(
     kv_len: int,
     scale: float,
 ) -> Partial:
-    """One sequence over its first ``kv_len`` paged slots, in key chunks."""
+    """One sequence over its first ``kv_len`` paged slots: from the cache's
+    head-major mirror when it has one, else gathered in key chunks."""
+    if cache.mirror is not None:
+        k_heads, v_heads, k_pos = cache.mirror.head_major(cache, block_table_row, kv_len)
+        return _attend(q, q_pos, k_heads, v_heads, k_pos, scale)
     blocks_per_chunk = max(1, _MAX_GATHER_KEYS // cache.block_size)
     num_blocks = math.ceil(kv_len / cache.block_size)
     parts = []

@@ -27,6 +27,7 @@ from vllm_esp.kernels.attention.layout import (
     default_cpu_attn_isa,
     layer_addressing,
 )
+from vllm_esp.kernels.attention.mirror import BlockVersions, HeadMajorMirror
 
 __all__ = ["KVBlocks", "PagedKVCache"]
 
@@ -58,6 +59,10 @@ class PagedKVCache:
         cpu_isa: for ``KVLayout.CPU``, the ISA whose in-block order is used.
         positions: int64 ``[num_blocks * block_size]``, global token position
             of every slot (``-1`` until written).
+        versions: the blocks' write versions (shared by the layers), or None.
+        mirror: head-major copies of sequences' KV kept across steps for the
+            CPU partial kernel (``mirror.py``); None unless ``versions`` is
+            given on CPU.
         addressing: where K and V of each slot live (shared with the Triton
             kernels).
     """
@@ -69,6 +74,7 @@ class PagedKVCache:
         positions: torch.Tensor | None = None,
         *,
         cpu_isa: str | None = None,
+        versions: BlockVersions | None = None,
     ) -> None:
         """Wrap ``kv_cache``; prefer the ``wrap`` / ``allocate`` constructors."""
         if kv_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -96,6 +102,12 @@ class PagedKVCache:
         if positions.device != kv_cache.device:
             raise ValueError("positions must live on the KV cache's device")
         self.positions = positions
+        self.versions = versions
+        self.mirror = (
+            HeadMajorMirror(versions, max_tokens=num_slots)
+            if versions is not None and kv_cache.device.type == "cpu"
+            else None
+        )
         # 6-D views [nb, hkv, bs/TQ, TQ, D/DQ, DQ] over the engine's storage;
         # indexing them reads, assigning through them writes in place.
         geometry = (self.num_blocks, self.num_kv_heads, self.block_size, self.head_size)
@@ -131,6 +143,7 @@ class PagedKVCache:
         positions: torch.Tensor | None = None,
         *,
         cpu_isa: str | None = None,
+        versions: BlockVersions | None = None,
     ) -> PagedKVCache:
         """Wrap an engine layer tensor in place.
 
@@ -140,8 +153,10 @@ class PagedKVCache:
             positions: optional existing per-slot positions (shared, not copied).
             cpu_isa: for CPU, the ISA the engine chose (``layer.isa``); ``None``
                 recomputes vLLM's choice for this machine.
+            versions: optional shared block write versions (turns the
+                head-major mirror on, on CPU).
         """
-        return cls(tensor, layout, positions, cpu_isa=cpu_isa)
+        return cls(tensor, layout, positions, cpu_isa=cpu_isa, versions=versions)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -218,6 +233,17 @@ class PagedKVCache:
             value.to(device=self.device, dtype=self.dtype), value_addr.dim_group
         )
         self.positions[slots] = positions
+        self.mark_written_slots(slots)
+
+    def mark_written(self, block_ids: torch.Tensor) -> None:
+        """Record that ``block_ids`` were written (by this cache or by a
+        writer that bypasses it): mirrored copies of them are stale."""
+        if self.versions is not None:
+            self.versions.mark(block_ids)
+
+    def mark_written_slots(self, slots: torch.Tensor) -> None:
+        if self.versions is not None:
+            self.versions.mark(slots.to(dtype=torch.int64) // self.block_size)
 
     def gather_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy out ``(k [n,hkv,D], v [n,hkv,D], positions [n])`` for the given slots."""
@@ -265,6 +291,7 @@ class PagedKVCache:
         self.positions.view(self.num_blocks, self.block_size)[ids] = data.positions.to(
             device=self.device, dtype=torch.int64
         )
+        self.mark_written(ids)
 
     # ------------------------------------------------------------------ helpers
     def _index(
