@@ -423,3 +423,16 @@ def test_mirror_copies_only_changed_blocks_and_matches_a_fresh_gather() -> None:
         if step > 0:
             assert cache.mirror.num_blocks_copied - copied == 2 + (step == 20)
     assert cache.mirror.num_blocks_reused > cache.mirror.num_blocks_copied
+
+
+def test_mirror_fraction_bounds_the_mirror_and_zero_turns_it_off() -> None:
+    from vllm_esp.kernels.attention import BlockVersions
+
+    versions = BlockVersions(8, "cpu")
+    kv = torch.zeros(8, 2, 32, 128, dtype=torch.bfloat16)
+    assert PagedKVCache.wrap(kv, KVLayout.CPU, versions=versions, mirror_fraction=0).mirror is None
+    cache = PagedKVCache.wrap(kv, KVLayout.CPU, versions=versions, mirror_fraction=0.5)
+    assert cache.mirror is not None and cache.mirror.max_tokens == 4 * 32
+    for first in range(0, 8, 2):  # four 2-block sequences: only two fit
+        cache.mirror.head_major(cache, torch.tensor([first, first + 1]), 64)
+        assert cache.mirror.num_tokens <= 4 * 32

@@ -101,6 +101,12 @@ class ESPConfig(Settings):
     #: CPU only: core list per instance for OpenMP binding, e.g. ["0", "1"]
     #: (None: split the allowed cores evenly).
     cpu_binds: tuple[str, ...] | None = None
+    #: CPU only: the head-major copies of spread requests' KV that each
+    #: instance keeps across steps, so a decode re-gathers only the block it
+    #: appended to (``vllm_esp/kernels/attention/mirror.py``), may take at
+    #: most this fraction of the instance's KV cache in extra memory, per
+    #: layer; 0 turns them off (every partial gathers its blocks again).
+    cpu_kv_mirror_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         bad = self.invalid
@@ -136,6 +142,8 @@ class ESPConfig(Settings):
             raise bad(
                 "max_decode_stall_ms", "must be a number of milliseconds >= 0 (0: off) or null"
             )
+        if not (is_number(self.cpu_kv_mirror_fraction) and 0 <= self.cpu_kv_mirror_fraction <= 1):
+            raise bad("cpu_kv_mirror_fraction", "must be a number in [0, 1] (0: off)")
         if self.cpu_binds is not None:
             binds = self.cpu_binds
             if not (isinstance(binds, (list, tuple)) and all(isinstance(b, str) for b in binds)):

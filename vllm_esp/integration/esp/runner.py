@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vllm_esp.core.esp.config import ESPConfig
 from vllm_esp.core.esp.step_plan import (
     ESPStepPlan,
     instance_of,
@@ -49,7 +50,8 @@ class ESPStepRunner:
         self.instance = instance
         self.device = device
         layout = KVLayout.CPU if device.type == "cpu" else KVLayout.FLASH
-        self.caches = KVCacheRegistry(layout)
+        esp_config = ESPConfig.from_additional_config(vllm_config.additional_config)
+        self.caches = KVCacheRegistry(layout, esp_config.cpu_kv_mirror_fraction)
         for layer in attn_layers.values():  # wrap every layer now: migrations need all
             kv = layer.kv_cache
             self.caches.get(layer, kv[0] if isinstance(kv, list) else kv)

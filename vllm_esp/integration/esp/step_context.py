@@ -193,8 +193,9 @@ class KVCacheRegistry:
     keep head-major copies of sequences across steps (``kernels/attention/
     mirror.py``); every write into the caches must mark its blocks."""
 
-    def __init__(self, layout: KVLayout) -> None:
+    def __init__(self, layout: KVLayout, mirror_fraction: float = 1.0) -> None:
         self.layout = layout
+        self.mirror_fraction = mirror_fraction
         self.positions: torch.Tensor | None = None
         self.versions: BlockVersions | None = None
         self._caches: dict[str, PagedKVCache] = {}
@@ -212,6 +213,7 @@ class KVCacheRegistry:
                 self.positions,
                 cpu_isa=getattr(layer, "isa", None),
                 versions=self.versions,
+                mirror_fraction=self.mirror_fraction,
             )
             if self.positions is None:
                 self.positions = cache.positions

@@ -75,6 +75,7 @@ class PagedKVCache:
         *,
         cpu_isa: str | None = None,
         versions: BlockVersions | None = None,
+        mirror_fraction: float = 1.0,
     ) -> None:
         """Wrap ``kv_cache``; prefer the ``wrap`` / ``allocate`` constructors."""
         if kv_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -104,8 +105,8 @@ class PagedKVCache:
         self.positions = positions
         self.versions = versions
         self.mirror = (
-            HeadMajorMirror(versions, max_tokens=num_slots)
-            if versions is not None and kv_cache.device.type == "cpu"
+            HeadMajorMirror(versions, max_tokens=int(num_slots * mirror_fraction))
+            if versions is not None and kv_cache.device.type == "cpu" and mirror_fraction > 0
             else None
         )
         # 6-D views [nb, hkv, bs/TQ, TQ, D/DQ, DQ] over the engine's storage;
@@ -144,6 +145,7 @@ class PagedKVCache:
         *,
         cpu_isa: str | None = None,
         versions: BlockVersions | None = None,
+        mirror_fraction: float = 1.0,
     ) -> PagedKVCache:
         """Wrap an engine layer tensor in place.
 
@@ -155,8 +157,17 @@ class PagedKVCache:
                 recomputes vLLM's choice for this machine.
             versions: optional shared block write versions (turns the
                 head-major mirror on, on CPU).
+            mirror_fraction: the mirror's bound, as a fraction of the
+                cache's slots (0: no mirror).
         """
-        return cls(tensor, layout, positions, cpu_isa=cpu_isa, versions=versions)
+        return cls(
+            tensor,
+            layout,
+            positions,
+            cpu_isa=cpu_isa,
+            versions=versions,
+            mirror_fraction=mirror_fraction,
+        )
 
     # ------------------------------------------------------------------ geometry
     @property
