@@ -436,3 +436,13 @@ def test_mirror_fraction_bounds_the_mirror_and_zero_turns_it_off() -> None:
     for first in range(0, 8, 2):  # four 2-block sequences: only two fit
         cache.mirror.head_major(cache, torch.tensor([first, first + 1]), 64)
         assert cache.mirror.num_tokens <= 4 * 32
+    # A sequence longer than the bound is gathered in chunks, unmirrored.
+    assert cache.mirror.can_hold(cache, 128) and not cache.mirror.can_hold(cache, 129)
+    q = torch.randn(1, 4, 64).to(torch.bfloat16)
+    args = (torch.tensor([0, 1]), torch.tensor([160]), torch.arange(6)[None], torch.tensor([161]))
+    copied = cache.mirror.num_blocks_copied
+    got = cpu_fused.paged_attention_with_lse_cpu(q, *args[:2], cache, *args[2:], 0.125)
+    plain = PagedKVCache.wrap(kv, KVLayout.CPU, cache.positions)
+    want = cpu_fused.paged_attention_with_lse_cpu(q, *args[:2], plain, *args[2:], 0.125)
+    assert cache.mirror.num_blocks_copied == copied
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

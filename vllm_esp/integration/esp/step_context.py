@@ -36,6 +36,7 @@ from vllm_esp.kernels.attention import (
     merge_attention_states,
     paged_attention_with_lse,
 )
+from vllm_esp.kernels.attention.layout import layer_addressing
 from vllm_esp.kernels.esp.group import InstanceGroup
 
 
@@ -205,7 +206,8 @@ class KVCacheRegistry:
         cache = self._caches.get(name)
         if cache is None or cache.kv_cache.data_ptr() != kv_cache.data_ptr():
             if self.versions is None:
-                num_blocks = PagedKVCache.wrap(kv_cache, self.layout).num_blocks
+                isa = getattr(layer, "isa", None)
+                num_blocks = layer_addressing(kv_cache, self.layout, isa).num_blocks
                 self.versions = BlockVersions(num_blocks, kv_cache.device)
             cache = PagedKVCache.wrap(
                 kv_cache,

@@ -367,7 +367,7 @@ def _attend_paged(
 ) -> Partial:
     """One sequence over its first ``kv_len`` paged slots: from the cache's
     head-major mirror when it has one, else gathered in key chunks."""
-    if cache.mirror is not None:
+    if cache.mirror is not None and cache.mirror.can_hold(cache, kv_len):
         k_heads, v_heads, k_pos = cache.mirror.head_major(cache, block_table_row, kv_len)
         return _attend(q, q_pos, k_heads, v_heads, k_pos, scale)
     blocks_per_chunk = max(1, _MAX_GATHER_KEYS // cache.block_size)

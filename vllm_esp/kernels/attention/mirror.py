@@ -86,6 +86,11 @@ class HeadMajorMirror:
         self.num_blocks_copied = 0
         self.num_blocks_reused = 0
 
+    def can_hold(self, cache: PagedKVCache, kv_len: int) -> bool:
+        """Whether a sequence of ``kv_len`` slots fits the bound at all (a
+        longer one is gathered in key chunks, as without a mirror)."""
+        return -(-kv_len // cache.block_size) * cache.block_size <= self.max_tokens
+
     def head_major(
         self, cache: PagedKVCache, block_table_row: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,10 +128,11 @@ class HeadMajorMirror:
         if entry is not None and entry.capacity >= num_blocks:
             entry.last_used = self._clock
             return entry
-        # New, or grown (doubling, so a decode grows it log-many times):
-        # what was copied moves over.
-        capacity = max(num_blocks, 2 * entry.capacity if entry is not None else num_blocks)
+        # New, or grown (doubling, so a decode grows it log-many times, up
+        # to the bound): what was copied moves over.
         bs, heads, dim = cache.block_size, cache.num_kv_heads, cache.head_size
+        doubled = 2 * entry.capacity if entry is not None else num_blocks
+        capacity = max(num_blocks, min(doubled, self.max_tokens // bs))
         device = cache.device
         grown = _Entry(
             k=torch.empty((heads, capacity * bs, dim), dtype=cache.dtype, device=device),
