@@ -786,3 +786,30 @@ def test_a_step_gives_each_instance_its_budget_and_no_more(config_model_dir, cal
     assert sorted(per_instance) == [200, 256]
     run(s)
     assert_all_free(s)
+
+
+@pytest.mark.parametrize("placement", ["threshold", "loong"])
+def test_a_prefix_hit_keeps_growing_where_its_blocks_are(
+    config_model_dir, calibration_file, placement
+):
+    """A request admitted with a prefix-cache hit is placed knowing where the
+    hit's blocks are: its KV never spans instances, under either policy (the
+    loong plan, made before vLLM allocates, cannot see the hit)."""
+    s = make_esp(
+        config_model_dir,
+        calibration_file,
+        num_blocks=80,
+        esp={"placement": placement},
+        enable_prefix_caching=True,
+    )
+    prompt = list(range(1, 13 * BLOCK_SIZE + 1))
+    for i in range(6):
+        s.add_request(make_request(f"r{i}", len(prompt), 12, prompt_token_ids=prompt))
+    spread: set[str] = set()
+    for _ in range(400):
+        if not s.has_requests():
+            break
+        out, _, _ = esp_step(s)
+        spread |= {r for r in out.num_scheduled_tokens if len(set(instances(s, r))) > 1}
+    assert_all_free(s)
+    assert not spread

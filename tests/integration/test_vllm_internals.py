@@ -612,6 +612,50 @@ def test_allocate_slots_is_called_through_the_instance(stock_scheduler: Any) -> 
     )
 
 
+def test_a_prefix_hit_reaches_allocate_slots_as_keywords(config_model_dir: str) -> None:
+    """ESPScheduler places a request admitted with a prefix-cache hit by the
+    hit's blocks, which vLLM passes to ``allocate_slots`` by keyword
+    (``new_computed_blocks``, a ``KVCacheBlocks``; ``num_new_computed_tokens``)
+    before they are on the request's table."""
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_esp.harness.scheduler import create_scheduler, make_request, step
+
+    user = ESP_SCHEDULER
+    s = create_scheduler(
+        config_model_dir, scheduler_cls=Scheduler, num_blocks=41, enable_prefix_caching=True
+    )
+    kvm = s.kv_cache_manager
+    original = kvm.allocate_slots
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def wrapper(request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
+        seen.append((request.request_id, dict(kwargs)))
+        return original(request, num_new_tokens, *args, **kwargs)
+
+    kvm.allocate_slots = wrapper
+    prompt = list(range(1, 49))  # three full blocks of 16
+    s.add_request(make_request("a", 48, 4, prompt_token_ids=prompt))
+    step(s)
+    (first_ids,) = kvm.get_block_ids("a")
+    s.add_request(make_request("b", 48, 4, prompt_token_ids=prompt))
+    step(s)
+    hit = next(kw for rid, kw in seen if rid == "b")
+    blocks = hit.get("new_computed_blocks")
+    expect(
+        isinstance(blocks, KVCacheBlocks) and hit.get("num_new_computed_tokens", 0) > 0,
+        f"a prefix hit no longer reaches allocate_slots as keywords: {sorted(hit)}",
+        user,
+    )
+    hit_ids = [b.block_id for b in blocks.blocks[0]]
+    expect(
+        bool(hit_ids) and hit_ids == list(first_ids[: len(hit_ids)]),
+        "new_computed_blocks.blocks[0] are not the hit's blocks",
+        user,
+    )
+
+
 def test_req_to_blocks_is_the_live_block_table(stock_scheduler: Any) -> None:
     """ESPScheduler reads ``coordinator.single_type_managers[0].req_to_blocks``
     (placement views, plans) and rewrites entries in place (migrations);

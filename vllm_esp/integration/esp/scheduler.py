@@ -24,6 +24,8 @@ The ranking policy (MLFQ by default) still decides which requests run; an
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,15 +222,22 @@ class ESPScheduler(MLFQScheduler):
         return instance_of(block_id, self.blocks_per_instance)
 
     def _view(
-        self, request: Request, num_new_tokens: int, num_computed_tokens: int | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        num_computed_tokens: int | None = None,
+        new_computed_blocks: Sequence[Any] = (),
     ) -> RequestPlacementView:
         """``num_computed_tokens``: where the chunk starts, when vLLM has not
-        set it on the request yet (a prefix-cache hit being admitted)."""
+        set it on the request yet (a prefix-cache hit being admitted);
+        ``new_computed_blocks``: that hit's blocks, which vLLM appends to the
+        request's table in this allocation (they count as held)."""
         if num_computed_tokens is None:
             num_computed_tokens = request.num_computed_tokens
         held = [0] * self.num_instances
         last = None
-        for block in self._req_to_blocks.get(request.request_id, ()):
+        table = self._req_to_blocks.get(request.request_id, ())
+        for block in itertools.chain(table, new_computed_blocks):
             if not block.is_null:
                 inst = self._instance(block.block_id)
                 held[inst] += 1
@@ -344,7 +353,8 @@ class ESPScheduler(MLFQScheduler):
             + kwargs.get("num_new_computed_tokens", 0)
             + kwargs.get("num_external_computed_tokens", 0)
         )
-        view = self._view(request, num_new_tokens, start)
+        hit = kwargs.get("new_computed_blocks")
+        view = self._view(request, num_new_tokens, start, hit.blocks[0] if hit else ())
         placement = self.elastic.place(view, self._current_loads())
         self.free_queues.placement = placement.storage
         try:

@@ -8,7 +8,9 @@ object the cluster simulator runs and keeps its plan. Each allocation then
 asks :meth:`place`, which answers from the plan:
 
 * a prefill item: computed on its batch's instances (the DP's DoP), its
-  new KV kept on the plan's ``retain`` instances (scale-down);
+  new KV kept on the plan's ``retain`` instances (scale-down), after the
+  instance of any block it holds already (a prefix-cache hit: the plan,
+  made before vLLM allocates, cannot see it);
 * a decode item: computed and stored on its master (multi-master decode;
   a master off the request's KV instances is a scale-up);
 * a planned migration: returned by :meth:`consolidate`, in whole blocks,
@@ -119,6 +121,12 @@ class LoongElasticPolicy(ElasticPolicy):
         self.num_planned += 1
         compute, storage = planned
         if request.is_prefill:
+            home = request.last_block_instance
+            if home is not None and storage[0] != home:
+                # It holds blocks the plan could not see (a prefix-cache hit,
+                # found when vLLM allocates): the rest of the prompt goes
+                # there first, so its KV does not span instances for life.
+                storage = (home, *(i for i in storage if i != home))
             return StepPlacement(compute, StoragePlacement(storage), "prefill")
         master = storage[0]
         reason = "decode" if master == request.last_block_instance else "scale-up"
