@@ -762,6 +762,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-requests", type=int, default=None, help="per point (default: rate x span, clamped)"
     )
+    parser.add_argument(
+        "--bisections", type=int, default=None, help="bisection steps per rate search"
+    )
     parser.add_argument("--capacity-tokens", type=int, default=None, help="KV tokens per instance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=None, help="processes (default: usable CPUs)")
@@ -805,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             max_requests_per_instance=args.num_requests,
             max_requests=args.num_requests,
         )
+    if args.bisections is not None:
+        sweep = replace(sweep, num_bisections=args.bisections)
     counts = [int(x) for x in _csv(args.instances or ("8,16" if args.quick else "8,16,64"))]
     systems = _csv(args.systems)
     unknown = [s for s in systems if s not in SYSTEMS] + [
