@@ -440,3 +440,28 @@ def test_block_accounting_never_goes_negative_and_decisions_are_disjoint(case, l
     # Victims rank below a request that ran.
     for r in got.preempt:
         assert any(rank[x] < rank[r] for x in got.run)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps(), st.booleans())
+def test_the_inline_resident_path_decides_as_try_add_one(case, lazy):
+    # The walk admits a resident that fits as it is without calling
+    # try_add_one; with that path off, every decision must be the same.
+    from vllm_esp.core.mlfq import admission
+
+    ranked, limits = case
+    fast = plan(ranked, lazy=lazy, **limits)
+    original = admission._StepPlanner._fits_as_is
+    admission._StepPlanner._fits_as_is = lambda self, cand: False  # type: ignore[method-assign]
+    try:
+        slow = plan(ranked, lazy=lazy, **limits)
+    finally:
+        admission._StepPlanner._fits_as_is = original  # type: ignore[method-assign]
+    assert (fast.run, fast.pause, fast.preempt, fast.skip, fast.offload, fast.prefetch) == (
+        slow.run,
+        slow.pause,
+        slow.preempt,
+        slow.skip,
+        slow.offload,
+        slow.prefetch,
+    )

@@ -231,10 +231,22 @@ class _StepPlanner:
         """Admit ``ranked`` best first until the budget is full. Returns the
         first candidate the cut left out (None if ``ranked`` ran out or no
         newcomer can fit any more)."""
+        budget, taken, run = self.budget, self.taken, self.run
         for cand in ranked:
-            if self.budget.is_full():
+            if budget.num_slots <= 0 or budget.token_budget <= 0:  # budget.is_full()
                 return cand
-            if cand.request_id in self.taken:  # preempted for a higher-ranked one
+            request_id = cand.request_id
+            if request_id in taken:  # preempted for a higher-ranked one
+                continue
+            if cand.resident and self._fits_as_is(cand):
+                # The common case of try_add_one, inline (it runs once per
+                # running request per step): a resident whose growth fits
+                # the free blocks runs, nothing reclaimed.
+                run.append(request_id)
+                taken.add(request_id)
+                self._num_taken_held += cand.num_held_blocks
+                if self._reclaimable is not None:
+                    self._reclaimable -= cand.num_held_blocks
                 continue
             if not self.try_add_one(cand):
                 # The rest of the step is residents only, in rank order (all
@@ -242,6 +254,27 @@ class _StepPlanner:
                 self._fill_with_residents(ranked)
                 return None
         return None
+
+    def _fits_as_is(self, cand: Candidate) -> bool:
+        """``try_add_one``'s outcome for a resident that fits without
+        reclaiming: if it does, allocate its tokens and blocks and return
+        True; else change nothing (``try_add_one`` decides)."""
+        budget = self.budget
+        num_tokens = cand.num_new_tokens
+        if num_tokens > budget.token_budget:
+            if not self.chunked_prefill:
+                return False
+            num_tokens = budget.token_budget
+        num_total = cand.num_computed_tokens + num_tokens + cand.num_lookahead_tokens
+        num_blocks = -(-num_total // cand.block_size) - cand.num_allocated_blocks
+        if num_blocks < 0:
+            num_blocks = 0
+        if max(num_blocks, cand.num_admission_blocks) > budget.num_free_blocks:
+            return False
+        budget.num_slots -= 1
+        budget.token_budget -= num_tokens
+        budget.num_free_blocks -= num_blocks
+        return True
 
     def try_add_one(self, cand: Candidate) -> bool:
         """Run ``cand`` if it fits, reclaiming memory (and resident room)

@@ -51,6 +51,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
@@ -386,10 +387,10 @@ class GittinsPolicy(RankingPolicy):
 
     # ------------------------------------------------------------ ranking
     def iter_ranked(self) -> Iterator[str]:
-        return (key[3] for key in self._order)
+        return map(itemgetter(3), self._order)
 
     def iter_ranked_reversed(self) -> Iterator[str]:
-        return (key[3] for key in reversed(self._order))
+        return map(itemgetter(3), reversed(self._order))
 
     def rank_key(self, request_id: str) -> tuple:
         return self._states[request_id].key

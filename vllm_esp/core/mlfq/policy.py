@@ -8,6 +8,7 @@ is what lets one implementation serve all three.
 Life cycle of a request, as the policy sees it::
 
     add_request(info) ──► on_scheduled(...)* ──► remove_request(id)
+                           (or on_scheduled_step: a step's batch at once)
                            ▲            │
                            └─ end_step(now) (demotion / promotion)
 
@@ -18,7 +19,7 @@ far as they have batch slots, so it must be lazy and cheap to start.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,14 @@ class RankingPolicy(abc.ABC):
     ) -> None:
         """Charge a request for ``num_new_tokens`` computed this step on top
         of a context of ``num_computed_tokens`` tokens."""
+
+    def on_scheduled_step(self, charges: Iterable[tuple[str, int, int]], now: float) -> None:
+        """``on_scheduled`` for every ``(request_id, num_new_tokens,
+        num_computed_tokens)`` of one step; a scheduler charges its whole
+        batch in one call. Override it where one loop is cheaper than a
+        call per request."""
+        for request_id, num_new_tokens, num_computed_tokens in charges:
+            self.on_scheduled(request_id, num_new_tokens, num_computed_tokens, now)
 
     def end_step(self, now: float) -> None:
         """Called once per engine step after all ``on_scheduled`` calls.

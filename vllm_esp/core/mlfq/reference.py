@@ -12,6 +12,7 @@ import bisect
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
@@ -52,10 +53,10 @@ class FCFSPolicy(RankingPolicy):
         return None
 
     def iter_ranked(self) -> Iterator[str]:
-        return (key[2] for key in self._queue)
+        return map(itemgetter(2), self._queue)
 
     def iter_ranked_reversed(self) -> Iterator[str]:
-        return (key[2] for key in reversed(self._queue))
+        return map(itemgetter(2), reversed(self._queue))
 
     def rank_key(self, request_id: str) -> tuple:
         return self._keys[request_id]

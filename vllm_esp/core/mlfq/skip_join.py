@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from vllm_esp.core.mlfq.config import MLFQConfig
 
 _SortKey = tuple[float, int, str]
+#: A level entry's request id (its key's last field).
+_request_id_of = itemgetter(2)
 
 
 @dataclass
@@ -198,18 +202,29 @@ class MLFQPolicy(RankingPolicy):
         num_computed_tokens: int,
         now: float,
     ) -> None:
-        state = self._states.get(request_id)
-        if state is None or num_new_tokens <= 0:
-            return
-        state.attained_s += self.cost_model.chunk_time(num_new_tokens, num_computed_tokens)
-        state.has_run = True
-        end = num_computed_tokens + num_new_tokens
-        state.num_output_tokens = max(0, end - state.num_prompt_tokens + 1)
-        self._charged.append(request_id)
-        state.starved = False
-        # Served now: restart its starvation clock (move to the fresh end).
-        self._idle_since[request_id] = now
-        self._idle_since.move_to_end(request_id)
+        self.on_scheduled_step(((request_id, num_new_tokens, num_computed_tokens),), now)
+
+    def on_scheduled_step(self, charges: Iterable[tuple[str, int, int]], now: float) -> None:
+        # One loop with hoisted lookups: it runs once per scheduled request
+        # per step.
+        states = self._states
+        chunk_time = self.cost_model.chunk_time
+        charged = self._charged.append
+        idle_since = self._idle_since
+        to_fresh_end = idle_since.move_to_end
+        for request_id, num_new_tokens, num_computed_tokens in charges:
+            state = states.get(request_id)
+            if state is None or num_new_tokens <= 0:
+                continue
+            state.attained_s += chunk_time(num_new_tokens, num_computed_tokens)
+            state.has_run = True
+            num_output = num_computed_tokens + num_new_tokens - state.num_prompt_tokens + 1
+            state.num_output_tokens = num_output if num_output > 0 else 0
+            charged(request_id)
+            state.starved = False
+            # Served now: restart its starvation clock (move to the fresh end).
+            idle_since[request_id] = now
+            to_fresh_end(request_id)
 
     def end_step(self, now: float) -> None:
         self._lengths.maybe_refit()
@@ -251,14 +266,14 @@ class MLFQPolicy(RankingPolicy):
 
     # ------------------------------------------------------------- ranking
     def iter_ranked(self) -> Iterator[str]:
-        for queue in self._levels:
-            for key in queue:
-                yield key[2]
+        # C-level iteration: the planner walks this once per ranked request
+        # per step.
+        return chain.from_iterable(map(_request_id_of, queue) for queue in self._levels)
 
     def iter_ranked_reversed(self) -> Iterator[str]:
-        for queue in reversed(self._levels):
-            for key in reversed(queue):
-                yield key[2]
+        return chain.from_iterable(
+            map(_request_id_of, reversed(queue)) for queue in reversed(self._levels)
+        )
 
     def rank_key(self, request_id: str) -> tuple:
         state = self._states[request_id]

@@ -91,7 +91,10 @@ class PlanningMixin(HostSwapMixin):
         threshold = self.scheduler_config.long_prefill_token_threshold
         for request_id in self.rank_policy.iter_ranked():
             request = get_request(request_id)
-            if request is None or request.status not in _SCHEDULABLE:
+            if request is None:
+                continue
+            status = request.status
+            if status is not running and status not in _SCHEDULABLE:
                 continue
             if request.num_stale_output_tokens and not request.drop_stale_output:
                 # vLLM skips it until its in-flight output is back (async
@@ -99,7 +102,7 @@ class PlanningMixin(HostSwapMixin):
                 # deferred_waiting: vLLM clears that only on admission, so a
                 # request skipped once would never be planned again.
                 continue
-            if not (inline_residents and request.status is running):
+            if not (inline_residents and status is running):
                 yield self._candidate(request)
                 continue
             num_computed = request.num_computed_tokens

@@ -311,19 +311,22 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         recompute: scheduling a position below a request's high-water mark
         again (rejected speculative tokens count as well)."""
         high_water = self._computed_high_water
+        get_high_water = high_water.get
         requests = self.requests
-        on_scheduled = self.rank_policy.on_scheduled
+        charges = []
+        charge = charges.append
         num_recomputed = 0
         for request_id, num_tokens in output.num_scheduled_tokens.items():
             num_computed = requests[request_id].num_computed_tokens
             start = num_computed - num_tokens  # vLLM advanced it already
-            done_before = high_water.get(request_id, 0)
+            done_before = get_high_water(request_id, 0)
             if start < done_before:
                 num_recomputed += min(done_before, num_computed) - start
             if num_computed > done_before:
                 high_water[request_id] = num_computed
-            on_scheduled(request_id, num_tokens, start, now)
+            charge((request_id, num_tokens, start))
         self.num_recomputed_tokens += num_recomputed
+        self.rank_policy.on_scheduled_step(charges, now)
         self.rank_policy.end_step(self._clock())
 
     # ----------------------------------------------------------------- stats
