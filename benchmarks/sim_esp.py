@@ -114,6 +114,12 @@ DEFAULT_PROFILE = profile_path("a800_lwm7b_tp2")
 #: LoongServe's per-dataset scheduler knobs (``5-start-api-server.py``).
 _MAX_NUM_OOE = {"sharegpt": 1, "leval": 8, "lveval": 8, "mixed": 4, "zipf": 64}
 _RUNNING_MAX_REQ = {"sharegpt": 1024, "leval": 256, "lveval": 256, "mixed": 1024, "zipf": 1024}
+#: LoongServe's instances in the runs those knobs are for (TP2 x SP4). The
+#: cap on running requests of a system that schedules the whole cluster
+#: (ESP, static SP, TP) is scaled to the cluster: the same share per
+#: instance at every size (a fixed 1,024 would leave 16 per instance at 64
+#: instances, while each chunked or P/D replica keeps its own 1,024).
+_LOONG_NUM_INSTANCES = 4
 #: LoongServe's P90-goodput TTFT limit scales the prefill time at SP4/TP2.
 _GOODPUT_DOP = 4
 #: Decode steps a decode-only iteration runs before the next decision, for
@@ -179,9 +185,17 @@ def _family(workload: str) -> str:
     return "zipf" if workload.startswith("zipf") else workload
 
 
-def loong_settings(workload: str) -> LoongSettings:
-    fam = _family(workload)
-    return LoongSettings(max_num_ooe=_MAX_NUM_OOE[fam], max_running_requests=_RUNNING_MAX_REQ[fam])
+def max_running_requests(workload: str, num_instances: int) -> int:
+    """The running-request cap of a system scheduling all ``num_instances``."""
+    per_instance = _RUNNING_MAX_REQ[_family(workload)] / _LOONG_NUM_INSTANCES
+    return max(1, round(per_instance * num_instances))
+
+
+def loong_settings(workload: str, num_instances: int) -> LoongSettings:
+    return LoongSettings(
+        max_num_ooe=_MAX_NUM_OOE[_family(workload)],
+        max_running_requests=max_running_requests(workload, num_instances),
+    )
 
 
 def pd_variants(num_instances: int, fractions: Sequence[float]) -> list[dict[str, int]]:
@@ -204,9 +218,13 @@ def make_policy(
     """A fresh policy object (policies keep state across one run), built by
     name from the cluster registry with the benchmark's settings."""
     if system == "esp":
-        return make_cluster_policy("loong", num_instances, cost, loong_settings(workload))
+        return make_cluster_policy(
+            "loong", num_instances, cost, loong_settings(workload, num_instances)
+        )
     if system in ("static_sp", "tensor_parallel"):
-        return make_cluster_policy(system)
+        return make_cluster_policy(
+            system, max_running_requests=max_running_requests(workload, num_instances)
+        )
     if system == "replicas_chunked":
         return make_cluster_policy(
             system,

@@ -77,6 +77,21 @@ def test_pd_variants_split_into_whole_groups():
     assert sim_esp.pd_variants(8, (0.5, 0.5)) == [{"num_prefill": 4, "prefill_dop": 4}]
 
 
+def test_cluster_wide_systems_get_the_same_running_cap_per_instance_at_every_size():
+    # LoongServe's knob is for 4 instances; a fixed cap would starve a
+    # 64-instance cluster while every replica keeps its own.
+    cost = ESPCostModel.load(sim_esp.DEFAULT_PROFILE)
+    for n in (2, 8, 64):
+        expected = 1024 * n // 4
+        esp = sim_esp.make_policy("esp", {}, "sharegpt", n, cost)
+        static = sim_esp.make_policy("static_sp", {}, "sharegpt", n, cost)
+        assert esp.settings.max_running_requests == expected  # type: ignore[attr-defined]
+        assert static.max_running_requests == expected  # type: ignore[attr-defined]
+    assert sim_esp.max_running_requests("leval", 16) == 256 * 4
+    replicas = sim_esp.make_policy("replicas_chunked", {}, "sharegpt", 64, cost)
+    assert replicas.max_running_requests == 1024  # type: ignore[attr-defined]  # per replica
+
+
 def test_request_count_grows_with_rate_within_bounds():
     sweep = sim_esp.QUICK
     n = 8
