@@ -313,7 +313,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         high_water = self._computed_high_water
         get_high_water = high_water.get
         requests = self.requests
-        charges = []
+        charges: list[tuple[str, int, int]] = []
         charge = charges.append
         num_recomputed = 0
         for request_id, num_tokens in output.num_scheduled_tokens.items():
