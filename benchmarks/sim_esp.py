@@ -114,11 +114,12 @@ DEFAULT_PROFILE = profile_path("a800_lwm7b_tp2")
 #: LoongServe's per-dataset scheduler knobs (``5-start-api-server.py``).
 _MAX_NUM_OOE = {"sharegpt": 1, "leval": 8, "lveval": 8, "mixed": 4, "zipf": 64}
 _RUNNING_MAX_REQ = {"sharegpt": 1024, "leval": 256, "lveval": 256, "mixed": 1024, "zipf": 1024}
-#: LoongServe's instances in the runs those knobs are for (TP2 x SP4). The
-#: cap on running requests of a system that schedules the whole cluster
-#: (ESP, static SP, TP) is scaled to the cluster: the same share per
-#: instance at every size (a fixed 1,024 would leave 16 per instance at 64
-#: instances, while each chunked or P/D replica keeps its own 1,024).
+#: LoongServe's instances in the runs those knobs are for (TP2 x SP4). Every
+#: system gets the same share of running requests per instance at every
+#: size: a system that schedules the whole cluster (ESP, static SP, TP)
+#: ``share * N``, a chunked replica or a P/D decode instance ``share``. (A
+#: fixed 1,024 would leave ESP 16 per instance at 64 instances, while a
+#: replica with the policies' default kept 1,024 of its own.)
 _LOONG_NUM_INSTANCES = 4
 #: LoongServe's P90-goodput TTFT limit scales the prefill time at SP4/TP2.
 _GOODPUT_DOP = 4
@@ -175,7 +176,7 @@ QUICK = SweepSettings(
     min_requests_per_instance=40,
     max_requests_per_instance=80,
     max_requests=20_000,
-    num_bisections=1,
+    num_bisections=2,
     max_expansions=6,
     pd_fractions=(0.5,),
 )
@@ -186,7 +187,7 @@ def _family(workload: str) -> str:
 
 
 def max_running_requests(workload: str, num_instances: int) -> int:
-    """The running-request cap of a system scheduling all ``num_instances``."""
+    """The running-request cap of a group of ``num_instances`` scheduled as one."""
     per_instance = _RUNNING_MAX_REQ[_family(workload)] / _LOONG_NUM_INSTANCES
     return max(1, round(per_instance * num_instances))
 
@@ -230,6 +231,7 @@ def make_policy(
             system,
             chunk_tokens=CHUNK_TOKENS[_family(workload)],
             max_decode_steps=BASELINE_DECODE_STEPS,
+            max_running_requests=max_running_requests(workload, 1),
         )
     if system == "pd_disaggregation":
         return make_cluster_policy(
@@ -237,6 +239,7 @@ def make_policy(
             variant["num_prefill"],
             prefill_dop=variant["prefill_dop"],
             max_decode_steps=BASELINE_DECODE_STEPS,
+            max_running_requests=max_running_requests(workload, 1),
         )
     raise ValueError(f"unknown system {system!r}; one of {SYSTEMS}")
 

@@ -77,7 +77,7 @@ def test_pd_variants_split_into_whole_groups():
     assert sim_esp.pd_variants(8, (0.5, 0.5)) == [{"num_prefill": 4, "prefill_dop": 4}]
 
 
-def test_cluster_wide_systems_get_the_same_running_cap_per_instance_at_every_size():
+def test_every_system_gets_the_same_running_cap_per_instance_at_every_size():
     # LoongServe's knob is for 4 instances; a fixed cap would starve a
     # 64-instance cluster while every replica keeps its own.
     cost = ESPCostModel.load(sim_esp.DEFAULT_PROFILE)
@@ -89,7 +89,11 @@ def test_cluster_wide_systems_get_the_same_running_cap_per_instance_at_every_siz
         assert static.max_running_requests == expected  # type: ignore[attr-defined]
     assert sim_esp.max_running_requests("leval", 16) == 256 * 4
     replicas = sim_esp.make_policy("replicas_chunked", {}, "sharegpt", 64, cost)
-    assert replicas.max_running_requests == 1024  # type: ignore[attr-defined]  # per replica
+    pd = sim_esp.make_policy(
+        "pd_disaggregation", sim_esp.pd_variants(64, (0.5,))[0], "sharegpt", 64, cost
+    )
+    # Per replica / per decode instance.
+    assert replicas.max_running_requests == pd.max_running_requests == 256  # type: ignore[attr-defined]
 
 
 def test_request_count_grows_with_rate_within_bounds():
