@@ -231,22 +231,13 @@ class _StepPlanner:
         """Admit ``ranked`` best first until the budget is full. Returns the
         first candidate the cut left out (None if ``ranked`` ran out or no
         newcomer can fit any more)."""
-        budget, taken, run = self.budget, self.taken, self.run
+        budget, taken = self.budget, self.taken
         for cand in ranked:
             if budget.num_slots <= 0 or budget.token_budget <= 0:  # budget.is_full()
                 return cand
-            request_id = cand.request_id
-            if request_id in taken:  # preempted for a higher-ranked one
+            if cand.request_id in taken:  # preempted for a higher-ranked one
                 continue
-            if cand.resident and self._fits_as_is(cand):
-                # The common case of try_add_one, inline (it runs once per
-                # running request per step): a resident whose growth fits
-                # the free blocks runs, nothing reclaimed.
-                run.append(request_id)
-                taken.add(request_id)
-                self._num_taken_held += cand.num_held_blocks
-                if self._reclaimable is not None:
-                    self._reclaimable -= cand.num_held_blocks
+            if cand.resident and self._try_run_as_is(cand):
                 continue
             if not self.try_add_one(cand):
                 # The rest of the step is residents only, in rank order (all
@@ -255,10 +246,11 @@ class _StepPlanner:
                 return None
         return None
 
-    def _fits_as_is(self, cand: Candidate) -> bool:
-        """``try_add_one``'s outcome for a resident that fits without
-        reclaiming: if it does, allocate its tokens and blocks and return
-        True; else change nothing (``try_add_one`` decides)."""
+    def _try_run_as_is(self, cand: Candidate) -> bool:
+        """``try_add_one``'s common case, with its checks inline (it runs
+        once per running request per step): a resident whose growth fits
+        the free blocks runs, nothing reclaimed. False, with nothing
+        changed, when it does not fit as it is (``try_add_one`` decides)."""
         budget = self.budget
         num_tokens = cand.num_new_tokens
         if num_tokens > budget.token_budget:
@@ -274,6 +266,8 @@ class _StepPlanner:
         budget.num_slots -= 1
         budget.token_budget -= num_tokens
         budget.num_free_blocks -= num_blocks
+        self.run.append(cand.request_id)
+        self._take(cand)
         return True
 
     def try_add_one(self, cand: Candidate) -> bool:
