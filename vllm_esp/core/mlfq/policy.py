@@ -8,9 +8,11 @@ is what lets one implementation serve all three.
 Life cycle of a request, as the policy sees it::
 
     add_request(info) ──► on_scheduled(...)* ──► remove_request(id)
-                           (or on_scheduled_step: a step's batch at once)
                            ▲            │
                            └─ end_step(now) (demotion / promotion)
+
+A scheduler may charge a step's whole batch through ``on_scheduled_step``
+instead of one ``on_scheduled`` call per request.
 
 ``iter_ranked()`` yields request ids best first; schedulers walk it only as
 far as they have batch slots, so it must be lazy and cheap to start.
