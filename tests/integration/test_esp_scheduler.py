@@ -627,6 +627,40 @@ def test_loong_places_from_its_cluster_plan(config_model_dir, calibration_file):
             assert sum(held) <= inst.used_tokens - null <= rounded + len(held) * BLOCK_SIZE
 
 
+def test_loong_holds_back_a_prompt_its_compute_gate_defers(config_model_dir, calibration_file):
+    """Step 1 admits in the engine: a prompt that needs both instances while a
+    short request decodes on one is deferred by the compute gate (its gain
+    does not pay for the decode's slowdown), so the engine holds it back
+    until the decode ends instead of running it beside the decode; nothing
+    held back ever starts, and with nothing resident nothing is held."""
+    s = make_esp(config_model_dir, calibration_file, num_blocks=60, esp={"placement": "loong"})
+    s.add_request(make_request("short", 2 * BLOCK_SIZE, 12))
+    esp_step(s)
+    assert s.elastic.held_back == frozenset()  # nothing was resident
+    s.add_request(make_request("long", 40 * BLOCK_SIZE, 3))
+    started: dict[str, int] = {}
+    finished: dict[str, int] = {}
+    num_held_steps = 0
+    for step in range(200):
+        if not s.has_requests():
+            break
+        out, _, engine_outputs = esp_step(s)
+        s.check_invariants()
+        held = s.elastic.held_back
+        num_held_steps += "long" in held
+        for req in out.scheduled_new_reqs:
+            assert req.req_id not in held
+            started.setdefault(req.req_id, step)
+        for eco in engine_outputs.values():
+            for o in eco.outputs:
+                if o.finish_reason is not None:
+                    finished[o.request_id] = step
+    assert not s.has_requests() and set(finished) == {"short", "long"}
+    assert num_held_steps > 0
+    assert started["long"] > finished["short"]
+    assert_all_free(s)
+
+
 @pytest.mark.parametrize("num_instances", [2, 4])
 def test_esp_stats_report_per_instance_free_blocks(
     config_model_dir, calibration_file, num_instances

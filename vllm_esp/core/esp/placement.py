@@ -147,6 +147,10 @@ class ElasticPolicy(ABC):
     #: no prefill chunk of more than one token has an estimated share above
     #: it at its DoP (``ESPStepPlan.check_invariants``). None: no bound.
     max_decode_stall_s: float | None = None
+    #: Waiting requests this step's plan keeps from starting (read after
+    #: :meth:`begin_step`; the ranking policy skips them). Empty: the
+    #: ranking policy alone admits.
+    held_back: frozenset[str] = frozenset()
 
     @classmethod
     @abstractmethod

@@ -384,6 +384,7 @@ class ESPScheduler(MLFQScheduler):
         self._refresh_loads()
         if self.elastic.plans_steps:
             self.elastic.begin_step(self._cluster_view())
+        self.held_back = self.elastic.held_back
         output = super().schedule(throttle_prefills)
         moves = self._plan_migrations(output)
         output.esp_plan = self._build_plan(output, moves)

@@ -28,6 +28,9 @@ class PlanningMixin(HostSwapMixin):
     """The planner's inputs and the plan of one step: helpers only, no vLLM
     method is overridden here."""
 
+    #: Waiting requests the plan skips this step (set by the scheduler).
+    held_back: frozenset[str]
+
     def _plan(self) -> AdmissionPlan:
         # Every running request is ranked (add_request ranks all of them);
         # the per-step cost here is O(residents), so no filtering copy.
@@ -89,6 +92,7 @@ class PlanningMixin(HostSwapMixin):
         block_size = self.block_size
         num_lookahead = self.num_lookahead_tokens
         threshold = self.scheduler_config.long_prefill_token_threshold
+        held_back = self.held_back
         for request_id in self.rank_policy.iter_ranked():
             request = get_request(request_id)
             if request is None:
@@ -103,6 +107,8 @@ class PlanningMixin(HostSwapMixin):
                 # request skipped once would never be planned again.
                 continue
             if not (inline_residents and status is running):
+                if status is not running and request_id in held_back:
+                    continue
                 yield self._candidate(request)
                 continue
             num_computed = request.num_computed_tokens

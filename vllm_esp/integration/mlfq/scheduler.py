@@ -117,6 +117,9 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         self.num_paused_steps = 0
         self.num_paused_last_step = 0
         self.last_plan: AdmissionPlan | None = None
+        #: Waiting requests this step may not start (the ESP scheduler's
+        #: elastic policy sets it; the plan skips them).
+        self.held_back: frozenset[str] = frozenset()
         # Recompute accounting: the most tokens each request ever had
         # computed (updated when scheduled, so it holds under async
         # scheduling too); scheduling a position below it again is

@@ -16,8 +16,14 @@ asks :meth:`place`, which answers from the plan:
 * a planned migration: returned by :meth:`consolidate`, in whole blocks,
   at most ``migrate_blocks_per_step`` of them.
 
-A request vLLM schedules that the plan left out (the engine's admission is
-the ranking policy's, not step 1's) is placed by the threshold rules.
+Step 1 admits in the engine as in the simulator: while any request is
+resident, the waiting requests the plan does not prefill are held back
+(:attr:`held_back`; the ranking policy orders the rest), so a long prompt
+the compute gate defers waits instead of running beside the decodes. With
+nothing resident nothing is held, so a prompt step 1 never admits cannot
+stall the engine. A request vLLM schedules that the plan left out (a
+resident the plan did not decode, a recompute) is placed by the threshold
+rules.
 
 The engine's hostage bound holds here too (``max_decode_stall_ms``): while
 decodes wait, a planned prefill chunk is cut so that its estimated time,
@@ -82,6 +88,11 @@ class LoongElasticPolicy(ElasticPolicy):
     # ------------------------------------------------------------------ step
     def begin_step(self, view: ClusterView) -> None:
         self.plan = self.policy.schedule(view)
+        if view.running:
+            planned = {item.req_id for b in self.plan.batches for item in b.prefills}
+            self.held_back = frozenset(w.req_id for w in view.waiting if w.req_id not in planned)
+        else:
+            self.held_back = frozenset()
         # The engine moves one shard per request and step: the plan's largest.
         self._moves = {}
         for m in sorted(self.plan.migrations, key=lambda m: m.num_tokens):
