@@ -15,12 +15,14 @@ request class, mean TTFT and JCT simulated against measured and their
 relative errors; ``ttft_rel_err`` / ``jct_rel_err`` are the largest over
 the classes, averaged over the rounds (the issue's target: within 15%).
 
-What the simulator leaves out, so what the error contains: vLLM chunks a
-prefill by ``max_num_batched_tokens`` (the simulated policy prefills a
-prompt in one step), the engine's admission is its ranking policy's (the
-simulated one is step 1 of the four-step scheduler), and the machine's
-speed drifts between the calibration and the replay (both runs record
-their speed probe / load).
+Both admit by step 1 of the four-step scheduler (the engine holds back
+the waiting requests its plan does not prefill while any request is
+resident). What the simulator leaves out, so what the error contains: vLLM
+chunks a prefill by ``max_num_batched_tokens`` and the hostage bound (the
+simulated policy prefills a prompt in one step), the ranking policy orders
+the admitted requests inside vLLM's budget, and the machine's speed drifts
+between the calibration and the replay (both runs record their speed probe
+/ load).
 """
 
 from __future__ import annotations
