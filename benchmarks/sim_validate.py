@@ -17,9 +17,11 @@ the classes, averaged over the rounds (the issue's target: within 15%).
 
 Both admit by step 1 of the four-step scheduler (the engine holds back
 the waiting requests its plan does not prefill while any request is
-resident). What the simulator leaves out, so what the error contains: vLLM
-chunks a prefill by ``max_num_batched_tokens`` and the hostage bound (the
-simulated policy prefills a prompt in one step), the ranking policy orders
+resident). The simulator cuts each prefill as the engine does (vLLM's per-instance
+``max_num_batched_tokens`` and, while decodes are resident, the hostage
+bound, :func:`engine_chunk_limit`). What it leaves out, so what the error
+contains: the bound's time model (the engine's step cost model; here the
+ESP cost file's DoP-1 row), the ranking policy orders
 the admitted requests inside vLLM's budget, and the machine's speed drifts
 between the calibration and the replay (both runs record their speed probe
 / load).
@@ -35,9 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import finish_metadata, run_metadata, write_json
+from vllm_esp.core.esp.config import ESPConfig
 from vllm_esp.core.esp.cost_model import ESPCostModel
 from vllm_esp.core.esp.loong.policy import LoongPolicy, LoongSettings
+from vllm_esp.core.esp.placement import bounded_prefill_chunk
 from vllm_esp.sim.cluster import SimRequest, simulate
+from vllm_esp.sim.events import ChunkLimit
 
 DEFAULT_COST = Path("benchmarks/results/esp_cost_cpu.json")
 SYSTEM = "esp_2"
@@ -88,12 +93,37 @@ def compare(
     return out
 
 
+def engine_chunk_limit(
+    cost: ESPCostModel, tokens_per_instance: int, max_stall_s: float | None
+) -> ChunkLimit:
+    """The engine's cut of a prefill chunk, for the simulator: vLLM's token
+    budget (``max_num_batched_tokens`` per instance, times the DoP) and,
+    while decodes are resident, the hostage bound (the same
+    :func:`bounded_prefill_chunk` the engine's elastic policy calls)."""
+
+    def prefill_time(num_new: int, num_cached: int) -> float:
+        return cost.chunks_time(1, [(num_new, num_cached)])
+
+    def limit(num_new: int, num_cached: int, dop: int, decodes_resident: bool) -> int:
+        num = min(num_new, tokens_per_instance * dop)
+        if decodes_resident and max_stall_s is not None:
+            num = bounded_prefill_chunk(
+                prefill_time, num, num_cached, max_dop=dop, max_stall_s=max_stall_s
+            )
+        return num
+
+    return limit
+
+
 def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, Any]:
     """Simulate each round of ``engine_result``'s ``esp_2`` trace; the
     comparison per class and round, and the errors averaged over rounds."""
     engine = engine_result["engine"]
     capacity = int(engine["instance_kv_tokens"])
     settings = LoongSettings(max_running_requests=int(engine["max_num_seqs"]))
+    esp = ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2})
+    stall_s = esp.decode_stall_s(lambda q, k: cost.chunks_time(1, [(q, k)]))
+    chunk_limit = engine_chunk_limit(cost, int(engine["max_num_batched_tokens"]), stall_s)
     rounds: dict[int, list[Mapping[str, Any]]] = {}
     for rec in engine_result["records"][SYSTEM]:
         rounds.setdefault(int(rec.get("round", 0)), []).append(rec)
@@ -107,6 +137,7 @@ def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, 
             capacity_tokens=capacity,
             truth=cost,
             lockstep=True,
+            chunk_limit=chunk_limit,
         )
         simulated = {rec.req_id: (rec.ttft_s, rec.jct_s) for rec in result.records}
         classes = compare(records, simulated)
@@ -126,6 +157,8 @@ def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, 
         "rounds": per_round,
         "capacity_tokens": capacity,
         "max_running_requests": settings.max_running_requests,
+        "chunk_tokens_per_instance": int(engine["max_num_batched_tokens"]),
+        "max_decode_stall_s": stall_s,
     }
 
 

@@ -423,6 +423,36 @@ def test_lockstep_ends_every_batch_of_a_step_together_and_holds_newcomers():
     assert step["late"].first_token_s == pytest.approx(long_ttft + short_ttft)
 
 
+def test_chunk_limit_cuts_a_loong_prefill_into_the_engines_chunks():
+    """``chunk_limit`` (the engine's chunked prefill): LoongPolicy plans the
+    whole prompt; the simulator runs 300 tokens per launch, the policy sees a
+    partly prefilled resident at each decision, the chunks add up as
+    ``(q, cached)`` pairs, and a limit that sees a decode resident cuts
+    further."""
+    seen: list[tuple[int, int, int, bool]] = []
+
+    def limit(num_new: int, num_cached: int, dop: int, decodes: bool) -> int:
+        seen.append((num_new, num_cached, dop, decodes))
+        return 300
+
+    reqs = [SimRequest("r", 0.0, 1000, 2)]
+    policy = LoongPolicy(1, COST)
+    res = _run(policy, reqs, 1, 5000, lockstep=True, chunk_limit=limit)
+    chunks = [(300, 0), (300, 300), (300, 600), (100, 900)]
+    ttft = sum(A + B * q + C * (q * q + 2 * q * k) for q, k in chunks)
+    (rec,) = res.records
+    assert rec.first_token_s == pytest.approx(ttft)
+    assert [(n, k) for n, k, _, _ in seen] == [(1000, 0), (700, 300), (400, 600), (100, 900)]
+    assert all(dop == 1 and not decodes for _, _, dop, decodes in seen)
+    whole = _run(LoongPolicy(1, COST), reqs, 1, 5000, lockstep=True)
+    assert whole.records[0].first_token_s == pytest.approx(A + B * 1000 + C * 1000**2)
+    # A decode resident is reported to the limit.
+    seen.clear()
+    two = [SimRequest("d", 0.0, 10, 50), SimRequest("p", 0.05, 1000, 1)]
+    _run(LoongPolicy(2, COST), two, 2, 5000, lockstep=True, chunk_limit=limit)
+    assert any(decodes for n, *_, decodes in seen if n <= 1000 and n > 10)
+
+
 def test_lockstep_runs_multi_step_decode_batches_one_step_per_decision():
     reqs = [SimRequest("r", 0.0, 100, 5)]
     free = _run(StaticSPPolicy(), reqs, n=1, cap=10_000)

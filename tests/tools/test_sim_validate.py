@@ -26,7 +26,7 @@ COST = ESPCostModel(
 )
 
 
-def _engine_result(slowdown: float) -> dict:
+def _engine_result(slowdown: float, **engine: object) -> dict:
     rng = random.Random(3)
     trace = [
         SimRequest(f"r{i}", i * 0.3, rng.randint(20, 3000), rng.randint(1, 40), rng.choice("ab"))
@@ -55,7 +55,14 @@ def _engine_result(slowdown: float) -> dict:
     ]
     return {
         "records": {"esp_2": records},
-        "engine": {"instance_kv_tokens": 4096, "max_num_seqs": 8},
+        # The trace above prefills whole prompts: no token budget, no bound.
+        "engine": {
+            "instance_kv_tokens": 4096,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 1 << 30,
+            "esp_config": {"max_decode_stall_ms": 0},
+            **engine,
+        },
     }
 
 
@@ -72,3 +79,16 @@ def test_a_run_twice_as_slow_is_off_by_half():
     report = validate(_engine_result(2.0), COST)
     assert report["ttft_rel_err"] == pytest.approx(0.5)
     assert report["jct_rel_err"] == pytest.approx(0.5)
+
+
+def test_the_replay_chunks_prefills_as_the_engine_does():
+    """With the engine's token budget the replay cuts the trace's prompts
+    (up to 3,000 tokens) into chunks of 128 tokens per instance: their first
+    tokens come later."""
+    exact = validate(_engine_result(1.0), COST)
+    chunked = validate(_engine_result(1.0, max_num_batched_tokens=128), COST)
+    assert chunked["chunk_tokens_per_instance"] == 128
+    assert chunked["max_decode_stall_s"] is None
+    cls = chunked["rounds"]["0"]["classes"]["all"]
+    assert cls["sim_mean_ttft_s"] > cls["real_mean_ttft_s"] * 1.05
+    assert exact["ttft_rel_err"] == pytest.approx(0.0, abs=1e-9)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from vllm_esp.core.esp.cluster import ClusterPolicy
 from vllm_esp.core.esp.cost_model import ESPCostModel
-from vllm_esp.sim.events import EventLoop
+from vllm_esp.sim.events import ChunkLimit, EventLoop
 
 __all__ = ["RequestRecord", "SimRequest", "SimResult", "simulate"]
 
@@ -108,6 +108,7 @@ def simulate(
     max_sim_s: float | None = None,
     check: bool = False,
     lockstep: bool = False,
+    chunk_limit: ChunkLimit | None = None,
 ) -> SimResult:
     """Run ``policy`` on ``requests``; see the module docstring.
 
@@ -116,10 +117,16 @@ def simulate(
     ``lockstep`` runs the cluster as the engine does: a plan's batches are
     one step (decode batches run one step whatever ``num_steps`` says) and
     all end together, when the slowest does; arrivals wait for that end.
+    ``chunk_limit(num_new, num_cached, dop, decodes_resident)`` cuts each
+    planned prefill item to at most that many tokens per launch, as the
+    engine's chunked prefill does (the policy sees the rest as a partly
+    prefilled resident at its next decision); None: prompts run whole.
     """
     if num_instances < 1 or capacity_tokens < 1:
         raise ValueError("num_instances and capacity_tokens must be >= 1")
-    loop = EventLoop(policy, num_instances, capacity_tokens, truth, max_sim_s, check, lockstep)
+    loop = EventLoop(
+        policy, num_instances, capacity_tokens, truth, max_sim_s, check, lockstep, chunk_limit
+    )
     loop.load(requests)
     loop.run()
     return _result(loop)

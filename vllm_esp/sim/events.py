@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_esp.core.esp.cluster import (
@@ -20,6 +21,7 @@ from vllm_esp.core.esp.cluster import (
     ClusterView,
     InstanceView,
     Migration,
+    PrefillItem,
     RunningRequest,
     WaitingRequest,
 )
@@ -29,7 +31,10 @@ from vllm_esp.sim.state import FINISHED, REFUSED, RUNNING, WAITING, BatchRun, Si
 if TYPE_CHECKING:  # cluster.py builds this loop
     from vllm_esp.sim.cluster import SimRequest
 
-__all__ = ["EventLoop"]
+__all__ = ["ChunkLimit", "EventLoop"]
+
+#: ``(num_new, num_cached, dop, decodes_resident) -> most tokens this step``.
+ChunkLimit = Callable[[int, int, int, bool], int]
 
 # Event kinds (the heap orders by time, then by a unique sequence number).
 _ARRIVAL = 0
@@ -53,9 +58,11 @@ class EventLoop:
         max_sim_s: float | None,
         check: bool,
         lockstep: bool = False,
+        chunk_limit: ChunkLimit | None = None,
     ) -> None:
         self.policy = policy
         self.lockstep = lockstep
+        self.chunk_limit = chunk_limit
         self.n = num_instances
         self.cap = capacity_tokens
         self.truth = truth
@@ -193,7 +200,10 @@ class EventLoop:
         ends, moved = self._migrate(plan.migrations)
         in_batches: set[int] = set()
         launched: list[tuple[BatchRun, float]] = []
-        for batch in plan.batches:
+        batches = plan.batches
+        if self.chunk_limit is not None and any(b.prefills for b in batches):
+            batches = self._chunked(batches)
+        for batch in batches:
             start = max([ends[i] for i in batch.instances if i in ends], default=self.now)
             launched.append(self._launch(batch, start))
             in_batches.update(batch.instances)
@@ -223,6 +233,24 @@ class EventLoop:
                 done_at.setdefault(end, ([], []))[1].append(req)
         for end, (instances, reqs) in done_at.items():
             self._push(end, _MIGRATION_END, (instances, reqs))
+
+    def _chunked(self, batches: Sequence[Batch]) -> tuple[Batch, ...]:
+        """``batches`` with each prefill item cut to ``chunk_limit`` (the
+        engine's chunked prefill): the cut keeps the front of its ``retain``
+        (the engine fills its storage instances in order) and the rest of
+        the prompt waits for a later decision."""
+        limit = self.chunk_limit
+        assert limit is not None
+        decodes = any(r.num_computed >= r.num_prompt for r in self.running.values())
+        out = []
+        for batch in batches:
+            items = []
+            for item in batch.prefills:
+                req = self.waiting.get(item.req_id) or self.running[item.req_id]
+                allowed = limit(item.num_tokens, req.num_computed, len(batch.instances), decodes)
+                items.append(_cut(item, max(1, allowed)))
+            out.append(replace(batch, prefills=tuple(items)))
+        return tuple(out)
 
     def _preempt(self, req_ids: Sequence[str]) -> None:
         front: dict[str, SimReq] = {}
@@ -427,3 +455,17 @@ class EventLoop:
         assert len(done) == self.num_finished
         assert all(r.num_output == r.max_output for r in done)
         return done
+
+
+def _cut(item: PrefillItem, num_tokens: int) -> PrefillItem:
+    """``item`` with at most ``num_tokens`` tokens, its ``retain`` cut from the back."""
+    if num_tokens >= item.num_tokens:
+        return item
+    retain: list[tuple[int, int]] = []
+    left = num_tokens
+    for inst, tokens in item.retain:
+        if left <= 0:
+            break
+        retain.append((inst, min(tokens, left)))
+        left -= tokens
+    return PrefillItem(item.req_id, num_tokens, tuple(retain))
