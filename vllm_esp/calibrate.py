@@ -241,7 +241,12 @@ def esp_engine_kwargs(model_dir: str, num_instances: int, grid: ESPGrid, seed: i
     if num_instances == 1:
         sched = scheduler_args("fcfs")
     else:
-        esp = {"num_instances": num_instances, "prefill_target_ms": FORCE_DOP_TARGET_MS}
+        # The threshold rules' DoP target forces every chunk onto all instances.
+        esp = {
+            "num_instances": num_instances,
+            "placement": "threshold",
+            "prefill_target_ms": FORCE_DOP_TARGET_MS,
+        }
         sched = scheduler_args("esp", esp=esp)
         sched["additional_config"]["mlfq"]["policy"] = "fcfs"  # one batch, no quanta
     kv_tokens = grid.kv_tokens(ESP_BLOCK_SIZE)

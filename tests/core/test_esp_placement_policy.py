@@ -176,6 +176,7 @@ def test_threshold_from_settings_reads_its_settings() -> None:
     fake = linear_time()  # 64 tokens per 62.5 ms target
     settings = ESPConfig(
         num_instances=4,
+        placement="threshold",
         prefill_target_ms=62.5,
         max_prefill_instances=3,
         decode_scale_up_batch=5,

@@ -50,6 +50,7 @@ PROMPTS = [
 LONG_INDEX = len(PROMPTS) - 1
 FORCED = {
     "num_instances": 2,
+    "placement": "threshold",
     "prefill_target_ms": 0.001,
     "prefill_storage": "fewest",
     "decode_scale_up_batch": 0,

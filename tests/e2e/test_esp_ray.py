@@ -77,6 +77,7 @@ def ray_run(ray_cluster) -> dict:
                     "num_instances": 2,
                     "backend": "ray",
                     "ray_address": ray_cluster,
+                    "placement": "threshold",
                     "prefill_target_ms": 0.001,
                 },
             ),

@@ -21,7 +21,12 @@ from vllm_esp.harness.serve import complete, free_port, running_server, serve_cm
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
-FORCED = {"prefill_target_ms": 0.001, "decode_scale_up_batch": 0, "migrate_blocks_per_step": 2}
+FORCED = {
+    "placement": "threshold",
+    "prefill_target_ms": 0.001,
+    "decode_scale_up_batch": 0,
+    "migrate_blocks_per_step": 2,
+}
 
 
 @pytest.fixture(scope="module")

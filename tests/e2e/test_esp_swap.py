@@ -31,7 +31,12 @@ from vllm_esp.harness.offline import (
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiproc]
 
-ESP = {"num_instances": 2, "prefill_target_ms": 0.001, "decode_scale_up_batch": 0}
+ESP = {
+    "num_instances": 2,
+    "placement": "threshold",
+    "prefill_target_ms": 0.001,
+    "decode_scale_up_batch": 0,
+}
 
 
 @pytest.fixture(scope="module")

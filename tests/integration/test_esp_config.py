@@ -17,7 +17,7 @@ from vllm_esp.integration.engine_args import scheduler_args
 
 def test_defaults_are_valid_and_round_trip():
     cfg = ESPConfig()
-    assert cfg.num_instances == 1 and cfg.backend == "mp" and cfg.placement == "threshold"
+    assert cfg.num_instances == 1 and cfg.backend == "mp" and cfg.placement == "loong"
     assert ESPConfig.from_dict(cfg.to_dict()) == cfg
     assert ESPConfig.from_dict(None) == cfg
     assert ESPConfig.from_additional_config({"esp": {"num_instances": 3}}).num_instances == 3

@@ -57,7 +57,8 @@ def make_esp(model_dir, calibration_file, *, num_blocks=40, esp=None, mlfq=None,
         "starvation_threshold_s": 0.0,
     }
     mlfq_settings.update(mlfq or {})
-    esp_settings = {"num_instances": 2}
+    # The threshold rules unless a test asks for another placement.
+    esp_settings = {"num_instances": 2, "placement": "threshold"}
     esp_settings.update(esp or {})
     kwargs.setdefault("max_num_batched_tokens", 256)
     s = create_scheduler(

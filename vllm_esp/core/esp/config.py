@@ -62,8 +62,12 @@ class ESPConfig(Settings):
     #: Ray cluster address for ``backend="ray"`` (None: ``ray.init()``'s default,
     #: i.e. ``RAY_ADDRESS`` or a new local cluster).
     ray_address: str | None = None
-    #: Elastic placement policy (``vllm_esp.core.esp.registry.ELASTIC_POLICIES``).
-    placement: str = "threshold"
+    #: Elastic placement policy (``vllm_esp.core.esp.registry.ELASTIC_POLICIES``):
+    #: ``"loong"``, LoongServe's scheduler (admission, DoP, retention,
+    #: masters, migrations for the whole cluster each step); ``"threshold"``,
+    #: the per-request rules that the settings below tune (``loong`` places
+    #: what its plan leaves out by them).
+    placement: str = "loong"
     #: ESP cluster cost model file (``python -m vllm_esp.calibrate --esp``),
     #: read by the ``loong`` placement; None: derived from one instance's
     #: calibrated step model (other DoPs by the file format's scaling rule).
