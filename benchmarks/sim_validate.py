@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,16 @@ def compare(
     return out
 
 
+def one_instance_prefill_time(cost: ESPCostModel) -> Callable[[int, int], float]:
+    """``(num_new, num_cached) -> seconds`` of a chunk on one instance: the
+    engine's chunk-time signature, from the ESP cost file's DoP-1 row."""
+
+    def prefill_time(num_new: int, num_cached: int) -> float:
+        return cost.chunks_time(1, [(num_new, num_cached)])
+
+    return prefill_time
+
+
 def engine_chunk_limit(
     cost: ESPCostModel, tokens_per_instance: int, max_stall_s: float | None
 ) -> ChunkLimit:
@@ -100,9 +110,7 @@ def engine_chunk_limit(
     budget (``max_num_batched_tokens`` per instance, times the DoP) and,
     while decodes are resident, the hostage bound (the same
     :func:`bounded_prefill_chunk` the engine's elastic policy calls)."""
-
-    def prefill_time(num_new: int, num_cached: int) -> float:
-        return cost.chunks_time(1, [(num_new, num_cached)])
+    prefill_time = one_instance_prefill_time(cost)
 
     def limit(num_new: int, num_cached: int, dop: int, decodes_resident: bool) -> int:
         num = min(num_new, tokens_per_instance * dop)
@@ -122,7 +130,7 @@ def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, 
     capacity = int(engine["instance_kv_tokens"])
     settings = LoongSettings(max_running_requests=int(engine["max_num_seqs"]))
     esp = ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2})
-    stall_s = esp.decode_stall_s(lambda q, k: cost.chunks_time(1, [(q, k)]))
+    stall_s = esp.decode_stall_s(one_instance_prefill_time(cost))
     chunk_limit = engine_chunk_limit(cost, int(engine["max_num_batched_tokens"]), stall_s)
     rounds: dict[int, list[Mapping[str, Any]]] = {}
     for rec in engine_result["records"][SYSTEM]:
