@@ -451,12 +451,11 @@ def test_the_inline_resident_path_decides_as_try_add_one(case, lazy):
 
     ranked, limits = case
     fast = plan(ranked, lazy=lazy, **limits)
-    original = admission._StepPlanner._try_run_as_is
-    admission._StepPlanner._try_run_as_is = lambda self, cand: False  # type: ignore[method-assign]
+    admission._StepPlanner.inline_residents = False
     try:
         slow = plan(ranked, lazy=lazy, **limits)
     finally:
-        admission._StepPlanner._try_run_as_is = original  # type: ignore[method-assign]
+        admission._StepPlanner.inline_residents = True
     assert (fast.run, fast.pause, fast.preempt, fast.skip, fast.offload, fast.prefetch) == (
         slow.run,
         slow.pause,

@@ -73,6 +73,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vllm_esp.core.mlfq.budget import Candidate, StepBudget
 from vllm_esp.core.mlfq.value import worth_preempting
@@ -232,43 +233,75 @@ class _StepPlanner:
         first candidate the cut left out (None if ``ranked`` ran out or no
         newcomer can fit any more)."""
         budget, taken = self.budget, self.taken
-        for cand in ranked:
+        cand = next(ranked, None)
+        while cand is not None:
+            if cand.resident and self.inline_residents:
+                undecided = self._run_as_is(cand, ranked)
+                if undecided is None:
+                    return None
+                cand = undecided
             if budget.num_slots <= 0 or budget.token_budget <= 0:  # budget.is_full()
                 return cand
-            if cand.request_id in taken:  # preempted for a higher-ranked one
-                continue
-            if cand.resident and self._try_run_as_is(cand):
-                continue
-            if not self.try_add_one(cand):
+            # Taken: preempted for a higher-ranked one.
+            if cand.request_id not in taken and not self.try_add_one(cand):
                 # The rest of the step is residents only, in rank order (all
                 # of them rank below this point, the walked ones are taken).
                 self._fill_with_residents(ranked)
                 return None
+            cand = next(ranked, None)
         return None
 
-    def _try_run_as_is(self, cand: Candidate) -> bool:
-        """``try_add_one``'s common case, with its checks inline (it runs
-        once per running request per step): a resident whose growth fits
-        the free blocks runs, nothing reclaimed. False, with nothing
-        changed, when it does not fit as it is (``try_add_one`` decides)."""
-        budget = self.budget
-        num_tokens = cand.num_new_tokens
-        if num_tokens > budget.token_budget:
-            if not self.chunked_prefill:
-                return False
-            num_tokens = budget.token_budget
-        num_total = cand.num_computed_tokens + num_tokens + cand.num_lookahead_tokens
-        num_blocks = -(-num_total // cand.block_size) - cand.num_allocated_blocks
-        if num_blocks < 0:
-            num_blocks = 0
-        if max(num_blocks, cand.num_admission_blocks) > budget.num_free_blocks:
-            return False
-        budget.num_slots -= 1
-        budget.token_budget -= num_tokens
-        budget.num_free_blocks -= num_blocks
-        self.run.append(cand.request_id)
-        self._take(cand)
-        return True
+    #: Whether the walk runs residents that fit as they are without
+    #: ``try_add_one`` (a test turns it off to show both decide alike).
+    inline_residents: ClassVar[bool] = True
+
+    def _run_as_is(self, cand: Candidate | None, ranked: Iterator[Candidate]) -> Candidate | None:
+        """``try_add_one``'s common case for a streak of residents, with its
+        checks inline on local copies of the budget (it runs once per
+        running request per step): from ``cand`` on, each resident whose
+        growth fits the free blocks runs, nothing reclaimed. Returns the
+        first candidate it leaves undecided (a newcomer, a resident that
+        does not fit as it is, or any once the budget is full), None when
+        ``ranked`` ran out."""
+        budget, taken, chunked = self.budget, self.taken, self.chunked_prefill
+        run_one, take_one = self.run.append, taken.add
+        num_slots, token_budget = budget.num_slots, budget.token_budget
+        num_free = budget.num_free_blocks
+        num_held_taken = 0
+        try:
+            while cand is not None:
+                if num_slots <= 0 or token_budget <= 0 or not cand.resident:
+                    return cand
+                rid = cand.request_id
+                if rid in taken:
+                    cand = next(ranked, None)
+                    continue
+                num_tokens = cand.num_new_tokens
+                if num_tokens > token_budget:
+                    if not chunked:
+                        return cand
+                    num_tokens = token_budget
+                num_total = cand.num_computed_tokens + num_tokens + cand.num_lookahead_tokens
+                num_blocks = -(-num_total // cand.block_size) - cand.num_allocated_blocks
+                if num_blocks < 0:
+                    num_blocks = 0
+                num_admission = cand.num_admission_blocks
+                if (num_blocks if num_blocks > num_admission else num_admission) > num_free:
+                    return cand
+                num_slots -= 1
+                token_budget -= num_tokens
+                num_free -= num_blocks
+                run_one(rid)
+                take_one(rid)  # self._take(cand), its counters below
+                num_held_taken += cand.num_held_blocks
+                cand = next(ranked, None)
+            return None
+        finally:
+            budget.num_slots, budget.token_budget = num_slots, token_budget
+            budget.num_free_blocks = num_free
+            self._num_taken_held += num_held_taken
+            if self._reclaimable is not None:
+                self._reclaimable -= num_held_taken
 
     def try_add_one(self, cand: Candidate) -> bool:
         """Run ``cand`` if it fits, reclaiming memory (and resident room)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_esp.core.mlfq.admission import AdmissionPlan, Candidate, plan_admission
+from vllm_esp.core.mlfq.budget import CANDIDATE_TAIL
 from vllm_esp.core.mlfq.value import expected_remaining_s
 from vllm_esp.integration.mlfq.swap_support import HostSwapMixin
 
@@ -87,6 +88,7 @@ class PlanningMixin(HostSwapMixin):
         # swap, is built inline from hoisted locals; every other case goes
         # through _candidate. Both build the same Candidate.
         get_request = self.requests.get
+        new_candidate = tuple.__new__
         running = RequestStatus.RUNNING
         inline_residents = self.swap is None
         block_size = self.block_size
@@ -116,11 +118,10 @@ class PlanningMixin(HostSwapMixin):
             if 0 < threshold < num_new:
                 num_new = threshold
             num_allocated = -(-num_computed // block_size)
-            # Positional (half the cost of keywords), in field order:
-            # request_id, resident, num_new_tokens, block_size,
-            # num_computed_tokens, num_allocated_blocks, num_held_blocks,
-            # num_lookahead_tokens.
-            yield Candidate(
+            # In field order: request_id, resident, num_new_tokens,
+            # block_size, num_computed_tokens, num_allocated_blocks,
+            # num_held_blocks, num_lookahead_tokens (CANDIDATE_TAIL says why).
+            head = (
                 request_id,
                 True,
                 num_new if num_new > 0 else 0,
@@ -130,6 +131,8 @@ class PlanningMixin(HostSwapMixin):
                 num_allocated,
                 num_lookahead,
             )
+            # Concatenation, not unpacking: twice as fast here.
+            yield new_candidate(Candidate, head + CANDIDATE_TAIL)
 
     def _victims_low_to_high(self, residents: list[Request]) -> Iterator[Candidate]:
         """The ranked residents as victims, lowest rank first, built lazily
