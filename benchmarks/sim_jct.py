@@ -60,6 +60,10 @@ from benchmarks.common import (
 from vllm_esp.harness import scheduler as sched_harness
 
 _BY_RANK: dict[str, Any] = {"preempt_by_value": False}
+#: FastServe's demotion: every spent quantum demotes.
+_FASTSERVE: dict[str, Any] = {"demote_by_value": False}
+#: The two-level MLFQ ("first quantum, then FCFS") with FastServe's demotion.
+_K2: dict[str, Any] = {**_FASTSERVE, "num_levels": 2}
 
 #: (name, policy, MLFQ settings) swept by default.
 VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -69,21 +73,30 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     # "default": the predictor trained for the trace's tokenizer (skipped,
     # with a note, when it is not trained).
     ("gittins + output predictor", "gittins", {"output_predictor": "default"}),
-    ("mlfq default (K=2)", "mlfq", {}),
-    ("mlfq K=2, Q0=32 steps", "mlfq", {"auto_quantum_decode_steps": 32}),
-    ("mlfq K=2, Q0=64 steps", "mlfq", {"auto_quantum_decode_steps": 64}),
-    ("mlfq K=2, demote by value", "mlfq", {"demote_by_value": True}),
-    ("mlfq K=4, ratio 8", "mlfq", {"num_levels": 4, "quantum_ratio": 8.0}),
-    ("mlfq FastServe-like K=8, ratio 2", "mlfq", {"num_levels": 8}),
-    ("mlfq K=8, no promotion", "mlfq", {"num_levels": 8, "starvation_threshold_s": 0.0}),
-    ("mlfq-swap default (K=2)", "mlfq-swap", {}),
+    ("mlfq default (K=3, demote by value)", "mlfq", {}),
+    ("mlfq K=2", "mlfq", _K2),
+    ("mlfq K=2, Q0=32 steps", "mlfq", {**_K2, "auto_quantum_decode_steps": 32}),
+    ("mlfq K=2, Q0=64 steps", "mlfq", {**_K2, "auto_quantum_decode_steps": 64}),
+    ("mlfq K=2, demote by value", "mlfq", {"num_levels": 2, "demote_by_value": True}),
+    ("mlfq K=4, ratio 8", "mlfq", {**_FASTSERVE, "num_levels": 4, "quantum_ratio": 8.0}),
+    ("mlfq FastServe-like K=8, ratio 2", "mlfq", {**_FASTSERVE, "num_levels": 8}),
+    (
+        "mlfq K=8, no promotion",
+        "mlfq",
+        {**_FASTSERVE, "num_levels": 8, "starvation_threshold_s": 0.0},
+    ),
+    ("mlfq-swap default (K=3, demote by value)", "mlfq-swap", {}),
     # The preemption rules: by rank alone (FastServe's), and a bound on
     # paused residents (default: none but memory).
-    ("mlfq K=2, by rank", "mlfq", _BY_RANK),
-    ("mlfq K=8, by rank", "mlfq", {"num_levels": 8, **_BY_RANK}),
+    ("mlfq default, by rank", "mlfq", _BY_RANK),
+    ("mlfq K=8, by rank", "mlfq", {**_FASTSERVE, "num_levels": 8, **_BY_RANK}),
     ("gittins, by rank", "gittins", _BY_RANK),
-    ("mlfq K=2, pause bound max_num_seqs", "mlfq", {"max_paused_requests": 8}),
-    ("mlfq K=8, pause bound max_num_seqs", "mlfq", {"num_levels": 8, "max_paused_requests": 8}),
+    ("mlfq default, pause bound max_num_seqs", "mlfq", {"max_paused_requests": 8}),
+    (
+        "mlfq K=8, pause bound max_num_seqs",
+        "mlfq",
+        {**_FASTSERVE, "num_levels": 8, "max_paused_requests": 8},
+    ),
     ("mlfq K=8, demote by value", "mlfq", {"num_levels": 8, "demote_by_value": True}),
 ]
 
@@ -224,9 +237,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument(
         "--trace",
-        choices=("sharegpt", "mixed"),
+        choices=("sharegpt", "mixed", "heavy-tail", "long-prompt"),
         default="sharegpt",
-        help="mixed: 90%% short (8-48 tokens) and 10%% long (400) SYNTHETIC outputs",
+        help="mixed: 90%% short (8-48 tokens) and 10%% long (400) SYNTHETIC outputs; "
+        "heavy-tail and long-prompt: the serve suite's traces (d) and (e), SYNTHETIC lengths",
     )
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=65536)
@@ -282,7 +296,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from vllm_esp.core.costmodel import default_calibration_path
-    from vllm_esp.data.trace import make_mixed_trace, make_sharegpt_trace
+    from vllm_esp.data.trace import (
+        make_heavy_tail_trace,
+        make_long_prompt_trace,
+        make_mixed_trace,
+        make_sharegpt_trace,
+    )
     from vllm_esp.integration.cost_model import device_kind
     from vllm_esp.integration.predictor import default_predictor_path
     from vllm_esp.models import build_model
@@ -293,6 +312,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     if args.trace == "mixed":
         trace = make_mixed_trace(tokenizer, args.num_requests, args.rate, args.seed)
+    elif args.trace == "heavy-tail":
+        trace = make_heavy_tail_trace(tokenizer, args.num_requests, args.rate, args.seed)
+    elif args.trace == "long-prompt":
+        trace = make_long_prompt_trace(tokenizer, args.num_requests, args.rate, args.seed)
     else:
         trace = make_sharegpt_trace(
             tokenizer,

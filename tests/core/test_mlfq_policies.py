@@ -516,16 +516,19 @@ def test_value_demotion_demotes_a_request_past_the_short_mode() -> None:
     assert policy.level_of("a") > 0 and policy.num_demotions > 0
 
 
-def test_value_demotion_without_data_is_plain_mlfq() -> None:
-    # The memoryless prior expects the same of every age: demote as usual.
+def test_value_demotion_without_data_demotes_nothing() -> None:
+    # The memoryless prior gives every age the same index: no request is a
+    # worse bet than a fresh one, so none is demoted (FCFS-like, as stock
+    # vLLM) until finished requests say otherwise; plain MLFQ demotes.
     policy = MLFQPolicy(
         num_levels=4, base_quantum_s=4e-3, quantum_ratio=2.0, cost_model=UNIT, demote_by_value=True
     )
     plain = mlfq()
     for p in (policy, plain):
         p.add_request(info("a", 1.0), 1.0)
-        decode(p, "a", 20)
-    assert policy.level_of("a") == plain.level_of("a") > 0
+        decode(p, "a", 200)
+    assert policy.level_of("a") == 0 and policy.num_demotions == 0
+    assert plain.level_of("a") > 0
 
 
 def test_aborted_requests_do_not_teach_value_demotion() -> None:
@@ -536,4 +539,6 @@ def test_aborted_requests_do_not_teach_value_demotion() -> None:
     policy.end_step(0.0)
     policy.add_request(info("a", 1.0), 1.0)
     decode(policy, "a", 20)
-    assert policy.level_of("a") > 0  # still the memoryless prior
+    # Still the memoryless prior: had the aborts been learned as lengths,
+    # 20 tokens would be past every one of them, and demoted.
+    assert policy.level_of("a") == 0

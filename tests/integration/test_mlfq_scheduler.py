@@ -29,8 +29,10 @@ class FakeClock:
 
 
 def make(config_model_dir, calibration_file, clock=None, mlfq=None, **kwargs):
+    # FastServe's mechanics: every spent quantum demotes.
     settings = {
         "num_levels": 8,
+        "demote_by_value": False,
         "base_quantum_ms": 4.0,
         "calibration_file": calibration_file,
         "starvation_threshold_s": 0.0,

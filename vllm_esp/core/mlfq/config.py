@@ -22,12 +22,15 @@ class MLFQConfig(Settings):
     key = MLFQ_CONFIG_KEY
 
     #: Number of priority levels K. Level 0 is the highest. The default of
-    #: 2 ("first quantum first, then FCFS") is what measured best on
-    #: ShareGPT, whose output lengths have an increasing hazard rate, so
-    #: deeper least-attained-service levels only add round-robin delay
-    #: (benchmarks/sim_jct.py, README "Results"); use 6-8 for heavy-tailed
-    #: workloads, as FastServe does.
-    num_levels: int = 2
+    #: 3, with ``demote_by_value``, was within 1% of FCFS's mean JCT or
+    #: below it on every trace family of the workload suite at two loads
+    #: near saturation, under two cost models (SIMULATED,
+    #: ``benchmarks/sim_jct.py``, README "Results"). With 2 levels ("first
+    #: quantum, then FCFS") a short request whose prefill spent most of its
+    #: quantum waits behind the long ones and every newer arrival's prefill
+    #: (1.12-1.38x FCFS on short/long traffic); with 4 or more, requests in
+    #: the tail of ShareGPT's replies sink below newcomers (up to 1.14x).
+    num_levels: int = 3
     #: Quantum of level 0 in milliseconds; ``None`` = auto: the standalone
     #: time of ``auto_quantum_decode_steps`` decode steps at 512 tokens of
     #: context on this machine (from the cost model).
@@ -48,14 +51,15 @@ class MLFQConfig(Settings):
     #: Name of the ranking policy (``mlfq``; ``srpt`` and ``fcfs`` exist for
     #: benchmarks and tests, see ``vllm_esp.core.mlfq.POLICIES``).
     policy: str = "mlfq"
-    #: Demote a request only once it is expected to need at least as many
-    #: more tokens as a fresh request, by the output-length distribution
-    #: learned from finished requests (``MLFQPolicy.worth_demoting``). Off by
-    #: default: in the simulator (``benchmarks.sim_jct``, README "Results")
-    #: it moved K=2 from 1.03x to 1.00x fcfs's mean JCT on ShareGPT but its
-    #: p99 from 1.00x to 1.49x, and helped little on short/long traffic
-    #: (1.21x to 1.18x); ``gittins`` does better on both.
-    demote_by_value: bool = False
+    #: Demote a request only once its Gittins index, from the output
+    #: lengths of finished requests, is clearly below a fresh request's
+    #: (``MLFQPolicy.worth_demoting``; nothing is demoted under the
+    #: memoryless prior, before lengths are seen). On increasing-hazard
+    #: lengths (ShareGPT's replies) a request that has run is the better bet
+    #: and keeps its level, as under FCFS; past the short mode of short/long
+    #: traffic it goes down as MLFQ intends. ``False`` is FastServe's rule
+    #: (demote on every spent quantum).
+    demote_by_value: bool = True
     #: Output-length predictor the ``gittins`` policy conditions its learned
     #: distributions on (``vllm_esp.integration.predictor``): ``""`` off,
     #: ``"default"`` the one trained for the served model's tokenizer

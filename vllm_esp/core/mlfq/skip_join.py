@@ -11,7 +11,9 @@ Levels and quanta::
 * **Demotion.** Service is charged per step in standalone seconds (see
   ``vllm_esp/core/costmodel.py``). When a request's service in its level
   reaches the level's quantum it moves one level down (at most one level
-  per step) and its counter restarts.
+  per step) and its counter restarts; with ``demote_by_value`` only once
+  the lengths of finished requests say a fresh request is the better bet
+  (``worth_demoting``).
 * **Promotion.** A request not served for ``starvation_threshold_s`` moves
   to level 0. The clock starts at *arrival*, not at 0: FastServe's artifact
   initialises ``last_step_time = 0`` and so promotes every queued newcomer,
@@ -46,6 +48,11 @@ if TYPE_CHECKING:
     from vllm_esp.core.mlfq.config import MLFQConfig
 
 _SortKey = tuple[float, int, str]
+#: ``demote_by_value`` demotes a request whose Gittins index is below this
+#: fraction of a fresh request's. Under the memoryless prior every index is
+#: equal up to the grid's linear interpolation of the survival curve; the
+#: margin keeps that rounding from demoting anyone before lengths are seen.
+_DEMOTE_BELOW = 0.95
 #: A level entry's request id (its key's last field).
 _request_id_of = itemgetter(2)
 
@@ -164,18 +171,19 @@ class MLFQPolicy(RankingPolicy):
 
     def worth_demoting(self, request_id: str) -> bool:
         """Demotion puts a request behind newcomers; with ``demote_by_value``
-        that is done only once it is expected to need at least as many more
-        tokens as a fresh request (the length distribution learned from
-        finished requests). On lengths with an increasing hazard (ShareGPT's
-        replies) a request that has run is the better bet and keeps its
-        level, as under FCFS; past the short mode of short/long traffic it is
-        not, and goes down as MLFQ intends."""
+        that is done only once its Gittins index (its chance of finishing
+        per unit of further service, from the output lengths of finished
+        requests) is clearly below a fresh request's. On lengths with an
+        increasing hazard (ShareGPT's replies) a request that has run is the
+        better bet and keeps its level, as under FCFS; past the short mode
+        of short/long traffic it is not, and goes down as MLFQ intends.
+        Until finished requests say otherwise (the memoryless prior, where
+        every index is equal) nothing is demoted."""
         if not self.demote_by_value:
             return True
-        state = self._states[request_id]
         lengths = self._lengths
-        remaining = lengths.expected_remaining_tokens(state.num_output_tokens)
-        return remaining >= 0.999 * lengths.expected_remaining_tokens(0)
+        index = lengths.gittins_index(self._states[request_id].num_output_tokens)
+        return index < _DEMOTE_BELOW * lengths.gittins_index(0)
 
     def _remove_key(self, level: int, key: _SortKey) -> None:
         queue = self._levels[level]

@@ -30,6 +30,7 @@ import bisect
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.gittins import (
     LengthDistribution,
+    gittins_table,
     length_grid,
     mean_residual_table,
     segment_sums,
@@ -45,14 +46,16 @@ def worth_preempting(victim_remaining_s: float, victim_cost_s: float, remaining_
 
 
 class OutputLengthModel:
-    """Output lengths learned from finished requests, and the output a
-    request that has produced some tokens is still expected to produce."""
+    """Output lengths learned from finished requests: the output a request
+    that has produced some tokens is still expected to produce, and its
+    Gittins index (what ``demote_by_value`` compares)."""
 
     def __init__(self, max_len: int = 8192, prior_weight: float = 8.0, refit_every: int = 16):
         self._dist = LengthDistribution(length_grid(max_len), prior_weight=prior_weight)
         self.refit_every = refit_every
         self._num_since_fit = 0
         self._residual: list[float] = []
+        self._gittins: list[float] = []
         self.refit()
 
     @property
@@ -76,13 +79,22 @@ class OutputLengthModel:
 
     def refit(self) -> None:
         survival = self._dist.survival()
-        self._residual = mean_residual_table(survival, segment_sums(self._dist.grid, survival))
+        sums = segment_sums(self._dist.grid, survival)
+        self._residual = mean_residual_table(survival, sums)
+        self._gittins = gittins_table(survival, sums)
         self._num_since_fit = 0
 
     def expected_remaining_tokens(self, num_output_tokens: int = 0) -> float:
         """Mean residual output length after ``num_output_tokens`` tokens."""
         i = bisect.bisect_right(self._dist.grid, num_output_tokens) - 1
         return self._residual[max(i, 0)]
+
+    def gittins_index(self, num_output_tokens: int = 0) -> float:
+        """Gittins index after ``num_output_tokens`` tokens (no prefill
+        left; ``vllm_esp.core.mlfq.gittins``): larger finishes sooner per
+        unit of service."""
+        i = bisect.bisect_right(self._dist.grid, num_output_tokens) - 1
+        return self._gittins[max(i, 0)]
 
 
 def expected_remaining_s(
