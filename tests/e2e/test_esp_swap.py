@@ -52,7 +52,13 @@ def esp_swap_run() -> dict:
             kv_cache_memory_bytes=KV_BYTES // 2,
             block_size=BLOCK_SIZE,
             **ENGINE_KWARGS,
-            **vllm_esp.scheduler_args("esp", esp=ESP, swap={"host_pool_blocks": 512}, num_levels=8),
+            **vllm_esp.scheduler_args(
+                "esp",
+                esp=ESP,
+                swap={"host_pool_blocks": 512},
+                num_levels=8,
+                demote_by_value=False,
+            ),
         )
         try:
             core = llm.llm_engine.engine_core.engine_core

@@ -49,8 +49,9 @@ def run_swap(swap: dict, with_aborts: bool) -> dict:
         kv_cache_memory_bytes=KV_BYTES,
         block_size=BLOCK_SIZE,
         **ENGINE_KWARGS,
-        # FastServe's depth (8 levels): more rank changes, more preemption.
-        **vllm_esp.scheduler_args("mlfq-swap", swap=swap, num_levels=8),
+        # FastServe's depth (8 levels) with quantum demotion: more rank
+        # changes, more preemption.
+        **vllm_esp.scheduler_args("mlfq-swap", swap=swap, num_levels=8, demote_by_value=False),
     )
     try:
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler

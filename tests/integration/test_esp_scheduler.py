@@ -55,6 +55,8 @@ def make_esp(model_dir, calibration_file, *, num_blocks=40, esp=None, mlfq=None,
         "base_quantum_ms": 4.0,
         "calibration_file": calibration_file,
         "starvation_threshold_s": 0.0,
+        # Quantum demotion: the tests need rank changes to happen.
+        "demote_by_value": False,
     }
     mlfq_settings.update(mlfq or {})
     # The threshold rules unless a test asks for another placement.

@@ -84,6 +84,8 @@ def simulate(
                 "base_quantum_ms": 4.0,
                 "calibration_file": calibration_file,
                 "starvation_threshold_s": starvation_s,
+                # Quantum demotion: the properties are checked under churn.
+                "demote_by_value": False,
             }
         },
         clock=clock,

@@ -218,7 +218,12 @@ def test_paused_residents_are_bounded(config_model_dir, calibration_file):
         config_model_dir,
         calibration_file,
         max_num_seqs=2,
-        mlfq={"max_paused_requests": 1, "num_levels": 2, "preempt_by_value": True},
+        mlfq={
+            "max_paused_requests": 1,
+            "num_levels": 2,
+            "demote_by_value": False,
+            "preempt_by_value": True,
+        },
     )
     for i in range(6):
         s.add_request(make_request(f"old{i}", 64, 200))

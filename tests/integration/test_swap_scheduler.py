@@ -78,8 +78,10 @@ def make(
         "base_quantum_ms": 4.0,
         "calibration_file": calibration_file,
         "starvation_threshold_s": 0.0,
-        # These tests drive the swap mechanics, so preemption goes by rank
-        # (the value rule is tested in test_mlfq_scheduler).
+        # These tests drive the swap mechanics, so demotion goes by quantum
+        # and preemption by rank (the value rules are tested in
+        # test_mlfq_scheduler and test_mlfq_policies).
+        "demote_by_value": False,
         "preempt_by_value": False,
     }
     mlfq_settings.update(mlfq or {})
