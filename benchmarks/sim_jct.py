@@ -121,7 +121,10 @@ def simulate(
     kv_bytes_per_token: int = 6144,
     swap_bytes_per_s: float = 22e9,
     prefix_caching: bool = False,
+    keep_requests: bool = False,
 ) -> dict[str, Any]:
+    """One policy over ``trace`` in simulated time; ``keep_requests`` adds
+    each request's JCT and TTFT (``requests``: id -> [jct_s, ttft_s])."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from vllm_esp.integration.engine_args import swap_kv_transfer_config
@@ -205,7 +208,9 @@ def simulate(
             per_class.setdefault(name.removeprefix("synthetic-mixed-"), {})[r.request_id] = (
                 done[r.request_id] - arrival[r.request_id]
             )
+    kept = {r: [done[r] - arrival[r], first[r] - arrival[r]] for r in done}
     return {
+        **({"requests": kept} if keep_requests else {}),
         **{
             f"{name}_mean_jct_s": statistics.mean(values.values())
             for name, values in sorted(per_class.items())

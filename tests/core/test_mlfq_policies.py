@@ -542,3 +542,32 @@ def test_aborted_requests_do_not_teach_value_demotion() -> None:
     # Still the memoryless prior: had the aborts been learned as lengths,
     # 20 tokens would be past every one of them, and demoted.
     assert policy.level_of("a") == 0
+
+
+@pytest.mark.parametrize("by_value", [True, False])
+def test_a_skip_joined_prompt_rejoins_level_zero_once_prefilled(by_value: bool) -> None:
+    # 1,000 prompt tokens (10 ms) skip-join level 2. With demote_by_value
+    # the prefill was the reason; its decode starts as a fresh request's,
+    # in its arrival place (ahead of the newer "b"). FastServe's rule keeps
+    # it where it joined.
+    policy = MLFQPolicy(
+        num_levels=4,
+        base_quantum_s=4e-3,
+        quantum_ratio=2.0,
+        cost_model=UNIT,
+        demote_by_value=by_value,
+    )
+    add(policy, "a", 1.0, num_prompt_tokens=1000)
+    add(policy, "b", 2.0)
+    assert policy.level_of("a") == 2
+    policy.on_scheduled("a", 512, 0, 2.0)  # a chunk of the prompt
+    policy.end_step(2.0)
+    assert policy.level_of("a") == 2
+    policy.on_scheduled("a", 488, 512, 2.0)  # the rest: first token sampled
+    policy.end_step(2.0)
+    if by_value:
+        assert policy.level_of("a") == 0 and policy.num_rejoins == 1
+        assert ranked(policy) == ["a", "b"]
+    else:
+        assert policy.level_of("a") > 0 and policy.num_rejoins == 0
+    policy.check_invariants()

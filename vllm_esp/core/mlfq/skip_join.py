@@ -8,6 +8,9 @@ Levels and quanta::
 * **Skip-join.** A new request joins the highest level whose quantum covers
   its estimated prefill time (prefix-cache aware), so a long prompt does not
   cascade through levels whose quantum is shorter than its first iteration.
+  With ``demote_by_value`` the placement is for the prefill only: once
+  prefilled, the request rejoins level 0 in its arrival place
+  (``_rejoin_after_prefill``).
 * **Demotion.** Service is charged per step in standalone seconds (see
   ``vllm_esp/core/costmodel.py``). When a request's service in its level
   reaches the level's quantum it moves one level down (at most one level
@@ -69,6 +72,8 @@ class _MLFQState:
     num_output_tokens: int = 0
     #: Promoted for starvation and not served since.
     starved: bool = False
+    #: Its prompt is prefilled (``demote_by_value``'s rejoin is done).
+    decoding: bool = False
 
 
 class MLFQPolicy(RankingPolicy):
@@ -135,6 +140,7 @@ class MLFQPolicy(RankingPolicy):
         self.demote_by_value = demote_by_value
         self._lengths = OutputLengthModel(refit_every=refit_every)
         self.num_demotions_declined = 0
+        self.num_rejoins = 0
 
     # ------------------------------------------------------------ placement
     def join_level(self, num_prompt_tokens: int, num_cached_tokens: int = 0) -> int:
@@ -184,6 +190,19 @@ class MLFQPolicy(RankingPolicy):
         lengths = self._lengths
         index = lengths.gittins_index(self._states[request_id].num_output_tokens)
         return index < _DEMOTE_BELOW * lengths.gittins_index(0)
+
+    def _rejoin_after_prefill(self, request_id: str, state: _MLFQState) -> None:
+        """Skip-join placed the request by its prefill; with the prefill
+        done, what is left is decoding, whose index is a fresh request's
+        until it has produced tokens (``worth_demoting`` judges it from
+        there). So it rejoins level 0 in its arrival place, as FCFS would
+        rank it: left below, a long prompt's decode is paused by every
+        newcomer and its response time, the tail of ShareGPT's, triples
+        (SIMULATED, ``benchmarks/sim_jct.py``)."""
+        state.decoding = True
+        if state.level > 0:
+            self._move(request_id, state, 0)
+            self.num_rejoins += 1
 
     def _remove_key(self, level: int, key: _SortKey) -> None:
         queue = self._levels[level]
@@ -239,7 +258,12 @@ class MLFQPolicy(RankingPolicy):
         # Demotion: at most one level per step, counter restarts.
         for request_id in self._charged:
             state = self._states.get(request_id)
-            if state is None or state.level == self.num_levels - 1:
+            if state is None:
+                continue
+            if self.demote_by_value and not state.decoding and state.num_output_tokens > 0:
+                self._rejoin_after_prefill(request_id, state)
+                continue
+            if state.level == self.num_levels - 1:
                 continue
             if state.attained_s >= self.quanta_s[state.level]:
                 if self.worth_demoting(request_id):
