@@ -10,7 +10,6 @@ import vllm_esp
 from vllm_esp.harness.engine import ENGINE_KWARGS, small_model_path
 from vllm_esp.harness.offline import BLOCK_SIZE, KV_BYTES, MAX_NUM_SEQS, MAX_TOKENS, PROMPTS
 
-
 #: name -> (scheduler, its settings). The "mlfq" run demotes on every spent
 #: quantum (FastServe's rule), so it pauses and preempts by rank: the default
 #: rule demotes nothing before output lengths are learned, and 24 requests
