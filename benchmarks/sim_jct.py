@@ -74,6 +74,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
     # with a note, when it is not trained).
     ("gittins + output predictor", "gittins", {"output_predictor": "default"}),
     ("mlfq default (K=3, demote by value)", "mlfq", {}),
+    # The starvation bound trades mean for tail.
+    ("mlfq default, promote after 5 s", "mlfq", {"starvation_threshold_s": 5.0}),
+    ("mlfq default, promote after 2 s", "mlfq", {"starvation_threshold_s": 2.0}),
     ("mlfq K=2", "mlfq", _K2),
     ("mlfq K=2, Q0=32 steps", "mlfq", {**_K2, "auto_quantum_decode_steps": 32}),
     ("mlfq K=2, Q0=64 steps", "mlfq", {**_K2, "auto_quantum_decode_steps": 64}),

@@ -57,8 +57,10 @@ class MLFQConfig(Settings):
     #: memoryless prior, before lengths are seen). On increasing-hazard
     #: lengths (ShareGPT's replies) a request that has run is the better bet
     #: and keeps its level, as under FCFS; past the short mode of short/long
-    #: traffic it goes down as MLFQ intends. ``False`` is FastServe's rule
-    #: (demote on every spent quantum).
+    #: traffic it goes down as MLFQ intends. Skip-join then places only the
+    #: prefill: once prefilled, a request rejoins level 0 in its arrival
+    #: place. ``False`` is FastServe's rule (demote on every spent quantum,
+    #: no rejoin).
     demote_by_value: bool = True
     #: Output-length predictor the ``gittins`` policy conditions its learned
     #: distributions on (``vllm_esp.integration.predictor``): ``""`` off,
