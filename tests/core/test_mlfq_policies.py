@@ -37,6 +37,7 @@ def mlfq(
     starvation_threshold_s: float = 0.0,
     skip_join: bool = True,
     cost_model: StepCostModel = UNIT,
+    demote_by_value: bool = False,
 ) -> MLFQPolicy:
     return MLFQPolicy(
         num_levels=num_levels,
@@ -45,6 +46,7 @@ def mlfq(
         cost_model=cost_model,
         skip_join=skip_join,
         starvation_threshold_s=starvation_threshold_s,
+        demote_by_value=demote_by_value,
     )
 
 
@@ -550,13 +552,7 @@ def test_a_skip_joined_prompt_rejoins_level_zero_once_prefilled(by_value: bool) 
     # the prefill was the reason; its decode starts as a fresh request's,
     # in its arrival place (ahead of the newer "b"). FastServe's rule keeps
     # it where it joined.
-    policy = MLFQPolicy(
-        num_levels=4,
-        base_quantum_s=4e-3,
-        quantum_ratio=2.0,
-        cost_model=UNIT,
-        demote_by_value=by_value,
-    )
+    policy = mlfq(demote_by_value=by_value)
     add(policy, "a", 1.0, num_prompt_tokens=1000)
     add(policy, "b", 2.0)
     assert policy.level_of("a") == 2
