@@ -117,6 +117,35 @@ def test_grid_is_exact_then_geometric():
     assert len(grid) < 25
 
 
+def test_survival_without_survivors_is_the_blend_of_samples_and_prior():
+    grid = length_grid(300)
+    dist = LengthDistribution(grid, prior_weight=4.0)
+    lengths = [3, 3, 7, 20, 20, 150, 300]
+    for length in lengths:
+        dist.observe(length)
+    prior = LengthDistribution(grid, prior_weight=1.0).survival()  # no data: the prior
+    for g, f, p in zip(grid, dist.survival(), prior, strict=True):
+        longer = sum(1 for x in lengths if x > g)
+        assert f == pytest.approx((longer + 4.0 * p) / (len(lengths) + 4.0))
+
+
+def test_survivors_are_right_censored_as_in_kaplan_meier():
+    # Finished: 2, 4, 4. In flight: one known longer than 3, one than 6.
+    dist = LengthDistribution(length_grid(64), prior_weight=0.0)
+    for length in (2, 4, 4):
+        dist.observe(length)
+    dist.add_survivor(dist.grid_index(3))
+    dist.add_survivor(dist.grid_index(6))
+    f = dict(zip(dist.grid, dist.survival(), strict=True))
+    # At 2 all five are at risk; at 4 the one censored at 3 is not.
+    assert f[1] == 1.0 and f[2] == pytest.approx(4 / 5) and f[3] == pytest.approx(4 / 5)
+    assert f[4] == pytest.approx(4 / 5 * (1 - 2 / 3))
+    assert f[6] == pytest.approx(f[4])  # no death seen up to the last survivor
+    dist.remove_survivor(dist.grid_index(6))
+    dist.remove_survivor(dist.grid_index(3))
+    assert dist.survival()[dist.grid_index(4)] == pytest.approx(0.0)
+
+
 def request(rid: str, t: float, prompt: int = 16, max_tokens: int | None = None) -> RequestInfo:
     return RequestInfo(rid, arrival_time=t, num_prompt_tokens=prompt, max_tokens=max_tokens)
 
@@ -144,6 +173,49 @@ def serve(policy: GittinsPolicy, rid: str, num_tokens: int, now: float) -> None:
         policy.on_scheduled(rid, n, computed, now)
         computed += n
         policy.end_step(now)
+
+
+def test_survivors_are_counted_while_requests_run():
+    policy = learned_policy([10, 20, 30])
+    for i in range(4):
+        policy.add_request(request(f"r{i}", 0.0), 0.0)
+        serve(policy, f"r{i}", 16 + 40, 0.0)  # 40 output tokens: longer than 39
+    assert policy.num_survivors == 4
+    policy.remove_request("r0", 45)  # finished: a length now
+    policy.remove_request("r1")  # aborted: nothing learned
+    assert policy.num_survivors == 2 and policy.num_observed_lengths == 4
+    policy.check_invariants()
+
+
+def test_a_request_past_every_length_seen_keeps_its_place_before_a_fresh_one():
+    # Early on only short requests have finished. A request that has run
+    # past all of them is in the prior's territory, where nothing shows it
+    # to be a worse bet than a newcomer: it is not paused for one.
+    policy = learned_policy([])
+    policy.add_request(request("old", 0.0), 0.0)
+    serve(policy, "old", 16 + 200, 0.0)
+    for length in range(10, 50, 5):
+        policy.observe_length(16, length)
+    policy.end_step(0.0)  # refit
+    policy.add_request(request("fresh", 1.0), 1.0)
+    assert list(policy.iter_ranked()) == ["old", "fresh"]
+    assert policy.index_of("old") >= policy.index_of("fresh")
+
+
+def test_past_the_horizon_no_index_is_below_a_fresh_requests():
+    grid = length_grid(512)
+    dist = LengthDistribution(grid, prior_weight=8.0)
+    for length in [8] * 30 + [40] * 10:
+        dist.observe(length)
+    survival = dist.survival()
+    sums = segment_sums(grid, survival)
+    plain, capped = gittins_table(survival, sums), gittins_table(survival, sums, dist.horizon())
+    horizon = dist.horizon()
+    assert grid[horizon] == 44  # the grid point at or above the longest length
+    assert min(plain[horizon:]) < plain[0]  # the memoryless prior's tail
+    assert all(c >= capped[0] for c in capped[horizon:])
+    assert capped[:horizon] == plain[:horizon]  # the data's own region is untouched
+    assert LengthDistribution(grid, prior_weight=8.0).horizon() is None
 
 
 def test_learned_bimodal_distribution_serves_a_young_request_before_an_old_long_one():
@@ -196,25 +268,29 @@ def test_a_long_prompt_waits_behind_short_ones_of_the_same_distribution():
     assert list(policy.iter_ranked()) == ["short-prompt", "long-prompt"]
 
 
-def test_starved_request_is_promoted_and_served_its_quantum_first():
-    policy = learned_policy(
-        [8] * 90 + [400] * 10, starvation_threshold_s=1.0, promotion_quantum_s=0.005
-    )
-    policy.add_request(request("long", 0.0), 0.0)
-    serve(policy, "long", 30, 0.0)
+def test_starved_requests_are_promoted_until_they_finish_oldest_first():
+    policy = learned_policy([8] * 90 + [400] * 10, starvation_threshold_s=1.0)
+    for rid, t in (("long-a", 0.0), ("long-b", 0.1)):
+        policy.add_request(request(rid, t), t)
+        serve(policy, rid, 30, t)  # past the short mode: below newcomers
     for i in range(3):
         policy.add_request(request(f"s{i}", 0.5), 0.5)
-    assert list(policy.iter_ranked())[-1] == "long"
-    policy.end_step(1.2)  # "long" idle since 0.0: promoted above every index
-    assert next(policy.iter_ranked()) == "long" and policy.num_promotions == 1
-    policy.end_step(1.3)  # promotion lasts until it is served its quantum
-    assert next(policy.iter_ranked()) == "long"
+    assert list(policy.iter_ranked())[-2:] == ["long-a", "long-b"]
+    serve(policy, "long-b", 1, 1.15)  # served: its clock restarts
+    policy.end_step(1.2)  # "long-a" idle since 0.0: promoted above every index
+    assert next(policy.iter_ranked()) == "long-a" and policy.is_starved("long-a")
+    policy.end_step(2.2)  # every request starved by now: arrival order
+    assert list(policy.iter_ranked()) == ["long-a", "long-b", "s0", "s1", "s2"]
+    assert policy.num_promotions == 5
     computed = 16 + 30
-    for _ in range(5):  # 5 decode steps ~ 5 ms of standalone service
-        policy.on_scheduled("long", 1, computed, 1.4)
+    for _ in range(50):  # served on: promoted still, no longer starved
+        policy.on_scheduled("long-a", 1, computed, 2.3)
         computed += 1
-        policy.end_step(1.4)
-    assert list(policy.iter_ranked())[-1] == "long"
+        policy.end_step(2.3)
+    assert list(policy.iter_ranked())[:2] == ["long-a", "long-b"]
+    assert not policy.is_starved("long-a")
+    policy.remove_request("long-a", 400)
+    assert next(policy.iter_ranked()) == "long-b"
     policy.check_invariants()
 
 
@@ -235,7 +311,6 @@ def test_invariants_hold_under_random_workloads(ops):
         max_len=256,
         refit_every=3,
         starvation_threshold_s=0.05,
-        promotion_quantum_s=0.002,
     )
     computed: dict[str, int] = {}
     now = 0.0

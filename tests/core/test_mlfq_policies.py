@@ -200,20 +200,23 @@ def test_service_restarts_the_starvation_clock() -> None:
     assert policy.level_of("long") == 0
 
 
-def test_promoted_request_joins_the_tail_of_level_zero() -> None:
+def test_promoted_request_joins_level_zero_in_its_arrival_place_for_good() -> None:
     policy = mlfq(starvation_threshold_s=5.0)
     add(policy, "old", 100.0, 10)  # level 0
     add(policy, "starved", 100.0, 2000)  # level 3, arrived with "old"
     add(policy, "recent", 104.0, 10)  # level 0, arrived later
     assert ranked(policy) == ["old", "recent", "starved"]
     policy.end_step(105.0)  # "old" (level 0) and "starved" waited 5 s
-    # Keyed by its promotion time, not its arrival: behind "recent".
-    assert ranked(policy) == ["old", "recent", "starved"]
-    assert policy.level_of("starved") == 0
+    # In its arrival place: only the older "old" goes first.
+    assert ranked(policy) == ["old", "starved", "recent"]
+    assert policy.level_of("starved") == 0 and policy.stats().num_promotions == 2
+    # Served well past level 0's quantum: never demoted again, so newer
+    # requests cannot overtake it (its wait is bounded by older ones').
+    for _ in range(50):
+        policy.on_scheduled("starved", 64, 0, 106.0)
+        policy.end_step(106.0)
     add(policy, "later", 106.0, 10)
-    assert ranked(policy) == ["old", "recent", "starved", "later"]
-    # "old" was already on level 0: not counted as a promotion.
-    assert policy.stats().num_promotions == 1
+    assert ranked(policy) == ["old", "starved", "recent", "later"]
 
 
 def test_promotion_off_at_threshold_zero() -> None:

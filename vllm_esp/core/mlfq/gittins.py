@@ -27,21 +27,30 @@ Cheap at schedule time:
   request's index is one lookup at the grid point at or below its
   attained tokens (only requests with prefill left compute ``G`` with
   their ``P``, once per charge).
-* The distribution is learned online from finished requests (never from
-  ``max_tokens``: that would be clairvoyant in ``ignore_eos`` traces), one
+* The distribution is learned online from finished requests and, as
+  right-censored survivors, from the requests still in flight
+  (``LengthDistribution``; never from ``max_tokens``: that would be
+  clairvoyant in ``ignore_eos`` traces), one
   histogram per prompt-length bucket, or per predicted-length bucket for
   requests that carry an output-length predictor's guess
   (``RequestInfo.predicted_output_tokens``), falling back to all requests
   while a bucket has few samples; a memoryless prior (equal indices:
-  arrival order, as stock vLLM) fills in until enough have finished. The
+  arrival order, as stock vLLM) fills in until enough have finished, and
+  past the longest length seen no index is below a fresh request's
+  (``gittins_table``'s horizon: the prior's tail would rank the longest
+  replies last while the first lengths are learned, 1.08x FCFS's mean
+  JCT and 2.0x its p99 on ShareGPT at 0.8 of capacity, against 1.005x and
+  1.11x with it, SIMULATED on the serve suite's engine). The
   prediction only picks the histogram: what the bucket's requests really
   produced sets the index, so a biased or uninformative predictor costs
   slower learning, not a wrong order. Tables are rebuilt every
   ``refit_every`` finishes, then every request is re-keyed.
 * A request not served for ``starvation_threshold_s`` is promoted above
-  every index until it has been served ``promotion_quantum_s`` of
-  standalone time (promoted requests in promotion order): a bound on
-  waiting that the index alone does not give.
+  every index until it finishes, promoted requests in arrival order: a
+  bound on waiting that the index alone does not give (only older
+  promoted requests go first). Promoted requests are not demoted back
+  after a quantum: that shares the machine among them round-robin, the
+  worst order on ShareGPT's replies.
 """
 
 from __future__ import annotations
@@ -125,19 +134,44 @@ def mean_residual_table(survival: Sequence[float], sums: Sequence[float]) -> lis
     return out
 
 
-def gittins_table(survival: Sequence[float], sums: Sequence[float]) -> list[float]:
-    """``G`` at every grid point (no prefill left), O(n^2) in the grid size."""
-    return [gittins_index(i, survival, sums) for i in range(len(survival))]
+def gittins_table(
+    survival: Sequence[float], sums: Sequence[float], horizon: int | None = None
+) -> list[float]:
+    """``G`` at every grid point (no prefill left), O(n^2) in the grid size.
+
+    From grid point ``horizon`` on (past every length the data has seen) no
+    index is below a fresh request's: there the survival curve is the
+    prior's guess, and a request that has outlived every observation is
+    not shown to be a worse bet than a newcomer, so it is not paused for
+    one (equal bands: arrival order).
+    """
+    table = [gittins_index(i, survival, sums) for i in range(len(survival))]
+    if horizon is not None:
+        for i in range(max(horizon, 1), len(table)):
+            table[i] = max(table[i], table[0])
+    return table
 
 
 class LengthDistribution:
-    """Output lengths on a grid: counts of finished requests plus a prior."""
+    """Output lengths on a grid, Kaplan-Meier style: finished requests are
+    observed lengths, requests still in flight are *survivors* (right-
+    censored: known to be longer than what they have produced), and a
+    memoryless prior fills in as ``prior_weight`` pseudo-requests.
+
+    Survivors matter while lengths are being learned: the first requests
+    to finish are the short ones, so a histogram of finished requests
+    alone says every length is short. Past the last survivor and the
+    longest finished length (``horizon``) only the prior speaks.
+    """
 
     def __init__(self, grid: Sequence[int], prior_weight: float, prior_mean: float = 256.0) -> None:
         self.grid = tuple(grid)
         self.prior_weight = prior_weight
         # counts[k]: finished requests whose length falls in (g_{k-1}, g_k].
         self.counts = [0] * len(self.grid)
+        # survivors[k]: requests in flight known to be longer than g_k
+        # (and not known to be longer than g_{k+1}).
+        self.survivors = [0] * len(self.grid)
         self.num_samples = 0
         # Memoryless prior (geometric lengths, mean ``prior_mean``): a
         # constant hazard makes every index equal, so with no data the
@@ -145,19 +179,57 @@ class LengthDistribution:
         q = 1.0 / max(prior_mean, 1.0)
         self._prior_survival = [(1.0 - q) ** g for g in self.grid]
 
+    def grid_index(self, length: int) -> int:
+        """The grid point at or below ``length`` (clamped to the grid)."""
+        return max(0, bisect.bisect_right(self.grid, length) - 1)
+
     def observe(self, length: int) -> None:
+        """A finished request's output length."""
         k = bisect.bisect_left(self.grid, max(1, min(length, self.grid[-1])))
         self.counts[k] += 1
         self.num_samples += 1
 
+    def add_survivor(self, index: int) -> None:
+        """A request in flight known to be longer than ``grid[index]``."""
+        self.survivors[index] += 1
+
+    def remove_survivor(self, index: int) -> None:
+        assert self.survivors[index] > 0, "no survivor at that grid point"
+        self.survivors[index] -= 1
+
+    def horizon(self) -> int | None:
+        """The first grid point past every finished length and every
+        survivor's bound (None: no data)."""
+        for k in range(len(self.grid) - 1, -1, -1):
+            if self.counts[k] or self.survivors[k]:
+                return k
+        return None
+
     def survival(self) -> list[float]:
-        """``F`` at the grid points, samples and prior blended by weight."""
-        n, w = self.num_samples, self.prior_weight
-        longer = n
-        out = []
-        for k, prior in enumerate(self._prior_survival):
-            longer -= self.counts[k]  # samples with length > g_k
-            out.append((longer + w * prior) / (n + w) if n + w > 0 else prior)
+        """``F`` at the grid points: the product-limit estimate over
+        finished requests, survivors and the prior's pseudo-requests.
+        Without survivors it is the blend ``(n_longer + w F_prior) / (n + w)``.
+
+        ::
+
+            F(g_k) = prod_{j=1..k} (1 - deaths_j / at_risk_j)
+            deaths_j  = counts[j] + w (F_prior(g_{j-1}) - F_prior(g_j))
+            at_risk_j = sum_{i>=j} (counts[i] + survivors[i]) + w F_prior(g_{j-1})
+        """
+        num = len(self.grid)
+        w, prior = self.prior_weight, self._prior_survival
+        at_risk_data = [0] * (num + 1)  # at_risk_data[j]: sum over i >= j
+        for i in range(num - 1, -1, -1):
+            at_risk_data[i] = at_risk_data[i + 1] + self.counts[i] + self.survivors[i]
+        out = [1.0]
+        f = 1.0
+        for j in range(1, num):
+            at_risk = at_risk_data[j] + w * prior[j - 1]
+            if at_risk > 0:
+                f *= 1.0 - (self.counts[j] + w * (prior[j - 1] - prior[j])) / at_risk
+            else:  # nothing known this far out: the prior's hazard
+                f *= prior[j] / prior[j - 1]
+            out.append(max(f, 0.0))
         return out
 
 
@@ -168,9 +240,14 @@ class _GittinsState:
     #: Prompt tokens still to compute (known at arrival, prefix cache aware).
     num_prefill_tokens_left: int
     num_output_tokens: int = 0
+    #: The grid point the request is a survivor at in its histograms (-1:
+    #: none yet).
+    survivor_index: int = -1
     key: tuple[float, float, int, str] = (0.0, 0.0, 0, "")
-    #: Standalone seconds served since promotion (None: not promoted).
-    promoted_served_s: float | None = None
+    #: Promoted for starvation: above every index until it finishes.
+    promoted: bool = False
+    #: Promoted and not served since.
+    starved: bool = False
 
 
 class GittinsPolicy(RankingPolicy):
@@ -194,7 +271,6 @@ class GittinsPolicy(RankingPolicy):
         min_bucket_samples: int = 32,
         refit_every: int = 16,
         starvation_threshold_s: float = 0.0,
-        promotion_quantum_s: float = 1.0,
         grid: Sequence[int] | None = None,
     ) -> None:
         self.cost_model = cost_model
@@ -202,7 +278,6 @@ class GittinsPolicy(RankingPolicy):
         self.min_bucket_samples = min_bucket_samples
         self.refit_every = refit_every
         self.starvation_threshold_s = starvation_threshold_s
-        self.promotion_quantum_s = promotion_quantum_s
         self._dists = [LengthDistribution(self.grid, prior_weight) for _ in range(_NUM_DISTS)]
         self._survival: list[list[float]] = []
         self._sums: list[list[float]] = []
@@ -231,7 +306,7 @@ class GittinsPolicy(RankingPolicy):
             sums = segment_sums(self.grid, survival)
             self._survival.append(survival)
             self._sums.append(sums)
-            self._tables.append(gittins_table(survival, sums))
+            self._tables.append(gittins_table(survival, sums, dist.horizon()))
         self._finished_since_fit = 0
         self.num_refits += 1
 
@@ -254,6 +329,11 @@ class GittinsPolicy(RankingPolicy):
     def num_observed_lengths(self) -> int:
         """Finished requests learned from so far."""
         return self._dists[0].num_samples
+
+    @property
+    def num_survivors(self) -> int:
+        """Requests in flight counted as survivors (longer than produced)."""
+        return sum(self._dists[0].survivors)
 
     @staticmethod
     def _bucket(num_prompt_tokens: int, predicted_output_tokens: int | None = None) -> int:
@@ -284,10 +364,8 @@ class GittinsPolicy(RankingPolicy):
     # ------------------------------------------------------------ ordering
     def _key(self, request_id: str, state: _GittinsState) -> tuple[float, float, int, str]:
         seq = state.key[2]
-        if state.promoted_served_s is not None:
-            # Promoted: above every index, in promotion order (key[1] holds
-            # the promotion time once promoted).
-            return (0.0, state.key[1], seq, request_id)
+        if state.promoted:
+            return (0.0, 0.0, seq, request_id)  # above every index, by arrival
         index = self.index_of(request_id)
         band = math.floor(math.log(index) / math.log(INDEX_BAND)) if index > 0 else -(10**9)
         return (1.0, float(-band), seq, request_id)
@@ -320,8 +398,22 @@ class GittinsPolicy(RankingPolicy):
         del self._order[bisect.bisect_left(self._order, state.key)]
         self._idle_since.pop(request_id, None)
         self._charged.discard(request_id)
+        self._move_survivor(state, -1)
         if num_output_tokens is not None:
             self._observe(state.bucket, num_output_tokens)
+
+    def _move_survivor(self, state: _GittinsState, index: int) -> None:
+        """Count the request in flight at grid point ``index`` (-1: not at
+        all) in its histograms, from the next refit."""
+        old = state.survivor_index
+        if index == old:
+            return
+        for dist in (self._dists[0], self._dists[state.bucket]):
+            if old >= 0:
+                dist.remove_survivor(old)
+            if index >= 0:
+                dist.add_survivor(index)
+        state.survivor_index = index
 
     def on_scheduled(
         self, request_id: str, num_new_tokens: int, num_computed_tokens: int, now: float
@@ -333,11 +425,14 @@ class GittinsPolicy(RankingPolicy):
         state.num_prefill_tokens_left = max(0, state.num_prompt_tokens - end)
         # The step that completes the prompt samples the first output token.
         state.num_output_tokens = max(0, end - state.num_prompt_tokens + 1)
-        if state.promoted_served_s is not None:
-            state.promoted_served_s += self.cost_model.chunk_time(
-                num_new_tokens, num_computed_tokens
-            )
-        self._charged.add(request_id)
+        # Not finished before this step: longer than what it had produced
+        # (a bound that only grows, also while a preempted request recomputes).
+        if state.num_output_tokens > 1:
+            index = self._dists[0].grid_index(state.num_output_tokens - 1)
+            self._move_survivor(state, max(index, state.survivor_index))
+        state.starved = False
+        if not state.promoted:  # a promoted request's key is fixed
+            self._charged.add(request_id)
         self._idle_since[request_id] = now
         self._idle_since.move_to_end(request_id)
 
@@ -347,23 +442,12 @@ class GittinsPolicy(RankingPolicy):
             self._resort_all()
         else:
             for request_id in self._charged:
-                state = self._states[request_id]
-                if (
-                    state.promoted_served_s is not None
-                    and state.promoted_served_s >= self.promotion_quantum_s
-                ):
-                    state.promoted_served_s = None
-                self._rekey(request_id, state)
+                self._rekey(request_id, self._states[request_id])
         self._charged.clear()
         self._promote_starved(now)
 
     def _resort_all(self) -> None:
         for request_id, state in self._states.items():
-            if (
-                state.promoted_served_s is not None
-                and state.promoted_served_s >= self.promotion_quantum_s
-            ):
-                state.promoted_served_s = None
             state.key = self._key(request_id, state)
         self._order = sorted(s.key for s in self._states.values())
 
@@ -376,11 +460,10 @@ class GittinsPolicy(RankingPolicy):
             if since > deadline:
                 break
             state = self._states[request_id]
-            if state.promoted_served_s is None:
-                state.promoted_served_s = 0.0
-                del self._order[bisect.bisect_left(self._order, state.key)]
-                state.key = (0.0, now, state.key[2], request_id)
-                bisect.insort(self._order, state.key)
+            state.starved = True
+            if not state.promoted:
+                state.promoted = True
+                self._rekey(request_id, state)
                 self.num_promotions += 1
             self._idle_since.move_to_end(request_id)
             self._idle_since[request_id] = now
@@ -396,7 +479,7 @@ class GittinsPolicy(RankingPolicy):
         return self._states[request_id].key
 
     def is_starved(self, request_id: str) -> bool:
-        return self._states[request_id].promoted_served_s is not None
+        return self._states[request_id].starved
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._states
@@ -410,3 +493,5 @@ class GittinsPolicy(RankingPolicy):
     def check_invariants(self) -> None:
         assert self._order == sorted(s.key for s in self._states.values()), "order out of sync"
         assert set(self._idle_since) == set(self._states), "starvation clock out of sync"
+        num_tracked = sum(1 for s in self._states.values() if s.survivor_index >= 0)
+        assert self.num_survivors == num_tracked, "survivors out of sync"
