@@ -4,6 +4,7 @@ against the real OpenAI server, streamed as a client sees it.
     python -m benchmarks.serve_suite [--quick] --out FILE.json
         [--rounds N] [--schedulers fcfs,mlfq,...] [--traces NAME,...]
         [--num-requests N] [--seed 0] [--scale 0.5] [--model PATH]
+    python -m benchmarks.serve_suite --replot --out FILE.json   (PNG from the JSON)
 
 The server is ``vllm-esp serve MODEL --scheduler NAME`` with the demo's
 flags (``vllm_esp.demo.SERVER_FLAGS``: max-model-len 2048, 8 sequences,
@@ -47,8 +48,8 @@ The JSON has, per trace, pooled statistics per policy and class
 ``fcfs`` with their min/median/max (``ratios_vs_fcfs``), every replay (speed
 probe, wall time, per-request E2E/TTFT), the capacities, the targets of the
 suite checked on the median paired ratios, and run metadata. A PNG next to
-it plots the E2E CDF per class of the mixed trace and mean E2E against load
-on ShareGPT.
+it plots the E2E CDF per class of the mixed trace (of whole traces when it
+is not selected) and mean E2E against load on ShareGPT.
 
 ``--quick``: 2 rounds of the 5 schedulers (5 server start-ups of 35-55 s
 each on 2 cores), 8 ShareGPT requests per trace, 40 mixed, 20 heavy-tail
@@ -61,6 +62,7 @@ mostly noise. Full: 3 rounds, 100 ShareGPT requests per trace, 200 mixed,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -653,9 +655,24 @@ def print_tables(traces: dict[str, Any], policies: Sequence[str]) -> None:
                 )
 
 
-def plot(path: Path, run: SuiteRun, specs: Sequence[TraceSpec], policies: Sequence[str]) -> bool:
-    """E2E CDF per class of the mixed trace, and mean E2E against load on
-    ShareGPT, per policy. False (nothing written) without matplotlib."""
+def cdf_panels(specs: Sequence[TraceSpec], num_panels: int) -> list[tuple[str, str | None]]:
+    """``(trace, class)`` of each E2E CDF panel: the mixed trace's short
+    and long requests first, then whole traces in replay order (class
+    None: every request)."""
+    panels: list[tuple[str, str | None]] = []
+    mixed = next((s.name for s in specs if s.name.startswith("mixed")), None)
+    if mixed is not None:
+        panels += [(mixed, "short"), (mixed, "long")]
+    panels += [(s.name, None) for s in specs if s.name != mixed]
+    return panels[:num_panels]
+
+
+def plot(
+    path: Path, replays: Sequence[Replay], specs: Sequence[TraceSpec], policies: Sequence[str]
+) -> bool:
+    """E2E CDFs per policy (the mixed trace per class, else whole traces)
+    and, with ShareGPT loads, mean E2E against load. False (nothing
+    written) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -664,18 +681,17 @@ def plot(path: Path, run: SuiteRun, specs: Sequence[TraceSpec], policies: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mixed = next((s.name for s in specs if s.name.startswith("mixed")), None)
     loads = [s for s in specs if s.family == "sharegpt" and s.load is not None]
-    pooled = pooled_stats(run.replays)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for ax, cls in zip(axes[:2], ("short", "long")):
+    panels = cdf_panels(specs, 2 if loads else 3)
+    fig, axes = plt.subplots(1, len(panels) + bool(loads), figsize=(16, 4.4), squeeze=False)
+    for ax, (trace, cls) in zip(axes[0], panels):
         for policy in policies:
             e2e = sorted(
                 e
-                for r in run.replays
-                if r.trace == mixed and r.policy == policy
+                for r in replays
+                if r.trace == trace and r.policy == policy
                 for e, c in zip(r.e2e_s, r.classes)
-                if c == cls
+                if cls is None or c == cls
             )
             if e2e:
                 ys = [(i + 1) / len(e2e) for i in range(len(e2e))]
@@ -685,29 +701,56 @@ def plot(path: Path, run: SuiteRun, specs: Sequence[TraceSpec], policies: Sequen
         ax.set_xscale("log")
         ax.set_xlabel("E2E latency (s, log scale)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{mixed}: {cls} requests")
+        ax.set_title(f"{trace}: {cls or 'all'} requests")
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=8)
-    ax = axes[2]
-    for policy in policies:
-        pts = [
-            (s.load, pooled[s.name][policy]["all"]["mean_e2e_s"])
-            for s in loads
-            if policy in pooled.get(s.name, {})
-        ]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=policy)
-    ax.set_xlabel("load (fraction of fcfs capacity)")
-    ax.set_ylabel("mean E2E latency (s)")
-    ax.set_title("ShareGPT: mean E2E against load")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if loads:
+        pooled = pooled_stats(replays)
+        ax = axes[0][-1]
+        for policy in policies:
+            pts = [
+                (s.load, pooled[s.name][policy]["all"]["mean_e2e_s"])
+                for s in loads
+                if policy in pooled.get(s.name, {})
+            ]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_xlabel("load (fraction of fcfs capacity)")
+        ax.set_ylabel("mean E2E latency (s)")
+        ax.set_title("ShareGPT: mean E2E against load")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def replays_from_json(result: dict[str, Any]) -> list[Replay]:
+    """The replays a result JSON holds (timings and classes), for replotting."""
+    return [
+        Replay(
+            trace=name,
+            policy=rep["policy"],
+            round=rep["round"],
+            classes=list(t["requests"]["class"]),
+            ttft_s=list(rep["ttft_s"]),
+            e2e_s=list(rep["e2e_s"]),
+        )
+        for name, t in result["traces"].items()
+        for rep in t["replays"]
+    ]
+
+
+def replot(path: Path) -> Path:
+    """Redraw a result's PNG from its JSON."""
+    result = json.loads(path.read_text())
+    specs = [TraceSpec(n, t["family"], t["load"]) for n, t in result["traces"].items()]
+    png = path.with_suffix(".png")
+    plot(png, replays_from_json(result), specs, result["schedulers"])
+    return png
 
 
 # --------------------------------------------------------------------- main
@@ -732,6 +775,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=0.5, help="ShareGPT length scale")
     parser.add_argument("--model", default=None, help="model folder (default: the default preset)")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw --out's PNG from its JSON (no replay)"
+    )
     args = parser.parse_args(argv)
     args.schedulers = [p.strip() for p in args.schedulers.split(",") if p.strip()]
     if BASELINE not in args.schedulers:
@@ -750,6 +796,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        print(f"wrote {replot(args.out)}")
+        return 0
     size = QUICK if args.quick else FULL
     rounds = args.rounds or size.rounds
     counts = {
@@ -810,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out, out)
     png = args.out.with_suffix(".png")
-    wrote_png = plot(png, run, args.specs, args.schedulers)
+    wrote_png = plot(png, run.replays, args.specs, args.schedulers)
     print_tables(traces, args.schedulers)
     print(
         f"\nwrote {args.out}"

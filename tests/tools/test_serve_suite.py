@@ -290,8 +290,37 @@ def test_print_tables_show_each_policy_and_the_ratio(capsys: pytest.CaptureFixtu
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run, specs = _fake_run()
-    assert suite.plot(tmp_path / "p.png", run, specs, ["fcfs", "mlfq"])
+    assert suite.plot(tmp_path / "p.png", run.replays, specs, ["fcfs", "mlfq"])
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_cdf_panels_show_the_mixed_classes_else_whole_traces() -> None:
+    burst = suite.TraceSpec("sharegpt_burst", "sharegpt", None)
+    low = suite.TraceSpec("sharegpt_0.5", "sharegpt", 0.5)
+    mixed = suite.TraceSpec("mixed_0.9", "mixed", 0.9)
+    heavy = suite.TraceSpec("heavy_tail", "heavy_tail", 0.9)
+    assert suite.cdf_panels([burst, mixed, heavy], 3) == [
+        ("mixed_0.9", "short"),
+        ("mixed_0.9", "long"),
+        ("sharegpt_burst", None),
+    ]
+    assert suite.cdf_panels([burst, low], 2) == [("sharegpt_burst", None), ("sharegpt_0.5", None)]
+
+
+def test_replot_redraws_the_png_from_the_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run, specs = _fake_run()
+    path = write_json(
+        tmp_path / "out.json",
+        {"schedulers": ["fcfs", "mlfq"], "traces": suite.traces_json(run, specs)},
+    )
+    replays = suite.replays_from_json(json.loads(path.read_text()))
+    key = lambda r: (r.trace, r.policy, r.round)
+    assert sorted((key(r), r.e2e_s, r.classes) for r in replays) == sorted(
+        (key(r), r.e2e_s, r.classes) for r in run.replays
+    )
+    assert suite.main(["--replot", "--out", str(path)]) == 0
+    assert (tmp_path / "out.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------- round driving
