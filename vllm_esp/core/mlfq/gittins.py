@@ -353,7 +353,7 @@ class GittinsPolicy(RankingPolicy):
         """The request's current Gittins index (larger = served first)."""
         state = self._states[request_id]
         b = state.bucket
-        i = bisect.bisect_right(self.grid, state.num_output_tokens) - 1
+        i = self._dists[0].grid_index(state.num_output_tokens)
         if state.num_prefill_tokens_left <= 0:
             return self._tables[b][i]
         done = state.num_prompt_tokens - state.num_prefill_tokens_left

@@ -25,8 +25,6 @@ conservative until the data says otherwise.
 
 from __future__ import annotations
 
-import bisect
-
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.gittins import (
     LengthDistribution,
@@ -94,15 +92,13 @@ class OutputLengthModel:
 
     def expected_remaining_tokens(self, num_output_tokens: int = 0) -> float:
         """Mean residual output length after ``num_output_tokens`` tokens."""
-        i = bisect.bisect_right(self._dist.grid, num_output_tokens) - 1
-        return self._residual[max(i, 0)]
+        return self._residual[self._dist.grid_index(num_output_tokens)]
 
     def gittins_index(self, num_output_tokens: int = 0) -> float:
         """Gittins index after ``num_output_tokens`` tokens (no prefill
         left; ``vllm_esp.core.mlfq.gittins``): larger finishes sooner per
         unit of service."""
-        i = bisect.bisect_right(self._dist.grid, num_output_tokens) - 1
-        return self._gittins[max(i, 0)]
+        return self._gittins[self._dist.grid_index(num_output_tokens)]
 
 
 def expected_remaining_s(
