@@ -426,10 +426,12 @@ class GittinsPolicy(RankingPolicy):
         # The step that completes the prompt samples the first output token.
         state.num_output_tokens = max(0, end - state.num_prompt_tokens + 1)
         # Not finished before this step: longer than what it had produced
-        # (a bound that only grows, also while a preempted request recomputes).
-        if state.num_output_tokens > 1:
-            index = self._dists[0].grid_index(state.num_output_tokens - 1)
-            self._move_survivor(state, max(index, state.survivor_index))
+        # (a bound that only grows, also while a preempted request
+        # recomputes). One comparison per charge until it reaches the next
+        # grid point.
+        nxt = state.survivor_index + 1
+        if nxt < len(self.grid) and state.num_output_tokens - 1 >= max(self.grid[nxt], 1):
+            self._move_survivor(state, self._dists[0].grid_index(state.num_output_tokens - 1))
         state.starved = False
         if not state.promoted:  # a promoted request's key is fixed
             self._charged.add(request_id)
