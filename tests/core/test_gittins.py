@@ -19,9 +19,11 @@ from vllm_esp.core.mlfq.gittins import (
     gittins_index,
     gittins_table,
     length_grid,
+    refit_due,
     segment_sums,
 )
 from vllm_esp.core.mlfq.policy import RequestInfo
+from vllm_esp.core.mlfq.value import OutputLengthModel
 
 #: 1 ms per step plus 0.01 ms per token: one decode step = 1.01 ms.
 COST = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=0.0, source="calibrated")
@@ -400,3 +402,17 @@ def test_an_unlearned_prediction_bucket_borrows_the_pooled_distribution():
     # bucket that only saw 8s, above the one that only saw 400s.
     assert policy.index_of("unseen") == policy.index_of("unseen-too")
     assert policy.index_of("plain") > policy.index_of("unseen") > policy.index_of("long")
+
+
+def test_refits_come_every_refit_every_then_every_sixteenth_of_the_data() -> None:
+    assert refit_due(16, 16, refit_every=16) and not refit_due(15, 15, refit_every=16)
+    # With 1,600 lengths a refit waits for 100 new ones, not 16.
+    assert not refit_due(99, 1600, refit_every=16) and refit_due(100, 1600, refit_every=16)
+    lengths = OutputLengthModel(refit_every=4)
+    fits = []
+    for n in range(1, 201):
+        lengths.observe(n)
+        lengths.maybe_refit()
+        fits.append(lengths.num_fits)
+    assert fits[3] == 2 and fits[2] == 1  # the constructor's fit, then at 4 lengths
+    assert 1 + 200 // 16 < fits[-1] < 1 + 200 // 4  # sparser as the data grows

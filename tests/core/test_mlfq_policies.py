@@ -10,8 +10,10 @@ scheduler does with these orders on vLLM is in
 
 from __future__ import annotations
 
+import random
+
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -484,8 +486,7 @@ def value_mlfq(lengths: list[int]) -> MLFQPolicy:
     for i, length in enumerate(lengths):
         policy.add_request(info(f"done{i}", 0.0), 0.0)
         policy.remove_request(f"done{i}", num_output_tokens=length)
-    policy.end_step(0.0)  # refit
-    return policy
+    return policy  # refitted at its next charge
 
 
 def decode(policy: MLFQPolicy, rid: str, num_tokens: int, now: float = 0.0) -> None:
@@ -547,6 +548,67 @@ def test_aborted_requests_do_not_teach_value_demotion() -> None:
     # Still the memoryless prior: had the aborts been learned as lengths,
     # 20 tokens would be past every one of them, and demoted.
     assert policy.level_of("a") == 0
+
+
+def test_a_declined_demotion_is_judged_again_after_a_refit() -> None:
+    # Declined under uniform lengths (never worth it, at any length), then
+    # the lengths turn short/long: at its next charge past 8 tokens the
+    # request is demoted, without waiting for a length the old tables named.
+    policy = value_mlfq(list(range(1, 201)))
+    policy.add_request(info("a", 1.0), 1.0)
+    decode(policy, "a", 40)
+    assert policy.level_of("a") == 0 and policy.num_demotions_declined > 0
+    for i in range(400):
+        policy.add_request(info(f"late{i}", 1.0), 1.0)
+        policy.remove_request(f"late{i}", num_output_tokens=8 if i % 10 else 400)
+    policy.on_scheduled("a", 1, 10 + 39, 1.0)
+    policy.end_step(1.0)
+    assert policy.level_of("a") == 1
+    policy.check_invariants()
+
+
+class _JudgedEveryStep(MLFQPolicy):
+    """MLFQ without the recheck shortcut: a declined demotion is judged
+    again at every charge past the quantum."""
+
+    def end_step(self, now: float) -> None:
+        super().end_step(now)
+        for request_id in self._declined:
+            self._states[request_id].recheck_output_tokens = 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**20))
+def test_declined_demotions_are_judged_again_when_the_answer_can_change(seed: int) -> None:
+    # Short/long lengths (demotion pays past the short mode) plus a spread
+    # (it does not below): declines, demotions and refits all happen. The
+    # shortcut must move every request exactly as judging every step does.
+    rng = random.Random(seed)
+    history = [8] * 20 + [300] * 3 + [rng.randint(1, 60) for _ in range(15)]
+    fast, slow = value_mlfq(history), value_mlfq(history)
+    slow.__class__ = _JudgedEveryStep
+    computed: dict[str, int] = {}  # a 10-token prompt, then a token a step
+    for step in range(120):
+        now = step * 0.01
+        if rng.random() < 0.3 or not computed:
+            for policy in (fast, slow):
+                policy.add_request(info(f"n{step}", now), now)
+            computed[f"n{step}"] = 0
+        scheduled = rng.sample(sorted(computed), k=min(len(computed), rng.randint(1, 6)))
+        charges = [(r, 1 if computed[r] else 10, computed[r]) for r in scheduled]
+        for policy in (fast, slow):
+            policy.on_scheduled_step(charges, now)
+            policy.end_step(now)
+        for request_id, num_new, _ in charges:
+            computed[request_id] += num_new
+            if rng.random() < 0.08:  # finishes: teaches the lengths, refits
+                for policy in (fast, slow):
+                    policy.remove_request(request_id, computed[request_id] - 9)
+                del computed[request_id]
+        fast.check_invariants()
+        assert ranked(fast) == ranked(slow)
+        assert [fast.level_of(r) for r in computed] == [slow.level_of(r) for r in computed]
+    assert fast.num_demotions == slow.num_demotions
 
 
 @pytest.mark.parametrize("by_value", [True, False])

@@ -44,7 +44,8 @@ Cheap at schedule time:
   prediction only picks the histogram: what the bucket's requests really
   produced sets the index, so a biased or uninformative predictor costs
   slower learning, not a wrong order. Tables are rebuilt every
-  ``refit_every`` finishes, then every request is re-keyed.
+  ``refit_every`` finishes (later, a sixteenth of the data: ``refit_due``),
+  then every request is re-keyed.
 * A request not served for ``starvation_threshold_s`` is promoted above
   every index until it finishes, promoted requests in arrival order: a
   bound on waiting that the index alone does not give (only older
@@ -150,6 +151,21 @@ def gittins_table(
         for i in range(max(horizon, 1), len(table)):
             table[i] = max(table[i], table[0])
     return table
+
+
+#: Once there is data, tables are rebuilt when the lengths learned since the
+#: last fit are this fraction of all of them (and ``refit_every`` at least).
+REFIT_FRACTION = 1 / 16
+
+
+def refit_due(num_new: int, num_samples: int, refit_every: int) -> bool:
+    """Whether to rebuild tables learned from ``num_samples`` lengths, of
+    which ``num_new`` arrived since the last fit: every ``refit_every`` at
+    first, then once the new ones are ``REFIT_FRACTION`` of the data. The
+    estimate then moves by a few percent per refit at any size, and a
+    refit (which re-ranks every request) stays rare with thousands of
+    finished requests."""
+    return num_new >= refit_every and num_new >= REFIT_FRACTION * num_samples
 
 
 class LengthDistribution:
@@ -439,7 +455,7 @@ class GittinsPolicy(RankingPolicy):
         self._idle_since.move_to_end(request_id)
 
     def end_step(self, now: float) -> None:
-        if self._finished_since_fit >= self.refit_every:
+        if refit_due(self._finished_since_fit, self.num_observed_lengths, self.refit_every):
             self._refit()
             self._resort_all()
         else:

@@ -31,12 +31,18 @@ Levels and quanta::
 Data structures are chosen for the per-step hot path: each level is a list
 kept sorted by ``(arrival_time, seq)``, so ``iter_ranked`` starts in O(1)
 and the scheduler stops after a batch's worth; the starvation check walks an
-insertion-ordered dict from its stale end only.
+insertion-ordered dict from its stale end only. A charge updates counters
+and compares the service with one number (``demote_at_s``); ``end_step``
+looks only at the requests that made due. A declined demotion by value is
+not judged again until the request's output reaches the next length at
+which it could be worth it, or the lengths are refitted
+(``_refit_rechecks``): the answer depends on nothing else.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -61,14 +67,16 @@ _DEMOTE_BELOW = 0.95
 _request_id_of = itemgetter(2)
 
 
-@dataclass
+@dataclass(slots=True)
 class _MLFQState:
     level: int
     key: _SortKey
     #: Standalone seconds of service attained in the current level.
     attained_s: float = 0.0
-    #: True once the request has been charged at least once.
-    has_run: bool = False
+    #: Attained service at which the request is due for a demotion check:
+    #: its level's quantum, or infinity in the bottom level and once
+    #: promoted (never demoted). The charge compares against this alone.
+    demote_at_s: float = math.inf
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     #: Promoted for starvation and not served since.
@@ -76,8 +84,11 @@ class _MLFQState:
     #: Promoted for starvation at some point: it stays in level 0, in its
     #: arrival place, until it finishes (never demoted again).
     promoted: bool = False
-    #: Its prompt is prefilled (``demote_by_value``'s rejoin is done).
-    decoding: bool = False
+    #: ``demote_by_value``'s rejoin after the prefill is still to come.
+    awaits_rejoin: bool = False
+    #: Output length from which a declined demotion is judged again (its
+    #: index is constant until the next grid point or a refit).
+    recheck_output_tokens: float = 0
 
 
 class MLFQPolicy(RankingPolicy):
@@ -126,6 +137,9 @@ class MLFQPolicy(RankingPolicy):
         self.quanta_s: tuple[float, ...] = tuple(
             base_quantum_s * quantum_ratio**k for k in range(num_levels)
         )
+        # Per level, the service at which a request is due for demotion
+        # (none from the bottom level).
+        self._demote_at_s = (*self.quanta_s[:-1], math.inf)
         self.cost_model = cost_model
         self.skip_join = skip_join
         self.starvation_threshold_s = starvation_threshold_s
@@ -134,8 +148,9 @@ class MLFQPolicy(RankingPolicy):
         self._states: dict[str, _MLFQState] = {}
         # request id -> time its starvation clock started; oldest first.
         self._idle_since: OrderedDict[str, float] = OrderedDict()
-        # Requests charged during the current step (demotion candidates).
-        self._charged: list[str] = []
+        # Requests the current step's charges made due for a demotion
+        # check or the rejoin (the others need nothing at end_step).
+        self._due: list[str] = []
         self._seq = 0
         self.num_demotions = 0
         self.num_promotions = 0
@@ -144,6 +159,12 @@ class MLFQPolicy(RankingPolicy):
         self.demote_by_value = demote_by_value
         self._lengths = OutputLengthModel(refit_every=refit_every)
         self.num_demotions_declined = 0
+        # Requests whose demotion was declined, and per grid point of the
+        # output lengths the first length from which demotion is worth it
+        # (``_refit_rechecks``; rebuilt when the lengths are refitted).
+        self._declined: set[str] = set()
+        self._demote_from: list[float] = []
+        self._num_fits_seen = -1
         self.num_rejoins = 0
 
     # ------------------------------------------------------------ placement
@@ -164,7 +185,11 @@ class MLFQPolicy(RankingPolicy):
         key = (info.arrival_time, self._seq, info.request_id)
         self._seq += 1
         self._states[info.request_id] = _MLFQState(
-            level=level, key=key, num_prompt_tokens=info.num_prompt_tokens
+            level=level,
+            key=key,
+            demote_at_s=self._demote_at_s[level],
+            num_prompt_tokens=info.num_prompt_tokens,
+            awaits_rejoin=self.demote_by_value,
         )
         bisect.insort(self._levels[level], key)
         # The starvation clock starts at arrival (never at 0).
@@ -176,6 +201,7 @@ class MLFQPolicy(RankingPolicy):
             return
         self._remove_key(state.level, state.key)
         self._idle_since.pop(request_id, None)
+        self._declined.discard(request_id)
         if num_output_tokens is not None:
             self._lengths.observe(num_output_tokens)
 
@@ -195,6 +221,21 @@ class MLFQPolicy(RankingPolicy):
         index = lengths.gittins_index(self._states[request_id].num_output_tokens)
         return index < _DEMOTE_BELOW * lengths.gittins_index(0)
 
+    def _refit_rechecks(self) -> None:
+        """After a refit, the output length from which each declined
+        demotion is judged again: ``worth_demoting`` is a function of the
+        grid point of a request's output length and of the tables alone,
+        so until either changes a declined request need not be judged."""
+        lengths = self._lengths
+        self._num_fits_seen = lengths.num_fits
+        self._demote_from = lengths.lengths_with_index_below(
+            _DEMOTE_BELOW * lengths.gittins_index(0)
+        )
+        demote_from, grid_index = self._demote_from, lengths.grid_index
+        for request_id in self._declined:
+            state = self._states[request_id]
+            state.recheck_output_tokens = demote_from[grid_index(state.num_output_tokens)]
+
     def _rejoin_after_prefill(self, request_id: str, state: _MLFQState) -> None:
         """Skip-join placed the request by its prefill; with the prefill
         done, what is left is decoding, whose index is a fresh request's
@@ -203,7 +244,7 @@ class MLFQPolicy(RankingPolicy):
         rank it: left below, a long prompt's decode is paused by every
         newcomer and its response time, the tail of ShareGPT's, triples
         (SIMULATED, ``benchmarks/sim_jct.py``)."""
-        state.decoding = True
+        state.awaits_rejoin = False
         if state.level > 0:
             self._move(state, 0)
             self.num_rejoins += 1
@@ -219,6 +260,9 @@ class MLFQPolicy(RankingPolicy):
         self._remove_key(state.level, state.key)
         state.level = new_level
         state.attained_s = 0.0
+        state.demote_at_s = math.inf if state.promoted else self._demote_at_s[new_level]
+        state.recheck_output_tokens = 0
+        self._declined.discard(state.key[2])
         bisect.insort(self._levels[new_level], state.key)
 
     # ------------------------------------------------------------- service
@@ -233,45 +277,60 @@ class MLFQPolicy(RankingPolicy):
 
     def on_scheduled_step(self, charges: Iterable[tuple[str, int, int]], now: float) -> None:
         # One loop with hoisted lookups: it runs once per scheduled request
-        # per step.
+        # per step, so it only updates counters and notes the few requests
+        # that end_step must look at.
+        self._lengths.maybe_refit()
+        if self._lengths.num_fits != self._num_fits_seen:
+            self._refit_rechecks()
         states = self._states
         chunk_time = self.cost_model.chunk_time
-        charged = self._charged.append
+        due = self._due.append
         idle_since = self._idle_since
         to_fresh_end = idle_since.move_to_end
         for request_id, num_new_tokens, num_computed_tokens in charges:
             state = states.get(request_id)
             if state is None or num_new_tokens <= 0:
                 continue
-            state.attained_s += chunk_time(num_new_tokens, num_computed_tokens)
-            state.has_run = True
+            attained_s = state.attained_s + chunk_time(num_new_tokens, num_computed_tokens)
+            state.attained_s = attained_s
             num_output = num_computed_tokens + num_new_tokens - state.num_prompt_tokens + 1
-            state.num_output_tokens = num_output if num_output > 0 else 0
-            charged(request_id)
+            if num_output > 0:
+                state.num_output_tokens = num_output
+            if state.awaits_rejoin:
+                # Demotion waits for the rejoin: a request with no output
+                # yet is never worth demoting by value.
+                if num_output > 0:
+                    due(request_id)
+            elif (
+                attained_s >= state.demote_at_s
+                and state.num_output_tokens >= state.recheck_output_tokens
+            ):
+                due(request_id)
             state.starved = False
             # Served now: restart its starvation clock (move to the fresh end).
             idle_since[request_id] = now
             to_fresh_end(request_id)
 
     def end_step(self, now: float) -> None:
-        self._lengths.maybe_refit()
-        # Demotion: at most one level per step, counter restarts.
-        for request_id in self._charged:
+        # Demotion: at most one level per step, counter restarts. (The
+        # lengths were refitted, if due, before this step's charges.)
+        for request_id in self._due:
             state = self._states.get(request_id)
             if state is None:
                 continue
-            if self.demote_by_value and not state.decoding and state.num_output_tokens > 0:
+            if state.awaits_rejoin and state.num_output_tokens > 0:
                 self._rejoin_after_prefill(request_id, state)
-                continue
-            if state.level == self.num_levels - 1 or state.promoted:
-                continue
-            if state.attained_s >= self.quanta_s[state.level]:
+            elif state.attained_s >= state.demote_at_s:
                 if self.worth_demoting(request_id):
                     self._move(state, state.level + 1)
                     self.num_demotions += 1
                 else:
                     self.num_demotions_declined += 1
-        self._charged.clear()
+                    state.recheck_output_tokens = self._demote_from[
+                        self._lengths.grid_index(state.num_output_tokens)
+                    ]
+                    self._declined.add(request_id)
+        self._due.clear()
 
         if self.starvation_threshold_s <= 0:
             return
@@ -290,9 +349,10 @@ class MLFQPolicy(RankingPolicy):
                 # requests share the machine round-robin, the worst order on
                 # ShareGPT's replies (a 100-request burst: 1.10x FCFS's mean
                 # JCT against 1.07x, SIMULATED).
+                state.promoted = True
                 if state.level != 0:
                     self._move(state, 0)
-                state.promoted = True
+                state.demote_at_s = math.inf
                 self.num_promotions += 1
             state.starved = True
             # Restart its clock either way, so a starved level-0 request is
@@ -348,3 +408,11 @@ class MLFQPolicy(RankingPolicy):
                 assert self._states[request_id].level == level
         assert seen == set(self._states), "levels and states disagree"
         assert set(self._idle_since) == set(self._states), "starvation clock out of sync"
+        assert self._declined <= set(self._states), "declined demotion of an unknown request"
+        if self._num_fits_seen == self._lengths.num_fits:
+            # A declined request is not judged again before its recheck
+            # length: until then demoting it must still not be worth it.
+            for request_id in self._declined:
+                state = self._states[request_id]
+                if state.num_output_tokens < state.recheck_output_tokens:
+                    assert not self.worth_demoting(request_id), f"{request_id} due for demotion"

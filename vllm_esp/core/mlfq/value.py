@@ -25,12 +25,15 @@ conservative until the data says otherwise.
 
 from __future__ import annotations
 
+import math
+
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.gittins import (
     LengthDistribution,
     gittins_table,
     length_grid,
     mean_residual_table,
+    refit_due,
     segment_sums,
 )
 
@@ -62,6 +65,9 @@ class OutputLengthModel:
         self._num_since_fit = 0
         self._residual: list[float] = []
         self._gittins: list[float] = []
+        #: Refits so far: a caller caching anything read from the tables
+        #: knows it is stale when this moves.
+        self.num_fits = 0
         self.refit()
 
     @property
@@ -79,8 +85,8 @@ class OutputLengthModel:
         self._num_since_fit += 1
 
     def maybe_refit(self) -> None:
-        """Rebuild the residual table once ``refit_every`` lengths arrived."""
-        if self._num_since_fit >= self.refit_every:
+        """Rebuild the tables when enough lengths arrived (``refit_due``)."""
+        if refit_due(self._num_since_fit, self._dist.num_samples, self.refit_every):
             self.refit()
 
     def refit(self) -> None:
@@ -89,10 +95,30 @@ class OutputLengthModel:
         self._residual = mean_residual_table(survival, sums)
         self._gittins = gittins_table(survival, sums, self._dist.horizon())
         self._num_since_fit = 0
+        self.num_fits += 1
 
     def expected_remaining_tokens(self, num_output_tokens: int = 0) -> float:
         """Mean residual output length after ``num_output_tokens`` tokens."""
         return self._residual[self._dist.grid_index(num_output_tokens)]
+
+    def grid_index(self, num_output_tokens: int) -> int:
+        """The grid point every table reads for ``num_output_tokens``."""
+        return self._dist.grid_index(num_output_tokens)
+
+    def lengths_with_index_below(self, bar: float) -> list[float]:
+        """Per grid point ``k``, the first grid length at or after ``g_k``
+        whose Gittins index is below ``bar`` (infinity if none): a request
+        that has produced ``n`` tokens, ``grid_index(n) == k``, has an index
+        below ``bar`` once it has produced that many, until the next refit.
+        """
+        grid, table = self._dist.grid, self._gittins
+        out = [math.inf] * len(grid)
+        first = math.inf
+        for k in range(len(grid) - 1, -1, -1):
+            if table[k] < bar:
+                first = grid[k]
+            out[k] = first
+        return out
 
     def gittins_index(self, num_output_tokens: int = 0) -> float:
         """Gittins index after ``num_output_tokens`` tokens (no prefill

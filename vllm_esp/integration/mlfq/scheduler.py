@@ -120,10 +120,11 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         #: Waiting requests this step may not start (the ESP scheduler's
         #: elastic policy sets it; the plan skips them).
         self.held_back: frozenset[str] = frozenset()
-        # Recompute accounting: the most tokens each request ever had
-        # computed (updated when scheduled, so it holds under async
-        # scheduling too); scheduling a position below it again is
-        # recompute. Rejected speculative tokens would count as well.
+        # Recompute accounting: for each request preempted since it last
+        # got back to where it was, the tokens it had computed when its KV
+        # was freed (vLLM counts scheduled tokens as computed, so this holds
+        # under async scheduling too). Scheduling a position below it again
+        # is recompute; only these requests are checked each step.
         self._computed_high_water: dict[str, int] = {}
         self.num_recomputed_tokens = 0
         self._init_swap()
@@ -184,6 +185,9 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         # discard KV (e.g. new weights): recompute then.
         if not drop_stale_output:
             self._swap_out(request)
+        high_water = self._computed_high_water
+        request_id = request.request_id
+        high_water[request_id] = max(high_water.get(request_id, 0), request.num_computed_tokens)
         super()._preempt_request(request, timestamp, drop_stale_output=drop_stale_output)
 
     def _evict(self, request: Request, now: float) -> None:
@@ -311,26 +315,33 @@ class MLFQScheduler(Scheduler, PlanningMixin):
 
     def _charge_policy(self, output: SchedulerOutput, now: float) -> None:
         """Charge the policy for what ran (demotion/promotion), and count
-        recompute: scheduling a position below a request's high-water mark
-        again (rejected speculative tokens count as well)."""
-        high_water = self._computed_high_water
-        get_high_water = high_water.get
+        recompute: scheduling a position below where a preempted request
+        had got to again."""
         requests = self.requests
-        charges: list[tuple[str, int, int]] = []
-        charge = charges.append
-        num_recomputed = 0
-        for request_id, num_tokens in output.num_scheduled_tokens.items():
-            num_computed = requests[request_id].num_computed_tokens
-            start = num_computed - num_tokens  # vLLM advanced it already
-            done_before = get_high_water(request_id, 0)
-            if start < done_before:
-                num_recomputed += min(done_before, num_computed) - start
-            if num_computed > done_before:
-                high_water[request_id] = num_computed
-            charge((request_id, num_tokens, start))
-        self.num_recomputed_tokens += num_recomputed
-        self.rank_policy.on_scheduled_step(charges, now)
+        num_scheduled = output.num_scheduled_tokens
+        if self._computed_high_water:
+            self._count_recompute(num_scheduled)
+        # (request_id, num_new_tokens, num_computed_tokens before them):
+        # vLLM advanced num_computed_tokens when it scheduled the tokens.
+        self.rank_policy.on_scheduled_step(
+            [
+                (request_id, num_tokens, requests[request_id].num_computed_tokens - num_tokens)
+                for request_id, num_tokens in num_scheduled.items()
+            ],
+            now,
+        )
         self.rank_policy.end_step(self._clock())
+
+    def _count_recompute(self, num_scheduled: dict[str, int]) -> None:
+        high_water = self._computed_high_water
+        for request_id in high_water.keys() & num_scheduled.keys():
+            num_computed = self.requests[request_id].num_computed_tokens
+            start = num_computed - num_scheduled[request_id]
+            done_before = high_water[request_id]
+            if start < done_before:
+                self.num_recomputed_tokens += min(done_before, num_computed) - start
+            if num_computed >= done_before:
+                del high_water[request_id]
 
     # ----------------------------------------------------------------- stats
     def plugin_stats(self) -> dict[str, int]:
