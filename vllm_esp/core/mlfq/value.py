@@ -29,6 +29,7 @@ import math
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.gittins import (
+    MIN_LENGTHS_TO_LEARN,
     LengthDistribution,
     gittins_table,
     length_grid,
@@ -59,8 +60,16 @@ class OutputLengthModel:
     capacity against 1.02-1.03x without, SIMULATED on the serve suite's
     engine)."""
 
-    def __init__(self, max_len: int = 8192, prior_weight: float = 8.0, refit_every: int = 16):
-        self._dist = LengthDistribution(length_grid(max_len), prior_weight=prior_weight)
+    def __init__(
+        self,
+        max_len: int = 8192,
+        prior_weight: float = 8.0,
+        refit_every: int = 16,
+        min_lengths_to_learn: int = MIN_LENGTHS_TO_LEARN,
+    ):
+        self._dist = LengthDistribution(
+            length_grid(max_len), prior_weight=prior_weight, min_samples=min_lengths_to_learn
+        )
         self.refit_every = refit_every
         self._num_since_fit = 0
         self._residual: list[float] = []
