@@ -532,43 +532,78 @@ def run_suite(
     rounds: int,
     build: Callable[[str, float], list[TraceRequest]],
     log_dir: Path,
+    fresh_servers: bool = False,
 ) -> SuiteRun:
     """Every policy's server up at once (only the one replaying works);
     then per trace, per round, every policy replays it back to back, the
     order reversed on odd rounds. ``policies`` starts with fcfs, whose
-    server measures the capacities the Poisson traces are built at."""
+    server measures the capacities the Poisson traces are built at.
+
+    The servers stay up for the whole run, so a policy that learns (output
+    lengths) replays later rounds warm; ``fresh_servers`` starts every
+    policy's server anew for every trace and round after the first, so
+    each replay is a newly started server's."""
     if not policies or policies[0] != BASELINE:
         raise ValueError(f"policies must start with {BASELINE!r}, got {list(policies)}")
     run = SuiteRun()
     bursts = {family: build(family, math.inf) for family in dict.fromkeys(s.family for s in specs)}
     warmup = list(next(iter(bursts.values()))[0].prompt_token_ids or (0,))
     with ExitStack() as stack:
-        servers: dict[str, Server] = {}
-        for policy in policies:
-            log_path = log_dir / f"{policy}.log"
-            server = stack.enter_context(serving(model, policy, log_path, warmup))
-            print(f"  {policy}: server up in {server.startup_s:.1f}s", flush=True)
-            servers[policy] = server
-            run.sessions.append(
-                {
-                    "policy": policy,
-                    "startup_s": server.startup_s,
-                    "kv_cache_tokens": server.kv_cache_tokens(),
-                    "log": str(log_path),
-                }
-            )
+        servers = start_servers(stack, model, policies, log_dir, warmup, run)
         measure_capacities(servers[BASELINE], specs, bursts, run, build)
+        first = True
         for spec in specs:
             for round_index in range(rounds):
-                order = list(policies) if round_index % 2 == 0 else list(policies)[::-1]
-                done = {(r.trace, r.policy, r.round) for r in run.replays}
-                for policy in order:
-                    if (spec.name, policy, round_index) not in done:
-                        trace = run.traces[spec.name]
-                        run.replays.append(
-                            replay_on(servers[policy], spec.name, round_index, trace)
-                        )
+                with ExitStack() as fresh:
+                    if fresh_servers and not first:
+                        stack.close()  # the previous servers, before new ones start
+                        servers = start_servers(fresh, model, policies, log_dir, warmup, run)
+                    first = False
+                    replay_round(run, servers, policies, spec.name, round_index)
     return run
+
+
+def start_servers(
+    stack: ExitStack,
+    model: str,
+    policies: Sequence[str],
+    log_dir: Path,
+    warmup: list[int],
+    run: SuiteRun,
+) -> dict[str, Server]:
+    """One server per policy, closed with ``stack``; each start is a session."""
+    servers: dict[str, Server] = {}
+    for policy in policies:
+        log_path = log_dir / f"{policy}-{len(run.sessions)}.log"
+        server = stack.enter_context(serving(model, policy, log_path, warmup))
+        print(f"  {policy}: server up in {server.startup_s:.1f}s", flush=True)
+        servers[policy] = server
+        run.sessions.append(
+            {
+                "policy": policy,
+                "startup_s": server.startup_s,
+                "kv_cache_tokens": server.kv_cache_tokens(),
+                "log": str(log_path),
+            }
+        )
+    return servers
+
+
+def replay_round(
+    run: SuiteRun,
+    servers: dict[str, Server],
+    policies: Sequence[str],
+    trace_name: str,
+    round_index: int,
+) -> None:
+    """Every policy replays the trace, back to back, in order on even rounds
+    and reversed on odd ones (skipping a replay the capacity run made)."""
+    order = list(policies) if round_index % 2 == 0 else list(policies)[::-1]
+    done = {(r.trace, r.policy, r.round) for r in run.replays}
+    for policy in order:
+        if (trace_name, policy, round_index) not in done:
+            trace = run.traces[trace_name]
+            run.replays.append(replay_on(servers[policy], trace_name, round_index, trace))
 
 
 # ------------------------------------------------------------------- output
@@ -772,6 +807,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-requests", type=int, default=None, help="requests of every trace (overrides sizes)"
     )
+    parser.add_argument(
+        "--fresh-servers",
+        action="store_true",
+        help="start every server anew for each trace and round (cold starts: nothing learned "
+        "carries over between replays)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=0.5, help="ShareGPT length scale")
     parser.add_argument("--model", default=None, help="model folder (default: the default preset)")
@@ -829,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         f"requests {counts}; server flags {' '.join(SERVER_FLAGS)}; logs in {log_dir}",
         flush=True,
     )
-    run = run_suite(model, args.schedulers, args.specs, rounds, build, log_dir)
+    run = run_suite(model, args.schedulers, args.specs, rounds, build, log_dir, args.fresh_servers)
     traces = traces_json(run, args.specs)
     out = {
         "benchmark": "serve_suite",
@@ -839,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedulers": args.schedulers,
         "rounds": rounds,
         "order": "round r runs the schedulers in order, reversed on odd rounds",
+        "fresh_servers": args.fresh_servers,
         "seed": args.seed,
         "sharegpt_scale": args.scale,
         "num_requests": counts,

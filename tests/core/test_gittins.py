@@ -11,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_esp.core.costmodel import StepCostModel
-from vllm_esp.core.mlfq import make_policy
+from vllm_esp.core.mlfq import MLFQPolicy, make_policy
 from vllm_esp.core.mlfq.config import MLFQConfig
-from vllm_esp.core.mlfq import MLFQPolicy
 from vllm_esp.core.mlfq.gittins import (
     MIN_LENGTHS_TO_LEARN,
     GittinsPolicy,
@@ -431,7 +430,7 @@ def test_the_policies_learn_from_the_minimum_number_of_lengths_on(num_lengths: i
     lengths = [8 if i % 10 else 400 for i in range(num_lengths)]
     learned = num_lengths >= MIN_LENGTHS_TO_LEARN
     gittins = GittinsPolicy(cost_model=COST, max_len=512, refit_every=1)
-    for i, length in enumerate(lengths):
+    for length in lengths:
         gittins.observe_length(16, length)
     gittins.end_step(0.0)
     gittins.add_request(request("old", 0.0), 0.0)

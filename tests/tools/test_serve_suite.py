@@ -4,6 +4,7 @@ aggregation into the result JSON, the paired ratios and the round order."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -389,6 +390,51 @@ def test_rounds_alternate_and_fcfs_measures_capacity_first(
     assert rates["mixed"] == [math.inf, pytest.approx(0.9)]
     assert all(s["kv_cache_tokens"] == 1024 for s in run.sessions)
     assert statistics.mean(s["startup_s"] for s in run.sessions) == 1.0
+
+
+def test_fresh_servers_start_anew_for_every_round_after_closing_the_last(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    events: list[tuple[str, str, int]] = []
+    starts = itertools.count()
+
+    @contextlib.contextmanager
+    def fake_serving(model: str, policy: str, log_path: Path, warmup: list[int]) -> Iterator[Any]:
+        n = next(starts)
+        events.append(("start", policy, n))
+        log_path.write_text("CPU KV cache size: 1,024 tokens")
+        try:
+            yield suite.Server(f"http://x/{n}", model, policy, log_path, 1.0)
+        finally:
+            events.append(("stop", policy, n))
+
+    def fake_replay(server: Any, name: str, rnd: int, trace: list[TraceRequest]) -> suite.Replay:
+        events.append(("replay", server.policy, int(server.base.rsplit("/", 1)[1])))
+        return _replay(name, server.policy, rnd, [1.0] * len(trace))
+
+    monkeypatch.setattr(suite, "serving", fake_serving)
+    monkeypatch.setattr(suite, "replay_on", fake_replay)
+    specs = [suite.TraceSpec("sharegpt_burst", "sharegpt", None)]
+
+    def build(family: str, rate: float) -> list[TraceRequest]:
+        return [TraceRequest(f"{family}{i}", 0.0, 2, 2, prompt_token_ids=(1, 2)) for i in range(3)]
+
+    run = suite.run_suite("m", ["fcfs", "mlfq"], specs, 3, build, tmp_path, fresh_servers=True)
+    assert len(run.sessions) == 6 and len(run.replays) == 6
+    # Round r's replays run on round r's servers, which start only after
+    # the previous round's have stopped.
+    for rnd in range(3):
+        mine = {2 * rnd, 2 * rnd + 1}
+        replays = [e for e in events if e[0] == "replay" and e[2] in mine]
+        assert [p for _, p, _ in replays] == (
+            ["fcfs", "mlfq"] if rnd % 2 == 0 else ["mlfq", "fcfs"]
+        )
+        if rnd:
+            first_start = events.index(("start", "fcfs", 2 * rnd))
+            assert {("stop", "fcfs", 2 * rnd - 2), ("stop", "mlfq", 2 * rnd - 1)} <= set(
+                events[:first_start]
+            )
+    assert sum(1 for e in events if e[0] == "stop") == 6
 
 
 def test_cli_requires_fcfs_and_puts_it_first(tmp_path: Path) -> None:
