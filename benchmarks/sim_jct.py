@@ -10,7 +10,12 @@ scheduler tests drive it (``vllm_esp/harness/scheduler.py``); only the
 clock is simulated. A step lasts
 
     t_step = t0 + t_decode * num_decode_reqs + t_prefill * num_prefill_tokens
+             + t_attn * sum over scheduled chunks of q * (c + (q + 1) / 2)
              + bytes_copied / swap_bandwidth                    (mlfq-swap)
+
+(a chunk of ``q`` new tokens after ``c`` computed ones attends to about
+``q * (c + (q + 1) / 2)`` keys: the cost model's gamma term; ``--t-attn``
+defaults to 0, the linear model)
 
 with defaults measured on the default preset on this machine class
 (``python -m vllm_esp.models.measure``: 9.3 ms at batch 1, 12.8 ms at 16;
@@ -107,6 +112,17 @@ VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
 _HOST_POOL_BYTES = 4 * 2**30
 
 
+def num_attended_keys(scheduler: Any, num_scheduled: dict[str, int]) -> float:
+    """Keys the step's chunks attend to: a chunk of ``q`` tokens after ``c``
+    computed ones (vLLM advanced ``num_computed_tokens`` when it scheduled
+    them) attends causally to ``q * (c + (q + 1) / 2)``."""
+    total = 0.0
+    for request_id, q in num_scheduled.items():
+        c = scheduler.requests[request_id].num_computed_tokens - q
+        total += q * (c + (q + 1) / 2)
+    return total
+
+
 def simulate(
     policy: str,
     settings: dict[str, Any] | None,
@@ -118,6 +134,7 @@ def simulate(
     t_decode: float,
     t_prefill: float,
     kv_tokens: int,
+    t_attn: float = 0.0,
     block_size: int = 32,
     max_num_batched_tokens: int = 2048,
     max_model_len: int = 2048,
@@ -187,6 +204,8 @@ def simulate(
         num_decode = sum(1 for n in out.num_scheduled_tokens.values() if n == 1)
         num_prefill = sum(n for n in out.num_scheduled_tokens.values() if n > 1)
         clock[0] += t0 + t_decode * num_decode + t_prefill * num_prefill
+        if t_attn:
+            clock[0] += t_attn * num_attended_keys(s, out.num_scheduled_tokens)
         if worker is not None:
             meta = out.kv_connector_metadata
             blocks = sum(
@@ -206,11 +225,11 @@ def simulate(
     ttft = [first[r] - arrival[r] for r in done]
     per_class: dict[str, dict[str, float]] = {}
     for r in trace:
+        # Classes of the SYNTHETIC traces: "synthetic-<trace>-short" / "-long".
         name = getattr(r, "source", "")
-        if name.startswith("synthetic-mixed-") and r.request_id in done:
-            per_class.setdefault(name.removeprefix("synthetic-mixed-"), {})[r.request_id] = (
-                done[r.request_id] - arrival[r.request_id]
-            )
+        cls = name.rsplit("-", 1)[-1]
+        if name.startswith("synthetic-") and cls in ("short", "long") and r.request_id in done:
+            per_class.setdefault(cls, {})[r.request_id] = done[r.request_id] - arrival[r.request_id]
     kept = {r: [done[r] - arrival[r], first[r] - arrival[r]] for r in done}
     return {
         **({"requests": kept} if keep_requests else {}),
@@ -256,6 +275,12 @@ def main() -> None:
     parser.add_argument("--t0", type=float, default=0.0093)
     parser.add_argument("--t-decode", type=float, default=0.00024)
     parser.add_argument("--t-prefill", type=float, default=0.0001)
+    parser.add_argument(
+        "--t-attn",
+        type=float,
+        default=0.0,
+        help="seconds per attended key per token (the cost model's gamma; default 0: linear)",
+    )
     parser.add_argument(
         "--kv-bytes-per-token", type=int, default=6144, help="mlfq-swap copy cost (default preset)"
     )
@@ -362,6 +387,7 @@ def main() -> None:
                 t0=args.t0,
                 t_decode=args.t_decode,
                 t_prefill=args.t_prefill,
+                t_attn=args.t_attn,
                 kv_tokens=args.kv_tokens,
                 kv_bytes_per_token=args.kv_bytes_per_token,
                 swap_bytes_per_s=args.swap_gbs * 1e9,
@@ -392,6 +418,7 @@ def main() -> None:
                 "t0": args.t0,
                 "t_decode": args.t_decode,
                 "t_prefill": args.t_prefill,
+                "t_attn": args.t_attn,
                 "swap_gbs": args.swap_gbs,
                 "kv_bytes_per_token": args.kv_bytes_per_token,
             },

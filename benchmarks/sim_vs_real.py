@@ -38,14 +38,18 @@ CPU_BLOCK_SIZE = 128
 
 @dataclass(frozen=True)
 class StepTimeModel:
-    """``t_step = t0 + t_decode * num_decode + t_prefill * num_prefill_tokens`` (s)."""
+    """``t_step = t0 + t_decode * num_decode + t_prefill * num_prefill_tokens
+    + t_attn * attended keys`` (s; ``benchmarks.sim_jct``)."""
 
     t0: float
     t_decode: float
     t_prefill: float
+    t_attn: float = 0.0
 
     def scaled(self, factor: float) -> StepTimeModel:
-        return StepTimeModel(self.t0 * factor, self.t_decode * factor, self.t_prefill * factor)
+        return StepTimeModel(
+            self.t0 * factor, self.t_decode * factor, self.t_prefill * factor, self.t_attn * factor
+        )
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,7 @@ def _simulate_on(
         t0=step.t0,
         t_decode=step.t_decode,
         t_prefill=step.t_prefill,
+        t_attn=step.t_attn,
         kv_tokens=engine.kv_tokens,
         block_size=engine.block_size,
         max_num_batched_tokens=engine.max_num_batched_tokens,
@@ -325,7 +330,7 @@ def run_from_suite(args: argparse.Namespace) -> dict[str, Any]:
     engine = suite_engine(suite, args.block_size)
     calib_path = default_calibration_path(suite["model"], device_kind())
     calib = str(calib_path) if calib_path.is_file() else None
-    default_step = StepTimeModel(args.t0, args.t_decode, args.t_prefill)
+    default_step = StepTimeModel(args.t0, args.t_decode, args.t_prefill, args.t_attn)
     policies = list(suite["schedulers"])
     families = dict.fromkeys(suite["traces"][n]["family"] for n in names)
     calibration = {
@@ -378,7 +383,8 @@ def run_from_suite(args: argparse.Namespace) -> dict[str, Any]:
         "engine": asdict(engine),
         "calibration_file": calib,
         "step_time_model_s": {
-            "formula": "t0 + t_decode * num_decode_reqs + t_prefill * num_prefill_tokens",
+            "formula": "t0 + t_decode * num_decode_reqs + t_prefill * num_prefill_tokens"
+            " + t_attn * attended keys (sum of q * (c + (q + 1) / 2) over the step's chunks)",
             "default": asdict(default_step),
             "calibrated": {
                 f: None if c is None else {**asdict(default_step.scaled(c["scale"])), **c}
@@ -389,7 +395,7 @@ def run_from_suite(args: argparse.Namespace) -> dict[str, Any]:
                 if args.calibration == "none"
                 else "one speed factor per trace family: the median real fcfs burst makespan "
                 "(every fcfs replay of the family's burst trace, else the suite's capacity "
-                "burst) over the simulated one, applied to t0, t_decode and t_prefill alike"
+                "burst) over the simulated one, applied to every term alike"
             ),
             "used_per_trace": used,
         },

@@ -52,6 +52,27 @@ def test_simulated_mlfq_preempts_and_swap_never_recomputes(policy, calibration_f
         assert r["recomputed_tokens"] == 0 and r["copied_blocks"] > 0
 
 
+def test_the_attention_term_charges_each_chunk_its_causal_keys(calibration_file):
+    # One 1,000-token prompt alone, chunked by a 256-token budget, then 2
+    # decodes: the attention term adds t_attn times the keys each chunk
+    # attends to, q * (c + (q + 1) / 2), summed (here: the prompt's
+    # 1000 * 1001 / 2, then 1,001 and 1,002 keys for the decodes).
+    trace = [_Req("p", 1000, 3, 0.0)]
+    kwargs = dict(
+        max_num_seqs=1,
+        calibration_file=calibration_file,
+        t0=0.0,
+        t_decode=0.0,
+        t_prefill=0.0,
+        kv_tokens=4096,
+        max_num_batched_tokens=256,
+    )
+    linear = simulate("fcfs", None, trace, **kwargs)
+    quadratic = simulate("fcfs", None, trace, t_attn=1e-6, **kwargs)
+    assert linear["makespan_s"] == 0.0
+    assert quadratic["makespan_s"] == pytest.approx(1e-6 * (1000 * 1001 / 2 + 1001 + 1002))
+
+
 # ------------------------------------------------- --from-suite: sim vs real
 class _WordTokenizer:
     """One token per word (its length), BOS = 0: enough for the generators."""
