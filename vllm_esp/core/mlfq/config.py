@@ -55,7 +55,7 @@ class MLFQConfig(Settings):
     #: Demote a request only once its Gittins index, from the output
     #: lengths of finished requests, is clearly below a fresh request's
     #: (``MLFQPolicy.worth_demoting``; nothing is demoted under the
-    #: memoryless prior, before lengths are seen). On increasing-hazard
+    #: memoryless prior, before 32 requests have finished). On increasing-hazard
     #: lengths (ShareGPT's replies) a request that has run is the better bet
     #: and keeps its level, as under FCFS; past the short mode of short/long
     #: traffic it goes down as MLFQ intends. Skip-join then places only the

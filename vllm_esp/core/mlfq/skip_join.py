@@ -213,8 +213,8 @@ class MLFQPolicy(RankingPolicy):
         increasing hazard (ShareGPT's replies) a request that has run is the
         better bet and keeps its level, as under FCFS; past the short mode
         of short/long traffic it is not, and goes down as MLFQ intends.
-        Until finished requests say otherwise (the memoryless prior, where
-        every index is equal) nothing is demoted."""
+        Until 32 requests have finished (``MIN_LENGTHS_TO_LEARN``; the
+        memoryless prior, where every index is equal) nothing is demoted."""
         if not self.demote_by_value:
             return True
         lengths = self._lengths
