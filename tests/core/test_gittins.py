@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_esp.core.costmodel import StepCostModel
-from vllm_esp.core.mlfq import MLFQPolicy, make_policy
+from vllm_esp.core.mlfq import make_policy
 from vllm_esp.core.mlfq.config import MLFQConfig
 from vllm_esp.core.mlfq.gittins import (
     MIN_LENGTHS_TO_LEARN,
@@ -423,10 +423,10 @@ def test_refits_come_every_refit_every_then_every_sixteenth_of_the_data() -> Non
 
 
 @pytest.mark.parametrize("num_lengths", [MIN_LENGTHS_TO_LEARN - 1, MIN_LENGTHS_TO_LEARN])
-def test_the_policies_learn_from_the_minimum_number_of_lengths_on(num_lengths: int) -> None:
+def test_gittins_learns_from_the_minimum_number_of_lengths_on(num_lengths: int) -> None:
     # Nine short requests to one long: past the short mode a request is
-    # probably long. Below the minimum both policies keep the prior's
-    # arrival order and demote nothing; from it on they rank by the data.
+    # probably long. Below the minimum the prior's arrival order stays; from
+    # it on the data ranks (MLFQ's demotion: test_mlfq_policies.py).
     lengths = [8 if i % 10 else 400 for i in range(num_lengths)]
     learned = num_lengths >= MIN_LENGTHS_TO_LEARN
     gittins = GittinsPolicy(cost_model=COST, max_len=512, refit_every=1)
@@ -437,22 +437,3 @@ def test_the_policies_learn_from_the_minimum_number_of_lengths_on(num_lengths: i
     serve(gittins, "old", 1 + 20, 0.0)  # 20 output tokens: past the short mode
     gittins.add_request(request("fresh", 1.0), 1.0)
     assert list(gittins.iter_ranked()) == (["fresh", "old"] if learned else ["old", "fresh"])
-
-    mlfq = MLFQPolicy(
-        num_levels=2,
-        base_quantum_s=1e-3,
-        quantum_ratio=2.0,
-        cost_model=COST,
-        demote_by_value=True,
-        refit_every=1,
-    )
-    for i, length in enumerate(lengths):
-        mlfq.add_request(request(f"done{i}", 0.0), 0.0)
-        mlfq.remove_request(f"done{i}", num_output_tokens=length)
-    mlfq.add_request(request("old", 0.0), 0.0)
-    mlfq.on_scheduled("old", 16, 0, 0.0)
-    mlfq.end_step(0.0)
-    for k in range(20):
-        mlfq.on_scheduled("old", 1, 16 + k, 0.0)
-        mlfq.end_step(0.0)
-    assert mlfq.level_of("old") == (1 if learned else 0)

@@ -28,6 +28,7 @@ from vllm_esp.core.mlfq import (
     make_policy,
 )
 from vllm_esp.core.mlfq.config import MLFQConfig
+from vllm_esp.core.mlfq.gittins import MIN_LENGTHS_TO_LEARN
 
 UNIT = StepCostModel(alpha_s=1e-3, beta_s=1e-5, gamma_s=0.0, source="calibrated")
 QUANTA_MS = (4.0, 8.0, 16.0, 32.0)
@@ -520,6 +521,16 @@ def test_value_demotion_demotes_a_request_past_the_short_mode() -> None:
         policy.on_scheduled("a", 1, 15 + k, 0.0)
         policy.end_step(0.0)
     assert policy.level_of("a") > 0 and policy.num_demotions > 0
+
+
+@pytest.mark.parametrize("num_lengths", [MIN_LENGTHS_TO_LEARN - 1, MIN_LENGTHS_TO_LEARN])
+def test_value_demotion_waits_for_the_minimum_number_of_lengths(num_lengths: int) -> None:
+    # 9 short : 1 long, as above: from the minimum on, a request past the
+    # short mode is demoted; below it the prior keeps it (as FCFS would).
+    policy = value_mlfq([8 if i % 10 else 400 for i in range(num_lengths)])
+    policy.add_request(info("a", 1.0), 1.0)
+    decode(policy, "a", 30)
+    assert (policy.level_of("a") > 0) == (num_lengths >= MIN_LENGTHS_TO_LEARN)
 
 
 def test_value_demotion_without_data_demotes_nothing() -> None:
