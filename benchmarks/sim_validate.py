@@ -1,6 +1,6 @@
 """The cluster simulator against the real engine at N = 2 (SIMULATED vs measured).
 
-    python -m benchmarks.sim_validate --engine ESP_RESULT.json [--cost FILE] --out FILE.json
+    python -m benchmarks.sim_validate --engine ESP_RESULT.json [--cost FILE ...] --out FILE.json
 
 ``ESP_RESULT.json`` is a ``benchmarks.esp`` result: it holds, per system,
 every request of its seeded trace (arrival, lengths, class, measured TTFT
@@ -14,6 +14,11 @@ execution (the engine steps every instance together). It reports, per
 request class, mean TTFT and JCT simulated against measured and their
 relative errors; ``ttft_rel_err`` / ``jct_rel_err`` are the largest over
 the classes, averaged over the rounds (the issue's target: within 15%).
+
+Several ``--cost`` files (calibrations made just before and just after the
+replay) simulate each round once per file, and each request's simulated
+TTFT and JCT is the mean over them: the machine's speed moves within
+minutes, and the replay ran between the calibrations.
 
 Both admit by step 1 of the four-step scheduler (the engine holds back
 the waiting requests its plan does not prefill while any request is
@@ -123,39 +128,65 @@ def engine_chunk_limit(
     return limit
 
 
-def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, Any]:
-    """Simulate each round of ``engine_result``'s ``esp_2`` trace; the
-    comparison per class and round, and the errors averaged over rounds."""
-    engine = engine_result["engine"]
-    capacity = int(engine["instance_kv_tokens"])
+def simulate_round(
+    engine: Mapping[str, Any], trace: Sequence[SimRequest], cost: ESPCostModel
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """``req_id -> (ttft, jct)`` of ``trace`` simulated as the engine ran it
+    under ``cost``, and the number of requests left unfinished."""
     settings = LoongSettings(max_running_requests=int(engine["max_num_seqs"]))
     esp = ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2})
     stall_s = esp.decode_stall_s(one_instance_prefill_time(cost))
-    chunk_limit = engine_chunk_limit(cost, int(engine["max_num_batched_tokens"]), stall_s)
+    result = simulate(
+        LoongPolicy(2, cost, settings),
+        trace,
+        num_instances=2,
+        capacity_tokens=int(engine["instance_kv_tokens"]),
+        truth=cost,
+        lockstep=True,
+        chunk_limit=engine_chunk_limit(cost, int(engine["max_num_batched_tokens"]), stall_s),
+    )
+    return {rec.req_id: (rec.ttft_s, rec.jct_s) for rec in result.records}, len(result.unfinished)
+
+
+def mean_simulated(
+    runs: Sequence[Mapping[str, tuple[float, float]]],
+) -> dict[str, tuple[float, float]]:
+    """Per request, the mean (ttft, jct) over the runs that finished it in all of them."""
+    common = set(runs[0]).intersection(*runs[1:])
+    return {
+        r: (
+            statistics.fmean(run[r][0] for run in runs),
+            statistics.fmean(run[r][1] for run in runs),
+        )
+        for r in common
+    }
+
+
+def validate(
+    engine_result: Mapping[str, Any], cost: ESPCostModel | Sequence[ESPCostModel]
+) -> dict[str, Any]:
+    """Simulate each round of ``engine_result``'s ``esp_2`` trace (under each
+    cost model, averaged); the comparison per class and round, and the
+    errors averaged over rounds."""
+    costs = [cost] if isinstance(cost, ESPCostModel) else list(cost)
+    if not costs:
+        raise ValueError("validate needs at least one cost model")
+    engine = engine_result["engine"]
     rounds: dict[int, list[Mapping[str, Any]]] = {}
     for rec in engine_result["records"][SYSTEM]:
         rounds.setdefault(int(rec.get("round", 0)), []).append(rec)
     per_round = {}
     for index, records in sorted(rounds.items()):
         trace = trace_of(records)
-        result = simulate(
-            LoongPolicy(2, cost, settings),
-            trace,
-            num_instances=2,
-            capacity_tokens=capacity,
-            truth=cost,
-            lockstep=True,
-            chunk_limit=chunk_limit,
-        )
-        simulated = {rec.req_id: (rec.ttft_s, rec.jct_s) for rec in result.records}
-        classes = compare(records, simulated)
+        runs = [simulate_round(engine, trace, c) for c in costs]
+        classes = compare(records, mean_simulated([sim for sim, _ in runs]))
         per_class = [v for k, v in classes.items() if k != "all"]
         per_round[str(index)] = {
             "ttft_rel_err": max((c["ttft_rel_err"] for c in per_class), default=None),
             "jct_rel_err": max((c["jct_rel_err"] for c in per_class), default=None),
             "classes": classes,
             "num_requests": len(trace),
-            "num_unfinished_in_sim": len(result.unfinished),
+            "num_unfinished_in_sim": max(num for _, num in runs),
         }
     errs = list(per_round.values())
     return {
@@ -163,25 +194,40 @@ def validate(engine_result: Mapping[str, Any], cost: ESPCostModel) -> dict[str, 
         "ttft_rel_err": statistics.fmean(r["ttft_rel_err"] for r in errs),
         "jct_rel_err": statistics.fmean(r["jct_rel_err"] for r in errs),
         "rounds": per_round,
-        "capacity_tokens": capacity,
-        "max_running_requests": settings.max_running_requests,
+        "num_cost_models": len(costs),
+        "capacity_tokens": int(engine["instance_kv_tokens"]),
+        "max_running_requests": int(engine["max_num_seqs"]),
         "chunk_tokens_per_instance": int(engine["max_num_batched_tokens"]),
-        "max_decode_stall_s": stall_s,
+        "max_decode_stall_s": [
+            ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2}).decode_stall_s(
+                one_instance_prefill_time(c)
+            )
+            for c in costs
+        ],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", type=Path, required=True, help="a benchmarks.esp result")
-    parser.add_argument("--cost", type=Path, default=DEFAULT_COST)
+    parser.add_argument(
+        "--cost",
+        type=Path,
+        nargs="+",
+        default=[DEFAULT_COST],
+        help="cost files (several: calibrations bracketing the replay, simulated and averaged)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     meta = run_metadata(seed=0)
     engine_result = json.loads(args.engine.read_text())
-    cost = ESPCostModel.load(args.cost)
-    report = validate(engine_result, cost)
+    costs = [ESPCostModel.load(path) for path in args.cost]
+    report = validate(engine_result, costs)
     report["engine_result"] = str(args.engine)
-    report["cost_model"] = {"path": str(args.cost), "sha256": cost.sha256(), "source": cost.source}
+    report["cost_models"] = [
+        {"path": str(path), "sha256": c.sha256(), "source": c.source}
+        for path, c in zip(args.cost, costs)
+    ]
     report["engine_meta"] = engine_result.get("metadata")
     report["meta"] = finish_metadata(meta)
     write_json(args.out, report)

@@ -19,8 +19,10 @@ level) and writes the coefficients, the samples and the fit error to
 ``--esp OUT.json`` profiles the ESP cluster cost model instead
 (``vllm_esp.core.esp.cost_model``; see :func:`profile_esp`): prefill
 batches of identical-length requests at DoP 1 and DoP 2, decode steps at
-DoP 1, the instances' point-to-point link; fitted with
-``vllm_esp.core.esp.cost_fit`` and written with the fit errors.
+DoP 1 and of requests whose KV is striped over 2 instances (every one of
+them exchanges its query and partial output at every layer), the
+instances' point-to-point link; fitted with ``vllm_esp.core.esp.cost_fit``
+and written with the fit errors.
 """
 
 from __future__ import annotations
@@ -233,9 +235,17 @@ def kv_bytes_per_token(model_dir: str) -> int:
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2
 
 
-def esp_engine_kwargs(model_dir: str, num_instances: int, grid: ESPGrid, seed: int) -> dict:
+def esp_engine_kwargs(
+    model_dir: str,
+    num_instances: int,
+    grid: ESPGrid,
+    seed: int,
+    prefill_storage: str = "fewest",
+) -> dict:
     """``LLM(...)`` arguments: stock vLLM for DoP 1, the ESP engine forced to
-    DoP 2 otherwise; the same KV cache per instance, prefix caching off."""
+    DoP 2 otherwise (``prefill_storage``: ESP's, ``stripe`` spreads every
+    request's KV over the instances); the same KV cache per instance,
+    prefix caching off."""
     from vllm_esp.integration.engine_args import scheduler_args
 
     if num_instances == 1:
@@ -246,6 +256,7 @@ def esp_engine_kwargs(model_dir: str, num_instances: int, grid: ESPGrid, seed: i
             "num_instances": num_instances,
             "placement": "threshold",
             "prefill_target_ms": FORCE_DOP_TARGET_MS,
+            "prefill_storage": prefill_storage,
         }
         sched = scheduler_args("esp", esp=esp)
         sched["additional_config"]["mlfq"]["policy"] = "fcfs"  # one batch, no quanta
@@ -358,7 +369,18 @@ def _measure_prefill(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]
     return rows
 
 
-def _measure_decode(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]) -> list[dict]:
+def _measure_decode(
+    llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]], num_instances: int = 1
+) -> list[dict]:
+    """Decode steps of ``n`` identical requests after a ``k``-token prompt.
+
+    On ``num_instances`` > 1 (striped storage) each row is the busiest
+    instance's share, the one the lockstep step waits for: identical
+    prompts end on the same instance, which masters all ``n`` requests and
+    holds ``k / num_instances`` of each prompt plus the new tokens, and
+    every request exchanges with the other instances (``num_remote = n``,
+    the simulator's count, ``BatchRun``).
+    """
     m = grid.num_decode_tokens
     rows = []
     for n, k in grid.decode_points():
@@ -370,15 +392,20 @@ def _measure_decode(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]])
             {
                 "batch": n,
                 "context": k,
+                "num_instances": num_instances,
                 "num_master": n,
                 # Mean KV tokens read per step over the m steps.
-                "num_kv_tokens": n * (k + (m + 1) // 2),
-                "num_remote": 0,
+                "num_kv_tokens": n * (k // num_instances + (m + 1) // 2),
+                "num_remote": n if num_instances > 1 else 0,
                 "seconds": statistics.median(times),
                 "seconds_all": times,
             }
         )
-        print(f"  decode {n} x ctx {k}: {statistics.median(times) * 1e3:.2f} ms/step", flush=True)
+        print(
+            f"  decode {n} x ctx {k} on {num_instances}: "
+            f"{statistics.median(times) * 1e3:.2f} ms/step",
+            flush=True,
+        )
     return rows
 
 
@@ -422,7 +449,14 @@ def measure_link(grid: ESPGrid) -> dict[str, Any]:
 
 
 def _profile_engine(
-    model_dir: str, num_instances: int, grid: ESPGrid, seed: int, decode: bool
+    model_dir: str,
+    num_instances: int,
+    grid: ESPGrid,
+    seed: int,
+    *,
+    prefill: bool,
+    decode: bool,
+    prefill_storage: str = "fewest",
 ) -> dict[str, Any]:
     """Start one engine, warm it up, measure, shut it down."""
     from vllm import LLM
@@ -434,7 +468,7 @@ def _profile_engine(
         # Fresh random tokens per request: nothing is shared or cached.
         return rng.integers(10, vocab - 1, size=n).tolist()
 
-    kwargs = esp_engine_kwargs(model_dir, num_instances, grid, seed)
+    kwargs = esp_engine_kwargs(model_dir, num_instances, grid, seed, prefill_storage)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     try:
@@ -449,9 +483,10 @@ def _profile_engine(
         _run_batch(llm, [prompt(grid.max_batch_tokens // 2) for _ in range(2)], 2, prompt(64))
         load = os.getloadavg()[0]
         print(f"[DoP {num_instances}] measuring", flush=True)
-        info["prefill"] = _measure_prefill(llm, grid, prompt)
+        if prefill:
+            info["prefill"] = _measure_prefill(llm, grid, prompt)
         if decode:
-            info["decode"] = _measure_decode(llm, grid, prompt)
+            info["decode"] = _measure_decode(llm, grid, prompt, num_instances)
         info["loadavg_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     finally:
         try:
@@ -473,9 +508,9 @@ def fit_esp_cost(
 ) -> ESPCostModel:
     """Fit the measured samples into an :class:`ESPCostModel` (``source: measured``).
 
-    ``e`` (per remote exchange) is not measured here (every decode sample is
-    local); unless the decode samples determine it, it is the link's transfer
-    time of one request's query and partial over all layers.
+    ``e`` (per remote exchange) is fitted from the decode rows whose KV is
+    spread; when none determines it, it is the link's transfer time of one
+    request's query and partial over all layers.
     """
     prefill = {
         dop: fit_prefill([PrefillSample(r["sum_l"], r["sum_l2"], r["seconds"]) for r in rows])
@@ -540,8 +575,11 @@ def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostMod
     exchange = cfg["num_hidden_layers"] * (heads * head_dim * 2 + heads * head_dim * 4 + heads * 4)
     print(f"ESP profile of {model_dir} ({'quick' if quick else 'full'} grid)", flush=True)
     link = measure_link(grid)
-    dop1 = _profile_engine(model_dir, 1, grid, seed, decode=True)
-    dop2 = _profile_engine(model_dir, 2, grid, seed, decode=False)
+    dop1 = _profile_engine(model_dir, 1, grid, seed, prefill=True, decode=True)
+    dop2 = _profile_engine(model_dir, 2, grid, seed, prefill=True, decode=False)
+    spread = _profile_engine(
+        model_dir, 2, grid, seed, prefill=False, decode=True, prefill_storage="stripe"
+    )
     kv_tokens = grid.kv_tokens(ESP_BLOCK_SIZE)
     meta = {
         "model": model,
@@ -557,7 +595,7 @@ def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostMod
         "kv_bytes_per_token": kv_bytes_per_token(model_dir),
         "exchange_bytes_per_remote_request": exchange,
         "link": link,
-        "engines": {"dop1": dop1, "dop2": dop2},
+        "engines": {"dop1": dop1, "dop2": dop2, "dop2_striped_decode": spread},
         "notes": [
             "DoP 1: stock vLLM (fcfs), one instance; DoP 2: --scheduler esp with 2 instances, "
             f"prefill_target_ms {FORCE_DOP_TARGET_MS} (every chunk at DoP 2), fcfs ranking; "
@@ -566,14 +604,16 @@ def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostMod
             "(max_tokens 1) through LLMEngine.step(), timed from the end of a pacer "
             "request's step (the batch queued behind it runs as one step; one_step "
             "checks it); decode sample = time after every "
-            "request's first token to the end, per step, at DoP 1 only.",
+            "request's first token to the end, per step: at DoP 1, and on 2 instances with "
+            "every prompt's KV striped over both (prefill_storage stripe; the row is the "
+            "busiest instance's share, every request remote).",
             "On CPU each instance is one core; the cores are shared with other work "
             "(loadavg in each engine's entry).",
         ],
     }
     cost = fit_esp_cost(
         {1: dop1["prefill"], 2: dop2["prefill"]},
-        dop1["decode"],
+        dop1["decode"] + spread["decode"],
         link,
         kv_bytes_per_token(model_dir),
         exchange,

@@ -93,3 +93,60 @@ def test_fit_esp_cost_writes_a_loadable_model(tmp_path):
     cost.save(path)
     assert ESPCostModel.load(path) == cost
     assert json.loads(Path(path).read_text())["meta"]["capacity_tokens"] == 4096
+
+
+def test_striped_decode_rows_measure_the_exchange(tmp_path):
+    """Rows of requests striped over 2 instances (every one remote) give the
+    fit its exchange term; the local rows alone leave it to the link."""
+    grid = calibrate.ESP_QUICK
+    a, b, c, e = 5e-3, 1e-4, 1e-7, 2e-3
+
+    def row(n: int, kv: int, remote: int) -> dict:
+        return {
+            "num_master": n,
+            "num_kv_tokens": kv,
+            "num_remote": remote,
+            "seconds": a + b * n + c * kv + e * remote,
+        }
+
+    local = [row(n, n * k, 0) for n, k in grid.decode_points()]
+    striped = [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
+    points = grid.prefill_points()
+    cost = calibrate.fit_esp_cost(
+        {1: rows(0.01, 1e-4, 1e-8, points), 2: rows(0.012, 5e-5, 5e-9, points)},
+        local + striped,
+        {"latency_s": 2e-4, "bandwidth_bytes_per_s": 2e9},
+        bytes_per_token=6144,
+        exchange_bytes_per_request=40_000,
+        meta={},
+    )
+    assert cost.meta["fit"]["decode_e_source"] == "fitted"
+    assert cost.decode.e_s == pytest.approx(e, rel=1e-4)
+    assert cost.decode.a_s == pytest.approx(a, rel=1e-4)
+
+
+def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
+    """On 2 instances a row counts the master's share: all n requests, half
+    of each prompt plus the new tokens, every request remote."""
+    grid = calibrate.ESPGrid(
+        prefill_lengths=(64,),
+        prefill_batches=(1,),
+        max_batch_tokens=64,
+        decode_batches=(4,),
+        decode_contexts=(128,),
+        num_decode_tokens=16,
+        repeats=1,
+    )
+    timing = calibrate.BatchTiming(first_s=0.1, total_s=0.1 + 16 * 0.02, one_step=True)
+    monkeypatch.setattr(calibrate, "_run_batch", lambda *args, **kwargs: timing)
+    (two,) = calibrate._measure_decode(None, grid, lambda n: [1] * n, num_instances=2)
+    assert (two["num_master"], two["num_remote"]) == (4, 4)
+    assert two["num_kv_tokens"] == 4 * (64 + 8)
+    assert two["seconds"] == pytest.approx(0.02)
+    (one,) = calibrate._measure_decode(None, grid, lambda n: [1] * n)
+    assert (one["num_remote"], one["num_kv_tokens"]) == (0, 4 * (128 + 8))
+
+
+def test_striped_engine_kwargs(config_model_dir):
+    two = calibrate.esp_engine_kwargs(config_model_dir, 2, calibrate.ESP_QUICK, 0, "stripe")
+    assert two["additional_config"]["esp"]["prefill_storage"] == "stripe"

@@ -88,7 +88,30 @@ def test_the_replay_chunks_prefills_as_the_engine_does():
     exact = validate(_engine_result(1.0), COST)
     chunked = validate(_engine_result(1.0, max_num_batched_tokens=128), COST)
     assert chunked["chunk_tokens_per_instance"] == 128
-    assert chunked["max_decode_stall_s"] is None
+    assert chunked["max_decode_stall_s"] == [None]
     cls = chunked["rounds"]["0"]["classes"]["all"]
     assert cls["sim_mean_ttft_s"] > cls["real_mean_ttft_s"] * 1.05
     assert exact["ttft_rel_err"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_calibrations_bracketing_the_replay_are_averaged():
+    """Two cost files simulate each request twice; the comparison reads the
+    mean of the two (a run made under COST checked against COST and a cost
+    model twice as slow everywhere is off by the mean of 0 and 100%)."""
+    slow = ESPCostModel(
+        prefill={
+            d: PrefillCoeffs(2 * p.A_s, 2 * p.B_s, 2 * p.C_s) for d, p in COST.prefill.items()
+        },
+        decode=DecodeCoeffs(*(2 * x for x in (0.01, 1e-4, 1e-7, 1e-5))),
+        migration=MigrationCoeffs(2e-3, 6144.0, 5e8),
+    )
+    run = _engine_result(1.0)
+    both = validate(run, [COST, slow])
+    alone = [validate(run, c)["rounds"]["0"]["classes"] for c in (COST, slow)]
+    assert both["num_cost_models"] == 2
+    for cls, row in both["rounds"]["0"]["classes"].items():
+        for key in ("sim_mean_ttft_s", "sim_mean_jct_s"):
+            assert row[key] == pytest.approx((alone[0][cls][key] + alone[1][cls][key]) / 2)
+    assert 0.0 < both["jct_rel_err"] < validate(run, slow)["jct_rel_err"]
+    with pytest.raises(ValueError):
+        validate(run, [])
