@@ -128,14 +128,19 @@ def engine_chunk_limit(
     return limit
 
 
+def engine_stall_s(engine: Mapping[str, Any], cost: ESPCostModel) -> float | None:
+    """The engine's hostage bound under ``cost`` (its ESP settings, 2 instances)."""
+    esp = ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2})
+    return esp.decode_stall_s(one_instance_prefill_time(cost))
+
+
 def simulate_round(
     engine: Mapping[str, Any], trace: Sequence[SimRequest], cost: ESPCostModel
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """``req_id -> (ttft, jct)`` of ``trace`` simulated as the engine ran it
     under ``cost``, and the number of requests left unfinished."""
     settings = LoongSettings(max_running_requests=int(engine["max_num_seqs"]))
-    esp = ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2})
-    stall_s = esp.decode_stall_s(one_instance_prefill_time(cost))
+    stall_s = engine_stall_s(engine, cost)
     result = simulate(
         LoongPolicy(2, cost, settings),
         trace,
@@ -198,12 +203,7 @@ def validate(
         "capacity_tokens": int(engine["instance_kv_tokens"]),
         "max_running_requests": int(engine["max_num_seqs"]),
         "chunk_tokens_per_instance": int(engine["max_num_batched_tokens"]),
-        "max_decode_stall_s": [
-            ESPConfig(**{**engine.get("esp_config", {}), "num_instances": 2}).decode_stall_s(
-                one_instance_prefill_time(c)
-            )
-            for c in costs
-        ],
+        "max_decode_stall_s": [engine_stall_s(engine, c) for c in costs],
     }
 
 
