@@ -143,6 +143,21 @@ def test_contiguous_matches_float64(case: str, heads: tuple[int, int], dtype: to
     assert_matches(out, lse, reference(q, k, v, q_pos, k_pos, 0.125), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 2)])
+@pytest.mark.parametrize("num_q", [1, 3, 41])
+@pytest.mark.parametrize("case", ["decode", "random", "late_keys"])
+def test_folded_heads_and_odd_rows_match_float64(
+    case: str, num_q: int, heads: tuple[int, int], dtype: torch.dtype
+) -> None:
+    # Non-causal calls fold each KV head's query heads into its rows and pad
+    # an odd row count (the mask rows with them): odd groups (6/2) included.
+    q, k, v = random_qkv(num_q, 300, heads, 64, dtype, seed=num_q + heads[0])
+    q_pos, k_pos = _positions(case, num_q, 300, seed=num_q)
+    out, lse = attention_with_lse(q, k, v, q_pos, k_pos, 0.125, backend="cpu")
+    assert_matches(out, lse, reference(q, k, v, q_pos, k_pos, 0.125), dtype)
+
+
 @pytest.mark.parametrize("step", [1, 3])
 def test_every_diagonal_offset(step: int) -> None:
     """Queries at every offset from the keys: before all, across, past all of them."""

@@ -85,17 +85,52 @@ def _flash(
     causal: bool = False,
     mask: torch.Tensor | None = None,
 ) -> Partial:
-    """One kernel call: ``q [nq, Hq, D]`` over ``k/v [Hkv, nk, D]`` (``nk > 0``)."""
+    """One kernel call: ``q [nq, Hq, D]`` over ``k/v [Hkv, nk, D]`` (``nk > 0``).
+
+    Without a causal mask, the ``G = Hq / Hkv`` query heads that share a KV
+    head are folded into one head's rows, and an odd row count is padded to
+    an even one: the kernel's 16-bit GEMMs run several times slower on one
+    (or any odd number of) query row per head, which is every decode::
+
+        q [nq, Hq, D] -> [Hkv, G*nq (+1), D]    row g*nq + i = head kvh*G + g, query i
+    """
+    num_queries, num_heads, head_size = q.shape
+    num_kv_heads = k_heads.shape[0]
+    group = num_heads // num_kv_heads
+    if causal or (group == 1 and num_queries % 2 == 0):
+        out, lse = _flash_op()(
+            q.transpose(0, 1).unsqueeze(0),
+            k_heads.unsqueeze(0),
+            v_heads.unsqueeze(0),
+            0.0,
+            causal,
+            attn_mask=mask,
+            scale=scale,
+        )
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    rows = q.permute(1, 0, 2).reshape(num_kv_heads, group * num_queries, head_size)
+    if mask is not None and group > 1:
+        mask = mask.repeat(group, 1)
+    num_rows = rows.shape[1]
+    if num_rows % 2:
+        rows = torch.cat((rows, rows[:, -1:]), dim=1)
+        if mask is not None:
+            mask = torch.cat((mask, mask[-1:]), dim=0)
     out, lse = _flash_op()(
-        q.transpose(0, 1).unsqueeze(0),
+        rows.unsqueeze(0),
         k_heads.unsqueeze(0),
         v_heads.unsqueeze(0),
         0.0,
-        causal,
+        False,
         attn_mask=mask,
         scale=scale,
     )
-    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    out = out[0, :, :num_rows].view(num_kv_heads, group, num_queries, head_size)
+    lse = lse[0, :, :num_rows].view(num_kv_heads, group, num_queries)
+    return (
+        out.permute(2, 0, 1, 3).reshape(num_queries, num_heads, head_size),
+        lse.permute(2, 0, 1).reshape(num_queries, num_heads),
+    )
 
 
 def _assemble(q: torch.Tensor, pieces: list[tuple[int, int, Partial]]) -> Partial:
