@@ -8,6 +8,9 @@ the points the results depend on):
 
 * ``lse`` is ``[B, H, L]`` float32 in natural log, ``log(sum(exp(score)))``.
 * GQA is native: query head ``h`` reads KV head ``h // (Hq // Hkv)``, as vLLM.
+  Native GQA with one query row per head (every decode), or any odd row
+  count, runs its 16-bit GEMMs several times slower; ``_flash`` folds the
+  heads into rows and pads the rows of every call without a causal mask.
 * ``is_causal`` is top-left aligned (row ``i`` sees keys ``j <= i``).
 * ``attn_mask`` is additive and must have ``q``'s dtype (no bool masks).
 * A row with every key masked comes back as out 0 with lse **0**; zero keys
