@@ -10,7 +10,7 @@ the points the results depend on):
 * GQA is native: query head ``h`` reads KV head ``h // (Hq // Hkv)``, as vLLM.
   Native GQA with one query row per head (every decode), or any odd row
   count, runs its 16-bit GEMMs several times slower; ``_flash`` folds the
-  heads into rows and pads the rows of every call without a causal mask.
+  heads into rows in calls without a causal mask and pads odd row counts.
 * ``is_causal`` is top-left aligned (row ``i`` sees keys ``j <= i``).
 * ``attn_mask`` is additive and must have ``q``'s dtype (no bool masks).
 * A row with every key masked comes back as out 0 with lse **0**; zero keys
@@ -90,30 +90,43 @@ def _flash(
 ) -> Partial:
     """One kernel call: ``q [nq, Hq, D]`` over ``k/v [Hkv, nk, D]`` (``nk > 0``).
 
-    Without a causal mask, the ``G = Hq / Hkv`` query heads that share a KV
-    head are folded into one head's rows, and an odd row count is padded to
-    an even one: the kernel's 16-bit GEMMs run several times slower on one
-    (or any odd number of) query row per head, which is every decode::
+    The kernel's 16-bit GEMMs run several times slower on one (or any odd
+    number of) query row per head, which is every decode. So without a
+    causal mask the ``G = Hq / Hkv`` query heads that share a KV head are
+    folded into that head's rows, and every call pads an odd row count
+    (``_call``)::
 
-        q [nq, Hq, D] -> [Hkv, G*nq (+1), D]    row g*nq + i = head kvh*G + g, query i
+        q [nq, Hq, D] -> [Hkv, G*nq, D]    row g*nq + i = head kvh*G + g, query i
     """
     num_queries, num_heads, head_size = q.shape
     num_kv_heads = k_heads.shape[0]
     group = num_heads // num_kv_heads
-    if causal or (group == 1 and num_queries % 2 == 0):
-        out, lse = _flash_op()(
-            q.transpose(0, 1).unsqueeze(0),
-            k_heads.unsqueeze(0),
-            v_heads.unsqueeze(0),
-            0.0,
-            causal,
-            attn_mask=mask,
-            scale=scale,
-        )
-        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    if causal or group == 1:
+        out, lse = _call(q.transpose(0, 1), k_heads, v_heads, scale, causal, mask)
+        return out.transpose(0, 1), lse.transpose(0, 1)
     rows = q.permute(1, 0, 2).reshape(num_kv_heads, group * num_queries, head_size)
-    if mask is not None and group > 1:
-        mask = mask.repeat(group, 1)
+    out, lse = _call(
+        rows, k_heads, v_heads, scale, False, None if mask is None else mask.repeat(group, 1)
+    )
+    out = out.view(num_kv_heads, group, num_queries, head_size)
+    lse = lse.view(num_kv_heads, group, num_queries)
+    return (
+        out.permute(2, 0, 1, 3).reshape(num_queries, num_heads, head_size),
+        lse.permute(2, 0, 1).reshape(num_queries, num_heads),
+    )
+
+
+def _call(
+    rows: torch.Tensor,
+    k_heads: torch.Tensor,
+    v_heads: torch.Tensor,
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on ``rows [H, n, D]``: ``(out [H, n, D], lse [H, n])``. An
+    odd ``n`` gets a copy of its last row appended and dropped again (with
+    a top-left causal mask the extra row only sees more keys)."""
     num_rows = rows.shape[1]
     if num_rows % 2:
         rows = torch.cat((rows, rows[:, -1:]), dim=1)
@@ -124,16 +137,11 @@ def _flash(
         k_heads.unsqueeze(0),
         v_heads.unsqueeze(0),
         0.0,
-        False,
+        causal,
         attn_mask=mask,
         scale=scale,
     )
-    out = out[0, :, :num_rows].view(num_kv_heads, group, num_queries, head_size)
-    lse = lse[0, :, :num_rows].view(num_kv_heads, group, num_queries)
-    return (
-        out.permute(2, 0, 1, 3).reshape(num_queries, num_heads, head_size),
-        lse.permute(2, 0, 1).reshape(num_queries, num_heads),
-    )
+    return out[0, :, :num_rows], lse[0, :, :num_rows]
 
 
 def _assemble(q: torch.Tensor, pieces: list[tuple[int, int, Partial]]) -> Partial:
