@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -66,6 +65,7 @@ from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
+from vllm_esp.core.mlfq.starvation import StarvationClock
 
 if TYPE_CHECKING:
     from vllm_esp.core.mlfq.config import MLFQConfig
@@ -116,10 +116,13 @@ def gittins_index(
         return 0.0  # past every length seen: no evidence it ends soon
     best = 0.0
     spent = f_i * prefill
+    # A refit computes this at every grid point: O(n^2), plain comparisons.
     for j in range(i + 1, len(survival)):
         spent += sums[j - 1]
         if spent > 0.0:
-            best = max(best, (f_i - survival[j]) / spent)
+            index = (f_i - survival[j]) / spent
+            if index > best:
+                best = index
     return best
 
 
@@ -326,7 +329,7 @@ class GittinsPolicy(RankingPolicy):
         self._tables: list[list[float]] = []
         self._states: dict[str, _GittinsState] = {}
         self._order: list[tuple[float, float, int, str]] = []
-        self._idle_since: OrderedDict[str, float] = OrderedDict()
+        self._clock = StarvationClock(starvation_threshold_s)
         self._charged: set[str] = set()
         self._seq = 0
         self._finished_since_fit = 0
@@ -431,14 +434,14 @@ class GittinsPolicy(RankingPolicy):
         self._states[info.request_id] = state
         state.key = self._key(info.request_id, state)
         bisect.insort(self._order, state.key)
-        self._idle_since[info.request_id] = min(info.arrival_time, now)
+        self._clock.add(info.request_id, min(info.arrival_time, now))
 
     def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         state = self._states.pop(request_id, None)
         if state is None:
             return
         del self._order[bisect.bisect_left(self._order, state.key)]
-        self._idle_since.pop(request_id, None)
+        self._clock.remove(request_id)
         self._charged.discard(request_id)
         self._move_survivor(state, -1)
         if num_output_tokens is not None:
@@ -477,8 +480,7 @@ class GittinsPolicy(RankingPolicy):
         state.starved = False
         if not state.promoted:  # a promoted request's key is fixed
             self._charged.add(request_id)
-        self._idle_since[request_id] = now
-        self._idle_since.move_to_end(request_id)
+        self._clock.served_at[request_id] = now
 
     def end_step(self, now: float) -> None:
         if refit_due(self._finished_since_fit, self.num_observed_lengths, self.refit_every):
@@ -496,21 +498,13 @@ class GittinsPolicy(RankingPolicy):
         self._order = sorted(s.key for s in self._states.values())
 
     def _promote_starved(self, now: float) -> None:
-        if self.starvation_threshold_s <= 0:
-            return
-        deadline = now - self.starvation_threshold_s
-        while self._idle_since:
-            request_id, since = next(iter(self._idle_since.items()))
-            if since > deadline:
-                break
+        for request_id in self._clock.pop_starved(now):
             state = self._states[request_id]
             state.starved = True
             if not state.promoted:
                 state.promoted = True
                 self._rekey(request_id, state)
                 self.num_promotions += 1
-            self._idle_since.move_to_end(request_id)
-            self._idle_since[request_id] = now
 
     # ------------------------------------------------------------ ranking
     def iter_ranked(self) -> Iterator[str]:
@@ -536,6 +530,7 @@ class GittinsPolicy(RankingPolicy):
 
     def check_invariants(self) -> None:
         assert self._order == sorted(s.key for s in self._states.values()), "order out of sync"
-        assert set(self._idle_since) == set(self._states), "starvation clock out of sync"
+        assert set(self._clock.served_at) == set(self._states), "starvation clock out of sync"
+        self._clock.check_invariants()
         num_tracked = sum(1 for s in self._states.values() if s.survivor_index >= 0)
         assert self.num_survivors == num_tracked, "survivors out of sync"

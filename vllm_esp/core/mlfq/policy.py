@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vllm_esp.core.costmodel import StepCostModel
     from vllm_esp.core.mlfq.config import MLFQConfig
+    from vllm_esp.core.mlfq.value import OutputLengthModel
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class RankingPolicy(abc.ABC):
 
     #: Registry name, e.g. ``"mlfq"``.
     name: str = ""
+    #: The finished requests' output lengths, for a policy that learns
+    #: them as ``OutputLengthModel`` from ``remove_request``: its scheduler
+    #: reads this one rather than learn the same lengths twice.
+    output_lengths: OutputLengthModel | None = None
 
     @classmethod
     @abc.abstractmethod

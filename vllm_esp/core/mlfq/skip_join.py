@@ -30,9 +30,9 @@ Levels and quanta::
 
 Data structures are chosen for the per-step hot path: each level is a list
 kept sorted by ``(arrival_time, seq)``, so ``iter_ranked`` starts in O(1)
-and the scheduler stops after a batch's worth; the starvation check walks an
-insertion-ordered dict from its stale end only. A charge updates counters
-and compares the service with one number (``demote_at_s``); ``end_step``
+and the scheduler stops after a batch's worth; the starvation check reads
+only the entries that came due (``starvation.py``). A charge updates
+counters and compares the service with one number (``demote_at_s``); ``end_step``
 looks only at the requests that made due. A declined demotion by value is
 not judged again until the request's output reaches the next length at
 which it could be worth it, or the lengths are refitted
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING
 
 from vllm_esp.core.costmodel import StepCostModel
 from vllm_esp.core.mlfq.policy import PolicyStats, RankingPolicy, RequestInfo
+from vllm_esp.core.mlfq.starvation import StarvationClock
 from vllm_esp.core.mlfq.value import OutputLengthModel
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class MLFQPolicy(RankingPolicy):
     """Skip-join MLFQ over standalone-time service."""
 
     name = "mlfq"
+    output_lengths: OutputLengthModel
 
     @classmethod
     def from_settings(cls, settings: MLFQConfig, cost_model: StepCostModel) -> MLFQPolicy:
@@ -146,8 +147,7 @@ class MLFQPolicy(RankingPolicy):
 
         self._levels: list[list[_SortKey]] = [[] for _ in range(num_levels)]
         self._states: dict[str, _MLFQState] = {}
-        # request id -> time its starvation clock started; oldest first.
-        self._idle_since: OrderedDict[str, float] = OrderedDict()
+        self._clock = StarvationClock(starvation_threshold_s)
         # Requests the current step's charges made due for a demotion
         # check or the rejoin (the others need nothing at end_step).
         self._due: list[str] = []
@@ -157,7 +157,7 @@ class MLFQPolicy(RankingPolicy):
         # Demotion by value: the output lengths of finished requests, and
         # from them the tokens a request is still expected to need.
         self.demote_by_value = demote_by_value
-        self._lengths = OutputLengthModel(refit_every=refit_every)
+        self.output_lengths = OutputLengthModel(refit_every=refit_every)
         self.num_demotions_declined = 0
         # Requests whose demotion was declined, and per grid point of the
         # output lengths the first length from which demotion is worth it
@@ -193,17 +193,17 @@ class MLFQPolicy(RankingPolicy):
         )
         bisect.insort(self._levels[level], key)
         # The starvation clock starts at arrival (never at 0).
-        self._idle_since[info.request_id] = min(info.arrival_time, now)
+        self._clock.add(info.request_id, min(info.arrival_time, now))
 
     def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         state = self._states.pop(request_id, None)
         if state is None:
             return
         self._remove_key(state.level, state.key)
-        self._idle_since.pop(request_id, None)
+        self._clock.remove(request_id)
         self._declined.discard(request_id)
         if num_output_tokens is not None:
-            self._lengths.observe(num_output_tokens)
+            self.output_lengths.observe(num_output_tokens)
 
     def worth_demoting(self, request_id: str) -> bool:
         """Demotion puts a request behind newcomers; with ``demote_by_value``
@@ -217,7 +217,7 @@ class MLFQPolicy(RankingPolicy):
         memoryless prior, where every index is equal) nothing is demoted."""
         if not self.demote_by_value:
             return True
-        lengths = self._lengths
+        lengths = self.output_lengths
         index = lengths.gittins_index(self._states[request_id].num_output_tokens)
         return index < _DEMOTE_BELOW * lengths.gittins_index(0)
 
@@ -226,7 +226,7 @@ class MLFQPolicy(RankingPolicy):
         demotion is judged again: ``worth_demoting`` is a function of the
         grid point of a request's output length and of the tables alone,
         so until either changes a declined request need not be judged."""
-        lengths = self._lengths
+        lengths = self.output_lengths
         self._num_fits_seen = lengths.num_fits
         self._demote_from = lengths.lengths_with_index_below(
             _DEMOTE_BELOW * lengths.gittins_index(0)
@@ -279,19 +279,25 @@ class MLFQPolicy(RankingPolicy):
         # One loop with hoisted lookups: it runs once per scheduled request
         # per step, so it only updates counters and notes the few requests
         # that end_step must look at.
-        self._lengths.maybe_refit()
-        if self._lengths.num_fits != self._num_fits_seen:
+        self.output_lengths.maybe_refit()
+        if self.output_lengths.num_fits != self._num_fits_seen:
             self._refit_rechecks()
         states = self._states
-        chunk_time = self.cost_model.chunk_time
+        # StepCostModel.chunk_time, inline: a call per request per step
+        # was a tenth of this scheduler's overhead over stock vLLM's.
+        cost = self.cost_model
+        alpha_s, beta_s, gamma_s = cost.alpha_s, cost.beta_s, cost.gamma_s
         due = self._due.append
-        idle_since = self._idle_since
-        to_fresh_end = idle_since.move_to_end
+        served_at = self._clock.served_at
         for request_id, num_new_tokens, num_computed_tokens in charges:
             state = states.get(request_id)
             if state is None or num_new_tokens <= 0:
                 continue
-            attained_s = state.attained_s + chunk_time(num_new_tokens, num_computed_tokens)
+            attained_s = state.attained_s + (
+                alpha_s
+                + beta_s * num_new_tokens
+                + gamma_s * num_new_tokens * (num_computed_tokens + (num_new_tokens + 1) / 2)
+            )
             state.attained_s = attained_s
             num_output = num_computed_tokens + num_new_tokens - state.num_prompt_tokens + 1
             if num_output > 0:
@@ -307,9 +313,7 @@ class MLFQPolicy(RankingPolicy):
             ):
                 due(request_id)
             state.starved = False
-            # Served now: restart its starvation clock (move to the fresh end).
-            idle_since[request_id] = now
-            to_fresh_end(request_id)
+            served_at[request_id] = now  # its starvation clock restarts
 
     def end_step(self, now: float) -> None:
         # Demotion: at most one level per step, counter restarts. (The
@@ -327,19 +331,14 @@ class MLFQPolicy(RankingPolicy):
                 else:
                     self.num_demotions_declined += 1
                     state.recheck_output_tokens = self._demote_from[
-                        self._lengths.grid_index(state.num_output_tokens)
+                        self.output_lengths.grid_index(state.num_output_tokens)
                     ]
                     self._declined.add(request_id)
         self._due.clear()
 
-        if self.starvation_threshold_s <= 0:
-            return
-        # Promotion: walk from the stalest end until a fresh entry.
-        deadline = now - self.starvation_threshold_s
-        while self._idle_since:
-            request_id, since = next(iter(self._idle_since.items()))
-            if since > deadline:
-                break
+        # Promotion. The clock restarts either way, so a starved level-0
+        # request is not reported every step (it has the top priority).
+        for request_id in self._clock.pop_starved(now):
             state = self._states[request_id]
             if not state.promoted:
                 # Level 0 in its arrival place, for good: from now on only
@@ -355,10 +354,6 @@ class MLFQPolicy(RankingPolicy):
                 state.demote_at_s = math.inf
                 self.num_promotions += 1
             state.starved = True
-            # Restart its clock either way, so a starved level-0 request is
-            # not rescanned every step (it already has the top priority).
-            self._idle_since.move_to_end(request_id)
-            self._idle_since[request_id] = now
 
     # ------------------------------------------------------------- ranking
     def iter_ranked(self) -> Iterator[str]:
@@ -407,9 +402,10 @@ class MLFQPolicy(RankingPolicy):
                 seen.add(request_id)
                 assert self._states[request_id].level == level
         assert seen == set(self._states), "levels and states disagree"
-        assert set(self._idle_since) == set(self._states), "starvation clock out of sync"
+        assert set(self._clock.served_at) == set(self._states), "starvation clock out of sync"
+        self._clock.check_invariants()
         assert self._declined <= set(self._states), "declined demotion of an unknown request"
-        if self._num_fits_seen == self._lengths.num_fits:
+        if self._num_fits_seen == self.output_lengths.num_fits:
             # A declined request is not judged again before its recheck
             # length: until then demoting it must still not be worth it.
             for request_id in self._declined:

@@ -9,6 +9,10 @@ limits, and returns the planner's ``AdmissionPlan``::
                                (lazily, best first)  ├─> plan_admission ─> AdmissionPlan
     running + prefetched ──> _victim(request) ─────┘
                                (sorted only when memory must be reclaimed)
+
+Most steps cannot run out of blocks (``vllm_esp.core.mlfq.slot_plan``):
+without host swap those are planned by ``plan_by_slots`` from three numbers
+per request (``_iter_slot_entries``), the same plan for a third of the cost.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_esp.core.mlfq.admission import AdmissionPlan, Candidate, plan_admission
 from vllm_esp.core.mlfq.budget import CANDIDATE_TAIL
+from vllm_esp.core.mlfq.slot_plan import SlotEntry, plan_by_slots
 from vllm_esp.core.mlfq.value import expected_remaining_s
 from vllm_esp.integration.mlfq.swap_support import HostSwapMixin
 
@@ -33,6 +38,26 @@ class PlanningMixin(HostSwapMixin):
     held_back: frozenset[str]
 
     def _plan(self) -> AdmissionPlan:
+        plan = self._plan_by_slots()
+        return plan if plan is not None else self._plan_admission()
+
+    def _plan_by_slots(self) -> AdmissionPlan | None:
+        """The plan when memory cannot bind and host swap is off, else None."""
+        if self.swap is not None:
+            return None
+        return plan_by_slots(
+            self._iter_slot_entries(),
+            num_free_blocks=self._num_free_blocks(),
+            num_slots=self._num_slots(),
+            token_budget=self.max_num_scheduled_tokens,
+            chunked_prefill=self.scheduler_config.enable_chunked_prefill,
+            block_size=self.block_size,
+            num_lookahead_tokens=self.num_lookahead_tokens,
+            resident_ids=(r.request_id for r in self.running),
+            num_resident_room=self._num_resident_room(len(self.running)),
+        )
+
+    def _plan_admission(self) -> AdmissionPlan:
         # Every running request is ranked (add_request ranks all of them);
         # the per-step cost here is O(residents), so no filtering copy.
         residents = self.running
@@ -81,6 +106,39 @@ class PlanningMixin(HostSwapMixin):
             self.kv_cache_manager.block_pool.get_num_free_blocks()
             - self.mlfq_config.num_reserved_blocks
         )
+
+    def _iter_slot_entries(self) -> Iterator[SlotEntry]:
+        """``_iter_candidates`` as ``plan_by_slots`` reads it (no host
+        swap): the same requests, skipped alike, with the same tokens."""
+        get_request = self.requests.get
+        running = RequestStatus.RUNNING
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        held_back = self.held_back
+        for request_id in self.rank_policy.iter_ranked():
+            request = get_request(request_id)
+            if request is None:
+                continue
+            status = request.status
+            if status is not running and status not in _SCHEDULABLE:
+                continue
+            if request.num_stale_output_tokens and not request.drop_stale_output:
+                continue  # as in _iter_candidates
+            num_computed = request.num_computed_tokens
+            num_admission = 0
+            if status is running:
+                resident = True
+                num_new = (
+                    request.num_tokens_with_spec + request.num_output_placeholders - num_computed
+                )
+            elif request_id in held_back:
+                continue
+            else:
+                resident = False
+                num_new = request.num_tokens - num_computed
+                num_admission = self._num_admission_blocks(request)
+            if 0 < threshold < num_new:
+                num_new = threshold
+            yield (request_id, resident, num_new if num_new > 0 else 0, num_computed, num_admission)
 
     def _iter_candidates(self) -> Iterator[Candidate]:
         # The hot loop of a plan (one pass per ranked request until the
@@ -219,15 +277,6 @@ class PlanningMixin(HostSwapMixin):
         for its whole sequence but computes only the tail (usually one
         token). Conservative: a prefix-cache hit only lowers its need."""
         num_computed, num_prefetch = self._swapped_resume(request)
-        num_admission = 0
-        if self.scheduler_reserve_full_isl:
-            # vLLM admits a newcomer only if its whole sequence fits (plus
-            # the watermark); mirror that gate, else the plan would give a
-            # slot to a request vLLM then refuses.
-            num_admission = (
-                self._num_blocks(min(request.num_tokens, self.max_model_len))
-                + self.kv_cache_manager.watermark_blocks
-            )
         return Candidate(
             request_id=request.request_id,
             resident=False,
@@ -235,10 +284,21 @@ class PlanningMixin(HostSwapMixin):
             num_computed_tokens=num_computed,
             block_size=self.block_size,
             num_lookahead_tokens=self.num_lookahead_tokens,
-            num_admission_blocks=num_admission,
+            num_admission_blocks=self._num_admission_blocks(request),
             num_prefetch_blocks=num_prefetch,
             remaining_s=self._remaining_s(request),
             starved=self.rank_policy.is_starved(request.request_id),
+        )
+
+    def _num_admission_blocks(self, request: Request) -> int:
+        """vLLM admits a newcomer only if its whole sequence fits (plus the
+        watermark); the plan mirrors that gate, else it would give a slot
+        to a request vLLM then refuses."""
+        if not self.scheduler_reserve_full_isl:
+            return 0
+        return (
+            self._num_blocks(min(request.num_tokens, self.max_model_len))
+            + self.kv_cache_manager.watermark_blocks
         )
 
     def _capped_new_tokens(self, num_new_tokens: int) -> int:

@@ -40,6 +40,7 @@ same logic over ``AsyncScheduler``) whenever async scheduling is on.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ from vllm_esp.integration.mlfq.queue import IndexedRequestQueue
 from vllm_esp.integration.predictor import load_output_predictor
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's handlers
+_num_computed_tokens = operator.attrgetter("num_computed_tokens")
 
 
 class MLFQScheduler(Scheduler, PlanningMixin):
@@ -108,8 +110,11 @@ class MLFQScheduler(Scheduler, PlanningMixin):
             self.mlfq_config, self.vllm_config.model_config.tokenizer
         )
         # Finished requests' output lengths: what preemption by value
-        # expects a request still to need (vllm_esp.core.mlfq.value).
-        self.output_lengths = OutputLengthModel()
+        # expects a request still to need (vllm_esp.core.mlfq.value). A
+        # policy that learns them already (mlfq) shares its own.
+        shared_lengths = self.rank_policy.output_lengths
+        self._observes_lengths = shared_lengths is None
+        self.output_lengths = shared_lengths if shared_lengths is not None else OutputLengthModel()
         self._clock = clock
         # The ranked policy owns the order; vLLM's queue only holds members.
         self.waiting = IndexedRequestQueue(self.waiting)
@@ -173,7 +178,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         self.rank_policy.remove_request(
             request.request_id, request.num_output_tokens if finished else None
         )
-        if finished:
+        if finished and self._observes_lengths:
             self.output_lengths.observe(request.num_output_tokens)
         self._computed_high_water.pop(request.request_id, None)
         return super()._free_request(request, delay_free_blocks=delay_free_blocks)
@@ -232,14 +237,17 @@ class MLFQScheduler(Scheduler, PlanningMixin):
     def _narrow_queues_to_plan(self, plan: AdmissionPlan) -> _StepQueues:
         """vLLM's queues for this step: the plan's members, in rank order."""
         step = _StepQueues()
-        for request_id in plan.run:
-            request = self.requests[request_id]
-            if request.status == RequestStatus.RUNNING:
-                step.running.append(request)
-            elif self._is_prefetched(request):
-                step.kv_holding_waiting.append(request)
-            else:
-                step.waiting.append(request)
+        running = RequestStatus.RUNNING
+        members = list(map(self.requests.__getitem__, plan.run))
+        step.running = [r for r in members if r.status is running]
+        if len(step.running) < len(members):
+            for request in members:
+                if request.status is running:
+                    continue
+                if self._is_prefetched(request):
+                    step.kv_holding_waiting.append(request)
+                else:
+                    step.waiting.append(request)
         # Requests the policy does not rank (e.g. blocked on a KV load) keep
         # vLLM's own handling: they ride along behind the ranked ones.
         riders = self._unranked_waiting()
@@ -278,6 +286,8 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         if step.prefetch:
             self._mark_prefetches(step.prefetch)
             self.max_num_active_reqs = max_active + len(step.prefetch)
+        # Only these can leave the waiting queues this step.
+        newcomers = [*step.waiting, *step.kv_holding_waiting]
         self.running = step.running
         self.waiting = step.waiting
         self.kv_holding_waiting = step.kv_holding_waiting
@@ -286,20 +296,25 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         finally:
             self.max_num_active_reqs = max_active
             self._clear_prefetch_marks()
-            self._restore_queues(full_waiting, full_holding, paused)
+            self._restore_queues(full_waiting, full_holding, paused, newcomers)
 
     def _restore_queues(
-        self, full_waiting: RequestQueue, full_holding: RequestQueue, paused: list[Request]
+        self,
+        full_waiting: RequestQueue,
+        full_holding: RequestQueue,
+        paused: list[Request],
+        newcomers: list[Request],
     ) -> None:
         """Put the full queues back, updated with what vLLM did this step."""
         left_waiting = list(self.waiting)
         left_holding = list(self.kv_holding_waiting)
         self.waiting = full_waiting
         self.kv_holding_waiting = full_holding
-        # Requests vLLM admitted are running now: drop them from the full
+        # Newcomers vLLM admitted are running now: drop them from the full
         # queues (remove_requests ignores ids a queue does not hold).
-        full_waiting.remove_requests(self.running)
-        full_holding.remove_requests(self.running)
+        admitted = [r for r in newcomers if r.status == RequestStatus.RUNNING]
+        full_waiting.remove_requests(admitted)
+        full_holding.remove_requests(admitted)
         # Prefetches vLLM started now hold blocks (WAITING_FOR_REMOTE_KVS):
         # they moved from the waiting to the kv-holding queue.
         for request in left_holding:
@@ -317,18 +332,16 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         """Charge the policy for what ran (demotion/promotion), and count
         recompute: scheduling a position below where a preempted request
         had got to again."""
-        requests = self.requests
         num_scheduled = output.num_scheduled_tokens
         if self._computed_high_water:
             self._count_recompute(num_scheduled)
         # (request_id, num_new_tokens, num_computed_tokens before them):
         # vLLM advanced num_computed_tokens when it scheduled the tokens.
+        # Built by C-level iterators: no Python frame per request.
+        ids, num_new = num_scheduled.keys(), num_scheduled.values()
+        num_computed = map(_num_computed_tokens, map(self.requests.__getitem__, ids))
         self.rank_policy.on_scheduled_step(
-            [
-                (request_id, num_tokens, requests[request_id].num_computed_tokens - num_tokens)
-                for request_id, num_tokens in num_scheduled.items()
-            ],
-            now,
+            zip(ids, num_new, map(operator.sub, num_computed, num_new)), now
         )
         self.rank_policy.end_step(self._clock())
 
