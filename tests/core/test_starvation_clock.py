@@ -9,6 +9,11 @@ from hypothesis import strategies as st
 
 from vllm_esp.core.mlfq.starvation import StarvationClock
 
+
+class State:
+    served_at = 0.0
+
+
 ops = st.lists(
     st.tuples(
         st.sampled_from(["add", "serve", "remove", "tick"]),
@@ -23,20 +28,23 @@ ops = st.lists(
 @given(ops, st.sampled_from([0.0, 0.5, 2.0]))
 def test_reports_exactly_the_requests_idle_for_the_threshold(stream, threshold_s):
     clock = StarvationClock(threshold_s)
+    states: dict[str, State] = {}
     last: dict[str, float] = {}  # the brute force: every request's last service
     now = 0.0
     for op, i, x in stream:
         rid = f"r{i}"
         if op == "add" and rid not in last:
             since = now - x  # arrivals may be stamped in the past
-            clock.add(rid, since)
+            states[rid] = State()
+            clock.add(rid, states[rid], since)
             last[rid] = since
         elif op == "serve" and rid in last:
-            clock.served_at[rid] = now
+            states[rid].served_at = now
             last[rid] = now
         elif op == "remove":
             clock.remove(rid)
             last.pop(rid, None)
+            states.pop(rid, None)
         elif op == "tick":
             now += x
             expected = (
@@ -48,15 +56,16 @@ def test_reports_exactly_the_requests_idle_for_the_threshold(stream, threshold_s
             for r in got:
                 last[r] = now  # its clock restarts
         clock.check_invariants()
-        assert set(clock.served_at) == set(last)
+        assert clock.tracked_ids() == set(last)
 
 
 def test_a_request_served_all_along_is_never_reported():
     clock = StarvationClock(1.0)
-    clock.add("a", 0.0)
+    a = State()
+    clock.add("a", a, 0.0)
     for step in range(1, 50):
         now = step * 0.1
-        clock.served_at["a"] = now
+        a.served_at = now
         assert clock.pop_starved(now) == []
     assert clock.pop_starved(4.9 + 1.0) == ["a"]
     assert clock.pop_starved(4.9 + 1.5) == []  # restarted at 5.9
@@ -65,5 +74,5 @@ def test_a_request_served_all_along_is_never_reported():
 
 def test_a_zero_threshold_tracks_no_heap():
     clock = StarvationClock(0.0)
-    clock.add("a", 0.0)
+    clock.add("a", State(), 0.0)
     assert clock.pop_starved(100.0) == [] and clock._heap == []

@@ -289,6 +289,8 @@ class _GittinsState:
     promoted: bool = False
     #: Promoted and not served since.
     starved: bool = False
+    #: Last served (or arrived): the starvation clock's (``StarvationClock``).
+    served_at: float = 0.0
 
 
 class GittinsPolicy(RankingPolicy):
@@ -434,7 +436,7 @@ class GittinsPolicy(RankingPolicy):
         self._states[info.request_id] = state
         state.key = self._key(info.request_id, state)
         bisect.insort(self._order, state.key)
-        self._clock.add(info.request_id, min(info.arrival_time, now))
+        self._clock.add(info.request_id, state, min(info.arrival_time, now))
 
     def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         state = self._states.pop(request_id, None)
@@ -480,7 +482,7 @@ class GittinsPolicy(RankingPolicy):
         state.starved = False
         if not state.promoted:  # a promoted request's key is fixed
             self._charged.add(request_id)
-        self._clock.served_at[request_id] = now
+        state.served_at = now
 
     def end_step(self, now: float) -> None:
         if refit_due(self._finished_since_fit, self.num_observed_lengths, self.refit_every):
@@ -530,7 +532,7 @@ class GittinsPolicy(RankingPolicy):
 
     def check_invariants(self) -> None:
         assert self._order == sorted(s.key for s in self._states.values()), "order out of sync"
-        assert set(self._clock.served_at) == set(self._states), "starvation clock out of sync"
+        assert self._clock.tracked_ids() == set(self._states), "starvation clock out of sync"
         self._clock.check_invariants()
         num_tracked = sum(1 for s in self._states.values() if s.survivor_index >= 0)
         assert self.num_survivors == num_tracked, "survivors out of sync"

@@ -84,6 +84,8 @@ class _MLFQState:
     #: Promoted for starvation at some point: it stays in level 0, in its
     #: arrival place, until it finishes (never demoted again).
     promoted: bool = False
+    #: Last served (or arrived): the starvation clock's (``StarvationClock``).
+    served_at: float = 0.0
     #: ``demote_by_value``'s rejoin after the prefill is still to come.
     awaits_rejoin: bool = False
     #: Output length from which a declined demotion is judged again (its
@@ -184,16 +186,17 @@ class MLFQPolicy(RankingPolicy):
         level = self.join_level(info.num_prompt_tokens, info.num_cached_tokens)
         key = (info.arrival_time, self._seq, info.request_id)
         self._seq += 1
-        self._states[info.request_id] = _MLFQState(
+        state = _MLFQState(
             level=level,
             key=key,
             demote_at_s=self._demote_at_s[level],
             num_prompt_tokens=info.num_prompt_tokens,
             awaits_rejoin=self.demote_by_value,
         )
+        self._states[info.request_id] = state
         bisect.insort(self._levels[level], key)
         # The starvation clock starts at arrival (never at 0).
-        self._clock.add(info.request_id, min(info.arrival_time, now))
+        self._clock.add(info.request_id, state, min(info.arrival_time, now))
 
     def remove_request(self, request_id: str, num_output_tokens: int | None = None) -> None:
         state = self._states.pop(request_id, None)
@@ -288,7 +291,6 @@ class MLFQPolicy(RankingPolicy):
         cost = self.cost_model
         alpha_s, beta_s, gamma_s = cost.alpha_s, cost.beta_s, cost.gamma_s
         due = self._due.append
-        served_at = self._clock.served_at
         for request_id, num_new_tokens, num_computed_tokens in charges:
             state = states.get(request_id)
             if state is None or num_new_tokens <= 0:
@@ -313,7 +315,7 @@ class MLFQPolicy(RankingPolicy):
             ):
                 due(request_id)
             state.starved = False
-            served_at[request_id] = now  # its starvation clock restarts
+            state.served_at = now  # its starvation clock restarts
 
     def end_step(self, now: float) -> None:
         # Demotion: at most one level per step, counter restarts. (The
@@ -402,7 +404,7 @@ class MLFQPolicy(RankingPolicy):
                 seen.add(request_id)
                 assert self._states[request_id].level == level
         assert seen == set(self._states), "levels and states disagree"
-        assert set(self._clock.served_at) == set(self._states), "starvation clock out of sync"
+        assert self._clock.tracked_ids() == set(self._states), "starvation clock out of sync"
         self._clock.check_invariants()
         assert self._declined <= set(self._states), "declined demotion of an unknown request"
         if self._num_fits_seen == self.output_lengths.num_fits:

@@ -1,15 +1,15 @@
 """The starvation clock of the MLFQ and Gittins policies, torch-free.
 
 A request not served for ``threshold_s`` is *starved* (the policies then
-promote it). Serving a request is one dict store, ``served_at[id] = now``,
-in the policies' charge loop, which runs once per scheduled request per
-step; finding the starved requests reads a heap of times that may be stale
-(never later than the true last service) and refreshes an entry only when
-it comes due::
+promote it). Serving a request is one attribute store on the policy's own
+per-request state, ``state.served_at = now``, in the policies' charge
+loop, which runs once per scheduled request per step; finding the starved
+requests reads a heap of times that may be stale (never later than the
+true last service) and refreshes an entry only when it comes due::
 
-    heap entry (t, seq, id), t <= served_at[id]
-    t <= now - threshold_s:  served_at[id] too  -> starved, clock restarts at now
-                             else               -> pushed back at served_at[id]
+    heap entry (t, seq, id), t <= served_at of id
+    t <= now - threshold_s:  served_at too  -> starved, clock restarts at now
+                             else           -> pushed back at served_at
 
 So every starved request is found (its entry's time is at most its last
 service), and a request served all along is pushed back at most once per
@@ -21,6 +21,14 @@ and is dropped when it comes due.
 from __future__ import annotations
 
 import heapq
+from typing import Protocol
+
+
+class Served(Protocol):
+    """A policy's per-request state: when the request was last served (or
+    arrived). The charge loops write it."""
+
+    served_at: float
 
 
 class StarvationClock:
@@ -29,16 +37,16 @@ class StarvationClock:
 
     def __init__(self, threshold_s: float) -> None:
         self.threshold_s = threshold_s
-        #: request id -> when it was last served (or arrived). The charge
-        #: loops write it directly.
-        self.served_at: dict[str, float] = {}
+        self._tracked: dict[str, Served] = {}
         self._seq: dict[str, int] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._next_seq = 0
 
-    def add(self, request_id: str, since: float) -> None:
-        """Track a request whose clock starts at ``since`` (its arrival)."""
-        self.served_at[request_id] = since
+    def add(self, request_id: str, state: Served, since: float) -> None:
+        """Track a request whose clock starts at ``since`` (its arrival);
+        ``state.served_at`` is its clock from now on."""
+        state.served_at = since
+        self._tracked[request_id] = state
         if self.threshold_s <= 0:
             return
         seq = self._next_seq
@@ -47,7 +55,7 @@ class StarvationClock:
         heapq.heappush(self._heap, (since, seq, request_id))
 
     def remove(self, request_id: str) -> None:
-        self.served_at.pop(request_id, None)
+        self._tracked.pop(request_id, None)
         self._seq.pop(request_id, None)
 
     def pop_starved(self, now: float) -> list[str]:
@@ -57,30 +65,35 @@ class StarvationClock:
         if self.threshold_s <= 0:
             return []
         deadline = now - self.threshold_s
-        heap, served_at, current_seq = self._heap, self.served_at, self._seq
+        heap, tracked, current_seq = self._heap, self._tracked, self._seq
         starved: list[str] = []
         while heap and heap[0][0] <= deadline:
             _, seq, request_id = heapq.heappop(heap)
             if current_seq.get(request_id) != seq:
                 continue  # removed since
-            last = served_at[request_id]
+            state = tracked[request_id]
+            last = state.served_at
             if last <= deadline:
                 starved.append(request_id)
-                served_at[request_id] = last = now
+                state.served_at = last = now
             heapq.heappush(heap, (last, seq, request_id))
         return starved
 
     def __len__(self) -> int:
-        return len(self.served_at)
+        return len(self._tracked)
+
+    def tracked_ids(self) -> set[str]:
+        return set(self._tracked)
 
     def check_invariants(self) -> None:
         if self.threshold_s <= 0:
             return
-        assert set(self._seq) == set(self.served_at), "clock ids out of sync"
+        assert set(self._seq) == set(self._tracked), "clock ids out of sync"
         live = [
             (t, request_id) for t, seq, request_id in self._heap if self._seq.get(request_id) == seq
         ]
         assert len(live) == len(self._seq), "a tracked request without exactly one heap entry"
         assert {request_id for _, request_id in live} == set(self._seq), "an entry missing"
         for t, request_id in live:
-            assert t <= self.served_at[request_id], f"{request_id}: entry after its service"
+            served_at = self._tracked[request_id].served_at
+            assert t <= served_at, f"{request_id}: entry after its service"
