@@ -290,18 +290,24 @@ class MLFQPolicy(RankingPolicy):
         # was a tenth of this scheduler's overhead over stock vLLM's.
         cost = self.cost_model
         alpha_s, beta_s, gamma_s = cost.alpha_s, cost.beta_s, cost.gamma_s
+        # chunk_time(1, c) = alpha + beta + gamma * (c + 1)
+        decode_s = alpha_s + beta_s + gamma_s
         due = self._due.append
         for request_id, num_new_tokens, num_computed_tokens in charges:
             state = states.get(request_id)
             if state is None or num_new_tokens <= 0:
                 continue
-            attained_s = state.attained_s + (
-                alpha_s
-                + beta_s * num_new_tokens
-                + gamma_s * num_new_tokens * (num_computed_tokens + (num_new_tokens + 1) / 2)
-            )
+            if num_new_tokens == 1:  # a decode, most charges: fewer float ops
+                attained_s = state.attained_s + decode_s + gamma_s * num_computed_tokens
+                num_output = num_computed_tokens + 2 - state.num_prompt_tokens
+            else:
+                attained_s = state.attained_s + (
+                    alpha_s
+                    + beta_s * num_new_tokens
+                    + gamma_s * num_new_tokens * (num_computed_tokens + (num_new_tokens + 1) / 2)
+                )
+                num_output = num_computed_tokens + num_new_tokens - state.num_prompt_tokens + 1
             state.attained_s = attained_s
-            num_output = num_computed_tokens + num_new_tokens - state.num_prompt_tokens + 1
             if num_output > 0:
                 state.num_output_tokens = num_output
             if state.awaits_rejoin:
