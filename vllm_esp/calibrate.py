@@ -397,6 +397,10 @@ def _measure_decode(
                 # Mean KV tokens read per step over the m steps.
                 "num_kv_tokens": n * (k // num_instances + (m + 1) // 2),
                 "num_remote": n if num_instances > 1 else 0,
+                # Every request is striped, so all of the KV read here is.
+                "num_striped_kv_tokens": n * (k // num_instances + (m + 1) // 2)
+                if num_instances > 1
+                else 0,
                 "seconds": statistics.median(times),
                 "seconds_all": times,
             }
@@ -517,16 +521,23 @@ def fit_esp_cost(
         for dop, rows in prefill_by_dop.items()
     }
     samples = [
-        DecodeSample(r["num_master"], r["num_kv_tokens"], r["num_remote"], r["seconds"])
+        DecodeSample(
+            r["num_master"],
+            r["num_kv_tokens"],
+            r["num_remote"],
+            r["seconds"],
+            # Rows written before the striped term: all of a striped row's KV is.
+            r.get("num_striped_kv_tokens", r["num_kv_tokens"] if r["num_remote"] else 0),
+        )
         for r in decode_rows
     ]
     dfit = fit_decode_detailed(samples)
-    a, b, c, e = dfit.coeffs
+    a, b, c, e, f, g = dfit.coeffs
     e_source = "fitted"
     if 3 in dfit.unidentified:
         e = exchange_bytes_per_request / link["bandwidth_bytes_per_s"]
         e_source = "link: exchange bytes per request / measured bandwidth"
-    decode = DecodeCoeffs(a_s=a, b_s=b, c_s=c, e_s=e, mean_rel_err=dfit.mean_rel_err)
+    decode = DecodeCoeffs(a_s=a, b_s=b, c_s=c, e_s=e, f_s=f, g_s=g, mean_rel_err=dfit.mean_rel_err)
     migration = MigrationCoeffs(
         latency_s=link["latency_s"],
         bytes_per_token=float(bytes_per_token),

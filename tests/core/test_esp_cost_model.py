@@ -64,14 +64,19 @@ def prefill_samples(a: float, b: float, c: float, noise: float = 0.0, seed: int 
     return out
 
 
-def decode_samples(a, b, c, e, noise: float = 0.0, seed: int = 0, remote: bool = True):
+def decode_samples(
+    a, b, c, e, f=0.0, g=0.0, noise: float = 0.0, seed: int = 0, remote: bool = True
+):
+    """Steps of ``n`` requests of ``ctx`` tokens, ``r`` of them striped (remote)."""
     rng = random.Random(seed)
     out = []
     for n in (1, 4, 16, 64):
         for ctx in (128, 2048, 16384):
             for r in (0, n // 2 + 1) if remote else (0,):
-                t = (a + b * n + c * n * ctx + e * r) * (1 + rng.uniform(-noise, noise))
-                out.append(DecodeSample(n, n * ctx, r, t))
+                striped = r * ctx
+                t = a + b * n + c * n * ctx + ((e * r + f + g * striped) if r else 0.0)
+                t *= 1 + rng.uniform(-noise, noise)
+                out.append(DecodeSample(n, n * ctx, r, t, striped))
     return out
 
 
@@ -145,21 +150,26 @@ def test_fit_prefill_is_non_negative():
     )
 
 
-def test_fit_decode_recovers_coefficients():
-    truth = (9e-3, 4e-5, 1.6e-7, 1e-6)
+@pytest.mark.parametrize(
+    "truth",
+    [(9e-3, 4e-5, 1.6e-7, 1e-6, 0.0, 0.0), (9e-3, 4e-5, 1.6e-7, 1e-6, 4e-3, 2e-7)],
+    ids=["no-step-terms", "step-terms"],
+)
+def test_fit_decode_recovers_coefficients(truth):
     exact = fit_decode(decode_samples(*truth))
-    assert (exact.a_s, exact.b_s, exact.c_s, exact.e_s) == pytest.approx(truth, rel=1e-6)
+    d = exact
+    assert (d.a_s, d.b_s, d.c_s, d.e_s, d.f_s, d.g_s) == pytest.approx(truth, rel=1e-6, abs=1e-12)
     noisy = fit_decode(decode_samples(*truth, noise=0.03, seed=1))
     assert noisy.mean_rel_err < 0.1
     assert noisy.c_s == pytest.approx(truth[2], rel=0.15)
     assert noisy.a_s == pytest.approx(truth[0], rel=0.15)
 
 
-def test_fit_decode_without_remote_samples_leaves_e_at_zero():
+def test_fit_decode_without_remote_samples_leaves_the_exchange_terms_at_zero():
     samples = decode_samples(9e-3, 4e-5, 1.6e-7, 0.0, remote=False)
     fit = fit_decode_detailed(samples)
-    assert fit.unidentified == (3,)
-    assert fit.coeffs[3] == 0.0
+    assert fit.unidentified == (3, 4, 5)
+    assert fit.coeffs[3:] == (0.0, 0.0, 0.0)
     assert fit.coeffs[2] == pytest.approx(1.6e-7, rel=1e-6)
 
 
@@ -247,6 +257,11 @@ def test_decode_and_migration_times():
     d = m.decode
     assert m.decode_time(0, 0) == 0.0
     assert m.decode_time(4, 1000, 2) == pytest.approx(d.a_s + 4 * d.b_s + 1000 * d.c_s + 2 * d.e_s)
+    s = model(decode=DecodeCoeffs(9e-3, 4e-5, 1.6e-7, 1e-6, f_s=3e-3, g_s=5e-7))
+    local = 9e-3 + 4 * 4e-5 + 1000 * 1.6e-7
+    # The step terms apply only to a step that exchanges.
+    assert s.decode_time(4, 1000, 0, 0) == pytest.approx(local)
+    assert s.decode_time(4, 1000, 2, 600) == pytest.approx(local + 2e-6 + 3e-3 + 600 * 5e-7)
     assert m.migration_time(0) == 0.0
     assert m.migration_time(1000) == pytest.approx(1e-3 + 1000 * 524288 / 8e11)
 
@@ -266,6 +281,13 @@ def test_json_round_trip_and_hash(tmp_path):
     assert model(meta={"note": "x"}).sha256() == model().sha256()
     assert model(ring_hop_s=4e-4).sha256() != model().sha256()
     assert model(decode=DecodeCoeffs(9e-3, 4e-5, 1.7e-7, 1e-6)).sha256() != model().sha256()
+    # Zero step terms are left out of the file (older files keep their hash);
+    # nonzero ones round-trip.
+    assert set(m.to_json()["decode"]) == {"a_s", "b_s", "c_s", "e_s", "mean_rel_err"}
+    striped = model(decode=DecodeCoeffs(9e-3, 4e-5, 1.6e-7, 1e-6, f_s=3e-3, g_s=5e-7))
+    striped.save(path)
+    assert ESPCostModel.load(path) == striped
+    assert striped.sha256() != model().sha256()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -116,6 +117,32 @@ def test_static_sp_stripes_and_decodes_single_master_across_the_group():
     (rec,) = res.records
     assert rec.first_token_s == pytest.approx(ttft)
     assert rec.finish_s == pytest.approx(ttft + step)
+
+
+def test_striped_decode_pays_the_exchange_round_and_the_striped_kv():
+    """A step that exchanges pays ``f`` once and ``g`` per striped KV token
+    on each instance, the master's share growing with every output."""
+    f, g = 2e-3, 3e-7
+    cost = replace(COST, decode=replace(COST.decode, f_s=f, g_s=g))
+    prompt, output = 800, 4
+    res = simulate(
+        StaticSPPolicy(),
+        [SimRequest("r", 0.0, prompt, output)],
+        num_instances=2,
+        capacity_tokens=10_000,
+        truth=cost,
+        check=True,
+    )
+    row = cost.prefill_coeffs(2)
+    ttft = row.A_s + row.B_s * prompt + row.C_s * prompt**2
+    half = prompt // 2
+    steps = 0.0
+    for s in range(output - 1):
+        master = _step(1, half + s, 1) + f + g * (half + s)
+        other = _step(0, half, 1) + f + g * half
+        steps += max(master, other)
+    (rec,) = res.records
+    assert rec.finish_s == pytest.approx(ttft + steps)
 
 
 def test_tensor_parallel_group_times():

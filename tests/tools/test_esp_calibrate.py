@@ -123,6 +123,34 @@ def test_striped_decode_rows_measure_the_exchange(tmp_path):
     assert cost.meta["fit"]["decode_e_source"] == "fitted"
     assert cost.decode.e_s == pytest.approx(e, rel=1e-4)
     assert cost.decode.a_s == pytest.approx(a, rel=1e-4)
+    assert cost.decode.f_s == pytest.approx(0.0, abs=1e-9)
+    assert cost.decode.g_s == pytest.approx(0.0, abs=1e-12)
+
+
+def test_striped_decode_rows_fit_the_exchange_round_and_striped_kv():
+    """A per-step exchange cost and a per-striped-token cost (the partial
+    kernel's) are told apart from the per-request exchange."""
+    grid = calibrate.ESP_QUICK
+    a, b, c, e, f, g = 5e-3, 1e-4, 1e-7, 2e-4, 3e-3, 4e-7
+
+    def row(n: int, kv: int, remote: int) -> dict:
+        seconds = a + b * n + c * kv + (e * remote + f + g * kv if remote else 0.0)
+        return {"num_master": n, "num_kv_tokens": kv, "num_remote": remote, "seconds": seconds}
+
+    local = [row(n, n * k, 0) for n, k in grid.decode_points()]
+    striped = [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
+    points = grid.prefill_points()
+    cost = calibrate.fit_esp_cost(
+        {1: rows(0.01, 1e-4, 1e-8, points), 2: rows(0.012, 5e-5, 5e-9, points)},
+        local + striped,
+        {"latency_s": 2e-4, "bandwidth_bytes_per_s": 2e9},
+        bytes_per_token=6144,
+        exchange_bytes_per_request=40_000,
+        meta={},
+    )
+    d = cost.decode
+    assert (d.a_s, d.b_s, d.c_s, d.e_s, d.f_s, d.g_s) == pytest.approx((a, b, c, e, f, g), rel=1e-4)
+    assert d.mean_rel_err < 1e-6
 
 
 def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
@@ -141,10 +169,11 @@ def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
     monkeypatch.setattr(calibrate, "_run_batch", lambda *args, **kwargs: timing)
     (two,) = calibrate._measure_decode(None, grid, lambda n: [1] * n, num_instances=2)
     assert (two["num_master"], two["num_remote"]) == (4, 4)
-    assert two["num_kv_tokens"] == 4 * (64 + 8)
+    assert two["num_kv_tokens"] == 4 * (64 + 8) == two["num_striped_kv_tokens"]
     assert two["seconds"] == pytest.approx(0.02)
     (one,) = calibrate._measure_decode(None, grid, lambda n: [1] * n)
     assert (one["num_remote"], one["num_kv_tokens"]) == (0, 4 * (128 + 8))
+    assert one["num_striped_kv_tokens"] == 0
 
 
 def test_striped_engine_kwargs(config_model_dir):

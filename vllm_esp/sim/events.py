@@ -370,8 +370,12 @@ class EventLoop:
                     self._finish(req)
         run.prefills = [r for r in run.prefills if r.state == RUNNING]
         used, reserved, num_kv, stale = self.used, self.reserved, run.num_kv, self.stale
+        striped = run.num_striped_kv
         for req, master in list(run.decodes.items()):
-            req.kv[master] = req.kv.get(master, 0) + 1
+            kv = req.kv
+            kv[master] = kv.get(master, 0) + 1
+            if len(kv) > 1:  # it exchanges (BatchRun counts its KV as striped)
+                striped[master] += 1
             req.num_computed += 1
             req.num_output += 1
             req.view = None

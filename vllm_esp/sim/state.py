@@ -109,6 +109,7 @@ class BatchRun:
         "num_kv",
         "num_master",
         "num_remote",
+        "num_striped_kv",
         "prefills",
         "steps_left",
         "tensor_parallel",
@@ -124,6 +125,8 @@ class BatchRun:
         self.num_master = dict.fromkeys(instances, 0)
         self.num_kv = dict.fromkeys(instances, 0)
         self.num_remote = dict.fromkeys(instances, 0)
+        #: KV tokens here of requests that exchange (their KV is not all on their master).
+        self.num_striped_kv = dict.fromkeys(instances, 0)
 
     def add_decode(self, req: SimReq, master: int) -> None:
         self.decodes[req] = master
@@ -142,6 +145,8 @@ class BatchRun:
                 elsewhere = True
         if elsewhere:
             self.num_remote[master] += sign
+            for inst, tokens in req.kv.items():
+                self.num_striped_kv[inst] += sign * tokens
 
     def step_time(self, truth: ESPCostModel) -> float:
         """One decode step of the requests left: the slowest group instance
@@ -151,5 +156,12 @@ class BatchRun:
         if self.tensor_parallel:
             total_kv = sum(self.num_kv.values())
             return truth.decode_time(len(self.decodes), total_kv, tp_degree=len(self.instances))
-        master, kv, remote = self.num_master, self.num_kv, self.num_remote
-        return max(truth.decode_time(master[i], kv[i], remote[i]) for i in self.instances)
+        master, kv, remote, striped = (
+            self.num_master,
+            self.num_kv,
+            self.num_remote,
+            self.num_striped_kv,
+        )
+        return max(
+            truth.decode_time(master[i], kv[i], remote[i], striped[i]) for i in self.instances
+        )

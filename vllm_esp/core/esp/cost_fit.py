@@ -10,9 +10,9 @@ minimise::
     sum_i (t_i**w * (x_i . theta - t_i) / t_i) ** 2      subject to theta >= 0
 
 Negative coefficients are meaningless (a cost that falls as the batch
-grows), so the fit is non-negative: with at most four parameters every
-support (subset of parameters left free, the others fixed at 0) is solved
-and the best feasible one kept, which is the exact NNLS optimum (on its
+grows), so the fit is non-negative: with at most six parameters every
+support (subset of parameters left free, the others fixed at 0; 63 of
+them) is solved and the best feasible one kept, which is the exact NNLS optimum (on its
 support the constrained optimum is the unconstrained one).
 
 A parameter whose feature is zero in every sample (e.g. ``num_remote`` when
@@ -22,7 +22,7 @@ solution otherwise (all identical, or one prompt length only, where
 ``sum_l2 = l * sum_l``) raise :class:`SingularFitError`.
 
 Pure Python (no numpy): the decision core imports it, and the systems are
-at most 4 x 4.
+at most 6 x 6.
 """
 
 from __future__ import annotations
@@ -79,9 +79,19 @@ class DecodeSample:
     num_kv_tokens: int
     num_remote: int
     seconds: float
+    #: The part of ``num_kv_tokens`` whose request has KV elsewhere too.
+    num_striped_kv_tokens: int = 0
 
     def features(self) -> tuple[float, ...]:
-        return (1.0, float(self.num_master), float(self.num_kv_tokens), float(self.num_remote))
+        exchanges = self.num_remote > 0
+        return (
+            1.0,
+            float(self.num_master),
+            float(self.num_kv_tokens),
+            float(self.num_remote),
+            1.0 if exchanges else 0.0,
+            float(self.num_striped_kv_tokens) if exchanges else 0.0,
+        )
 
 
 @dataclass(frozen=True)
@@ -214,13 +224,15 @@ def fit_decode_detailed(samples: Sequence[DecodeSample]) -> Fit:
 
 
 def fit_decode(samples: Sequence[DecodeSample]) -> DecodeCoeffs:
-    """``a + b*num_master + c*num_kv_tokens + e*num_remote`` fitted to decode steps.
+    """``a + b*num_master + c*num_kv_tokens + e*num_remote + f*[num_remote > 0]
+    + g*num_striped_kv_tokens`` fitted to decode steps.
 
-    ``e`` is 0 when no sample had a remote exchange (see the module docstring).
+    ``e``, ``f`` and ``g`` are 0 when no sample had a remote exchange (see
+    the module docstring).
     """
     fit = fit_decode_detailed(samples)
-    a, b, c, e = fit.coeffs
-    return DecodeCoeffs(a_s=a, b_s=b, c_s=c, e_s=e, mean_rel_err=fit.mean_rel_err)
+    a, b, c, e, f, g = fit.coeffs
+    return DecodeCoeffs(a_s=a, b_s=b, c_s=c, e_s=e, f_s=f, g_s=g, mean_rel_err=fit.mean_rel_err)
 
 
 def ring_hop_from_rows(rows: Mapping[int, PrefillCoeffs]) -> float:

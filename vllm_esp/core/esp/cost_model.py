@@ -13,10 +13,16 @@ Beyond LoongServe (which uses a constant decode time), one instance's
 decode step in a multi-master group::
 
     T_decode = a + b * num_master + c * num_kv_tokens + e * num_remote
+               + f * [num_remote > 0] + g * num_striped_kv_tokens
 
-    num_master:    requests this instance masters (dense work, sampling)
-    num_kv_tokens: KV tokens read here, for its own and foreign requests
-    num_remote:    (query, partial) exchanges with other instances
+    num_master:            requests this instance masters (dense work, sampling)
+    num_kv_tokens:         KV tokens read here, for its own and foreign requests
+    num_remote:            (query, partial) exchanges with other instances
+    [num_remote > 0]:      the step exchanges at all (one collective per layer,
+                           whatever the number of requests in it)
+    num_striped_kv_tokens: the part of num_kv_tokens whose request also has KV
+                           elsewhere (read by the partial-attention kernel,
+                           which costs more per token than the paged one)
 
 and a migration ``latency + num_tokens * bytes_per_token / bandwidth``.
 
@@ -76,16 +82,27 @@ class PrefillCoeffs:
 
 @dataclass(frozen=True)
 class DecodeCoeffs:
-    """``T = a + b * num_master + c * num_kv_tokens + e * num_remote`` seconds."""
+    """``T = a + b * num_master + c * num_kv_tokens + e * num_remote
+    + f * [num_remote > 0] + g * num_striped_kv_tokens`` seconds."""
 
     a_s: float
     b_s: float
     c_s: float
     e_s: float = 0.0
+    f_s: float = 0.0
+    g_s: float = 0.0
     mean_rel_err: float | None = None
 
     def __post_init__(self) -> None:
-        _check_nonneg("DecodeCoeffs", a_s=self.a_s, b_s=self.b_s, c_s=self.c_s, e_s=self.e_s)
+        _check_nonneg(
+            "DecodeCoeffs",
+            a_s=self.a_s,
+            b_s=self.b_s,
+            c_s=self.c_s,
+            e_s=self.e_s,
+            f_s=self.f_s,
+            g_s=self.g_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -181,6 +198,7 @@ class ESPCostModel:
         num_master: int,
         num_kv_tokens: int,
         num_remote: int = 0,
+        num_striped_kv_tokens: int = 0,
         *,
         tp_degree: int = 1,
     ) -> float:
@@ -191,7 +209,10 @@ class ESPCostModel:
         variable = d.b_s * num_master + d.c_s * num_kv_tokens
         if tp_degree > 1:
             variable /= self._tp_speedup(tp_degree)
-        return d.a_s + variable + d.e_s * num_remote
+        t = d.a_s + variable
+        if num_remote > 0:
+            t += d.e_s * num_remote + d.f_s + d.g_s * num_striped_kv_tokens
+        return t
 
     # ------------------------------------------------------------------ migration
     def migration_time(self, num_tokens: int) -> float:
@@ -233,13 +254,7 @@ class ESPCostModel:
                 str(d): {"A_s": c.A_s, "B_s": c.B_s, "C_s": c.C_s, "mean_rel_err": c.mean_rel_err}
                 for d, c in self.prefill.items()
             },
-            "decode": {
-                "a_s": self.decode.a_s,
-                "b_s": self.decode.b_s,
-                "c_s": self.decode.c_s,
-                "e_s": self.decode.e_s,
-                "mean_rel_err": self.decode.mean_rel_err,
-            },
+            "decode": self._decode_json(),
             "migration": {
                 "latency_s": self.migration.latency_s,
                 "bytes_per_token": self.migration.bytes_per_token,
@@ -249,6 +264,15 @@ class ESPCostModel:
             "tp_efficiency": self.tp_efficiency,
             "meta": self.meta,
         }
+
+    def _decode_json(self) -> dict[str, Any]:
+        d = self.decode
+        out = {"a_s": d.a_s, "b_s": d.b_s, "c_s": d.c_s, "e_s": d.e_s}
+        # Zero striped-step terms are left out, so a file without them keeps
+        # its bytes and the hash results are stamped with.
+        if d.f_s or d.g_s:
+            out |= {"f_s": d.f_s, "g_s": d.g_s}
+        return out | {"mean_rel_err": d.mean_rel_err}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ESPCostModel:
