@@ -2,6 +2,7 @@
 
     python -m vllm_esp.calibrate --model DIR [--out FILE] [--quick]
     python -m vllm_esp.calibrate --esp OUT.json [--model PRESET_OR_DIR] [--quick]
+    python -m vllm_esp.calibrate --esp OUT.json --refit PROFILE.json
 
 Runs the real vLLM engine on ``--model`` and times, one request at a time
 (prefix caching off, so nothing is reused between runs):
@@ -22,7 +23,9 @@ batches of identical-length requests at DoP 1 and DoP 2, decode steps at
 DoP 1 and of requests whose KV is striped over 2 instances (every one of
 them exchanges its query and partial output at every layer), the
 instances' point-to-point link; fitted with ``vllm_esp.core.esp.cost_fit``
-and written with the fit errors.
+and written with the fit errors. ``--refit PROFILE.json`` measures nothing:
+it fits the samples an earlier ``--esp`` profile stored again, with the
+cost model's current terms.
 """
 
 from __future__ import annotations
@@ -642,6 +645,34 @@ def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostMod
     return cost
 
 
+def refit_esp(src: Path, out: Path) -> ESPCostModel:
+    """Fit the samples stored in the ``--esp`` profile ``src`` again, into ``out``."""
+    meta = dict(ESPCostModel.load(src).meta)
+    try:
+        engines = meta["engines"]
+        decode = engines["dop1"]["decode"] + engines.get("dop2_striped_decode", {}).get(
+            "decode", []
+        )
+        prefill = {1: engines["dop1"]["prefill"], 2: engines["dop2"]["prefill"]}
+        link = meta["link"]
+        bytes_per_token = meta["kv_bytes_per_token"]
+        exchange = meta["exchange_bytes_per_remote_request"]
+    except KeyError as e:
+        raise ValueError(f"{src} holds no --esp profile's samples (missing {e})") from e
+    meta.pop("fit", None)
+    meta["refit"] = {"of": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cost = fit_esp_cost(prefill, decode, link, bytes_per_token, exchange, meta)
+    cost.save(out)
+    errs = cost.meta["fit"]["mean_rel_err"]
+    print(
+        f"ESP cost model refitted from {src} to {out}: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in errs.items())
+        + " mean relative error",
+        flush=True,
+    )
+    return cost
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -660,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.json",
         help="profile the ESP cluster cost model and write it here",
     )
+    parser.add_argument(
+        "--refit",
+        type=Path,
+        default=None,
+        metavar="PROFILE.json",
+        help="with --esp: fit this earlier profile's stored samples again (measures nothing)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument(
@@ -675,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.refit is not None:
+        if args.esp is None:
+            parser.error("--refit needs --esp OUT.json")
+        refit_esp(args.refit, args.esp)
+        return
     if args.esp is not None:
         profile_esp(args.model or "default", args.esp, args.quick, args.seed)
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_esp import calibrate
-from vllm_esp.core.esp.cost_model import ESPCostModel
+from vllm_esp.core.esp.cost_model import DecodeCoeffs, ESPCostModel
 
 
 def test_parser_esp_and_classic(tmp_path):
@@ -179,3 +179,72 @@ def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
 def test_striped_engine_kwargs(config_model_dir):
     two = calibrate.esp_engine_kwargs(config_model_dir, 2, calibrate.ESP_QUICK, 0, "stripe")
     assert two["additional_config"]["esp"]["prefill_storage"] == "stripe"
+
+
+def test_refit_fits_a_stored_profile_again(tmp_path):
+    """``--refit`` reads the samples a profile stored and fits them with the
+    current terms; the striped rows' per-step cost, which a profile fitted
+    without ``f`` spread over the other terms, comes back."""
+    grid = calibrate.ESP_QUICK
+    a, b, c, e, f, g = 5e-3, 1e-4, 1e-7, 2e-4, 3e-3, 4e-7
+
+    def row(n: int, kv: int, remote: int) -> dict:
+        seconds = a + b * n + c * kv + (e * remote + f + g * kv if remote else 0.0)
+        return {"num_master": n, "num_kv_tokens": kv, "num_remote": remote, "seconds": seconds}
+
+    points = grid.prefill_points()
+    engines = {
+        "dop1": {
+            "prefill": rows(0.01, 1e-4, 1e-8, points),
+            "decode": [row(n, n * k, 0) for n, k in grid.decode_points()],
+        },
+        "dop2": {"prefill": rows(0.012, 5e-5, 5e-9, points)},
+        "dop2_striped_decode": {
+            "decode": [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
+        },
+    }
+    meta = {
+        "engines": engines,
+        "link": {"latency_s": 2e-4, "bandwidth_bytes_per_s": 2e9},
+        "kv_bytes_per_token": 6144,
+        "exchange_bytes_per_remote_request": 40_000,
+        "capacity_tokens": 4096,
+    }
+    stored = calibrate.fit_esp_cost(
+        {1: engines["dop1"]["prefill"], 2: engines["dop2"]["prefill"]},
+        engines["dop1"]["decode"] + engines["dop2_striped_decode"]["decode"],
+        meta["link"],
+        6144,
+        40_000,
+        meta,
+    )
+    # What an older fit (no step terms) would have written.
+    old = ESPCostModel(
+        prefill=stored.prefill,
+        decode=DecodeCoeffs(a, b, c, e + 1e-3),
+        migration=stored.migration,
+        ring_hop_s=stored.ring_hop_s,
+        source="measured",
+        meta=stored.meta,
+    )
+    src, out = tmp_path / "old.json", tmp_path / "new.json"
+    old.save(src)
+    calibrate.main(["--esp", str(out), "--refit", str(src)])
+    new = ESPCostModel.load(out)
+    d = new.decode
+    assert (d.a_s, d.b_s, d.c_s, d.e_s, d.f_s, d.g_s) == pytest.approx((a, b, c, e, f, g), rel=1e-4)
+    assert new.prefill == stored.prefill
+    assert new.meta["refit"]["of"] == str(src)
+    assert new.meta["capacity_tokens"] == 4096
+    # A file without samples is refused by name.
+    bare = ESPCostModel(
+        prefill=stored.prefill,
+        decode=stored.decode,
+        migration=stored.migration,
+        source="derived",
+    )
+    bare.save(src)
+    with pytest.raises(ValueError, match="no --esp profile"):
+        calibrate.refit_esp(src, out)
+    with pytest.raises(SystemExit):  # --refit writes to --esp
+        calibrate.main(["--refit", str(src)])
