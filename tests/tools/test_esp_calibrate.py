@@ -60,6 +60,20 @@ def rows(a: float, b: float, c: float, points) -> list[dict]:
     ]
 
 
+def decode_rows(coeffs: tuple[float, ...], grid: calibrate.ESPGrid) -> tuple[list, list]:
+    """``(local, striped)`` decode rows of ``grid`` timed by the decode terms
+    ``(a, b, c, e, f, g)``: striped rows hold half of each prompt, every request remote."""
+    a, b, c, e, f, g = coeffs
+
+    def row(n: int, kv: int, remote: int) -> dict:
+        seconds = a + b * n + c * kv + (e * remote + f + g * kv if remote else 0.0)
+        return {"num_master": n, "num_kv_tokens": kv, "num_remote": remote, "seconds": seconds}
+
+    local = [row(n, n * k, 0) for n, k in grid.decode_points()]
+    striped = [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
+    return local, striped
+
+
 def test_fit_esp_cost_writes_a_loadable_model(tmp_path):
     grid = calibrate.ESP_QUICK
     points = grid.prefill_points()
@@ -95,22 +109,18 @@ def test_fit_esp_cost_writes_a_loadable_model(tmp_path):
     assert json.loads(Path(path).read_text())["meta"]["capacity_tokens"] == 4096
 
 
-def test_striped_decode_rows_measure_the_exchange(tmp_path):
+@pytest.mark.parametrize(
+    "coeffs",
+    [(5e-3, 1e-4, 1e-7, 2e-3, 0.0, 0.0), (5e-3, 1e-4, 1e-7, 2e-4, 3e-3, 4e-7)],
+    ids=["per-request-exchange", "exchange-round-and-striped-kv"],
+)
+def test_striped_decode_rows_measure_the_exchange(coeffs):
     """Rows of requests striped over 2 instances (every one remote) give the
-    fit its exchange term; the local rows alone leave it to the link."""
+    fit its exchange terms, the per-request one told apart from the per-step
+    one and the per-striped-token one (the partial kernel's); the local rows
+    alone leave them to the link (see above)."""
     grid = calibrate.ESP_QUICK
-    a, b, c, e = 5e-3, 1e-4, 1e-7, 2e-3
-
-    def row(n: int, kv: int, remote: int) -> dict:
-        return {
-            "num_master": n,
-            "num_kv_tokens": kv,
-            "num_remote": remote,
-            "seconds": a + b * n + c * kv + e * remote,
-        }
-
-    local = [row(n, n * k, 0) for n, k in grid.decode_points()]
-    striped = [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
+    local, striped = decode_rows(coeffs, grid)
     points = grid.prefill_points()
     cost = calibrate.fit_esp_cost(
         {1: rows(0.01, 1e-4, 1e-8, points), 2: rows(0.012, 5e-5, 5e-9, points)},
@@ -121,35 +131,8 @@ def test_striped_decode_rows_measure_the_exchange(tmp_path):
         meta={},
     )
     assert cost.meta["fit"]["decode_e_source"] == "fitted"
-    assert cost.decode.e_s == pytest.approx(e, rel=1e-4)
-    assert cost.decode.a_s == pytest.approx(a, rel=1e-4)
-    assert cost.decode.f_s == pytest.approx(0.0, abs=1e-9)
-    assert cost.decode.g_s == pytest.approx(0.0, abs=1e-12)
-
-
-def test_striped_decode_rows_fit_the_exchange_round_and_striped_kv():
-    """A per-step exchange cost and a per-striped-token cost (the partial
-    kernel's) are told apart from the per-request exchange."""
-    grid = calibrate.ESP_QUICK
-    a, b, c, e, f, g = 5e-3, 1e-4, 1e-7, 2e-4, 3e-3, 4e-7
-
-    def row(n: int, kv: int, remote: int) -> dict:
-        seconds = a + b * n + c * kv + (e * remote + f + g * kv if remote else 0.0)
-        return {"num_master": n, "num_kv_tokens": kv, "num_remote": remote, "seconds": seconds}
-
-    local = [row(n, n * k, 0) for n, k in grid.decode_points()]
-    striped = [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
-    points = grid.prefill_points()
-    cost = calibrate.fit_esp_cost(
-        {1: rows(0.01, 1e-4, 1e-8, points), 2: rows(0.012, 5e-5, 5e-9, points)},
-        local + striped,
-        {"latency_s": 2e-4, "bandwidth_bytes_per_s": 2e9},
-        bytes_per_token=6144,
-        exchange_bytes_per_request=40_000,
-        meta={},
-    )
     d = cost.decode
-    assert (d.a_s, d.b_s, d.c_s, d.e_s, d.f_s, d.g_s) == pytest.approx((a, b, c, e, f, g), rel=1e-4)
+    assert (d.a_s, d.b_s, d.c_s, d.e_s, d.f_s, d.g_s) == pytest.approx(coeffs, rel=1e-4, abs=1e-12)
     assert d.mean_rel_err < 1e-6
 
 
@@ -187,21 +170,12 @@ def test_refit_fits_a_stored_profile_again(tmp_path):
     without ``f`` spread over the other terms, comes back."""
     grid = calibrate.ESP_QUICK
     a, b, c, e, f, g = 5e-3, 1e-4, 1e-7, 2e-4, 3e-3, 4e-7
-
-    def row(n: int, kv: int, remote: int) -> dict:
-        seconds = a + b * n + c * kv + (e * remote + f + g * kv if remote else 0.0)
-        return {"num_master": n, "num_kv_tokens": kv, "num_remote": remote, "seconds": seconds}
-
+    local, striped = decode_rows((a, b, c, e, f, g), grid)
     points = grid.prefill_points()
     engines = {
-        "dop1": {
-            "prefill": rows(0.01, 1e-4, 1e-8, points),
-            "decode": [row(n, n * k, 0) for n, k in grid.decode_points()],
-        },
+        "dop1": {"prefill": rows(0.01, 1e-4, 1e-8, points), "decode": local},
         "dop2": {"prefill": rows(0.012, 5e-5, 5e-9, points)},
-        "dop2_striped_decode": {
-            "decode": [row(n, n * (k // 2), n) for n, k in grid.decode_points()]
-        },
+        "dop2_striped_decode": {"decode": striped},
     }
     meta = {
         "engines": engines,
