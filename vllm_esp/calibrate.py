@@ -18,11 +18,12 @@ level) and writes the coefficients, the samples and the fit error to
 ``vllm_esp.core.costmodel.default_calibration_path``).
 
 ``--esp OUT.json`` profiles the ESP cluster cost model instead
-(``vllm_esp.core.esp.cost_model``; see :func:`profile_esp`): prefill
-batches of identical-length requests at DoP 1 and DoP 2, decode steps at
-DoP 1 and of requests whose KV is striped over 2 instances (every one of
-them exchanges its query and partial output at every layer), the
-instances' point-to-point link; fitted with ``vllm_esp.core.esp.cost_fit``
+(``vllm_esp.core.esp.cost_model``; see :func:`profile_esp`), on the ESP
+engine itself (2 instances, so every row carries the lockstep step's own
+cost): prefill batches of identical-length requests at DoP 1 and DoP 2,
+decode steps of requests whose KV is on one instance and of requests
+whose KV is striped over both (every one of them exchanges its query and
+partial output at every layer), the instances' point-to-point link; fitted with ``vllm_esp.core.esp.cost_fit``
 and written with the fit errors. ``--refit PROFILE.json`` measures nothing:
 it fits the samples an earlier ``--esp`` profile stored again, with the
 cost model's current terms.
@@ -224,8 +225,13 @@ ESP_FULL = ESPGrid(
 )
 #: vLLM-CPU attention needs a multiple of 32.
 ESP_BLOCK_SIZE = 32
+#: Every profiling engine is the ESP engine on this many instances: each row
+#: is measured on the engine it models, its lockstep step included.
+ESP_NUM_INSTANCES = 2
 #: ESP's threshold placement at DoP 2 for every chunk: any estimate exceeds it.
 FORCE_DOP_TARGET_MS = 1e-3
+#: ... and at DoP 1 for every chunk: no estimate reaches it.
+NEVER_SPREAD_TARGET_MS = 1e9
 
 
 def kv_bytes_per_token(model_dir: str) -> int:
@@ -240,33 +246,33 @@ def kv_bytes_per_token(model_dir: str) -> int:
 
 def esp_engine_kwargs(
     model_dir: str,
-    num_instances: int,
+    prefill_dop: int,
     grid: ESPGrid,
     seed: int,
     prefill_storage: str = "fewest",
 ) -> dict:
-    """``LLM(...)`` arguments: stock vLLM for DoP 1, the ESP engine forced to
-    DoP 2 otherwise (``prefill_storage``: ESP's, ``stripe`` spreads every
-    request's KV over the instances); the same KV cache per instance,
-    prefix caching off."""
+    """``LLM(...)`` arguments: the ESP engine on :data:`ESP_NUM_INSTANCES`
+    instances with every prefill chunk at ``prefill_dop`` (1 or 2; the
+    threshold rules' DoP target forces it), ``prefill_storage``: ESP's, or
+    ``stripe`` to spread every request's KV over the instances; the same KV
+    cache per instance, prefix caching off."""
     from vllm_esp.integration.engine_args import scheduler_args
 
-    if num_instances == 1:
-        sched = scheduler_args("fcfs")
-    else:
-        # The threshold rules' DoP target forces every chunk onto all instances.
-        esp = {
-            "num_instances": num_instances,
-            "placement": "threshold",
-            "prefill_target_ms": FORCE_DOP_TARGET_MS,
-            "prefill_storage": prefill_storage,
-        }
-        sched = scheduler_args("esp", esp=esp)
-        sched["additional_config"]["mlfq"]["policy"] = "fcfs"  # one batch, no quanta
+    if prefill_dop not in (1, ESP_NUM_INSTANCES):
+        raise ValueError(f"prefill_dop must be 1 or {ESP_NUM_INSTANCES}, got {prefill_dop!r}")
+    target_ms = FORCE_DOP_TARGET_MS if prefill_dop > 1 else NEVER_SPREAD_TARGET_MS
+    esp = {
+        "num_instances": ESP_NUM_INSTANCES,
+        "placement": "threshold",
+        "prefill_target_ms": target_ms,
+        "prefill_storage": prefill_storage,
+    }
+    sched = scheduler_args("esp", esp=esp)
+    sched["additional_config"]["mlfq"]["policy"] = "fcfs"  # one batch, no quanta
     kv_tokens = grid.kv_tokens(ESP_BLOCK_SIZE)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     # What the instances hold, within what the model's positions allow (vLLM refuses more).
-    max_model_len = num_instances * kv_tokens - ESP_BLOCK_SIZE
+    max_model_len = ESP_NUM_INSTANCES * kv_tokens - ESP_BLOCK_SIZE
     max_model_len = min(max_model_len, cfg.get("max_position_embeddings", max_model_len))
     return dict(
         model=model_dir,
@@ -348,7 +354,22 @@ def _run_batch(
     return BatchTiming(first, time.perf_counter() - start, one_step)
 
 
-def _measure_prefill(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]) -> list[dict]:
+def busiest_share(num_requests: int, prefill_dop: int) -> int:
+    """Requests of a batch of identical ones on the busiest instance when
+    each request's prefill runs at ``prefill_dop`` and its KV stays on one
+    instance: at DoP 1 the fewest-free-first placement alternates them over
+    the instances; spread over all of them, each instance holds a part of
+    every request."""
+    if prefill_dop > 1:
+        return num_requests
+    return -(-num_requests // ESP_NUM_INSTANCES)
+
+
+def _measure_prefill(
+    llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]], prefill_dop: int
+) -> list[dict]:
+    """Prefill batches of identical requests; a row is the busiest instance's
+    share (:func:`busiest_share`), the one the lockstep step waits for."""
     rows = []
     for n, length in grid.prefill_points():
         times, one_step = [], []
@@ -357,59 +378,67 @@ def _measure_prefill(llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]]
             timing = _run_batch(llm, batch, 1, pacer=prompt(PACER_TOKENS))
             times.append(timing.first_s)
             one_step.append(timing.one_step)
+        here = busiest_share(n, prefill_dop)
         rows.append(
             {
                 "batch": n,
                 "length": length,
-                "sum_l": n * length,
-                "sum_l2": n * length * length,
+                "num_requests_here": here,
+                "sum_l": here * length,
+                "sum_l2": here * length * length,
                 "seconds": statistics.median(times),
                 "seconds_all": times,
                 "one_step": one_step,
             }
         )
-        print(f"  prefill {n} x {length}: {statistics.median(times) * 1e3:.1f} ms", flush=True)
+        print(
+            f"  prefill {n} x {length} at DoP {prefill_dop}: "
+            f"{statistics.median(times) * 1e3:.1f} ms",
+            flush=True,
+        )
     return rows
 
 
 def _measure_decode(
-    llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]], num_instances: int = 1
+    llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]], *, striped: bool
 ) -> list[dict]:
     """Decode steps of ``n`` identical requests after a ``k``-token prompt.
 
-    On ``num_instances`` > 1 (striped storage) each row is the busiest
-    instance's share, the one the lockstep step waits for: identical
-    prompts end on the same instance, which masters all ``n`` requests and
-    holds ``k / num_instances`` of each prompt plus the new tokens, and
-    every request exchanges with the other instances (``num_remote = n``,
-    the simulator's count, ``BatchRun``).
+    Each row is the busiest instance's share, the one the lockstep step
+    waits for. Local KV (prefilled at DoP 1): the instances alternate
+    requests (:func:`busiest_share`). Striped KV: identical prompts end on
+    the same instance, which masters all ``n`` requests and holds ``k /
+    ESP_NUM_INSTANCES`` of each prompt plus the new tokens, and every
+    request exchanges with the other instances (``num_remote = n``, the
+    simulator's count, ``BatchRun``).
     """
     m = grid.num_decode_tokens
+    parts = ESP_NUM_INSTANCES if striped else 1
     rows = []
     for n, k in grid.decode_points():
         times = []
         for _ in range(grid.repeats):
             timing = _run_batch(llm, [prompt(k) for _ in range(n)], 1 + m)
             times.append(max((timing.total_s - timing.first_s) / m, 1e-6))
+        here = n if striped else busiest_share(n, 1)
+        # Mean KV tokens read per step over the m steps.
+        kv = here * (k // parts + (m + 1) // 2)
         rows.append(
             {
                 "batch": n,
                 "context": k,
-                "num_instances": num_instances,
-                "num_master": n,
-                # Mean KV tokens read per step over the m steps.
-                "num_kv_tokens": n * (k // num_instances + (m + 1) // 2),
-                "num_remote": n if num_instances > 1 else 0,
-                # Every request is striped, so all of the KV read here is.
-                "num_striped_kv_tokens": n * (k // num_instances + (m + 1) // 2)
-                if num_instances > 1
-                else 0,
+                "num_kv_instances": parts,
+                "num_master": here,
+                "num_kv_tokens": kv,
+                "num_remote": here if striped else 0,
+                # Every request is striped, or none is.
+                "num_striped_kv_tokens": kv if striped else 0,
                 "seconds": statistics.median(times),
                 "seconds_all": times,
             }
         )
         print(
-            f"  decode {n} x ctx {k} on {num_instances}: "
+            f"  decode {n} x ctx {k} {'striped' if striped else 'local'}: "
             f"{statistics.median(times) * 1e3:.2f} ms/step",
             flush=True,
         )
@@ -457,7 +486,7 @@ def measure_link(grid: ESPGrid) -> dict[str, Any]:
 
 def _profile_engine(
     model_dir: str,
-    num_instances: int,
+    prefill_dop: int,
     grid: ESPGrid,
     seed: int,
     *,
@@ -468,20 +497,22 @@ def _profile_engine(
     """Start one engine, warm it up, measure, shut it down."""
     from vllm import LLM
 
-    rng = np.random.default_rng(seed + num_instances)
+    rng = np.random.default_rng(seed + prefill_dop)
     vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
 
     def prompt(n: int) -> list[int]:
         # Fresh random tokens per request: nothing is shared or cached.
         return rng.integers(10, vocab - 1, size=n).tolist()
 
-    kwargs = esp_engine_kwargs(model_dir, num_instances, grid, seed, prefill_storage)
+    kwargs = esp_engine_kwargs(model_dir, prefill_dop, grid, seed, prefill_storage)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     try:
         cache = llm.llm_engine.vllm_config.cache_config
         info: dict[str, Any] = {
-            "num_instances": num_instances,
+            "num_instances": ESP_NUM_INSTANCES,
+            "prefill_dop": prefill_dop,
+            "prefill_storage": prefill_storage,
             "engine_start_s": time.perf_counter() - t0,
             "num_kv_blocks": cache.num_gpu_blocks,
             "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
@@ -489,11 +520,11 @@ def _profile_engine(
         _run_batch(llm, [prompt(64)], 4)  # warm-up: first-call allocations
         _run_batch(llm, [prompt(grid.max_batch_tokens // 2) for _ in range(2)], 2, prompt(64))
         load = os.getloadavg()[0]
-        print(f"[DoP {num_instances}] measuring", flush=True)
+        print(f"[prefill DoP {prefill_dop}, {prefill_storage} storage] measuring", flush=True)
         if prefill:
-            info["prefill"] = _measure_prefill(llm, grid, prompt)
+            info["prefill"] = _measure_prefill(llm, grid, prompt, prefill_dop)
         if decode:
-            info["decode"] = _measure_decode(llm, grid, prompt, num_instances)
+            info["decode"] = _measure_decode(llm, grid, prompt, striped=prefill_storage == "stripe")
         info["loadavg_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     finally:
         try:
@@ -611,16 +642,18 @@ def profile_esp(model: str, out: Path, quick: bool, seed: int = 0) -> ESPCostMod
         "link": link,
         "engines": {"dop1": dop1, "dop2": dop2, "dop2_striped_decode": spread},
         "notes": [
-            "DoP 1: stock vLLM (fcfs), one instance; DoP 2: --scheduler esp with 2 instances, "
-            f"prefill_target_ms {FORCE_DOP_TARGET_MS} (every chunk at DoP 2), fcfs ranking; "
-            "the same KV cache per instance, prefix caching off, fresh random prompts.",
+            f"Every engine: --scheduler esp with {ESP_NUM_INSTANCES} instances, threshold "
+            f"placement, fcfs ranking; prefill_target_ms {NEVER_SPREAD_TARGET_MS} (every "
+            f"chunk at DoP 1) or {FORCE_DOP_TARGET_MS} (every chunk at DoP 2); the same KV "
+            "cache per instance, prefix caching off, fresh random prompts.",
             "Prefill sample = wall time of one batch of identical-length requests "
             "(max_tokens 1) through LLMEngine.step(), timed from the end of a pacer "
             "request's step (the batch queued behind it runs as one step; one_step "
             "checks it); decode sample = time after every "
-            "request's first token to the end, per step: at DoP 1, and on 2 instances with "
-            "every prompt's KV striped over both (prefill_storage stripe; the row is the "
-            "busiest instance's share, every request remote).",
+            "request's first token to the end, per step: with local KV (prefilled at DoP 1), "
+            "and with every prompt's KV striped over the instances (prefill_storage stripe, "
+            "every request remote). Each row is the busiest instance's share: at DoP 1 the "
+            "instances take identical requests in turn.",
             "On CPU each instance is one core; the cores are shared with other work "
             "(loadavg in each engine's entry).",
         ],

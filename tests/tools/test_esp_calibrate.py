@@ -40,17 +40,35 @@ def test_engine_kwargs(config_model_dir):
     assert one["kv_cache_memory_bytes"] == two["kv_cache_memory_bytes"]  # per instance
     assert not one["enable_prefix_caching"] and not two["enable_prefix_caching"]
     assert one["max_num_batched_tokens"] == grid.max_batch_tokens
-    esp = two["additional_config"]["esp"]
-    assert esp["num_instances"] == 2
-    assert esp["prefill_target_ms"] == calibrate.FORCE_DOP_TARGET_MS
-    assert "esp" not in one.get("additional_config", {})
+    # Both are the ESP engine on 2 instances; the DoP target decides every chunk's DoP.
+    for kwargs in (one, two):
+        assert kwargs["additional_config"]["esp"]["num_instances"] == 2
+    assert two["additional_config"]["esp"]["prefill_target_ms"] == calibrate.FORCE_DOP_TARGET_MS
+    one_target = one["additional_config"]["esp"]["prefill_target_ms"]
+    assert one_target == calibrate.NEVER_SPREAD_TARGET_MS
     # What the instances hold, capped by the model's positions (vLLM refuses more).
     max_pos = json.loads((Path(config_model_dir) / "config.json").read_text()).get(
         "max_position_embeddings", 10**9
     )
     kv = grid.kv_tokens(calibrate.ESP_BLOCK_SIZE)
-    for n, kwargs in ((1, one), (2, two)):
-        assert kwargs["max_model_len"] == min(n * kv - calibrate.ESP_BLOCK_SIZE, max_pos)
+    for kwargs in (one, two):
+        assert kwargs["max_model_len"] == min(2 * kv - calibrate.ESP_BLOCK_SIZE, max_pos)
+    with pytest.raises(ValueError, match="prefill_dop"):
+        calibrate.esp_engine_kwargs(config_model_dir, 3, grid, seed=0)
+
+
+def test_threshold_placement_forces_the_calibration_dops():
+    """The two DoP targets force DoP 1 and DoP 2 whatever the chunk."""
+    from vllm_esp.core.esp.placement import ThresholdElasticPolicy
+
+    def policy(target_ms: float) -> ThresholdElasticPolicy:
+        return ThresholdElasticPolicy(
+            2, prefill_time=lambda q, k: 1e-4 * q, prefill_target_s=target_ms / 1e3
+        )
+
+    for num_new in (1, 64, 4096, 100_000):
+        assert policy(calibrate.NEVER_SPREAD_TARGET_MS).prefill_dop(num_new, 0) == 1
+        assert policy(calibrate.FORCE_DOP_TARGET_MS).prefill_dop(num_new, 0) == min(2, num_new)
 
 
 def rows(a: float, b: float, c: float, points) -> list[dict]:
@@ -136,13 +154,15 @@ def test_striped_decode_rows_measure_the_exchange(coeffs):
     assert d.mean_rel_err < 1e-6
 
 
-def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
-    """On 2 instances a row counts the master's share: all n requests, half
-    of each prompt plus the new tokens, every request remote."""
+def test_rows_are_the_busiest_instance(monkeypatch):
+    """On 2 instances a row counts the busiest instance's share. Striped:
+    the master holds all n requests, half of each prompt plus the new
+    tokens, every request remote. Local (DoP 1): the instances take the
+    requests in turn, so the busier one holds ceil(n / 2)."""
     grid = calibrate.ESPGrid(
         prefill_lengths=(64,),
-        prefill_batches=(1,),
-        max_batch_tokens=64,
+        prefill_batches=(1, 2, 3),
+        max_batch_tokens=192,
         decode_batches=(4,),
         decode_contexts=(128,),
         num_decode_tokens=16,
@@ -150,13 +170,18 @@ def test_striped_decode_row_is_the_busiest_instance(monkeypatch):
     )
     timing = calibrate.BatchTiming(first_s=0.1, total_s=0.1 + 16 * 0.02, one_step=True)
     monkeypatch.setattr(calibrate, "_run_batch", lambda *args, **kwargs: timing)
-    (two,) = calibrate._measure_decode(None, grid, lambda n: [1] * n, num_instances=2)
+    (two,) = calibrate._measure_decode(None, grid, lambda n: [1] * n, striped=True)
     assert (two["num_master"], two["num_remote"]) == (4, 4)
     assert two["num_kv_tokens"] == 4 * (64 + 8) == two["num_striped_kv_tokens"]
     assert two["seconds"] == pytest.approx(0.02)
-    (one,) = calibrate._measure_decode(None, grid, lambda n: [1] * n)
-    assert (one["num_remote"], one["num_kv_tokens"]) == (0, 4 * (128 + 8))
+    (one,) = calibrate._measure_decode(None, grid, lambda n: [1] * n, striped=False)
+    assert (one["num_master"], one["num_remote"], one["num_kv_tokens"]) == (2, 0, 2 * (128 + 8))
     assert one["num_striped_kv_tokens"] == 0
+    at_dop1 = calibrate._measure_prefill(None, grid, lambda n: [1] * n, 1)
+    assert [(r["batch"], r["num_requests_here"]) for r in at_dop1] == [(1, 1), (2, 1), (3, 2)]
+    assert [r["sum_l"] for r in at_dop1] == [64, 64, 128]
+    at_dop2 = calibrate._measure_prefill(None, grid, lambda n: [1] * n, 2)
+    assert [r["sum_l2"] for r in at_dop2] == [n * 64 * 64 for n in (1, 2, 3)]
 
 
 def test_striped_engine_kwargs(config_model_dir):
