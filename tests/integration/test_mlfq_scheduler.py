@@ -16,6 +16,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import RequestStatus
 
+from vllm_esp.core.mlfq.admission import AdmissionPlan
 from vllm_esp.harness.scheduler import create_scheduler, make_request, step
 from vllm_esp.integration.mlfq.scheduler import MLFQAsyncScheduler, MLFQScheduler
 
@@ -172,6 +173,34 @@ def test_rank_frees_kv_of_lowest_rank_under_memory_pressure(config_model_dir, ca
     assert s.num_rank_preemptions == 1
     assert "long" in out.preempted_req_ids
     run_until_done(s)
+
+
+def test_vllm_preempting_inside_a_planned_step_keeps_the_queues_whole(
+    config_model_dir, calibration_file
+):
+    """vLLM preempts a resident itself when a planned step runs out of
+    blocks; the restored queues then hold it as waiting, not running."""
+    # 13 usable blocks; two 96-token prompts take 6 each, and their first
+    # decodes past a block boundary need 2 more.
+    s = make(config_model_dir, calibration_file, num_blocks=14, max_num_seqs=4)
+    s.add_request(make_request("a", 96, 40))
+    s.add_request(make_request("b", 96, 40))
+
+    def blind_plan():  # every unfinished request runs, memory unchecked
+        ranked = tuple(s.rank_policy.iter_ranked())
+        return AdmissionPlan(run=ranked, preempt=(), skip=(), resident_ids=ranked)
+
+    s._plan = blind_plan
+    num_vllm_preemptions = 0
+    for _ in range(400):
+        if not s.has_requests():
+            break
+        out, _ = step(s)
+        num_vllm_preemptions += len(out.preempted_req_ids)
+        s.check_invariants()
+    assert not s.has_requests()
+    assert num_vllm_preemptions > 0
+    assert_all_blocks_free(s)
 
 
 @pytest.mark.parametrize("learned", [False, True])

@@ -494,7 +494,7 @@ def test_scheduler_output_fields_and_esp_plan(stock_scheduler: Any) -> None:
     ``esp_plan`` on it, so it must stay a plain (non-slotted) object."""
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
-    from vllm_esp.harness.scheduler import make_request
+    from vllm_esp.harness.scheduler import fake_output, make_request
 
     expect_fields(
         SchedulerOutput,
@@ -511,10 +511,34 @@ def test_scheduler_output_fields_and_esp_plan(stock_scheduler: Any) -> None:
     )
     expect_fields(NewRequestData, ("req_id", "block_ids"), SWAP_CONNECTOR)
     expect_fields(CachedRequestData, ("new_block_ids", "resumed_req_ids"), SWAP_CONNECTOR)
+    charge = f"{MLFQ_SCHEDULER} (its charge of the step)"
+    expect_fields(NewRequestData, ("req_id", "num_computed_tokens"), charge)
+    expect_fields(CachedRequestData, ("req_ids", "num_computed_tokens"), charge)
     stock_scheduler.add_request(make_request("a", 40, 2))
     out = stock_scheduler.schedule()
     expect(
         out.num_scheduled_tokens == {"a": 40}, "num_scheduled_tokens is no {id: n}", MLFQ_SCHEDULER
+    )
+    # The charge reads the count before the step's tokens from the output,
+    # while the request's own count already includes them.
+    new = out.scheduled_new_reqs
+    expect(
+        [(r.req_id, r.num_computed_tokens) for r in new] == [("a", 0)],
+        "NewRequestData.num_computed_tokens is not the count before the step",
+        charge,
+    )
+    stock_scheduler.update_from_output(out, fake_output(stock_scheduler, out))
+    second = stock_scheduler.schedule()
+    cached = second.scheduled_cached_reqs
+    expect(
+        (cached.req_ids, cached.num_computed_tokens) == (["a"], [40]),
+        "CachedRequestData.num_computed_tokens is not the count before the step",
+        charge,
+    )
+    expect(
+        not second.scheduled_new_reqs and second.num_scheduled_tokens == {"a": 1},
+        "a running request is not listed among the cached ones alone",
+        charge,
     )
     try:
         out.esp_plan = "plan"

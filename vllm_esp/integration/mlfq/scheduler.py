@@ -40,7 +40,6 @@ same logic over ``AsyncScheduler``) whenever async scheduling is on.
 from __future__ import annotations
 
 import itertools
-import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ from vllm_esp.integration.mlfq.queue import IndexedRequestQueue
 from vllm_esp.integration.predictor import load_output_predictor
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's handlers
-_num_computed_tokens = operator.attrgetter("num_computed_tokens")
 
 
 class MLFQScheduler(Scheduler, PlanningMixin):
@@ -215,14 +213,12 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         self.last_plan = plan
         self._evict_planned(plan, now)
         step = self._narrow_queues_to_plan(plan)
-        # The running residents the plan leaves out (evicted ones left
-        # self.running already). One C-level pass over the residents
-        # (Requests hash by identity), not plan.pause's walk over ids:
-        # with thousands paused it is the costliest line of the step.
-        paused = list(itertools.filterfalse(set(step.running).__contains__, self.running))
-        self.num_paused_last_step = len(paused)
-        self.num_paused_steps += len(paused)
-        output = self._schedule_narrowed(step, paused, throttle_prefills)
+        # The residents the plan leaves out (evicted ones left self.running
+        # already) are paused: counted here, never listed.
+        num_paused = len(self.running) - len(step.running)
+        self.num_paused_last_step = num_paused
+        self.num_paused_steps += num_paused
+        output = self._schedule_narrowed(step, throttle_prefills)
         self._charge_policy(output, now)
         return output
 
@@ -276,10 +272,10 @@ class MLFQScheduler(Scheduler, PlanningMixin):
             return []
         return [r for r in self.waiting if r.request_id not in self.rank_policy]
 
-    def _schedule_narrowed(
-        self, step: _StepQueues, paused: list[Request], throttle_prefills: bool
-    ) -> SchedulerOutput:
+    def _schedule_narrowed(self, step: _StepQueues, throttle_prefills: bool) -> SchedulerOutput:
         """vLLM's own ``schedule()`` over the step's queues only."""
+        full_running = self.running
+        num_step_residents = len(step.running)
         full_waiting = self.waiting
         full_holding = self.kv_holding_waiting
         max_active = self.max_num_active_reqs
@@ -296,23 +292,28 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         finally:
             self.max_num_active_reqs = max_active
             self._clear_prefetch_marks()
-            self._restore_queues(full_waiting, full_holding, paused, newcomers)
+            self._restore_queues(
+                full_running, num_step_residents, full_waiting, full_holding, newcomers
+            )
 
     def _restore_queues(
         self,
+        full_running: list[Request],
+        num_step_residents: int,
         full_waiting: RequestQueue,
         full_holding: RequestQueue,
-        paused: list[Request],
         newcomers: list[Request],
     ) -> None:
         """Put the full queues back, updated with what vLLM did this step."""
+        step_running = self.running
         left_waiting = list(self.waiting)
         left_holding = list(self.kv_holding_waiting)
         self.waiting = full_waiting
         self.kv_holding_waiting = full_holding
         # Newcomers vLLM admitted are running now: drop them from the full
         # queues (remove_requests ignores ids a queue does not hold).
-        admitted = [r for r in newcomers if r.status == RequestStatus.RUNNING]
+        running = RequestStatus.RUNNING
+        admitted = [r for r in newcomers if r.status is running]
         full_waiting.remove_requests(admitted)
         full_holding.remove_requests(admitted)
         # Prefetches vLLM started now hold blocks (WAITING_FOR_REMOTE_KVS):
@@ -326,7 +327,18 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         for request in left_waiting:
             if request not in full_waiting and not request.is_finished():
                 full_waiting.prepend_request(request)
-        self.running = self.running + paused
+        # vLLM appends what it admits to its running list and takes out
+        # what it preempts (then it admits nothing):
+        #
+        #   step_running = [step residents it kept] + [admitted]
+        #
+        # The full list already holds every resident, paused or not, so it
+        # only gains the admitted ones, unless a resident was preempted: a
+        # count, not a pass over thousands of paused residents.
+        if len(step_running) == num_step_residents + len(admitted):
+            self.running = full_running + admitted
+        else:
+            self.running = [r for r in full_running if r.status is running] + admitted
 
     def _charge_policy(self, output: SchedulerOutput, now: float) -> None:
         """Charge the policy for what ran (demotion/promotion), and count
@@ -335,14 +347,22 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         num_scheduled = output.num_scheduled_tokens
         if self._computed_high_water:
             self._count_recompute(num_scheduled)
-        # (request_id, num_new_tokens, num_computed_tokens before them):
-        # vLLM advanced num_computed_tokens when it scheduled the tokens.
-        # Built by C-level iterators: no Python frame per request.
-        ids, num_new = num_scheduled.keys(), num_scheduled.values()
-        num_computed = map(_num_computed_tokens, map(self.requests.__getitem__, ids))
-        self.rank_policy.on_scheduled_step(
-            zip(ids, num_new, map(operator.sub, num_computed, num_new)), now
+        # (request_id, num_new_tokens, num_computed_tokens before them), as
+        # vLLM's output lists them for the model runner: the cached
+        # requests' in three C-level iterators (no Python frame per
+        # request), the few new ones in a loop.
+        cached = output.scheduled_cached_reqs
+        cached_ids = cached.req_ids
+        charges = zip(
+            cached_ids, map(num_scheduled.__getitem__, cached_ids), cached.num_computed_tokens
         )
+        if output.scheduled_new_reqs:
+            new = [
+                (r.req_id, num_scheduled[r.req_id], r.num_computed_tokens)
+                for r in output.scheduled_new_reqs
+            ]
+            charges = itertools.chain(charges, new)
+        self.rank_policy.on_scheduled_step(charges, now)
         self.rank_policy.end_step(self._clock())
 
     def _count_recompute(self, num_scheduled: dict[str, int]) -> None:
