@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
     our overrides first and AsyncScheduler's next."""
 
     # vLLM's queues and admission limit, swapped for each step's own.
+    running: list[Request]
     waiting: RequestQueue
     kv_holding_waiting: RequestQueue
     max_num_active_reqs: int
@@ -353,7 +354,7 @@ class MLFQScheduler(Scheduler, PlanningMixin):
         # request), the few new ones in a loop.
         cached = output.scheduled_cached_reqs
         cached_ids = cached.req_ids
-        charges = zip(
+        charges: Iterable[tuple[str, int, int]] = zip(
             cached_ids, map(num_scheduled.__getitem__, cached_ids), cached.num_computed_tokens
         )
         if output.scheduled_new_reqs:
