@@ -185,6 +185,11 @@ class ESPGrid:
     repeats: int
     #: Bytes of the point-to-point probe (latency and bandwidth of migration).
     probe_bytes: tuple[int, ...] = (4096, 4 * 2**20, 32 * 2**20)
+    #: Lone prompts longer than one step's budget, prefilled in budget-sized
+    #: chunks: each chunk attends to the KV of the ones before it, so these
+    #: rows reach ``sum_l2`` of the long prompts a trace holds (a quadratic
+    #: term fitted on one-step prompts only is extrapolated to them).
+    chunked_lengths: tuple[int, ...] = ()
 
     def prefill_points(self) -> list[tuple[int, int]]:
         """``(batch size, length)`` pairs within ``max_batch_tokens``."""
@@ -199,9 +204,12 @@ class ESPGrid:
         return [(n, k) for k in self.decode_contexts for n in self.decode_batches]
 
     def kv_tokens(self, block_size: int) -> int:
-        """KV tokens per instance: the largest batch, prefill or decode, plus a margin."""
+        """KV tokens per instance: the largest batch, prefill or decode, or
+        the longest chunked prompt (its KV kept on one instance at DoP 1),
+        plus a margin."""
         decode = max(n * (k + self.num_decode_tokens + block_size) for n, k in self.decode_points())
         need = max(self.max_batch_tokens + len(self.prefill_batches) * block_size, decode)
+        need = max(need, max(self.chunked_lengths, default=0) + block_size)
         return -(-(need + 4 * block_size) // block_size) * block_size
 
 
@@ -213,6 +221,7 @@ ESP_QUICK = ESPGrid(
     decode_contexts=(128, 1024),
     num_decode_tokens=16,
     repeats=2,
+    chunked_lengths=(4096, 6144),
 )
 ESP_FULL = ESPGrid(
     prefill_lengths=(32, 128, 512, 1024, 2048, 4096),
@@ -222,6 +231,7 @@ ESP_FULL = ESPGrid(
     decode_contexts=(128, 512, 2048),
     num_decode_tokens=32,
     repeats=3,
+    chunked_lengths=(8192, 12288),
 )
 #: vLLM-CPU attention needs a multiple of 32.
 ESP_BLOCK_SIZE = 32
@@ -394,6 +404,50 @@ def _measure_prefill(
         print(
             f"  prefill {n} x {length} at DoP {prefill_dop}: "
             f"{statistics.median(times) * 1e3:.1f} ms",
+            flush=True,
+        )
+    rows.extend(_measure_chunked_prefill(llm, grid, prompt, prefill_dop))
+    return rows
+
+
+def chunked_row(length: int, max_batch_tokens: int, seconds: list[float]) -> dict:
+    """The row of a lone prompt prefilled in budget-sized chunks. Its
+    chunks' terms sum to the whole prompt's (``chunk_terms``)::
+
+        sum over chunks of q * q + 2 * q * k  =  length * length
+
+    (``q`` new tokens after ``k`` cached ones), so the row is a one-step
+    row of the same length but with ``A`` paid once per chunk; the fit
+    counts it once, an error of ``(num_chunks - 1) * A`` (under 1% of these
+    rows on CPU)."""
+    return {
+        "batch": 1,
+        "length": length,
+        "num_chunks": -(-length // max_batch_tokens),
+        "num_requests_here": 1,
+        "sum_l": length,
+        "sum_l2": length * length,
+        "seconds": statistics.median(seconds),
+        "seconds_all": seconds,
+        "one_step": [False] * len(seconds),
+    }
+
+
+def _measure_chunked_prefill(
+    llm: Any, grid: ESPGrid, prompt: Callable[[int], list[int]], prefill_dop: int
+) -> list[dict]:
+    """Time to the first token of lone prompts longer than one step's
+    budget (:func:`chunked_row`)."""
+    rows = []
+    for length in grid.chunked_lengths:
+        times = [
+            _run_batch(llm, [prompt(length)], 1, pacer=prompt(PACER_TOKENS)).first_s
+            for _ in range(grid.repeats)
+        ]
+        rows.append(chunked_row(length, grid.max_batch_tokens, times))
+        print(
+            f"  prefill 1 x {length} in chunks of {grid.max_batch_tokens} at DoP "
+            f"{prefill_dop}: {statistics.median(times) * 1e3:.1f} ms",
             flush=True,
         )
     return rows

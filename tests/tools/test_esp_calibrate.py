@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_esp import calibrate
-from vllm_esp.core.esp.cost_model import DecodeCoeffs, ESPCostModel
+from vllm_esp.core.esp.cost_model import DecodeCoeffs, ESPCostModel, chunk_terms
 
 
 def test_parser_esp_and_classic(tmp_path):
@@ -31,6 +31,23 @@ def test_grid_fits_the_engine(grid):
     assert kv % calibrate.ESP_BLOCK_SIZE == 0
     assert kv >= grid.max_batch_tokens
     assert all(n * (k + grid.num_decode_tokens) <= kv for n, k in grid.decode_points())
+    # Chunked rows: longer than a step's budget, their KV held by one instance.
+    assert grid.chunked_lengths and min(grid.chunked_lengths) > grid.max_batch_tokens
+    assert max(grid.chunked_lengths) < kv
+
+
+@pytest.mark.parametrize("length", [4096, 6144, 5000])
+def test_a_chunked_row_is_the_sum_of_its_chunks(length):
+    """The engine prefills a long prompt in budget-sized chunks, each
+    attending to the ones before it; the row's length sums are what the
+    cost model charges those chunks (``chunk_terms``), so the fit and the
+    simulator price a chunked prefill alike."""
+    budget = 2048
+    chunks = [(min(budget, length - k), k) for k in range(0, length, budget)]
+    row = calibrate.chunked_row(length, budget, [0.5, 0.7])
+    assert (row["sum_l"], row["sum_l2"]) == chunk_terms(chunks)
+    assert row["num_chunks"] == len(chunks)
+    assert row["seconds"] == pytest.approx(0.6)
 
 
 def test_engine_kwargs(config_model_dir):
