@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,19 @@ def test_tiny_end_to_end_run_writes_the_promised_json(tmp_path):
     assert "p90_goodput_rps" in data["results"]["zipf1.2"]["2"]["esp"]
     for png in data["plots"]:
         assert png.endswith(".png") and (tmp_path / png.rsplit("/", 1)[-1]).stat().st_size > 0
+
+
+def test_a_sim_validate_result_is_taken_as_it_is():
+    """``--validation`` with ``benchmarks.sim_validate``'s comparison of the
+    simulator and the real engine at N = 2 reports its errors unchanged."""
+    root = Path(__file__).resolve().parents[2]
+    path = str(root / "benchmarks/results/validation_chunked/sim_validate_bracketed_cpu.json")
+    stored = json.loads(Path(path).read_text())
+    cost = ESPCostModel.load(sim_esp.DEFAULT_PROFILE)
+    got = sim_esp.validate(path, cost, cost, 4096)
+    assert got["source"] == "benchmarks.sim_validate"
+    assert (got["ttft_rel_err"], got["jct_rel_err"]) == (
+        stored["ttft_rel_err"],
+        stored["jct_rel_err"],
+    )
+    assert got["engine_result"] == stored["engine_result"]
