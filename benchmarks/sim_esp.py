@@ -61,8 +61,9 @@ truth unless ``--truth`` names another. Every result is SIMULATED.
 ``--validation FILE`` fills ``validation``. A ``benchmarks.sim_validate``
 result (the simulator against the real engine at N = 2, replayed with the
 cost files calibrated on that engine around the run) is taken as it is.
-Any other file is a run to replay here: it has ``num_instances``, optional ``system`` (default ``esp``),
-``workload`` (for the policy settings) and ``capacity_tokens``, and
+Any other file is a run to replay here: it has ``num_instances``,
+optional ``system`` (default ``esp``), ``workload`` (for the policy
+settings) and ``capacity_tokens``, and
 ``requests``: records with ``arrival_s``, ``num_prompt_tokens``,
 ``num_output_tokens``, ``first_token_s``, ``finish_s``; the same requests are
 simulated and the relative errors of mean TTFT and mean JCT reported.
